@@ -1,0 +1,272 @@
+"""Typed, validated settings loaded from ``params.yaml``.
+
+``params.yaml`` is the single source of settings. Every section maps to a pydantic model that forbids unknown
+keys, so a typo fails at start with the key's dotted path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A settings problem, with the offending key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ZooConfig(_Section):
+    seed: int = 0
+    image_size: int = Field(48, ge=16, le=1024)
+    train_per_class: int = Field(100, ge=1)
+    val_per_class: int = Field(40, ge=1)
+    order: list[str] = Field(min_length=1)
+
+    @field_validator("order")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({g for g in v if v.count(g) > 1})
+        if dup:
+            raise ValueError(f"generators listed twice: {dup}")
+        return v
+
+
+class DataConfig(_Section):
+    source: Literal["builtin", "folder"] = "builtin"
+    root: str = "data/zoo"
+    layout: Literal["auto", "cddb", "univfd", "genimage"] = "auto"
+    manifests: str = "data/manifests"
+    bad_file_limit: float = Field(0.05, ge=0.0, le=1.0)
+    strict: bool = False
+    max_image_pixels: int = Field(89478485, ge=1)
+    check_leakage: bool = True
+
+
+class StreamItem(_Section):
+    prev: str
+
+
+class ModelConfig(_Section):
+    backbone: str = "convit_tiny"
+    pretrained: str | None = None
+    img_size: int = Field(32, ge=8, le=1024)
+    init_seed: int = 0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    normalize: Literal["auto", "half", "clip", "imagenet"] = "auto"
+
+
+class MoleAdapterConfig(_Section):
+    shared_rank: int = Field(8, ge=0)
+    expert_ranks: list[int] = Field(default_factory=lambda: [4, 8, 16], min_length=1)
+    balance_weight: float = Field(0.01, ge=0.0)
+
+
+class AdapterConfig(_Section):
+    kind: Literal["lora", "mole"] = "lora"
+    target_modules: str = r".*\.attn\.(qk|v|qkv|proj|pos_proj)$"
+    r: int = Field(64, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    blocks: Literal["all", "last_k"] = "all"
+    last_k: int = Field(3, ge=1)
+    mole: MoleAdapterConfig = Field(default_factory=MoleAdapterConfig)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from e
+        return v
+
+
+class ContinualConfig(_Section):
+    method: str = "lorax"
+    memory_size: int = Field(500, ge=0)
+    memory_mode: Literal["fixed_total", "fixed_per_class"] = "fixed_total"
+    memory_per_class: int = Field(20, ge=0)
+    selection: Literal["herding", "random", "closest"] = "herding"
+    diversity_weight: float = Field(0.1, ge=0.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr_first: float = Field(1e-3, gt=0)
+    lr_later: float = Field(1e-3, gt=0)
+    lr_scale_batch: bool = False
+    weight_decay: float = Field(1e-6, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    amp: bool = True
+    num_workers: int = Field(0, ge=0)
+    device: str = "auto"
+    one_pass: bool = True
+    feature_cache: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("allowed: auto | cpu | cuda | cuda:N")
+        return v
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(128, ge=1)
+    crops: int = Field(1, ge=1)
+
+
+class GateConfig(_Section):
+    aaf_tolerance: float = Field(2.0, ge=0)
+    max_task_drop: float = Field(10.0, ge=0)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None
+    artifact_root: str = "mlartifacts"
+    experiment: str = "lorax-{scenario}"
+    scenario: str = "zoo-5"
+    registered_model: str = "lorax-attributor"
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class DetectConfig(_Section):
+    method: Literal["mole", "probe", "shared", "separate"] = "mole"
+    train_tasks: list[str] = Field(default_factory=lambda: ["deconv"], min_length=1)
+    blocks: int = Field(3, ge=0)
+    where: Literal["mlp", "attn", "both"] = "mlp"
+    shared_rank: int = Field(8, ge=0)
+    expert_ranks: list[int] = Field(default_factory=lambda: [4, 8, 16])
+    balance_weight: float = Field(0.01, ge=0)
+    lr: float = Field(6e-4, gt=0)
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1)
+    aug_prob: float = Field(0.1, ge=0, le=1)
+    blur_sigmas: list[float] = Field(default_factory=lambda: [1, 2, 3, 4])
+    jpeg_qualities: list[int] = Field(default_factory=lambda: [90, 70, 50, 30])
+
+
+class Params(_Section):
+    seed: int = 0
+    zoo: ZooConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    stream: dict[str, StreamItem] = Field(min_length=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in stream order; task i owns classes 2i (real) and 2i+1 (fake)."""
+        return list(self.stream)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        tasks = list(self.stream)
+        for i, (name, item) in enumerate(self.stream.items()):
+            want = "init" if i == 0 else tasks[i - 1]
+            if item.prev != want:
+                raise ValueError(
+                    f"stream.{name}.prev: is {item.prev!r}, must be {want!r} (each task names the one before it; "
+                    f"the first names 'init')"
+                )
+        if self.data.source == "builtin":
+            unknown = [t for t in tasks if t not in self.zoo.order]
+            if unknown:
+                raise ValueError(f"stream: {unknown} are not zoo generators; allowed: {self.zoo.order}")
+            if self.model.img_size > self.zoo.image_size:
+                raise ValueError(
+                    f"model.img_size: crop {self.model.img_size} is larger than the images "
+                    f"(zoo.image_size={self.zoo.image_size}); allowed: <= {self.zoo.image_size}"
+                )
+        n_classes = 2 * len(tasks)
+        if self.continual.memory_mode == "fixed_total" and 0 < self.continual.memory_size < n_classes:
+            raise ValueError(
+                f"continual.memory_size: {self.continual.memory_size} is fewer than the {n_classes} classes of the "
+                f"stream; allowed: 0 (no memory) or >= {n_classes}"
+            )
+        if self.adapter.blocks == "last_k" and "depth" in self.model.kwargs:
+            if self.adapter.last_k > int(self.model.kwargs["depth"]):
+                raise ValueError(
+                    f"adapter.last_k: {self.adapter.last_k} exceeds model depth {self.model.kwargs['depth']}"
+                )
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid settings in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (remove it or check its spelling)"
+        elif "input" in e and e["type"] not in ("missing",):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def set_by_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict (used for ``-S key=value`` style overrides)."""
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a raw mapping; errors name every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+    """Read ``params.yaml`` (plus dotted-key overrides) into validated :class:`Params`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: settings file not found; pass --params PATH or run from the project root")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = copy.deepcopy(raw)
+    for k, v in (overrides or {}).items():
+        set_by_path(raw, k, v)
+    return parse_params(raw, str(path))
+
+
+def params_to_dict(p: Params) -> dict[str, Any]:
+    return p.model_dump(mode="json")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}} -> {'a.b': 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

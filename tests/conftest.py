@@ -1,0 +1,67 @@
+"""Shared fixtures. Tests shrink the project's real params.yaml instead of inventing settings of their own."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from lorax.config import Params, load_params  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS_YAML = REPO / "params.yaml"
+REALWORLD = REPO.parent / "shared" / "data" / "realworld"
+
+# How the real params.yaml is shrunk for tests: tiny images, a tiny backbone, few images, one or two epochs.
+TINY_OVERRIDES: dict[str, Any] = {
+    "zoo.image_size": 24,
+    "zoo.train_per_class": 12,
+    "zoo.val_per_class": 6,
+    "model.img_size": 16,
+    "model.kwargs": {"depth": 2, "local_up_to_layer": 1, "patch_size": 4, "num_heads": 2, "embed_dim": 32},
+    "adapter.r": 4,
+    "adapter.alpha": 1.0,
+    "continual.memory_size": 8,
+    "train.epochs": 1,
+    "train.batch_size": 8,
+    "train.warmup_epochs": 0,
+    "eval.batch_size": 32,
+    "stream": {"deconv": {"prev": "init"}, "nnconv": {"prev": "deconv"}},
+}
+
+
+def tiny_params(tmp_path: Path | None = None, **overrides: Any) -> Params:
+    """The real params.yaml, shrunk; ``overrides`` use dotted keys with '__' for '.' (``train__epochs=2``)."""
+    ov = dict(TINY_OVERRIDES)
+    ov.update({k.replace("__", "."): v for k, v in overrides.items()})
+    if tmp_path is not None:
+        ov.setdefault("data.root", str(tmp_path / "zoo"))
+        ov.setdefault("data.manifests", str(tmp_path / "manifests"))
+    return load_params(PARAMS_YAML, ov)
+
+
+@pytest.fixture
+def params(tmp_path: Path) -> Params:
+    return tiny_params(tmp_path)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
