@@ -1,0 +1,311 @@
+"""Continual-attribution metrics (LoRAX / DyTox conventions).
+
+Class layout: task ``i`` owns class ``2i`` (its real images) and ``2i+1`` (its fakes).
+
+Multi-real accuracy: a real image (even target) predicted as *any* real class is correct, because real
+photos carry no generator trace and the task they were paired with is arbitrary; a fake image must get
+exactly its own generator's class. Accuracies and APs are returned in percent (0..100) as plain floats.
+
+Accuracy matrix ``R`` (T x T): ``R[i, j]`` = accuracy on task ``i`` after training task ``j``; entries with
+``i > j`` (task not seen yet) are NaN. From it:
+
+* ``aa``  = (1/T) sum_j mean(R[0..j, j])           average incremental accuracy, as in DyTox
+* ``aaf`` = (1/T) sum_i R[i, T-1]                  average accuracy after the last task
+* ``bwt`` = 1/(T-1) sum_{i<T-1} (R[i, T-1] - R[i, i])  backward transfer; 0 for a single task
+* ``forgetting`` = -bwt                            (the paper's definition, not Chaudhry's max-based one)
+
+Empty input: an accuracy over zero images raises ``ValueError`` (a task without validation images is a
+data error, not a 0% or 100% task); an AP whose task lacks real or fake images is NaN (AP is undefined).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score
+from sklearn.metrics import confusion_matrix as _sk_confusion
+
+__all__ = [
+    "AccuracyMatrix",
+    "aa",
+    "aaf",
+    "binary_accuracy",
+    "bwt",
+    "confusion_matrix",
+    "evaluate_logits",
+    "fake_probability",
+    "forgetting",
+    "multi_real_correct",
+    "per_task_ap",
+    "prediction_table",
+    "softmax",
+    "summarize",
+    "task_accuracy",
+]
+
+
+def _int_pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, target = np.asarray(pred).reshape(-1), np.asarray(target).reshape(-1)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred has {pred.size} entries but target has {target.size}; they must match")
+    if (pred < 0).any() or (target < 0).any():
+        raise ValueError("class ids must be >= 0")
+    return pred.astype(np.int64), target.astype(np.int64)
+
+
+def multi_real_correct(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-image correctness: real (even target) -> any even prediction; fake -> exactly its class."""
+    pred, target = _int_pair(pred, target)
+    is_real = target % 2 == 0
+    return np.where(is_real, pred % 2 == 0, pred == target)
+
+
+def _percent(correct: np.ndarray, what: str) -> float:
+    if correct.size == 0:
+        raise ValueError(f"{what}: no images to score; every evaluated task needs validation images")
+    return float(100.0 * correct.mean())
+
+
+def task_accuracy(pred: np.ndarray, target: np.ndarray) -> float:
+    """Multi-real accuracy in percent: mean of ``multi_real_correct``. Raises on empty input."""
+    return _percent(multi_real_correct(pred, target), "task_accuracy")
+
+
+def binary_accuracy(pred: np.ndarray, target: np.ndarray) -> float:
+    """Real-vs-fake accuracy in percent: ``pred % 2 == target % 2`` (the generator is ignored)."""
+    pred, target = _int_pair(pred, target)
+    return _percent(pred % 2 == target % 2, "binary_accuracy")
+
+
+# ---------------------------------------------------------------- accuracy matrix
+
+
+def _check_R(R: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] == 0:
+        raise ValueError(f"accuracy matrix must be square T x T with T >= 1, got shape {R.shape}")
+    upper = R[np.triu_indices(R.shape[0])]
+    if not np.isfinite(upper).all():
+        raise ValueError("accuracy matrix has non-finite entries at i <= j (a seen task was not evaluated)")
+    return R
+
+
+def aa(R: np.ndarray) -> float:
+    """Average incremental accuracy (DyTox): ``mean_j mean(R[0..j, j])``."""
+    R = _check_R(R)
+    return float(np.mean([R[: j + 1, j].mean() for j in range(R.shape[0])]))
+
+
+def aaf(R: np.ndarray) -> float:
+    """Average accuracy after the last task: ``mean_i R[i, T-1]``."""
+    R = _check_R(R)
+    return float(R[:, -1].mean())
+
+
+def bwt(R: np.ndarray) -> float:
+    """Backward transfer: ``mean_{i<T-1} (R[i, T-1] - R[i, i])``; 0 for a single task. Negative = forgetting."""
+    R = _check_R(R)
+    T = R.shape[0]
+    if T == 1:
+        return 0.0
+    return float(np.mean([R[i, -1] - R[i, i] for i in range(T - 1)]))
+
+
+def forgetting(R: np.ndarray) -> float:
+    """``-bwt(R)``: positive when old tasks lost accuracy."""
+    return -bwt(R)
+
+
+def summarize(R: np.ndarray) -> dict[str, float]:
+    """``{"aa", "aaf", "bwt", "forgetting"}`` of an accuracy matrix, in the matrix's units (percent)."""
+    b = bwt(R)
+    return {"aa": aa(R), "aaf": aaf(R), "bwt": b, "forgetting": -b}
+
+
+class AccuracyMatrix:
+    """Grows one column per training step: after step ``j`` call ``add_step(accs)`` with R[0..j, j].
+
+    ``values`` is the T x T matrix of the steps done (NaN below the diagonal), ready for ``summarize``.
+    """
+
+    def __init__(self, columns: Sequence[Sequence[float]] = ()) -> None:
+        self._cols: list[list[float]] = []
+        for c in columns:
+            self.add_step(c)
+
+    def add_step(self, accs: Sequence[float]) -> None:
+        j = len(self._cols)
+        accs = [float(a) for a in accs]
+        if len(accs) != j + 1:
+            raise ValueError(f"step {j} must report accuracies of tasks 0..{j} ({j + 1} values), got {len(accs)}")
+        if not np.isfinite(accs).all():
+            raise ValueError(f"step {j}: non-finite accuracy {accs}")
+        self._cols.append(accs)
+
+    def __len__(self) -> int:
+        return len(self._cols)
+
+    @property
+    def values(self) -> np.ndarray:
+        T = len(self._cols)
+        R = np.full((T, T), np.nan)
+        for j, col in enumerate(self._cols):
+            R[: j + 1, j] = col
+        return R
+
+    def to_list(self) -> list[list[float | None]]:
+        """Rows of R as lists (JSON-friendly: NaN -> None)."""
+        return [[None if np.isnan(v) else float(v) for v in row] for row in self.values]
+
+    @classmethod
+    def from_list(cls, rows: Sequence[Sequence[float | None]]) -> AccuracyMatrix:
+        R = _check_R([[np.nan if v is None else v for v in row] for row in rows])
+        return cls([R[: j + 1, j] for j in range(R.shape[0])])
+
+    def summary(self) -> dict[str, float]:
+        if not self._cols:
+            raise ValueError("accuracy matrix is empty: no step recorded yet")
+        return summarize(self.values)
+
+
+# ---------------------------------------------------------------- per-image scores
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (shifted by the row max for stability)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fake_probability(probs: np.ndarray) -> np.ndarray:
+    """Score that an image is fake: summed probability of all fake (odd) classes."""
+    return np.asarray(probs)[:, 1::2].sum(axis=1)
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, n_classes: int) -> np.ndarray:
+    """``cm[t, p]`` = number of images of class ``t`` predicted as ``p`` (int64, n_classes x n_classes)."""
+    pred, target = _int_pair(pred, target)
+    if pred.size and max(pred.max(), target.max()) >= n_classes:
+        raise ValueError(f"class id {max(pred.max(), target.max())} out of range for n_classes={n_classes}")
+    if pred.size == 0:
+        return np.zeros((n_classes, n_classes), dtype=np.int64)
+    return _sk_confusion(target, pred, labels=np.arange(n_classes)).astype(np.int64)
+
+
+def per_task_ap(fake_score: np.ndarray, target: np.ndarray, n_tasks: int | None = None) -> list[float]:
+    """Average precision (percent) of real-vs-fake per task, fakes positive; task = ``target // 2``.
+
+    NaN for a task with no images or with only one of real/fake (AP is undefined there).
+    ``n_tasks`` defaults to ``max(target) // 2 + 1``.
+    """
+    score = np.asarray(fake_score, dtype=np.float64).reshape(-1)
+    target = np.asarray(target).reshape(-1).astype(np.int64)
+    if score.shape != target.shape:
+        raise ValueError(f"fake_score has {score.size} entries but target has {target.size}")
+    task = target // 2
+    n_tasks = int(task.max()) + 1 if n_tasks is None else n_tasks
+    out = []
+    for t in range(n_tasks):
+        m = task == t
+        y = target[m] % 2
+        if m.sum() == 0 or y.min() == y.max():
+            out.append(float("nan"))
+        else:
+            out.append(float(100.0 * average_precision_score(y, score[m])))
+    return out
+
+
+def _check_eval_inputs(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarray, n_tasks_seen: int):
+    logits = np.asarray(logits)
+    targets = np.asarray(targets).reshape(-1).astype(np.int64)
+    task_ids = np.asarray(task_ids).reshape(-1).astype(np.int64)
+    if logits.ndim != 2 or not (len(logits) == len(targets) == len(task_ids)):
+        raise ValueError(
+            f"logits {logits.shape}, targets {targets.shape} and task_ids {task_ids.shape} must have one row per image"
+        )
+    if n_tasks_seen < 1 or logits.shape[1] < 2 * n_tasks_seen:
+        raise ValueError(f"logits have {logits.shape[1]} classes; {n_tasks_seen} seen task(s) need {2 * n_tasks_seen}")
+    if (targets // 2 != task_ids).any():
+        bad = int(np.flatnonzero(targets // 2 != task_ids)[0])
+        raise ValueError(f"image {bad}: target {targets[bad]} does not belong to task {task_ids[bad]} (class = 2*task+label)")
+    return logits, targets, task_ids
+
+
+def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarray, n_tasks_seen: int) -> dict:
+    """All metrics of one evaluation after training ``n_tasks_seen`` tasks.
+
+    Only the first ``2 * n_tasks_seen`` logits (the seen classes) are used, and images of tasks not seen yet
+    (``task_id >= n_tasks_seen``) are ignored. Every seen task must have images (else ``ValueError``).
+
+    Returns plain Python values: ``task_acc`` (list, multi-real %, one per seen task; a column of R),
+    ``mean_acc`` (mean of task_acc), ``binary_acc`` (% over all images), ``binary_acc_per_task``,
+    ``task_ap`` (list, %, NaN where undefined), ``mean_ap`` (nan-mean), ``confusion`` (list of lists,
+    ``2*n_tasks_seen`` square, rows = target), ``n_images`` (per task).
+    """
+    logits, targets, task_ids = _check_eval_inputs(logits, targets, task_ids, n_tasks_seen)
+    keep = task_ids < n_tasks_seen
+    logits, targets, task_ids = logits[keep, : 2 * n_tasks_seen], targets[keep], task_ids[keep]
+    n_images = [int((task_ids == t).sum()) for t in range(n_tasks_seen)]
+    empty = [t for t, n in enumerate(n_images) if n == 0]
+    if empty:
+        raise ValueError(f"evaluate_logits: seen task(s) {empty} have no images; check the validation manifests")
+    probs = softmax(logits)
+    pred = probs.argmax(axis=1)
+    correct = multi_real_correct(pred, targets)
+    task_acc = [float(100.0 * correct[task_ids == t].mean()) for t in range(n_tasks_seen)]
+    bin_ok = pred % 2 == targets % 2
+    task_ap = per_task_ap(fake_probability(probs), targets, n_tasks_seen)
+    finite_ap = [a for a in task_ap if np.isfinite(a)]
+    return {
+        "task_acc": task_acc,
+        "mean_acc": float(np.mean(task_acc)),
+        "binary_acc": float(100.0 * bin_ok.mean()),
+        "binary_acc_per_task": [float(100.0 * bin_ok[task_ids == t].mean()) for t in range(n_tasks_seen)],
+        "task_ap": task_ap,
+        "mean_ap": float(np.mean(finite_ap)) if finite_ap else float("nan"),
+        "confusion": confusion_matrix(pred, targets, 2 * n_tasks_seen).tolist(),
+        "n_images": n_images,
+    }
+
+
+def prediction_table(
+    paths: Sequence[str],
+    logits: np.ndarray,
+    targets: np.ndarray,
+    task_ids: np.ndarray,
+    task_names: Sequence[str] | None = None,
+    top_k: int = 3,
+) -> pd.DataFrame:
+    """One row per image: path, task, target, pred, correct (multi-real), fake_prob, top-k classes/probs.
+
+    Uses all logit columns (the head's classes). With ``task_names`` a ``task_name`` column is added.
+    """
+    logits = np.asarray(logits)
+    n_tasks = logits.shape[1] // 2 if logits.ndim == 2 else 0
+    logits, targets, task_ids = _check_eval_inputs(logits, targets, task_ids, max(n_tasks, 1))
+    if len(paths) != len(logits):
+        raise ValueError(f"{len(paths)} paths for {len(logits)} rows of logits")
+    probs = softmax(logits)
+    pred = probs.argmax(axis=1)
+    table = {
+        "path": list(paths),
+        "task": task_ids,
+        "target": targets,
+        "pred": pred.astype(np.int64),
+        "correct": multi_real_correct(pred, targets),
+        "fake_prob": fake_probability(probs),
+    }
+    if task_names is not None:
+        if task_ids.size and task_ids.max() >= len(task_names):
+            raise ValueError(f"task id {task_ids.max()} has no name in task_names ({len(task_names)} given)")
+        table["task_name"] = [task_names[t] for t in task_ids]
+    k = min(top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    for r in range(k):
+        table[f"top{r + 1}_class"] = order[:, r].astype(np.int64)
+        table[f"top{r + 1}_prob"] = np.take_along_axis(probs, order[:, r : r + 1], axis=1)[:, 0]
+    return pd.DataFrame(table)
