@@ -1,0 +1,174 @@
+"""Per-task LoRA adapters on a frozen backbone: peft creates them, we route the forward.
+
+peft's ``LoraConfig`` and ``inject_adapter_in_model`` create the adapter weights (its module matching, its init,
+its naming). Its forward applies the *active* adapter(s) to the whole batch, which forces LoRAX's published loop
+(set adapter, full forward, repeat). We replace the forward of every LoRA layer with one that reads a shared
+:class:`Route`:
+
+* ``single``: one named adapter for the whole batch (the sequential reference; also used for one task's pass);
+* ``grouped``: the batch holds G copies of the images, slice g goes through adapter ``names[g]``; all slices are
+  computed with two batched matmuls (``bmm``), so every adapter's embedding comes out of one pass.
+
+Dropout acts only on the adapter being trained (the last name of the group, in training mode): frozen adapters are
+deterministic, which is also what makes their embeddings cacheable.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from lorax.config import AdapterConfig
+
+
+@dataclass
+class Route:
+    mode: str = "off"  # off | single | grouped
+    name: str | None = None
+    names: list[str] = field(default_factory=list)
+    train_name: str | None = None  # the adapter whose dropout is active while training
+    dropout: bool = False  # training mode: dropout on ``train_name``'s input
+
+
+def _p(layer: LoraLinear, name: str) -> float:
+    drop = layer.lora_dropout[name]
+    return getattr(drop, "p", 0.0)
+
+
+def _routed_forward(layer: LoraLinear, route: Route):
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = layer.base_layer(x, *args, **kwargs)
+        if route.mode == "single":
+            name = route.name
+            if name is None or name not in layer.lora_A:
+                return result
+            h = x
+            if route.dropout and name == route.train_name:
+                h = nn.functional.dropout(h, layer.lora_dropout[name].p, True) if _p(layer, name) else h
+            return result + layer.lora_B[name](layer.lora_A[name](h)) * layer.scaling[name]
+        if route.mode == "grouped":
+            names = route.names
+            g = len(names)
+            xs = x.reshape(g, -1, x.shape[-1])
+            if route.dropout and route.train_name == names[-1] and _p(layer, names[-1]):
+                p = layer.lora_dropout[names[-1]].p
+                xs = torch.cat([xs[:-1], nn.functional.dropout(xs[-1:], p, True)], 0)
+            a = torch.stack([layer.lora_A[n].weight for n in names])  # (G, r, in)
+            b = torch.stack([layer.lora_B[n].weight for n in names])  # (G, out, r)
+            scale = torch.tensor([layer.scaling[n] for n in names], dtype=xs.dtype, device=xs.device).view(g, 1, 1)
+            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2).to(xs.dtype)), b.transpose(1, 2).to(xs.dtype)) * scale
+            return result + delta.reshape(result.shape).to(result.dtype)
+        return result
+
+    return forward
+
+
+def adapted_module_names(model: nn.Module, pattern: str, block_prefixes: list[str] | None = None) -> list[str]:
+    """Names of the Linear modules an adapter will wrap (regex full-match, optionally within some blocks)."""
+    rx = re.compile(pattern)
+    names = []
+    for name, mod in model.named_modules():
+        base = mod.base_layer if isinstance(mod, LoraLinear) else mod
+        if not isinstance(base, nn.Linear) or not rx.fullmatch(name):
+            continue
+        if ".lora_" in name or name.endswith(".base_layer"):
+            continue
+        if block_prefixes is not None and not any(name.startswith(p) for p in block_prefixes):
+            continue
+        names.append(name)
+    return names
+
+
+class LoraAdapterSet:
+    """The named LoRA adapters living inside one frozen backbone model."""
+
+    def __init__(self, model: nn.Module, cfg: AdapterConfig, block_prefixes: list[str] | None = None) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.route = Route()
+        self.names: list[str] = []
+        self.targets = adapted_module_names(model, cfg.target_modules, block_prefixes)
+        if not self.targets:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            raise ValueError(
+                f"adapter.target_modules: {cfg.target_modules!r} matches no Linear module"
+                + (f" in blocks {block_prefixes}" if block_prefixes else "")
+                + f"; Linear modules of this backbone: {linears[:40]}{' ...' if len(linears) > 40 else ''}"
+            )
+
+    def _layers(self) -> list[tuple[str, LoraLinear]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLinear)]
+
+    def add(self, name: str) -> None:
+        """Create adapter ``name`` (peft init: A random, B zero, so it starts as the identity)."""
+        if name in self.names:
+            raise ValueError(f"adapter {name!r} exists already")
+        config = LoraConfig(
+            r=self.cfg.r,
+            lora_alpha=self.cfg.alpha,
+            lora_dropout=self.cfg.dropout,
+            bias="none",
+            target_modules=self.targets,
+        )
+        inject_adapter_in_model(config, self.model, adapter_name=name)
+        for _, layer in self._layers():
+            layer.forward = _routed_forward(layer, self.route)
+        self.names.append(name)
+        self.set_trainable(None)
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        out = []
+        for _, layer in self._layers():
+            if name in layer.lora_A:
+                out += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        return out
+
+    def set_trainable(self, name: str | None) -> None:
+        """Freeze everything in the model except adapter ``name`` (None freezes all)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if name is not None:
+            for p in self.parameters(name):
+                p.requires_grad_(True)
+        self.route.train_name = name
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        sd = {}
+        for mod_name, layer in self._layers():
+            if name in layer.lora_A:
+                sd[f"{mod_name}.lora_A.weight"] = layer.lora_A[name].weight.detach().cpu().contiguous()
+                sd[f"{mod_name}.lora_B.weight"] = layer.lora_B[name].weight.detach().cpu().contiguous()
+        return sd
+
+    def load_state_dict(self, name: str, sd: dict[str, torch.Tensor]) -> None:
+        want = set(self.state_dict(name))
+        got = set(sd)
+        if want != got:
+            missing, unexpected = sorted(want - got), sorted(got - want)
+            raise ValueError(f"adapter {name!r}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+        layers = dict(self._layers())
+        with torch.no_grad():
+            for key, t in sd.items():
+                mod_name, which = key.rsplit(".lora_", 1)
+                part = layers[mod_name].lora_A if which.startswith("A") else layers[mod_name].lora_B
+                if part[name].weight.shape != t.shape:
+                    raise ValueError(f"adapter {name!r}: {key} has shape {tuple(t.shape)}, expected {tuple(part[name].weight.shape)}")
+                part[name].weight.copy_(t)
+
+    def n_params(self, name: str) -> int:
+        return sum(p.numel() for p in self.parameters(name))
+
+    def analytic_params(self) -> int:
+        """r * (in + out) summed over the wrapped Linear layers: what one adapter must cost."""
+        mods = dict(self.model.named_modules())
+        total = 0
+        for n in self.targets:
+            m = mods[n]
+            base = m.base_layer if isinstance(m, LoraLinear) else m
+            total += self.cfg.r * (base.in_features + base.out_features)
+        return total

@@ -1,0 +1,158 @@
+"""The LoRAX network: frozen backbone + one LoRA adapter per task + super-feature + expandable head.
+
+Forward (DESIGN.md section 2): every task's adapter turns the image into an embedding; the embeddings are
+concatenated into the super-feature (embed_dim x tasks) and classified by a linear head over 2 x tasks classes.
+A 3-way diversity head sees only the newest adapter's embedding (old class -> 0, new real -> 1, new fake -> 2).
+Only the newest adapter and the two heads train.
+
+The published implementation runs the full backbone once per adapter. Here blocks before the first adapted one
+run once per image (the shared trunk) and, with ``one_pass``, all adapters share one batched pass after it;
+``one_pass=False`` keeps the sequential loop as the reference the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorax.config import AdapterConfig
+from lorax.models.adapters import LoraAdapterSet
+from lorax.models.backbones import Backbone
+
+
+class LoRAXNet(nn.Module):
+    def __init__(self, backbone: Backbone, adapter_cfg: AdapterConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.adapter_cfg = adapter_cfg
+        depth = backbone.depth
+        prefixes = None
+        if adapter_cfg.blocks == "last_k":
+            if adapter_cfg.last_k > depth:
+                raise ValueError(f"adapter.last_k: {adapter_cfg.last_k} exceeds the backbone's {depth} blocks")
+            prefixes = [backbone.block_prefix(i) for i in range(depth - adapter_cfg.last_k, depth)]
+        self.adapters = LoraAdapterSet(backbone.model, adapter_cfg, prefixes)
+        # The trunk ends at the first block holding an adapted module.
+        self.branch_block = min(
+            i for i in range(depth) if any(t.startswith(backbone.block_prefix(i)) for t in self.adapters.targets)
+        ) if any(t.startswith(backbone.block_prefix(i)) for i in range(depth) for t in self.adapters.targets) else 0
+        self.tasks: list[str] = []
+        self.head: nn.Linear | None = None
+        self.div_head: nn.Linear | None = None
+        self.one_pass = True
+
+    # -- structure ---------------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    @property
+    def n_classes(self) -> int:
+        return 2 * len(self.tasks)
+
+    def add_task(self, name: str) -> None:
+        """New adapter, head grown by two classes (old weights copied), fresh diversity head; old parts frozen."""
+        d = self.embed_dim
+        self.adapters.add(name)
+        self.tasks.append(name)
+        t = len(self.tasks)
+        new_head = nn.Linear(d * t, 2 * t)
+        if self.head is not None:
+            with torch.no_grad():
+                new_head.weight[: 2 * (t - 1), : d * (t - 1)].copy_(self.head.weight)
+                new_head.weight[: 2 * (t - 1), d * (t - 1) :].zero_()
+                new_head.bias[: 2 * (t - 1)].copy_(self.head.bias)
+        ref = next(self.backbone.parameters())
+        self.head = new_head.to(ref.device)
+        self.div_head = nn.Linear(d, 3).to(ref.device)
+        self.adapters.set_trainable(name)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = self.adapters.parameters(self.tasks[-1]) if self.tasks else []
+        for h in (self.head, self.div_head):
+            if h is not None:
+                params += list(h.parameters())
+        return params
+
+    def train(self, mode: bool = True) -> LoRAXNet:
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout / drop-path in the backbone itself
+        self.adapters.route.dropout = mode
+        return self
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the blocks that no adapter touches (identical for every task)."""
+        bb = self.backbone
+        return bb.run_blocks(bb.stem(x), 0, self.branch_block)
+
+    def embeddings(self, x: torch.Tensor, names: list[str] | None = None, one_pass: bool | None = None) -> torch.Tensor:
+        """Embeddings of ``names`` (default: every task) as a (len(names), B, D) tensor."""
+        names = list(self.tasks if names is None else names)
+        one_pass = self.one_pass if one_pass is None else one_pass
+        bb, route = self.backbone, self.adapters.route
+        tokens = self.trunk(x)
+        b = x.shape[0]
+        try:
+            if one_pass and len(names) > 1:
+                route.mode, route.names = "grouped", names
+                rep = tokens.repeat(len(names), *([1] * (tokens.dim() - 1)))
+                out = bb.pool(bb.run_blocks(rep, self.branch_block))
+                return out.view(len(names), b, -1)
+            outs = []
+            for n in names:
+                route.mode, route.name = "single", n
+                outs.append(bb.pool(bb.run_blocks(tokens, self.branch_block)))
+            return torch.stack(outs)
+        finally:
+            route.mode, route.name, route.names = "off", None, []
+
+    def classify(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, B, D) embeddings -> (class logits over 2T, diversity logits over 3)."""
+        t, b, d = emb.shape
+        feat = emb.permute(1, 0, 2).reshape(b, t * d)
+        return self.head(feat), self.div_head(emb[-1])
+
+    def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and diversity logits. ``old_emb`` (T-1, B, D): cached embeddings of the frozen adapters."""
+        if old_emb is not None:
+            new = self.embeddings(x, [self.tasks[-1]])
+            emb = torch.cat([old_emb.to(new.dtype), new], 0)
+        else:
+            emb = self.embeddings(x)
+        return self.classify(emb)
+
+    def super_features(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self.embeddings(x)
+        return emb.permute(1, 0, 2).reshape(x.shape[0], -1)
+
+    # -- accounting --------------------------------------------------------------------------------------------
+    def analytic_trainable_params(self) -> int:
+        """Adapter r*(in+out) per wrapped layer + head (D*T x 2T + 2T) + diversity head (D x 3 + 3)."""
+        t, d = len(self.tasks), self.embed_dim
+        return self.adapters.analytic_params() + (d * t * 2 * t + 2 * t) + (d * 3 + 3)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {
+            "head.weight": self.head.weight.detach().cpu().contiguous(),
+            "head.bias": self.head.bias.detach().cpu().contiguous(),
+            "div_head.weight": self.div_head.weight.detach().cpu().contiguous(),
+            "div_head.bias": self.div_head.bias.detach().cpu().contiguous(),
+        }
+
+    def load_head_state(self, sd: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key in ("head.weight", "head.bias", "div_head.weight", "div_head.bias"):
+                mod = self.head if key.startswith("head") else self.div_head
+                target = getattr(mod, key.split(".")[1])
+                if target.shape != sd[key].shape:
+                    raise ValueError(f"{key}: checkpoint shape {tuple(sd[key].shape)} != model {tuple(target.shape)}")
+                target.copy_(sd[key])
+
+
+def diversity_targets(class_ids: torch.Tensor, task_index: int) -> torch.Tensor:
+    """Old classes -> 0, the new task's real (2t) -> 1, its fake (2t+1) -> 2."""
+    out = torch.zeros_like(class_ids)
+    out[class_ids == 2 * task_index] = 1
+    out[class_ids == 2 * task_index + 1] = 2
+    return out
