@@ -1,0 +1,204 @@
+"""Exemplar memory (iCaRL rehearsal) stored as manifest rows, never pixels.
+
+The memory is a table of the selected images' manifest rows (``lorax.data.manifest`` columns: path, sha256,
+class_id, ...) plus a ``rank`` column, the selection order within the class. Herding yields its picks in
+order of importance, so shrinking a class to ``k`` exemplars keeps ranks ``0..k-1`` (the iCaRL reduction).
+
+Selection is done once, globally, on all of a class's features (gathered from every process before the
+call), without augmentation, and is deterministic: within a class, rows are put in a canonical order
+(by ``path``, then input position) before selecting, so the result does not depend on row order, and
+ties are broken by the lowest index in that order.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "ExemplarMemory",
+    "closest_to_mean",
+    "herding",
+    "l2_normalize",
+    "per_class_budget",
+    "random_select",
+    "select",
+]
+
+Method = Literal["herding", "random", "closest"]
+METHODS = ("herding", "random", "closest")
+
+
+def l2_normalize(features: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float64; an all-zero row stays zero)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2:
+        raise ValueError(f"features must be a 2-D array (n_samples, dim), got shape {f.shape}")
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), eps)
+
+
+def _check_m(m: int) -> int:
+    if int(m) != m or m < 0:
+        raise ValueError(f"number of exemplars must be an integer >= 0, got {m}")
+    return int(m)
+
+
+def herding(features: np.ndarray, m: int) -> np.ndarray:
+    """iCaRL herding: indices of ``min(m, n)`` samples in selection order.
+
+    With ``phi`` the L2-normalised features and ``mu`` their mean, step ``k`` (1-based) picks the unused
+    sample ``i`` minimising ``|| mu - (phi_i + sum_{s in S} phi_s) / k ||``; no repeats; ties go to the lowest
+    index. The selected set's mean thus tracks the class mean as closely as possible for every prefix.
+    """
+    phi = l2_normalize(features)
+    m = min(_check_m(m), len(phi))
+    mu = phi.mean(axis=0)
+    chosen: list[int] = []
+    running = np.zeros_like(mu)
+    free = np.ones(len(phi), dtype=bool)
+    for k in range(1, m + 1):
+        dist = np.linalg.norm(mu - (running + phi) / k, axis=1)
+        dist[~free] = np.inf
+        i = int(np.argmin(dist))  # first minimum = lowest index
+        chosen.append(i)
+        free[i] = False
+        running += phi[i]
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def closest_to_mean(features: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the ``min(m, n)`` samples nearest the mean of the L2-normalised features, nearest first."""
+    phi = l2_normalize(features)
+    m = min(_check_m(m), len(phi))
+    dist = np.linalg.norm(phi - phi.mean(axis=0), axis=1)
+    return np.argsort(dist, kind="stable")[:m].astype(np.int64)
+
+
+def random_select(n: int, m: int, seed: int) -> np.ndarray:
+    """``min(m, n)`` distinct indices of ``range(n)`` drawn with ``numpy.random.default_rng(seed)``."""
+    m = min(_check_m(m), n)
+    return np.random.default_rng(seed).permutation(n)[:m].astype(np.int64)
+
+
+def select(features: np.ndarray, m: int, method: Method, seed: int = 0) -> np.ndarray:
+    """Dispatch to ``herding`` / ``random_select`` / ``closest_to_mean`` (``continual.selection``)."""
+    if method == "herding":
+        return herding(features, m)
+    if method == "closest":
+        return closest_to_mean(features, m)
+    if method == "random":
+        return random_select(len(features), m, seed)
+    raise ValueError(f"continual.selection: unknown method {method!r}; allowed: {', '.join(METHODS)}")
+
+
+def per_class_budget(memory_size: int, n_classes: int, mode: str = "fixed_total", per_class: int = 0) -> int:
+    """Exemplars kept per class once ``n_classes`` classes have been seen.
+
+    ``fixed_total``: the total budget ``memory_size`` split evenly, ``memory_size // n_classes`` (old classes
+    shrink as classes arrive); ``fixed_per_class``: ``per_class`` for every class. 0 means no memory.
+    """
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    if mode == "fixed_total":
+        return _check_m(memory_size) // n_classes
+    if mode == "fixed_per_class":
+        return _check_m(per_class)
+    raise ValueError(f"continual.memory_mode: unknown mode {mode!r}; allowed: fixed_total, fixed_per_class")
+
+
+def _class_seed(seed: int, class_id: int) -> int:
+    """A per-class seed, so classes draw independently but reproducibly."""
+    return zlib.crc32(f"{seed}:{class_id}".encode())
+
+
+class ExemplarMemory:
+    """Selected manifest rows with a ``rank`` column; see the module docstring."""
+
+    def __init__(self, rows: pd.DataFrame | None = None) -> None:
+        if rows is None:
+            rows = pd.DataFrame({"class_id": pd.Series(dtype="int64"), "rank": pd.Series(dtype="int64")})
+        missing = [c for c in ("class_id", "rank") if c not in rows.columns]
+        if missing:
+            raise ValueError(f"exemplar memory rows lack columns {missing}")
+        self._rows = rows.sort_values(["class_id", "rank"], kind="stable").reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def classes(self) -> list[int]:
+        return sorted(int(c) for c in self._rows["class_id"].unique())
+
+    def class_counts(self) -> dict[int, int]:
+        """``{class_id: number of exemplars}``, sorted by class."""
+        return {int(c): int(n) for c, n in self._rows.groupby("class_id").size().sort_index().items()}
+
+    def rows(self) -> pd.DataFrame:
+        """A copy of the memory table (manifest columns + ``rank``), sorted by class then rank."""
+        return self._rows.copy()
+
+    def manifest(self) -> pd.DataFrame:
+        """The rows without ``rank``: ready to concatenate to the next task's training manifest."""
+        return self._rows.drop(columns=["rank"]).copy()
+
+    def add_classes(
+        self, rows: pd.DataFrame, features: np.ndarray, method: Method = "herding", budget: int = 0, seed: int = 0
+    ) -> None:
+        """Select up to ``budget`` exemplars for each class in ``rows`` (grouped by ``class_id``).
+
+        ``features[k]`` belongs to ``rows.iloc[k]`` (herding uses the L2-normalised super-features). A class
+        with fewer samples than its budget keeps all of them. Classes already in memory are an error:
+        call ``shrink`` for old classes instead.
+        """
+        features = np.asarray(features)
+        if "class_id" not in rows.columns or "path" not in rows.columns:
+            raise ValueError("add_classes: rows must be manifest rows with 'class_id' and 'path' columns")
+        if features.ndim != 2 or len(features) != len(rows):
+            raise ValueError(f"add_classes: features {features.shape} must be (len(rows)={len(rows)}, dim)")
+        if method not in METHODS:
+            raise ValueError(f"continual.selection: unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        budget = _check_m(budget)
+        again = sorted(set(int(c) for c in rows["class_id"].unique()) & set(self.classes()))
+        if again:
+            raise ValueError(f"add_classes: classes {again} are already in memory; use shrink() for old classes")
+        rows = rows.reset_index(drop=True)
+        picked = []
+        for cid, group in rows.groupby("class_id", sort=True):
+            # canonical order: by path, then input position -> independent of how rows were gathered
+            idx = group.assign(_pos=group.index).sort_values(["path", "_pos"], kind="stable").index.to_numpy()
+            sel = select(features[idx], budget, method, _class_seed(seed, int(cid)))
+            chosen = rows.loc[idx[sel]].copy()
+            chosen["rank"] = np.arange(len(sel), dtype=np.int64)
+            picked.append(chosen)
+        if picked:
+            new = pd.concat(picked, ignore_index=True)
+            self._rows = new if len(self._rows) == 0 else pd.concat([self._rows, new], ignore_index=True)
+            self._rows = self._rows.sort_values(["class_id", "rank"], kind="stable").reset_index(drop=True)
+
+    def shrink(self, budget: int) -> None:
+        """Keep the first ``budget`` exemplars (by rank) of every class: with herding, the iCaRL reduction."""
+        budget = _check_m(budget)
+        self._rows = self._rows[self._rows["rank"] < budget].reset_index(drop=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as parquet (atomic replace)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        self._rows.to_parquet(tmp, index=False)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExemplarMemory:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: exemplar memory not found (written by ExemplarMemory.save)")
+        rows = pd.read_parquet(path)
+        missing = [c for c in ("class_id", "rank") if c not in rows.columns]
+        if missing:
+            raise ValueError(f"{path}: not an exemplar memory table, columns {missing} are missing")
+        return cls(rows)
