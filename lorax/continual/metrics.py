@@ -231,7 +231,9 @@ def _check_eval_inputs(logits: np.ndarray, targets: np.ndarray, task_ids: np.nda
         raise ValueError(f"logits have {logits.shape[1]} classes; {n_tasks_seen} seen task(s) need {2 * n_tasks_seen}")
     if (targets // 2 != task_ids).any():
         bad = int(np.flatnonzero(targets // 2 != task_ids)[0])
-        raise ValueError(f"image {bad}: target {targets[bad]} does not belong to task {task_ids[bad]} (class = 2*task+label)")
+        raise ValueError(
+            f"image {bad}: target {targets[bad]} does not belong to task {task_ids[bad]} (class = 2*task + label)"
+        )
     return logits, targets, task_ids
 
 
