@@ -1,0 +1,48 @@
+"""``lorax train``: a whole stream from manifests in one process (no orchestration)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the stream of params.yaml from manifests (one process) and report metrics")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--manifests", help="manifest folder (default: data.manifests)")
+    p.add_argument("--out", required=True, help="output folder: state/, memory/, eval/, metrics.json, plots")
+    p.add_argument("--method", help="continual method (default: continual.method): lorax, finetune, der, joint, probe")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. -S train.epochs=2 (YAML value)")
+    p.set_defaults(func=_train)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"-S {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lorax.config import load_params
+    from lorax.continual.stream import format_matrix, run_stream
+    from lorax.registry import METHODS
+    import lorax.continual.methods  # noqa: F401  (registers the methods)
+
+    overrides = parse_overrides(args.set)
+    if args.method:
+        overrides["continual.method"] = args.method
+    params = load_params(args.params, overrides)
+    METHODS.get(params.continual.method)  # fail early on an unknown method, listing the known ones
+    metrics = run_stream(params, Path(args.manifests or params.data.manifests), Path(args.out))
+    print(format_matrix(metrics))
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    print(json.dumps({k: metrics[k] for k in ("aa", "aaf", "bwt", "forgetting", "binary_acc")}))
+    return 0

@@ -1,0 +1,93 @@
+"""A model state is a directory; loading the model after task t needs nothing else.
+
+Layout of ``STATE_DIR``::
+
+    state.json                  method, tasks, the resolved settings, accounting (parameters, seconds)
+    tensors/<group>.safetensors adapters/<task>, heads, backbone(s) for methods that train them
+    memory.parquet              exemplar memory after this task (manifest rows, never pixels), when known
+    rng.json                    seeds used, for the record
+
+The frozen pretrained backbone is never saved: ``state.json`` names it (and its weights file) and the random
+init is seeded. States are written to ``<dir>.partial`` and renamed, so a crash never leaves a half state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorax.config import Params, params_to_dict, parse_params
+
+STATE_FILE = "state.json"
+FORMAT = 1
+
+
+def is_state(path: str | Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def read_info(state_dir: str | Path) -> dict[str, Any]:
+    p = Path(state_dir) / STATE_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{state_dir}: not a lorax state (no {STATE_FILE}); train a task first")
+    info = json.loads(p.read_text())
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{p}: state format {info.get('format')} not supported (expected {FORMAT})")
+    return info
+
+
+def save_state(method, out_dir: str | Path, params: Params, extra: dict[str, Any] | None = None,
+               memory=None) -> Path:
+    """Write ``method``'s learned tensors and metadata to ``out_dir`` atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "tensors").mkdir(parents=True)
+    for group, tensors in method.tensor_groups().items():
+        path = tmp / "tensors" / f"{group}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"group": group})
+    if memory is not None:
+        memory.save(tmp / "memory.parquet")
+    info = {
+        "format": FORMAT,
+        "method": method.name,
+        "tasks": list(method.tasks),
+        "params": params_to_dict(params),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(info, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_tensor_groups(state_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    root = Path(state_dir) / "tensors"
+    groups = {}
+    for f in sorted(root.rglob("*.safetensors")):
+        groups[str(f.relative_to(root).with_suffix(""))] = load_file(str(f))
+    return groups
+
+
+def load_state(state_dir: str | Path, device: str | torch.device = "cpu", params: Params | None = None):
+    """Rebuild the method saved in ``state_dir`` (settings from its ``state.json`` unless ``params`` given)."""
+    from lorax.continual.methods import build_method
+
+    info = read_info(state_dir)
+    if params is None:
+        params = parse_params(info["params"], f"{state_dir}/{STATE_FILE}")
+    params = params.model_copy(deep=True)
+    params.continual.method = info["method"]
+    method = build_method(params, info["tasks"])
+    method.load_tensor_groups(load_tensor_groups(state_dir))
+    return method.to(device), info

@@ -1,0 +1,294 @@
+"""Train one task on top of the previous state; evaluate; select exemplars.
+
+``train_task(previous_state, task_manifest, memory, params, out_dir) -> out_dir`` is the unit that the one-process
+stream (``lorax train``), the DVC stages and the Prefect flows all call. It checkpoints every epoch into
+``<out_dir>.partial/`` and resumes from there when re-run, and writes the final state atomically, so an interrupted
+task never damages the previous state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from lorax.config import Params
+from lorax.continual import metrics as M
+from lorax.continual.memory import ExemplarMemory, per_class_budget
+from lorax.continual.methods import Method, build_method, count_trainable
+from lorax.continual.state import load_state, save_state
+from lorax.data.dataset import make_loader
+from lorax.data.manifest import abs_paths
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the previous state is untouched."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {name!r} asked for but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def _autocast(params: Params, device: torch.device):
+    if params.train.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def learning_rate(params: Params, task_index: int) -> float:
+    """Paper: 1e-4 for the first task, 5e-4 later, both times batch/512 (``train.lr_scale_batch``)."""
+    lr = params.train.lr_first if task_index == 0 else params.train.lr_later
+    if params.train.lr_scale_batch:
+        lr *= params.train.batch_size / 512
+    return lr
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _norm(method: Method) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    bb = getattr(method, "net", method)
+    bb = getattr(bb, "backbone", None) or method.backbones[0]
+    return bb.info.mean, bb.info.std
+
+
+def _loader(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int, batch_size: int | None = None):
+    mean, std = _norm(method)
+    return make_loader(
+        df,
+        train=train,
+        crop=params.model.img_size,
+        mean=mean,
+        std=std,
+        batch_size=batch_size or (params.train.batch_size if train else params.eval.batch_size),
+        num_workers=params.train.num_workers,
+        seed=seed,
+    )
+
+
+def training_rows(method: Method, task_df: pd.DataFrame, memory: ExemplarMemory | None,
+                  history: list[pd.DataFrame] | None = None) -> pd.DataFrame:
+    """This task's train rows, plus replayed exemplars (or, for the joint oracle, all earlier train rows)."""
+    parts = [task_df[task_df["split"] == "train"]]
+    if method.cumulative_data:
+        parts += [h[h["split"] == "train"] for h in history or []]
+    elif method.uses_memory and memory is not None and len(memory):
+        parts.append(memory.manifest())
+    rows = pd.concat(parts, ignore_index=True)
+    if rows.empty:
+        raise ValueError(f"task {task_df['task'].iloc[0] if len(task_df) else '?'}: no training images")
+    return rows
+
+
+def _ckpt_path(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial") / "checkpoint.pt"
+
+
+def train_task(
+    previous_state: str | Path | None,
+    task_manifest: pd.DataFrame,
+    memory: ExemplarMemory | None,
+    params: Params,
+    out_dir: str | Path,
+    *,
+    history: list[pd.DataFrame] | None = None,
+    callback: EpochCallback | None = None,
+    extra_info: dict[str, Any] | None = None,
+) -> Path:
+    """Add the task in ``task_manifest`` to the model in ``previous_state`` (None: first task) and train it.
+
+    ``memory`` holds the exemplars of the earlier classes (replayed with this task's data); ``history`` the earlier
+    tasks' manifests (only the joint oracle trains on them). Returns ``out_dir``, a complete state.
+    """
+    out_dir = Path(out_dir)
+    task = str(task_manifest["task"].iloc[0])
+    device = resolve_device(params.train.device)
+    t0 = time.time()
+    if previous_state is not None:
+        method, prev_info = load_state(previous_state, device="cpu", params=params)
+    else:
+        method, prev_info = build_method(params), {}
+    task_index = len(method.tasks)
+    expected = int(task_manifest["task_index"].iloc[0])
+    if expected != task_index:
+        raise ValueError(
+            f"task {task}: manifest says task index {expected} but the previous state has {task_index} tasks "
+            f"({method.tasks}); the stream order and the manifests disagree"
+        )
+    torch.manual_seed(params.seed + task_index)
+    method.add_task(task)
+    method.to(device)
+    rows = training_rows(method, task_manifest, memory, history)
+    seed = params.seed * 1000 + task_index
+    loader = _loader(rows, method, params, train=True, seed=seed)
+    trainable = method.trainable_parameters()
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate(params, task_index), weight_decay=params.train.weight_decay)
+    steps_per_epoch = len(loader)
+    total = steps_per_epoch * params.train.epochs
+    scheduler = cosine_with_warmup(optimizer, params.train.warmup_epochs * steps_per_epoch, total)
+
+    start_epoch, history_rows = 0, []
+    ckpt = _ckpt_path(out_dir)
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if saved.get("task") == task and saved.get("n_params") == len(trainable):
+            with torch.no_grad():
+                for p, v in zip(trainable, saved["params"], strict=True):
+                    p.copy_(v)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            start_epoch = int(saved["epoch"]) + 1
+            history_rows = json.loads(saved["history"])
+            log.info("task %s: resuming from the checkpoint of epoch %d", task, start_epoch)
+
+    for epoch in range(start_epoch, params.train.epochs):
+        g = torch.Generator().manual_seed(seed * 100 + epoch)
+        torch.manual_seed(seed * 100 + epoch)
+        loader = _loader(rows, method, params, train=True, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        method.train()
+        tot_loss, tot_ok, n = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"{task} epoch {epoch + 1}/{params.train.epochs}", leave=False, disable=None)
+        for step, (x, y, _) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(params, device):
+                out = method(x)
+                loss = method.loss(out, y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"task {task}, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}; lower the learning rate "
+                    f"(train.lr_first/lr_later) or enable train.grad_clip. The previous state is untouched."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if params.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, params.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            tot_loss += loss.detach().float() * len(y)
+            tot_ok += (out[0].argmax(1) == y).sum()
+            n += len(y)
+        row = {"epoch": epoch + 1, "loss": float(tot_loss) / n, "train_acc": 100.0 * float(tot_ok) / n,
+               "lr": optimizer.param_groups[0]["lr"]}
+        history_rows.append(row)
+        log.info("task %s epoch %d/%d: loss %.4f train acc %.1f%%", task, epoch + 1, params.train.epochs,
+                 row["loss"], row["train_acc"])
+        if callback is not None:
+            callback(epoch + 1, row)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "task": task,
+                "epoch": epoch,
+                "n_params": len(trainable),
+                "params": [p.detach().cpu() for p in trainable],
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": json.dumps(history_rows),
+            },
+            ckpt.with_suffix(".tmp"),
+        )
+        ckpt.with_suffix(".tmp").replace(ckpt)
+
+    method.to("cpu").eval()
+    info = {
+        "task": task,
+        "task_index": task_index,
+        "trainable_params_per_task": prev_info.get("trainable_params_per_task", []) + [count_trainable(method)],
+        "seconds_per_task": prev_info.get("seconds_per_task", []) + [round(time.time() - t0, 2)],
+        "epochs": history_rows,
+        "backbone_params": sum(p.numel() for p in _frozen_backbone(method).parameters()),
+        "backbone_pretrained": bool(params.model.pretrained),
+        **(extra_info or {}),
+    }
+    save_state(method, out_dir, params, info)
+    shutil.rmtree(ckpt.parent, ignore_errors=True)
+    return out_dir
+
+
+def _frozen_backbone(method: Method) -> torch.nn.Module:
+    if hasattr(method, "net"):
+        return method.net.backbone
+    if hasattr(method, "backbone"):
+        return method.backbone
+    return method.backbones[0]
+
+
+@torch.no_grad()
+def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: torch.device | None = None,
+                   features: bool = False, desc: str = "eval") -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (and optionally herding features) of every row of ``df`` with eval (center-crop) transforms."""
+    device = device or resolve_device(params.train.device)
+    method.to(device).eval()
+    loader = _loader(df, method, params, train=False, seed=0)
+    logits, feats = [], []
+    for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        x = x.to(device)
+        with _autocast(params, device):
+            if features:
+                f = method.features(x)
+                feats.append(f.float().cpu())
+            logits.append(method(x)[0].float().cpu())
+    return torch.cat(logits).numpy(), (torch.cat(feats).numpy() if features else None)
+
+
+def evaluate_task_list(method: Method, manifests: list[pd.DataFrame], params: Params,
+                       device: torch.device | None = None) -> tuple[dict, pd.DataFrame]:
+    """Evaluate on the val rows of the seen tasks: metrics dict (one column of R) and a per-image table."""
+    val = pd.concat([m[m["split"] == "val"] for m in manifests], ignore_index=True)
+    logits, _ = predict_logits(method, val, params, device)
+    targets = val["class_id"].to_numpy()
+    task_ids = val["task_index"].to_numpy()
+    result = M.evaluate_logits(logits, targets, task_ids, len(manifests))
+    table = M.prediction_table([str(p) for p in abs_paths(val)], logits, targets, task_ids,
+                               task_names=method.tasks)
+    return result, table
+
+
+def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: ExemplarMemory | None,
+                     params: Params, device: torch.device | None = None) -> ExemplarMemory:
+    """Memory after this task: old classes shrunk to the new per-class budget, new classes selected.
+
+    Selection uses eval transforms (no augmentation) on all of the task's train rows at once, so it is
+    deterministic and global: the same in every process.
+    """
+    memory = ExemplarMemory(memory.rows()) if memory is not None else ExemplarMemory()
+    n_classes = method.n_classes
+    c = params.continual
+    budget = per_class_budget(c.memory_size, n_classes, c.memory_mode, c.memory_per_class)
+    memory.shrink(budget)
+    if budget == 0:
+        return memory
+    rows = task_manifest[task_manifest["split"] == "train"].reset_index(drop=True)
+    feats = None
+    if c.selection != "random":
+        _, feats = predict_logits(method, rows, params, device, features=True, desc="exemplars")
+    else:
+        feats = np.zeros((len(rows), 1), dtype=np.float32)
+    memory.add_classes(rows, feats, method=c.selection, budget=budget, seed=params.seed)
+    return memory
