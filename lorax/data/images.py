@@ -54,6 +54,9 @@ class BadImage(DataError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):  # crosses process boundaries (parallel preparation, DataLoader workers)
+        return (type(self), (self.path, self.reason))
+
 
 @dataclass(frozen=True)
 class ImageInfo:
