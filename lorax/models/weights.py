@@ -364,8 +364,10 @@ def load_backbone_weights(
     where = f"checkpoint {source}" if source else "checkpoint"
     own = model.state_dict()
     sd = dict(state_dict)
-    if (not any(k in own for k in sd) and any(k.startswith("visual.") for k in sd)
-            and not any(k.startswith("visual.") for k in own)):
+    # A full CLIP checkpoint given to the visual tower (its text tower shares some key names: count the matches).
+    if not any(k.startswith("visual.") for k in own) and (
+        sum(k[len("visual."):] in own for k in sd if k.startswith("visual.")) > sum(k in own for k in sd)
+    ):
         sd = extract_open_clip_visual(sd)
     if set(sd) != set(own):
         sd = _timm_filter(model, sd)
