@@ -16,6 +16,7 @@ deterministic, which is also what makes their embeddings cacheable.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -115,7 +116,9 @@ class LoraAdapterSet:
             bias="none",
             target_modules=self.targets,
         )
-        inject_adapter_in_model(config, self.model, adapter_name=name)
+        with warnings.catch_warnings():  # peft warns that several adapters share a model: that is the design
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            inject_adapter_in_model(config, self.model, adapter_name=name)
         for _, layer in self._layers():
             layer.forward = _routed_forward(layer, self.route)
         self.names.append(name)
