@@ -146,7 +146,7 @@ def to_rgb_array(img: Image.Image, name: str | Path = "") -> np.ndarray:
     decode(img, name)
     mode = img.mode
     if mode == "RGB":
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
     if mode in ("L", "1"):
         return _grey_to_rgb(np.asarray(img.convert("L"), dtype=np.uint8))
     if mode in _GREY_16:
@@ -158,7 +158,7 @@ def to_rgb_array(img: Image.Image, name: str | Path = "") -> np.ndarray:
         img = img.convert("RGBA" if has_alpha else "RGB")
         mode = img.mode
         if mode == "RGB":
-            return np.asarray(img, dtype=np.uint8)
+            return np.array(img, dtype=np.uint8)
     if mode in _ALPHA:
         if mode in ("LA", "La"):
             la = np.asarray(img.convert("LA") if mode == "La" else img, dtype=np.uint8)
@@ -166,7 +166,7 @@ def to_rgb_array(img: Image.Image, name: str | Path = "") -> np.ndarray:
         rgba = np.asarray(img.convert("RGBA") if mode != "RGBA" else img, dtype=np.uint8)
         return _composite_on_white(rgba[..., :3], rgba[..., 3])
     if mode in _PILLOW_CONVERTS:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return np.array(img.convert("RGB"), dtype=np.uint8)
     raise BadImage(name, f"unsupported mode {mode}: save the image as 8- or 16-bit grey or RGB(A)")
 
 
