@@ -159,12 +159,16 @@ def _check_leakage(task: str, df: pd.DataFrame, out_dir: Path, cfg: DataConfig, 
     for mp in sorted(out_dir.glob("*.parquet")):
         if mp.name == f"{task}.parquet":
             continue
-        other = read_manifest(mp)
+        try:
+            other = read_manifest(mp)
+        except ValueError:
+            notes.append(f"skipped {mp} in the leakage check: not a lorax manifest")
+            continue
         other = other.assign(file=[str(Path(r) / p) for r, p in zip(other["root"], other["path"], strict=True)])
         key = "pixel_sha256" if "pixel_sha256" in other.columns else "sha256"
         pairs = _pairs(df, other, key)
         if pairs:
-            others.append((f"in task {task!r} and in {mp} (task {other['task'].iloc[0]!r})", pairs))
+            others.append((f"in task {task!r} and in {mp} (task {mp.stem!r})", pairs))
     if not cfg.check_leakage:
         n = len(within) + sum(len(p) for _, p in others)
         if n:

@@ -185,7 +185,8 @@ def test_leakage_train_val_and_across_tasks(tmp_path: Path) -> None:
     prepare_task(root, "a", 0, tmp_path / "m", cfg(), CROP)  # not compared with its own old manifest
     # b reuses one of a's fakes: compared against a's manifest already in out_dir
     (root / "b" / "val" / "1_fake" / "stolen.png").write_bytes((root / "a" / "train" / "1_fake" / "1.png").read_bytes())
-    with pytest.raises(DataError, match=r"(?s)in task 'b' and in .*a\.parquet.*stolen\.png  ==  .*a/train/1_fake/1\.png"):
+    leak = r"(?s)in task 'b' and in .*a\.parquet.*stolen\.png  ==  .*a/train/1_fake/1\.png"
+    with pytest.raises(DataError, match=leak):
         prepare_task(root, "b", 1, tmp_path / "m", cfg(), CROP)
     prepare_task(root, "b", 1, tmp_path / "m", cfg(check_leakage=False), CROP)
     with pytest.raises(DataError, match=r"in task 'a' and in .*b\.parquet"):  # and now a meets b's manifest
@@ -269,3 +270,12 @@ def test_realworld_counts_match_its_manifest(tmp_path: Path) -> None:
     assert set(got["mode"]) == {"RGB"} and set(got["width"]) == {256}
     assert {p: p.stat().st_mtime for p in REALWORLD.rglob("*")} == before
     assert os.access(tmp_path / "m" / "biggan.parquet", os.R_OK)
+
+
+def test_foreign_parquet_in_out_dir_is_skipped_with_a_note(tmp_path: Path) -> None:
+    root = make_cddb(tmp_path / "ds", ["t"], n=1)
+    (tmp_path / "m").mkdir()
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "m" / "scores.parquet")
+    res = prepare_task(root, "t", 0, tmp_path / "m", cfg(), CROP)
+    assert any("scores.parquet in the leakage check: not a lorax manifest" in n for n in res.notes)
+    assert "note: skipped" in res.summary()
