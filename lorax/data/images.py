@@ -17,6 +17,7 @@ Conversion rules (original mode -> 8-bit RGB; the original mode is kept in the m
 * ``F`` (float), ``LAB`` and anything else: rejected as unsupported (no single correct 8-bit mapping).
 
 No EXIF rotation is applied: the pixel grid is used as stored, so ``width``/``height`` match the file.
+Multi-frame files (GIF, TIFF stacks) use their first frame.
 
 Safety: the pixel count is checked from the header before any decoding (decompression bombs are rejected
 without decoding them), and Pillow's own ``DecompressionBombError``/``DecompressionBombWarning`` become a
