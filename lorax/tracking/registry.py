@@ -1,0 +1,197 @@
+"""The model registry: a version of ``lorax-attributor`` after every task, and the ``champion`` alias behind a gate.
+
+Each version is a pyfunc model (:mod:`lorax.serving.pyfunc`) logged in the task's run, tagged with the scenario,
+its tasks, its accuracies and the result of the quality gate. ``champion`` moves to a new version only when the
+gate passes against the current champion:
+
+* the version covers every task of the champion (a model that cannot name a generator the champion knows is a
+  regression, whatever its average);
+* its average accuracy on the champion's tasks is not below the champion's AAF by more than
+  ``tracking.gate.aaf_tolerance`` points (the same tasks on both sides: a newly added task does not count for
+  or against the old ones);
+* no task of the champion drops by more than ``tracking.gate.max_task_drop`` points.
+
+A failed version is tagged ``gate=failed`` with ``gate_reason``. Registration is idempotent: a version of the
+same run and state (``state_id``) is returned instead of registering it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorax.config import GateConfig
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reason: str
+
+
+def quality_gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: GateConfig) -> GateResult:
+    """Compare per-task accuracies (%) of a candidate with the champion's; see the module docstring."""
+    if not champion:
+        return GateResult(True, "first version (no champion yet)")
+    missing = [t for t in champion if t not in candidate]
+    if missing:
+        return GateResult(False, f"does not cover the champion's tasks {missing}")
+    common = list(champion)
+    cand = sum(candidate[t] for t in common) / len(common)
+    champ = sum(champion.values()) / len(champion)
+    problems = []
+    if cand < champ - cfg.aaf_tolerance:
+        problems.append(
+            f"average accuracy on the champion's tasks {cand:.2f} is below the champion's AAF {champ:.2f} by "
+            f"{champ - cand:.2f} points (> tracking.gate.aaf_tolerance={cfg.aaf_tolerance})"
+        )
+    drops = {t: champion[t] - candidate[t] for t in common if champion[t] - candidate[t] > cfg.max_task_drop}
+    if drops:
+        worst = ", ".join(f"{t} -{d:.2f}" for t, d in sorted(drops.items(), key=lambda kv: -kv[1]))
+        problems.append(f"tasks dropped by more than tracking.gate.max_task_drop={cfg.max_task_drop} points: {worst}")
+    if problems:
+        return GateResult(False, "; ".join(problems))
+    return GateResult(True, f"average on the champion's tasks {cand:.2f} vs champion AAF {champ:.2f}; no task dropped "
+                            f"more than {cfg.max_task_drop} points")
+
+
+def _version_record(mv) -> dict[str, Any]:
+    t = mv.tags or {}
+    aaf = t.get("aaf")
+    return {
+        "version": int(mv.version),
+        "aliases": sorted(getattr(mv, "aliases", []) or []),
+        "tasks": [x for x in t.get("tasks", "").split(",") if x],
+        "aaf": float(aaf) if aaf not in (None, "") else None,
+        "gate": t.get("gate"),
+        "gate_reason": t.get("gate_reason"),
+        "scenario": t.get("scenario"),
+        "method": t.get("method"),
+        "task_acc": json.loads(t["task_acc"]) if t.get("task_acc") else {},
+        "binary_acc": float(t["binary_acc"]) if t.get("binary_acc") else None,
+        "state_id": t.get("state_id"),
+        "run_id": mv.run_id,
+        "created": int(mv.creation_timestamp or 0),
+        "source": mv.source,
+    }
+
+
+def list_versions(client, name: str) -> list[dict[str, Any]]:
+    """All versions of ``name`` (oldest first) as plain records; [] when the model does not exist yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return []
+    out = []
+    for mv in versions:
+        if not getattr(mv, "aliases", None):  # some stores leave aliases out of search results
+            mv = client.get_model_version(name, mv.version)
+        out.append(_version_record(mv))
+    return sorted(out, key=lambda r: r["version"])
+
+
+def champion(client, name: str) -> dict[str, Any] | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _version_record(client.get_model_version_by_alias(name, CHAMPION))
+    except MlflowException:
+        return None
+
+
+def _ensure_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(
+                name, description="LoRAX continual attributor: real, or made by which known generator. "
+                                  "Alias 'champion' = the latest version that passed the quality gate.")
+        except MlflowException:  # created meanwhile
+            client.get_registered_model(name)
+
+
+def register(
+    tracker,
+    *,
+    task: str,
+    tasks: list[str],
+    state_dir: str | Path,
+    memory_path: str | Path | None,
+    eval_result: dict[str, Any],
+    run_id: str,
+    state_id: str,
+) -> dict[str, Any]:
+    """Log the pyfunc model in ``run_id``, register it as a new version, run the gate, move ``champion``."""
+    from lorax.serving.pyfunc import save_attributor
+
+    client, cfg = tracker.client, tracker.params.tracking
+    name = cfg.registered_model
+    _ensure_model(client, name)
+    for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        if (mv.tags or {}).get("state_id") == state_id:
+            rec = _version_record(client.get_model_version(name, mv.version))
+            log.info("version %s of %s already holds this state; not registering again", rec["version"], name)
+            return {**rec, "registered_now": False}
+
+    acc = {t: float(a) for t, a in zip(tasks, eval_result["task_acc"], strict=True)}
+    aaf = float(eval_result.get("mean_acc", sum(acc.values()) / len(acc)))
+    artifact_path = f"model-{state_id[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_attributor(Path(tmp) / "model", state_dir, memory_path,
+                                    metadata={"tasks": tasks, "state_id": state_id})
+        tracker.log_artifact(run_id, model_dir, artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    before = champion(client, name)
+    gate = quality_gate(acc, before["task_acc"] if before else None, cfg.gate)
+    tags = {
+        "scenario": cfg.scenario,
+        "tasks": ",".join(tasks),
+        "n_tasks": str(len(tasks)),
+        "task": task,
+        "method": tracker.params.continual.method,
+        "aaf": f"{aaf:.4f}",
+        "binary_acc": f"{float(eval_result.get('binary_acc', float('nan'))):.4f}",
+        "task_acc": json.dumps(acc),
+        "state_id": state_id,
+        "gate": "passed" if gate.passed else "failed",
+        "gate_reason": gate.reason[:4900],
+        "champion_before": str(before["version"]) if before else "",
+    }
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags,
+                                     description=f"after task {task} ({len(tasks)} tasks); gate {tags['gate']}")
+    if gate.passed:
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    log.info("registered %s version %s (tasks %s): gate %s: %s", name, mv.version, tasks, tags["gate"], gate.reason)
+    rec = _version_record(client.get_model_version(name, mv.version))
+    return {**rec, "registered_now": True}
+
+
+def download_version(version: dict[str, Any], dest: str | Path) -> tuple[Path, Path | None]:
+    """Fetch a version's model folder; returns (state dir, memory manifest or None) inside ``dest``."""
+    import mlflow
+    import yaml
+
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version["source"], dst_path=str(dest)))
+    spec = yaml.safe_load((local / "MLmodel").read_text())
+    arts = spec["flavors"]["python_function"].get("artifacts", {})
+    state = local / arts["state"]["path"]
+    memory = local / arts["memory"]["path"] if "memory" in arts else None
+    return state, memory

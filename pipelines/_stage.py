@@ -1,0 +1,62 @@
+"""Shared driver of the DVC stage scripts (``python -m pipelines.<stage> [TASK]``).
+
+A stage script only parses its arguments and calls one step of :mod:`lorax.ops`; a settings, data or tracking
+problem ends the stage with exit status 2 and a one-paragraph message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+QUIET = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "filelock", "git")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_stage(name: str, step: Callable[..., Any], *, task: bool = True, tracking: bool = False,
+              argv: list[str] | None = None) -> int:
+    """Parse ``[TASK] [--params P] [--root R]``, load the settings and call ``step(params, layout[, task][, tracker])``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=step.__doc__)
+    if task:
+        parser.add_argument("task", help="task (generator) name, a key of params.yaml stream")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".", help="project root (paths in params.yaml are relative to it)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    label = f"{name}@{args.task}" if task else name
+
+    from lorax.config import ConfigError, load_params
+    from lorax.ops import Layout
+    from lorax.tracking.uri import TrackingUnavailable
+
+    try:
+        params = load_params(Path(args.root) / args.params)
+        layout = Layout.from_params(params, args.root)
+        call: list[Any] = [params, layout]
+        if task:
+            call.append(args.task)
+        if tracking:
+            from lorax.tracking.tracker import Tracker
+
+            call.append(Tracker(params, args.root))
+        step(*call)
+    except (ConfigError, TrackingUnavailable, FileNotFoundError, ValueError) as e:
+        print(f"stage {label}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stage {label}: interrupted; re-run `dvc repro` to resume", file=sys.stderr)
+        return 130
+    return 0
