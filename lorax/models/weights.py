@@ -369,12 +369,12 @@ def load_backbone_weights(
         sum(k[len("visual."):] in own for k in sd if k.startswith("visual.")) > sum(k in own for k in sd)
     ):
         sd = extract_open_clip_visual(sd)
-    if set(sd) != set(own):
-        sd = _timm_filter(model, sd)
 
     def ignored(k: str) -> bool:
         return bool(ignore_prefixes) and k.startswith(tuple(ignore_prefixes))
 
+    if {k for k in sd if not ignored(k)} != {k for k in own if not ignored(k)}:
+        sd = _timm_filter(model, sd)
     sd = {k: v for k, v in sd.items() if not ignored(k)}
     sd = _resample_pos_embeds(model, sd, own)
     expected = {k for k in own if not ignored(k)}

@@ -139,6 +139,14 @@ def test_pos_embed_resampled_not_rejected(tmp_path: Path) -> None:
     assert torch.equal(dst.pos_embed[:, 0], src.pos_embed[:, 0])
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
+    # ConViT (the default backbone) has no class position: its whole grid is resampled.
+    kw = dict(depth=2, local_up_to_layer=1, patch_size=4, num_heads=2, embed_dim=32)
+    small = timm.create_model("convit_tiny", pretrained=False, img_size=16, **kw)
+    large = timm.create_model("convit_tiny", pretrained=False, img_size=32, num_classes=0, **kw)
+    load_backbone_weights(large, small.state_dict())
+    assert large.pos_embed.shape == (1, 64, small.pos_embed.shape[-1])
+    assert torch.equal(large.blocks[0].attn.pos_proj.weight, small.blocks[0].attn.pos_proj.weight)
+
 
 # ------------------------------------------------------------------------------------------- safe reading
 class Payload:
