@@ -281,8 +281,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
 
 def extract_open_clip_visual(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The image tower of a full open_clip CLIP checkpoint: its ``visual.*`` keys, prefix stripped."""
+    """The image tower of a full open_clip CLIP checkpoint: its ``visual.*`` keys, prefix stripped.
+
+    A checkpoint that already is a visual tower (``conv1.weight``, ``class_embedding``) passes through unchanged.
+    """
     visual = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
+    if not visual and "conv1.weight" in state_dict and "class_embedding" in state_dict:
+        return dict(state_dict)
     if not visual:
         raise ValueError(
             "no 'visual.*' keys: not a full open_clip CLIP checkpoint (first keys: "

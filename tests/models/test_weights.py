@@ -265,6 +265,7 @@ def test_open_clip_visual_extraction(tmp_path: Path) -> None:
     full = read_state_dict(path)
     visual = extract_open_clip_visual(full)
     assert set(visual) == set(src.visual.state_dict())
+    assert extract_open_clip_visual(visual).keys() == visual.keys()  # a visual-only checkpoint passes through
     assert inspect_checkpoint(path)["format"].startswith("open_clip CLIP")
 
     dst = tiny_clip(seed=2)
