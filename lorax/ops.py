@@ -329,7 +329,9 @@ def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[st
                             eval_result=ev, run_id=run_id, state_id=sid)
     tracker.set_tags(run_id, {"lorax.model_version": rec["version"], "lorax.gate": rec["gate"]})
     tracker.finish(run_id)
-    write_json(layout.registry(task), rec)
+    # a stable record of the registration (aliases move later; `lorax models list` shows the current ones)
+    record = {k: v for k, v in rec.items() if k not in ("aliases", "registered_now")}
+    write_json(layout.registry(task), record)
     return rec
 
 

@@ -79,6 +79,7 @@ def _version_record(mv) -> dict[str, Any]:
         "task_acc": json.loads(t["task_acc"]) if t.get("task_acc") else {},
         "binary_acc": float(t["binary_acc"]) if t.get("binary_acc") else None,
         "state_id": t.get("state_id"),
+        "champion_before": int(t["champion_before"]) if t.get("champion_before") else None,
         "run_id": mv.run_id,
         "created": int(mv.creation_timestamp or 0),
         "source": mv.source,

@@ -1,0 +1,133 @@
+"""``lorax stream add``, ``lorax schedule`` and ``lorax demo``: the operational entry points.
+
+The library does not import DVC or Prefect; ``demo`` and ``schedule`` run them as subprocesses
+(``dvc repro``, ``python -m pipelines.flows serve``) with this interpreter's ``bin/`` first on PATH, so the DVC
+stages' ``python`` is the project's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    st = sub.add_parser("stream", help="the continual stream of params.yaml")
+    ssub = st.add_subparsers(dest="stream_command", required=True)
+    add = ssub.add_parser("add", help="append a task (zoo generator or folder under data.root); then `dvc repro`")
+    add.add_argument("name", nargs="?", help="task name (a zoo generator, or a folder under data.root)")
+    add.add_argument("--next", action="store_true", help="the next zoo generator (zoo.order) not yet in the stream")
+    add.add_argument("--params", default="params.yaml")
+    add.set_defaults(func=_stream_add)
+
+    sch = sub.add_parser("schedule", help="serve the watch flow (learn new task folders) on an interval, via Prefect")
+    sch.add_argument("--every", default="1h", help="interval: 90, 30s, 15m, 1h, 1d (default 1h)")
+    sch.add_argument("--params", default="params.yaml")
+    sch.add_argument("--root", default=".")
+    sch.set_defaults(func=_schedule)
+
+    demo = sub.add_parser("demo", help="the main job: `dvc repro` of the built-in zoo, then where to look")
+    demo.add_argument("--force", action="store_true", help="re-run every stage (dvc repro --force)")
+    demo.set_defaults(func=_demo)
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for DVC/Prefect subprocesses: this interpreter's bin/ first, no telemetry, offline hubs."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    for k, v in {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}.items():
+        env.setdefault(k, v)
+    return env
+
+
+def _tool(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _stream_add(args: argparse.Namespace) -> int:
+    from lorax.ops import append_to_stream
+
+    if bool(args.name) == bool(args.next):
+        raise ValueError("give a task name or --next (not both)")
+    name = append_to_stream(args.params, None if args.next else args.name, root=Path(args.params).parent)
+    print(f"added {name} to the stream in {args.params}; `dvc repro` now trains only {name} "
+          f"(stages synth/prepare/train/select/evaluate/register@{name}, then report)")
+    return 0
+
+
+def parse_every(text: str) -> int:
+    """``90``, ``30s``, ``15m``, ``1h``, ``1d`` -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"--every {text!r}: expected a duration such as 90, 30s, 15m, 1h or 1d")
+    secs = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if secs < 1:
+        raise ValueError(f"--every {text!r}: must be at least 1 second")
+    return int(secs)
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    secs = parse_every(args.every)
+    env = tool_env()
+    if not env.get("PREFECT_API_URL"):
+        print("note: PREFECT_API_URL is not set, so Prefect runs a temporary server inside this process and its UI "
+              "is not reachable. For the UI: `prefect server start` in another shell, then "
+              "`export PREFECT_API_URL=http://127.0.0.1:4200/api`.", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pipelines.flows", "--params", args.params, "--root", args.root, "serve",
+           "--every", str(secs)]
+    print(f"serving the watch flow every {secs}s: {' '.join(cmd)} (Ctrl-C stops)")
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _demo(args: argparse.Namespace) -> int:
+    root = Path(".").resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise FileNotFoundError(f"{root}/dvc.yaml not found; run `lorax demo` from the project root")
+    env = tool_env()
+    dvc = _tool("dvc")
+    if not (root / ".dvc").is_dir():
+        scm = [] if (root / ".git").exists() else ["--no-scm"]
+        subprocess.run([dvc, "init", "-q", *scm], check=True, env=env)
+    cmd = [dvc, "repro"] + (["--force"] if args.force else [])
+    print(f"$ {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    rc = subprocess.call(cmd, env=env)
+    minutes = (time.time() - t0) / 60
+    if rc != 0:
+        print(f"\nlorax demo: `dvc repro` failed (exit {rc}) after {minutes:.1f} min; the messages above name the "
+              "stage and the fix. Finished stages are kept: running `lorax demo` again continues.", file=sys.stderr)
+        return rc
+    print(f"\n`dvc repro` finished in {minutes:.1f} min\n")
+    metrics_path = root / "reports" / "metrics.json"
+    if metrics_path.is_file():
+        from lorax.continual.stream import format_matrix
+
+        print(format_matrix(json.loads(metrics_path.read_text())))
+        print()
+    subprocess.call([sys.executable, "-m", "lorax.cli", "models", "list"], env=env)
+    from lorax.config import load_params
+    from lorax.tracking.uri import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(load_params("params.yaml").tracking, root)
+    if uri == f"sqlite:///{root / 'mlflow.db'}":
+        uri = "sqlite:///mlflow.db"
+    print(f"""
+Where to look:
+  metrics      reports/metrics.json       (dvc metrics show)
+  plots        reports/plots/*.png        (dvc plots show  ->  dvc_plots/index.html)
+  MLflow UI    {_tool('mlflow')} ui --backend-store-uri {uri}   then open http://127.0.0.1:5000
+  registry     lorax models list          (champion: models:/lorax-attributor@champion)
+Next: add a generator and re-run only its stages:  lorax stream add --next && dvc repro""")
+    return 0

@@ -1,0 +1,262 @@
+"""Prefect 3 flows: the second driver of the steps in :mod:`lorax.ops` (DVC is the first).
+
+* :func:`continual_flow` trains the whole stream of params.yaml (init, then per task synth -> prepare -> train ->
+  select -> evaluate -> register, then the report).
+* :func:`new_generator_flow` adds one task on top of the registered ``champion``: prepare -> train -> select
+  exemplars -> evaluate -> register.
+* :func:`watch_flow` scans ``data.root`` for task folders the champion does not know and runs
+  :func:`new_generator_flow` for each, one at a time, in name order. ``lorax schedule --every 1h`` serves it.
+
+Tasks exchange paths (and small dicts), never tensors. Training, selection and evaluation carry the ``gpu`` tag
+(``prefect concurrency-limit create gpu 1`` keeps one on the device at a time). A retry or a re-run never redoes a
+finished step: each step skips outputs that are complete and current, and training resumes from its last epoch
+checkpoint. Locks (``flock``, released when a process dies): one watch run at a time per project, and one run per
+new task, so two watch runs never train the same generator twice.
+
+Run: ``python -m pipelines.flows continual|new TASK|watch|serve --every SECONDS`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lorax")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
+
+from lorax import ops  # noqa: E402
+from lorax.config import Params, load_params  # noqa: E402
+from lorax.ops_commands import parse_every  # noqa: E402
+
+GPU_TAG = "gpu"
+TASK_LOCK_WAIT_S = 6 * 3600.0  # a second run for the same new task waits for the first, then finds it done
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+log = logging.getLogger(__name__)
+
+
+def _layout(params: Params, root: str) -> ops.Layout:
+    return ops.Layout.from_params(params, root)
+
+
+def _tracker(params: Params, root: str):
+    from lorax.tracking.tracker import Tracker
+
+    return Tracker(params, root)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+@task(name="init", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def init_task(params: Params, root: str) -> str:
+    return str(ops.init_step(params, _layout(params, root), _tracker(params, root)))
+
+
+@task(name="synth", task_run_name="synth-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def synth_task(params: Params, root: str, name: str) -> str:
+    return str(ops.synth_step(params, _layout(params, root), name))
+
+
+@task(name="prepare", task_run_name="prepare-{name}", cache_policy=NO_CACHE)
+def prepare_task(params: Params, root: str, name: str) -> dict[str, Any]:
+    res = ops.prepare_step(params, _layout(params, root), name)
+    return {"manifest": str(res.manifest), "quarantine": str(res.quarantine), "bad": len(res.bad),
+            "summary": res.summary()}
+
+
+@task(name="train", task_run_name="train-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
+      retry_delay_seconds=5)
+def train_task(params: Params, root: str, name: str) -> str:
+    return str(ops.train_step(params, _layout(params, root), name, _tracker(params, root)))
+
+
+@task(name="select", task_run_name="select-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
+      retry_delay_seconds=2)
+def select_task(params: Params, root: str, name: str) -> str:
+    return str(ops.select_step(params, _layout(params, root), name))
+
+
+@task(name="evaluate", task_run_name="evaluate-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
+      retry_delay_seconds=2)
+def evaluate_task(params: Params, root: str, name: str) -> str:
+    layout = _layout(params, root)
+    ops.evaluate_step(params, layout, name, _tracker(params, root))
+    return str(layout.eval(name))
+
+
+@task(name="register", task_run_name="register-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def register_task(params: Params, root: str, name: str) -> dict[str, Any]:
+    rec = ops.register_step(params, _layout(params, root), name, _tracker(params, root))
+    return {k: rec[k] for k in ("version", "tasks", "aaf", "gate", "gate_reason", "aliases")}
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(params: Params, root: str) -> str:
+    layout = _layout(params, root)
+    ops.report_step(params, layout, _tracker(params, root))
+    return str(layout.metrics)
+
+
+@task(name="champion-base", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def base_task(params: Params, root: str, champion: dict[str, Any] | None) -> str:
+    """Make the champion's state, memory and manifests the local predecessor of the new task."""
+    from lorax.tracking.registry import download_version
+
+    layout = _layout(params, root)
+    if not champion:
+        return str(ops.init_step(params, layout, _tracker(params, root)))
+    tasks = champion["tasks"]
+    last = layout.state(tasks[-1])
+    if not (last.is_dir() and ops.state_id(last) == champion["state_id"]):
+        import shutil
+        import tempfile
+
+        get_run_logger().info("fetching champion v%s (tasks %s) into %s", champion["version"], tasks, last)
+        with tempfile.TemporaryDirectory() as tmp:
+            state, memory = download_version(champion, Path(tmp) / "model")
+            if last.exists():
+                shutil.rmtree(last)
+            shutil.copytree(state, last)
+            if memory is not None:
+                layout.memory(tasks[-1]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(memory, layout.memory(tasks[-1]))
+    for t in tasks:  # evaluation needs every seen task's validation rows
+        if not layout.manifest(t).is_file():
+            ops.prepare_step(params, layout, t)
+    return str(last)
+
+
+# ------------------------------------------------------------------------------------------------ flows
+@flow(name="lorax-continual", log_prints=True)
+def continual_flow(params_path: str = "params.yaml", root: str = ".", overrides: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """The whole stream of params.yaml; finished steps are skipped, so a re-run only does what is missing."""
+    params = load_params(Path(root) / params_path, overrides)
+    _tracker(params, root)  # a tracking server that is down fails here, before any work
+    init_task(params, root)
+    versions = []
+    for name in params.tasks:
+        synth_task(params, root, name)
+        prepare_task(params, root, name)
+        train_task(params, root, name)
+        select_task(params, root, name)
+        evaluate_task(params, root, name)
+        versions.append(register_task(params, root, name))
+    metrics = report_task(params, root)
+    return {"metrics": metrics, "versions": versions}
+
+
+@flow(name="lorax-new-generator", flow_run_name="new-generator-{name}", log_prints=True)
+def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = ".",
+                       overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Learn task folder ``name`` (under data.root) on top of the champion and register the result."""
+    from lorax.tracking import registry
+
+    logger = get_run_logger()
+    if not _NAME.fullmatch(name) or name == ops.INIT:
+        raise ValueError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init')")
+    params0 = load_params(Path(root) / params_path, overrides)
+    tracker = _tracker(params0, root)
+    layout0 = _layout(params0, root)
+    with ops.file_lock(layout0.locks / f"task-{name}.lock", blocking=True, timeout=TASK_LOCK_WAIT_S) as held:
+        if not held:
+            raise TimeoutError(f"task {name}: another run held its lock for {TASK_LOCK_WAIT_S:.0f}s")
+        model = params0.tracking.registered_model
+        champ = registry.champion(tracker.client, model)
+        base = champ["tasks"] if champ else []
+        if name in base:
+            logger.info("%s is already learned by the champion v%s; nothing to do", name, champ["version"])
+            return {"task": name, "skipped": "in champion", "version": champ["version"]}
+        params = ops.stream_params(params0, base + [name])
+        logger.info("learning %s on top of %s", name,
+                    f"champion v{champ['version']} ({base})" if champ else "nothing (no champion yet)")
+        base_task(params, root, champ)
+        prep = prepare_task(params, root, name)
+        logger.info("%s", prep["summary"])
+        train_task(params, root, name)
+        select_task(params, root, name)
+        evaluate_task(params, root, name)
+        rec = register_task(params, root, name)
+        return {"task": name, "base": base, "quarantined": prep["bad"], **rec}
+
+
+def new_tasks(params: Params, root: str, champion_tasks: list[str], versions: list[dict[str, Any]]) -> list[str]:
+    """Task folders under data.root that the champion does not know and that no version has tried on top of it."""
+    from lorax.data.layouts import list_tasks
+
+    n = len(champion_tasks)
+    tried = {t for v in versions if v["tasks"][:n] == champion_tasks for t in v["tasks"][n:]}
+    found = list_tasks(_layout(params, root).data_root)
+    return [t for t in found if t not in champion_tasks and t not in tried and _NAME.fullmatch(t) and t != ops.INIT]
+
+
+@flow(name="lorax-watch", log_prints=True)
+def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """Learn every new task folder under data.root, one at a time in name order; one watch run per project."""
+    from lorax.tracking import registry
+
+    logger = get_run_logger()
+    params = load_params(Path(root) / params_path, overrides)
+    tracker = _tracker(params, root)
+    model = params.tracking.registered_model
+    with ops.file_lock(_layout(params, root).locks / "watch.lock") as held:
+        if not held:
+            logger.info("another watch run is in progress for %s; this one does nothing", Path(root).resolve())
+            return {"skipped": "another watch run holds the lock", "trained": []}
+        trained: list[dict[str, Any]] = []
+        failed: dict[str, str] = {}
+        while True:
+            champ = registry.champion(tracker.client, model)
+            base = champ["tasks"] if champ else []
+            todo = [t for t in new_tasks(params, root, base, registry.list_versions(tracker.client, model))
+                    if t not in failed]
+            if not todo:
+                break
+            logger.info("new task folders (in order): %s", todo)
+            try:
+                trained.append(new_generator_flow(todo[0], params_path, root, overrides))
+            except Exception as e:  # noqa: BLE001 - one bad folder must not block the others
+                logger.error("%s failed: %s", todo[0], e)
+                failed[todo[0]] = str(e)
+        if failed:
+            raise RuntimeError(f"watch: {len(failed)} new task(s) failed: " +
+                               "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        return {"trained": trained}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.flows", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("continual", help="the whole stream of params.yaml")
+    n = sub.add_parser("new", help="one new task folder on top of the champion")
+    n.add_argument("name")
+    sub.add_parser("watch", help="learn the task folders under data.root the champion does not know")
+    s = sub.add_parser("serve", help="serve the watch flow on an interval schedule (needs a Prefect server)")
+    s.add_argument("--every", default="1h", help="interval: 90, 30s, 15m, 1h, 1d (default 1h)")
+    args = parser.parse_args(argv)
+    if args.cmd == "continual":
+        print(continual_flow(args.params, args.root))
+    elif args.cmd == "new":
+        print(new_generator_flow(args.name, args.params, args.root))
+    elif args.cmd == "watch":
+        print(watch_flow(args.params, args.root))
+    else:
+        secs = parse_every(args.every)
+        watch_flow.serve(name="lorax-watch", interval=secs,
+                         parameters={"params_path": args.params, "root": str(Path(args.root).resolve())})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

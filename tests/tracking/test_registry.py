@@ -1,0 +1,146 @@
+"""MLflow tracking and the registry on a real sqlite store: runs, versions, the quality gate, the champion alias,
+`lorax models list --json`, and a champion that loads from `models:/lorax-attributor@champion` alone."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lorax import ops
+from lorax.cli import main
+from lorax.config import GateConfig, load_params
+from lorax.tracking import registry
+from lorax.tracking.registry import quality_gate
+from tests.pipelines.conftest import write_project
+
+GATE = GateConfig(aaf_tolerance=2.0, max_task_drop=10.0)
+
+
+def test_gate_rules() -> None:
+    assert quality_gate({"a": 50.0}, None, GATE).passed
+    ok = quality_gate({"a": 89.0, "b": 40.0}, {"a": 90.0}, GATE)  # the new task's accuracy does not count
+    assert ok.passed, ok.reason
+    aaf = quality_gate({"a": 87.0, "b": 99.0}, {"a": 90.0}, GATE)  # 3 points below the champion's AAF
+    assert not aaf.passed and "aaf_tolerance=2.0" in aaf.reason and "max_task_drop" not in aaf.reason
+    drop = quality_gate({"a": 100.0, "b": 79.0, "c": 90.0}, {"a": 90.0, "b": 91.0}, GATE)  # mean 89.5 >= 88.5
+    assert not drop.passed and "b -12.00" in drop.reason and "aaf_tolerance" not in drop.reason
+    missing = quality_gate({"a": 99.0, "c": 99.0}, {"a": 90.0, "b": 90.0}, GATE)
+    assert not missing.passed and "['b']" in missing.reason
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Two tiny tasks trained through the pipeline steps, tracked in a sqlite store in the project."""
+    from lorax.tracking.tracker import Tracker
+
+    root = write_project(tmp_path_factory.mktemp("registry"), ["deconv", "nnconv"], train__epochs=2)
+    params = load_params(root / "params.yaml")
+    layout = ops.Layout.from_params(params, root)
+    tracker = Tracker(params, root)
+    ops.init_step(params, layout, tracker)
+    for t in params.tasks:
+        ops.synth_step(params, layout, t)
+        ops.prepare_step(params, layout, t)
+        ops.train_step(params, layout, t, tracker)
+        ops.select_step(params, layout, t)
+        ops.evaluate_step(params, layout, t, tracker)
+    return root, params, layout, tracker
+
+
+def _tracker_for(project, model: str):
+    from lorax.tracking.tracker import Tracker
+
+    root, params, *_ = project
+    p = params.model_copy(deep=True)
+    p.tracking.registered_model = model
+    return Tracker(p, root)
+
+
+def test_runs_params_and_metrics(project) -> None:
+    root, params, layout, tracker = project
+    parent = json.loads(layout.stream_file.read_text())["parent_run_id"]
+    c = tracker.client
+    runs = c.search_runs([tracker.experiment_id])
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert set(children) == {"deconv", "nnconv"}
+    run = children["nnconv"]
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.backbone"] == params.model.backbone
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert run.data.tags["env.torch"] and "env.mlflow" in run.data.tags
+    # per-task curves in the stream run: acc.deconv after step 0 and after step 1
+    assert [m.step for m in c.get_metric_history(parent, "acc.deconv")] == [0, 1]
+    info = json.loads((layout.state("nnconv") / "state.json").read_text())
+    assert info["tracking"]["parent_run_id"] == parent and info["tracking"]["run_id"] == run.info.run_id
+
+
+def test_versions_gate_and_champion(project) -> None:
+    root, params, layout, _ = project
+    tr = _tracker_for(project, "gate-test")
+    run = json.loads((layout.state("nnconv") / "state.json").read_text())["tracking"]["run_id"]
+
+    def reg(task, tasks, acc, sid):
+        ev = {"task_acc": acc, "mean_acc": sum(acc) / len(acc), "binary_acc": 50.0}
+        return registry.register(tr, task=task, tasks=tasks, state_dir=layout.state(task),
+                                 memory_path=layout.memory(task), eval_result=ev, run_id=run, state_id=sid)
+
+    v1 = reg("deconv", ["deconv"], [90.0], "a" * 64)
+    assert v1["gate"] == "passed" and v1["aliases"] == ["champion"]
+    v2 = reg("nnconv", ["deconv", "nnconv"], [70.0, 95.0], "b" * 64)
+    assert v2["gate"] == "failed" and "deconv -20.00" in v2["gate_reason"] and v2["aliases"] == []
+    v3 = reg("nnconv", ["deconv", "nnconv"], [89.0, 95.0], "c" * 64)
+    assert v3["gate"] == "passed" and v3["champion_before"] == 1
+    again = reg("nnconv", ["deconv", "nnconv"], [89.0, 95.0], "c" * 64)  # idempotent: same run and state
+    assert again["version"] == v3["version"] and not again["registered_now"]
+    versions = registry.list_versions(tr.client, "gate-test")
+    assert [(v["version"], v["gate"], v["aliases"]) for v in versions] == \
+        [(1, "passed", []), (2, "failed", []), (3, "passed", ["champion"])]
+    assert versions[2]["tasks"] == ["deconv", "nnconv"] and versions[2]["aaf"] == pytest.approx(92.0)
+    assert tr.client.get_model_version("gate-test", "3").tags["scenario"] == params.tracking.scenario
+
+
+def test_register_step_and_models_list_json(project, capsys, monkeypatch) -> None:
+    root, params, layout, tracker = project
+    for t in params.tasks:
+        rec = ops.register_step(params, layout, t, tracker)
+        assert json.loads(layout.registry(t).read_text())["version"] == rec["version"]
+    run = tracker.client.get_run(rec["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["lorax.model_version"] == str(rec["version"])
+    monkeypatch.chdir(root)
+    assert main(["models", "list", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [v["version"] for v in out] == [1, 2]
+    for v in out:
+        assert {"version", "aliases", "tasks", "aaf", "gate"} <= set(v)
+    assert out[0]["tasks"] == ["deconv"] and out[1]["tasks"] == ["deconv", "nnconv"]
+    assert out[0]["gate"] == "passed" and any("champion" in v["aliases"] for v in out)
+    assert main(["models", "list"]) == 0
+    assert "champion" in capsys.readouterr().out
+
+
+def test_champion_loads_from_the_registry_alone(project, tmp_path: Path) -> None:
+    import mlflow
+
+    root, params, layout, tracker = project
+    champ = registry.champion(tracker.client, params.tracking.registered_model)
+    images = sorted((layout.data_root / champ["tasks"][-1] / "val" / "1_fake").glob("*.png"))[:2]
+    # the project's own state and memory folders are not needed: move them away while loading
+    shutil.move(root / "state", tmp_path / "state")
+    shutil.move(root / "memory", tmp_path / "memory")
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{params.tracking.registered_model}@champion")
+        out = model.predict(pd.DataFrame({"image": [base64.b64encode(images[0].read_bytes()).decode(),
+                                                     str(images[1])]}))
+    finally:
+        shutil.move(tmp_path / "state", root / "state")
+        shutil.move(tmp_path / "memory", root / "memory")
+    classes = [f"{t}/{k}" for t in champ["tasks"] for k in ("real", "fake")]
+    assert list(out.columns[: len(classes)]) == classes
+    assert out[classes].sum(axis=1).to_numpy() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert set(out["predicted_task"]) <= set(champ["tasks"])
+    with pytest.raises(ValueError, match="row 0"):
+        model.predict(pd.DataFrame({"image": ["not an image and not a file"]}))
