@@ -1,0 +1,188 @@
+"""``lorax predict``, ``lorax scan``, ``lorax calibrate``, ``lorax card``: using a trained attributor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MODEL_HELP = ("a state folder (OUT/state/<task>), a `lorax train` output folder (its last task), an MLflow model "
+              "folder, or a registry URI such as models:/lorax-attributor@champion")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--params", default="params.yaml", help="settings file whose tracking section names the registry")
+    p.add_argument("--batch-size", type=int, help="crops per forward pass (default: eval.batch_size of the model)")
+    p.add_argument("--crops", type=int, help="crops averaged per image larger than the crop (default: eval.crops)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--manifests", help="manifests of the model's tasks, to calibrate the open-set score when the "
+                                       "model has no calibration yet (default: the state's data.manifests)")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="attribute images: real, or which known generator; unknown-generator score")
+    p.add_argument("paths", nargs="+", help="image files, folders (recursive) or .txt files listing paths")
+    p.add_argument("--out", required=True, help="predictions file: .csv, .json or .parquet")
+    _model_args(p)
+    p.add_argument("--no-openset", action="store_true", help="skip the unknown-generator score")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("scan", help="flag images from unknown generators and group them into candidate tasks")
+    p.add_argument("inbox", nargs="+", help="folders / files / list files of new images")
+    p.add_argument("--out", required=True, help="folder for candidate_NN/train/1_fake/, scan.json, predictions.csv")
+    _model_args(p)
+    p.add_argument("--min-group", type=int, default=3, help="smallest group written as a candidate task")
+    p.add_argument("--max-groups", type=int, default=8, help="most groups the clustering may form")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous scan in --out")
+    p.set_defaults(func=_scan)
+
+    p = sub.add_parser("calibrate", help="calibrate the open-set (unknown generator) score of a state once")
+    p.add_argument("state", help="state folder (OUT/state/<task>)")
+    p.add_argument("--manifests", help="manifests of the state's tasks (default: the state's data.manifests)")
+    p.add_argument("--out", help="calibration folder (default: <state>.openset next to the state)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--require-fake", action="store_true",
+                   help="flag only images that also look fake (fake probability >= 0.5)")
+    p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("card", help="write a model card (markdown + PNGs) for a state")
+    p.add_argument("state", help="state folder (OUT/state/<task>)")
+    p.add_argument("--metrics", help="metrics.json (stream summary) or an evaluation json; default: found next to "
+                                     "the state (OUT/metrics.json, reports/metrics.json, eval/<task>.json)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_card)
+
+
+def _openset(resolved, manifests: str | None, device: str, skip: bool):
+    """The model's calibration; calibrated now (and stored) when missing and the manifests are at hand."""
+    from lorax.continual.state import read_info
+    from lorax.serving.openset import calibrate_state, load_openset, openset_dir
+
+    if skip:
+        return None
+    state = resolved.state_dir
+    if resolved.openset_dir is not None:
+        return load_openset(state, resolved.openset_dir)
+    if (openset_dir(state) / "openset.json").is_file():
+        stats = load_openset(state)
+        if stats is not None:
+            return stats
+    info = read_info(state)
+    mdir = Path(manifests or info["params"]["data"]["manifests"])
+    if all((mdir / f"{t}.parquet").is_file() for t in info["tasks"]):
+        log.info("calibrating the open-set score of %s on %s (once; stored in %s)", state, mdir, openset_dir(state))
+        calibrate_state(state, mdir, device=device)
+        return load_openset(state)
+    if manifests:
+        raise FileNotFoundError(f"--manifests {mdir}: no manifests for the model's tasks {info['tasks']} there")
+    log.warning("no open-set calibration for %s and no manifests at %s: unknown_score left empty (pass --manifests "
+                "or run `lorax calibrate`)", state, mdir)
+    return None
+
+
+def _predictor(args: argparse.Namespace, need_openset: bool = False):
+    from lorax.serving.predict import Predictor, resolve_model
+
+    resolved = resolve_model(args.model, args.params)
+    log.info("model %s -> state %s", resolved.source, resolved.state_dir)
+    stats = _openset(resolved, args.manifests, args.device, skip=getattr(args, "no_openset", False))
+    return Predictor.from_state(resolved.state_dir, device=args.device, crops=args.crops, batch_size=args.batch_size,
+                                openset=stats)
+
+
+def _fail(e: Exception) -> int:
+    print(f"lorax: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from lorax.serving.predict import ServingError, check_output_path, collect_inputs, write_table
+
+    try:
+        out = check_output_path(args.out)
+        paths = collect_inputs(args.paths)
+        predictor = _predictor(args)
+    except ServingError as e:
+        return _fail(e)
+    table = predictor.predict(paths).table
+    write_table(table, out)
+    ok = table["status"] == "ok"
+    n_fake = int((table["verdict"] == "fake").sum())
+    n_unknown = int(table["unknown_flag"].fillna(False).sum())
+    print(f"{len(table)} images: {int(ok.sum()) - n_fake} real, {n_fake} fake ({n_unknown} flagged as unknown "
+          f"generator), {int((~ok).sum())} unreadable -> {out}")
+    if not ok.any():
+        reasons = table["error"].value_counts().head(3).to_dict()
+        print(f"lorax: error: no image could be used ({reasons}); see {out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from lorax.serving.predict import ServingError
+    from lorax.serving.scan import scan_inbox
+
+    if args.min_group < 1 or args.max_groups < 2:
+        return _fail(ValueError("--min-group must be >= 1 and --max-groups >= 2"))
+    try:
+        predictor = _predictor(args)
+        summary = scan_inbox(predictor, args.inbox, args.out, min_group=args.min_group, max_groups=args.max_groups,
+                             overwrite=args.overwrite)
+    except ServingError as e:
+        return _fail(e)
+    print(f"{summary['n_images']} images, {summary['n_errors']} unreadable, {summary['n_flagged']} flagged as unknown "
+          f"generator; {len(summary['candidates'])} candidate task(s): "
+          f"{', '.join(c['name'] + ' (' + str(c['n_images']) + ')' for c in summary['candidates']) or 'none'} "
+          f"-> {args.out}")
+    if summary["n_ok"] == 0:
+        print("lorax: error: no inbox image could be used; see predictions.csv", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from lorax.serving.openset import OpenSetStats, calibrate_state
+
+    out = calibrate_state(args.state, args.manifests, args.out, device=args.device, require_fake=args.require_fake)
+    stats = OpenSetStats.load(out)
+    print(f"open-set threshold {stats.threshold:.4f} ({stats.meta['n_train']} train / {stats.meta['n_val']} val "
+          f"images, dim {stats.meta['dim']}) -> {out}")
+    return 0
+
+
+def _find_metrics(state: Path) -> dict:
+    """metrics.json of the stream the state belongs to, when it covers exactly the state's tasks."""
+    from lorax.continual.state import read_info
+
+    tasks = read_info(state)["tasks"]
+    root = state.resolve().parent.parent
+    for f in (root / "metrics.json", root / "reports" / "metrics.json"):
+        if f.is_file():
+            m = json.loads(f.read_text())
+            if m.get("tasks") == tasks:
+                return m
+    return {}
+
+
+def _card(args: argparse.Namespace) -> int:
+    from lorax.serving.card import write_model_card
+
+    state = Path(args.state)
+    if args.metrics:
+        mp = Path(args.metrics)
+        if not mp.is_file():
+            raise FileNotFoundError(f"--metrics {mp}: not found")
+        try:
+            metrics = json.loads(mp.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--metrics {mp}: not valid JSON ({e})") from None
+    else:
+        metrics = _find_metrics(state)
+    path = write_model_card(state, metrics, args.out)
+    print(f"model card: {path}")
+    return 0
