@@ -30,6 +30,7 @@ class ZooConfig(_Section):
     image_size: int = Field(48, ge=16, le=1024)
     train_per_class: int = Field(100, ge=1)
     val_per_class: int = Field(40, ge=1)
+    artifact: float = Field(0.3, ge=0.0, le=2.0)  # fingerprint strength (0: upsampling structure only)
     order: list[str] = Field(min_length=1)
 
     @field_validator("order")

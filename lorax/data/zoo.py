@@ -4,8 +4,9 @@
 and ``root/{task}/zoo.json``. A task is named after its generator (``zoo_generators.GENERATORS``); its real
 images come from its own domain (``zoo_real.domain_for``), its fakes are other images of that domain
 re-synthesised by the generator's decoder. Everything is a pure function of (``cfg.seed``, task name,
-``cfg.image_size``, split, index), so a re-run writes the same bytes, and each split and class is its own
-random stream (changing ``train_per_class`` leaves the val images unchanged).
+``cfg.image_size``, ``cfg.artifact``, split, index), so a re-run writes the same bytes (torch runs on one
+thread here: its float reductions depend on the thread count), and each split and class is its own random
+stream (changing ``train_per_class`` leaves the val images unchanged).
 
 A task is written into a hidden temporary folder and renamed into place when complete, so an interrupted
 run never leaves a half-written task. A complete task whose ``zoo.json`` matches the settings is skipped
@@ -32,8 +33,7 @@ from lorax.data.zoo_real import domain_for, rng_for, sample_real
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 1  # bump when the synthesis changes, so existing tasks are rebuilt instead of skipped
-ARTIFACT = 0.0  # relative size of the seeded readout perturbation (0: fingerprints come from the structure)
+ZOO_VERSION = 2  # bump when the synthesis changes, so existing tasks are rebuilt instead of skipped
 SPLITS = ("train", "val")
 LABELS = ("0_real", "1_fake")
 _BATCH = 256
@@ -77,7 +77,7 @@ def _settings(name: str, cfg: ZooConfig) -> dict:
         "image_size": cfg.image_size,
         "counts": _counts(cfg),
         "generator": {"name": name, "description": spec.description, "downsample": spec.factor,
-                      "artifact": ARTIFACT},
+                      "artifact": cfg.artifact},
         "domain": domain_for(cfg.seed, name).describe(),
     }
 
@@ -86,7 +86,7 @@ def render_task(name: str, cfg: ZooConfig) -> dict[str, tuple[np.ndarray, np.nda
     """The task's images in memory: split -> (real, fake), each uint8 (N, H, W, 3)."""
     _check_names([name])
     size, domain = cfg.image_size, domain_for(cfg.seed, name)
-    decoder = build_decoder(name, cfg.seed, domain, size, ARTIFACT)
+    decoder = build_decoder(name, cfg.seed, domain, size, cfg.artifact)
     out = {}
     for split, n in (("train", cfg.train_per_class), ("val", cfg.val_per_class)):
         rng = rng_for(cfg.seed, "real", name, split)

@@ -8,7 +8,8 @@ a low-resolution code. Its structure is ``lift -> upsampling body -> readout``:
   shuffle, ...), random weights, then a leaky ReLU;
 - ``readout``: a 3x3 conv (width -> 3) fitted by ridge regression to reproduce real images of the task's
   domain from the body's features (so the decoder is "trained": it renders the content), plus a seeded
-  random perturbation of relative size ``artifact`` (the imperfection of a real decoder).
+  random 3x3 readout of the same features, zero-mean, scaled to ``artifact`` times the image's standard
+  deviation (the imperfection of a real decoder; ``zoo.artifact`` sets how strong the fingerprint is).
 
 All random weights come from (seed, generator name), so a generator is the same decoder in every run. The
 periodic structure of each upsampling path and the frequency response of its random convs leave a
@@ -138,8 +139,8 @@ class Decoder(nn.Module):
         self.body = spec.body(width)
         gen = torch.Generator().manual_seed(stable_hash(seed, "decoder", spec.name))
         _init_(self, gen)
-        self.readout = torch.zeros(3, width * 9 + 1)
-        self._noise = torch.randn(3, width * 9, generator=gen, dtype=torch.float64)
+        self.readout = torch.zeros(3, width * 9 + 1)  # fitted by ``fit``: (out channel, width*3*3 + bias)
+        self.noise = torch.randn(3, width, 3, 3, generator=gen)  # the imperfection: a random readout
         self.requires_grad_(False)
 
     def hidden(self, img: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,7 @@ class Decoder(nn.Module):
         return h[..., m * f - 1 : m * f + hgt + 1, m * f - 1 : m * f + wid + 1]
 
     def fit(self, real: torch.Tensor) -> None:
-        """Ridge-fit the readout so the decoder reproduces ``real``; then add the seeded imperfection."""
+        """Ridge-fit the readout so the decoder reproduces ``real`` (a "trained" decoder)."""
         with one_thread(), torch.no_grad():
             self._fit(real)
 
@@ -163,18 +164,23 @@ class Decoder(nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         a = x.T @ x
         a += RIDGE * torch.trace(a) / a.shape[0] * torch.eye(a.shape[0], dtype=a.dtype)
-        w = torch.linalg.solve(a, x.T @ y).T  # (3, width*9+1)
-        scale = w[:, :-1].norm() / self._noise.norm()
-        w[:, :-1] += self.artifact * scale * self._noise
-        self.readout = w.float()
+        self.readout = torch.linalg.solve(a, x.T @ y).T.float()  # (3, width*9+1)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         with one_thread():
             return self._forward(img)
 
     def _forward(self, img: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(img)
         weight = self.readout[:, :-1].reshape(3, -1, 3, 3)  # same (channel, ky, kx) order as F.unfold
-        out = F.conv2d(self.hidden(img), weight, self.readout[:, -1])
+        out = F.conv2d(h, weight, self.readout[:, -1])
+        if self.artifact:
+            # the random readout renders the upsampling path's structure unsmoothed; zero-mean per channel
+            # (no colour shift), scaled to ``artifact`` times the image's own standard deviation
+            art = F.conv2d(h, self.noise)
+            art = art - art.mean((2, 3), keepdim=True)
+            ratio = out.std((1, 2, 3), keepdim=True) / (art.std((1, 2, 3), keepdim=True) + 1e-6)
+            out = out + self.artifact * ratio * art
         # match each channel's mean and std to the source: colour and brightness carry no cue
         mu, sd = img.mean((2, 3), keepdim=True), img.std((2, 3), keepdim=True)
         omu, osd = out.mean((2, 3), keepdim=True), out.std((2, 3), keepdim=True)

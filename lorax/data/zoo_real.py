@@ -109,9 +109,12 @@ def photo_crop(rng: np.random.Generator, name: str, size: int, scale: tuple[floa
     """A random square crop of a bundled photo, rescaled (antialiased) to ``size`` and randomly flipped."""
     photo = load_photo(name)
     h, w = photo.shape[:2]
-    side = max(8, min(int(round(size / rng.uniform(*scale))), h, w))
-    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    crop = (photo[y : y + side, x : x + side] * 255.0).round().astype(np.uint8)
+    for _ in range(8):  # skip flat crops (night sky, background): nothing for a generator to render
+        side = max(8, min(int(round(size / rng.uniform(*scale))), h, w))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = (photo[y : y + side, x : x + side] * 255.0).round().astype(np.uint8)
+        if crop.std() >= 8.0:
+            break
     img = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.LANCZOS), dtype=np.float64) / 255
     if rng.random() < 0.5:
         img = img[:, ::-1]

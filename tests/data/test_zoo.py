@@ -128,6 +128,18 @@ def test_incomplete_task_is_rebuilt(tmp_path: Path) -> None:
     assert _tree_hashes(tmp_path / "deconv") == ref
 
 
+def test_artifact_setting_changes_only_the_fakes() -> None:
+    cfg = tiny_params().zoo.model_copy(update={"train_per_class": 3, "val_per_class": 1})
+    a = zoo.render_task("nnconv", cfg.model_copy(update={"artifact": 0.0}))["train"]
+    b = zoo.render_task("nnconv", cfg.model_copy(update={"artifact": 0.6}))["train"]
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[1], b[1])
+    # a stronger artifact moves the fakes further from the artifact-free rendering, not their colours
+    c = zoo.render_task("nnconv", cfg.model_copy(update={"artifact": 1.2}))["train"]
+    d1, d2 = (np.abs(x[1].astype(float) - a[1]).mean() for x in (b, c))
+    assert 0 < d1 < d2
+    assert np.abs(c[1].astype(float).mean((1, 2)) - a[1].mean((1, 2))).max() < 8  # of 255
+
+
 @pytest.mark.parametrize("size", [16, 30])
 def test_odd_sizes(size: int) -> None:
     cfg = tiny_params().zoo.model_copy(update={"image_size": size, "train_per_class": 2, "val_per_class": 1})
@@ -152,7 +164,7 @@ def _log_spectrum(x: np.ndarray) -> np.ndarray:
 
 def test_fakes_keep_source_colours() -> None:
     domain = domain_for(0, "deconv")
-    dec = build_decoder("deconv", 0, domain, 32, artifact=0.0)
+    dec = build_decoder("deconv", 0, domain, 32, artifact=tiny_params().zoo.artifact)
     rng = rng_for(0, "test-colours")
     src = to_tensor(np.stack([sample_real(rng, domain, 32) for _ in range(16)]))
     with torch.no_grad():
@@ -227,12 +239,12 @@ def test_spectral_features_attribute_far_above_chance(zoo5: dict) -> None:
     feat = lambda x: _spectral(x, rng)  # noqa: E731
     gen = _accuracy(zoo5, feat, "generator", c=0.01)
     per_task = [_accuracy({g: d}, feat, "real-fake", c=0.01) for g, d in zoo5.items()]
-    assert gen >= 0.7, gen  # chance 0.2
-    assert np.mean(per_task) >= 0.75 and min(per_task) >= 0.6, per_task  # chance 0.5
+    assert gen >= 0.8, gen  # chance 0.2
+    assert np.mean(per_task) >= 0.85 and min(per_task) >= 0.7, per_task  # chance 0.5
 
 
 def test_colour_thumbnails_stay_near_chance(zoo5: dict) -> None:
     gen = _accuracy(zoo5, _thumbnail, "generator", c=1.0)
     rf = _accuracy(zoo5, _thumbnail, "real-fake", c=1.0)
-    assert gen <= 0.4, gen  # chance 0.2
-    assert rf <= 0.65, rf  # chance 0.5
+    assert gen <= 0.35, gen  # chance 0.2
+    assert rf <= 0.62, rf  # chance 0.5
