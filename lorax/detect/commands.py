@@ -20,6 +20,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                          "(default: detect.train_tasks)")
     p.add_argument("--manifests", help="manifest folder (default: data.manifests)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--eval-extra", action="append", default=[], metavar="NAME=DIR",
+                   help="also score every image of every manifest in DIR (a test-only set, e.g. the real-world "
+                        "images prepared with `lorax data prepare`), reported under extra.NAME; repeatable")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. -S detect.epochs=2 -S detect.where=both (YAML value)")
@@ -39,12 +42,21 @@ def _detect(args: argparse.Namespace) -> int:
         if not tasks:
             raise ValueError("--train-tasks: give at least one generator name, e.g. --train-tasks deconv")
         overrides["detect.train_tasks"] = tasks
+    extra = {}
+    for item in args.eval_extra:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(f"--eval-extra {item!r}: expected NAME=DIR, e.g. realworld=data/realworld_manifests")
+        extra[name.strip()] = Path(folder.strip())
     params = load_params(args.params, overrides)  # validates method, ranks, ... naming the key
-    metrics = run_detect(params, Path(args.manifests or params.data.manifests), Path(args.out))
+    metrics = run_detect(params, Path(args.manifests or params.data.manifests), Path(args.out), extra_eval=extra)
     print(f"{'generator':<16} {'AP':>7} {'acc':>7} {'real':>7} {'fake':>7}")
     for name, m in metrics["per_generator"].items():
         print(f"{name:<16} " + " ".join(f"{_f(m[k]):>7}" for k in ("ap", "acc", "real_acc", "fake_acc")))
     print(f"{'mean':<16} {_f(metrics['map']):>7} {_f(metrics['mean_acc']):>7}")
+    for name, res in metrics["extra"].items():
+        print(f"{name}: mAP {_f(res['map'])}, mean acc {_f(res['mean_acc'])} over {len(res['per_generator'])} "
+              "generators")
     print(json.dumps({"robustness": metrics["robustness"], "threshold": round(metrics["threshold"], 4)}))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
     return 0

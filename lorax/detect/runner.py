@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from lorax.detect.augment import BlurJpeg, augment_batch
 from lorax.detect.detector import Detector, build_detector, save_detector
 from lorax.registry import DETECTORS
 
-__all__ = ["EpochCallback", "list_manifests", "run_detect", "train_detector"]
+__all__ = ["EpochCallback", "evaluate_sets", "list_manifests", "run_detect", "train_detector"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,48 @@ def train_detector(
     return history
 
 
+def evaluate_sets(
+    det: Detector,
+    parts: Mapping[str, pd.DataFrame],
+    threshold: float,
+    params: Params,
+    device: torch.device,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Score each generator's rows: ``{map, mean_acc, per_generator, robustness}`` and a per-image score table.
+
+    Robustness: every image of every generator is blurred (``detect.blur_sigmas``) or JPEG-compressed
+    (``detect.jpeg_qualities``) before scoring; each setting's entry is the mAP over the generators.
+    """
+    cfg, info = params.detect, det.backbone.info
+    amp = params.train.amp and device.type == "cuda"
+
+    def scores_of(df: pd.DataFrame, perturb: E.Perturb | None = None) -> np.ndarray:
+        return E.predict_scores(det, df, params.model.img_size, info.mean, info.std, params.eval.batch_size, device,
+                                perturb=perturb, num_workers=params.train.num_workers, autocast=amp)
+
+    per_generator, tables = {}, []
+    for t, df in parts.items():
+        s = scores_of(df)
+        per_generator[t] = E.generator_metrics(s, _labels(df), threshold)
+        tables.append(pd.DataFrame({"task": t, "path": df["path"], "label": _labels(df), "score": s}))
+
+    def perturbed_map(fn: E.Perturb) -> float | None:
+        aps = {t: {"ap": E.generator_metrics(scores_of(df, fn), _labels(df), threshold)["ap"]}
+               for t, df in parts.items()}
+        return E.mean_of(aps, "ap")
+
+    result = {
+        "map": E.mean_of(per_generator, "ap"),
+        "mean_acc": E.mean_of(per_generator, "acc"),
+        "per_generator": per_generator,
+        "robustness": {
+            "blur": {_key(s): perturbed_map(E.blur_fn(s)) for s in cfg.blur_sigmas},
+            "jpeg": {str(int(q)): perturbed_map(E.jpeg_fn(q)) for q in cfg.jpeg_qualities},
+        },
+    }
+    return result, pd.concat(tables, ignore_index=True)
+
+
 def run_detect(
     params: Params,
     manifests_dir: str | Path,
@@ -158,6 +200,7 @@ def run_detect(
     method: str | None = None,
     train_tasks: list[str] | None = None,
     callback: EpochCallback | None = None,
+    extra_eval: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Train on ``train_tasks`` (default ``detect.train_tasks``) with ``method`` (default ``detect.method``),
     evaluate on every other manifest in ``manifests_dir``, write the outputs to ``out_dir``; returns the metrics.
@@ -166,7 +209,9 @@ def run_detect(
     real_acc, fake_acc, n_real, n_fake}}, ``threshold`` (on the fake probability), ``robustness`` {blur: {sigma:
     mAP}, jpeg: {quality: mAP}}, ``seen`` (same figures on the training generators' val split), ``method``,
     ``train_tasks``, ``eval_tasks``, ``trainable_params``, ``backbone_params``, ``history`` (per epoch),
-    ``train_seconds``.
+    ``train_seconds``, ``extra`` {name: {map, mean_acc, per_generator, robustness, eval_tasks}} for each folder in
+    ``extra_eval`` (test-only sets such as ``../shared/data/realworld`` prepared as manifests: every image of every
+    manifest there is scored, with the same threshold; nothing is fitted on them).
     """
     cfg = params.detect
     method = method or cfg.method
@@ -182,6 +227,7 @@ def run_detect(
     if not eval_tasks:
         raise ValueError(f"{manifests_dir}: every manifest is a training generator {train_tasks}; nothing unseen "
                          "is left to evaluate on")
+    extra_dirs = {name: list_manifests(folder) for name, folder in (extra_eval or {}).items()}  # fail early
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frames = {t: read_manifest(p) for t, p in manifests.items()}
@@ -204,43 +250,33 @@ def run_detect(
     train_seconds = time.perf_counter() - t0
 
     info = det.backbone.info
-    amp = params.train.amp and device.type == "cuda"
-
-    def scores_of(df: pd.DataFrame, perturb: E.Perturb | None = None) -> np.ndarray:
-        return E.predict_scores(det, df, params.model.img_size, info.mean, info.std, params.eval.batch_size, device,
-                                perturb=perturb, num_workers=params.train.num_workers, autocast=amp)
-
-    val_scores = scores_of(val_df)
+    val_scores = E.predict_scores(det, val_df, params.model.img_size, info.mean, info.std, params.eval.batch_size,
+                                  device, num_workers=params.train.num_workers,
+                                  autocast=params.train.amp and device.type == "cuda")
     threshold = E.fit_threshold(val_scores, _labels(val_df))
     offsets = np.cumsum([0] + [len(v) for v in val_parts.values()])
     seen = {t: E.generator_metrics(val_scores[a:b], _labels(val_parts[t]), threshold)
             for t, a, b in zip(val_parts, offsets[:-1], offsets[1:], strict=True)}
-    per_generator, score_rows = {}, []
-    for t, df in eval_parts.items():
-        s = scores_of(df)
-        per_generator[t] = E.generator_metrics(s, _labels(df), threshold)
-        score_rows.append(pd.DataFrame({"task": t, "path": df["path"], "label": _labels(df), "score": s}))
-
-    def perturbed_map(fn: E.Perturb) -> float | None:
-        aps = {t: {"ap": E.generator_metrics(scores_of(df, fn), _labels(df), threshold)["ap"]}
-               for t, df in eval_parts.items()}
-        return E.mean_of(aps, "ap")
-
-    robustness = {
-        "blur": {_key(s): perturbed_map(E.blur_fn(s)) for s in cfg.blur_sigmas},
-        "jpeg": {str(int(q)): perturbed_map(E.jpeg_fn(q)) for q in cfg.jpeg_qualities},
-    }
+    main, main_scores = evaluate_sets(det, eval_parts, threshold, params, device)
+    score_tables = [main_scores.assign(set="main")]
+    extra = {}
+    for name, found in extra_dirs.items():
+        parts = {t: read_manifest(p) for t, p in found.items()}
+        extra[name], table = evaluate_sets(det, parts, threshold, params, device)
+        extra[name]["eval_tasks"] = list(parts)
+        score_tables.append(table.assign(set=name))
     metrics = {
         "method": method,
         "backbone": params.model.backbone,
         "train_tasks": train_tasks,
         "eval_tasks": eval_tasks,
-        "map": E.mean_of(per_generator, "ap"),
-        "mean_acc": E.mean_of(per_generator, "acc"),
+        "map": main["map"],
+        "mean_acc": main["mean_acc"],
         "threshold": threshold,
-        "per_generator": per_generator,
+        "per_generator": main["per_generator"],
         "seen": seen,
-        "robustness": robustness,
+        "robustness": main["robustness"],
+        "extra": extra,
         "trainable_params": n_train,
         "backbone_params": n_backbone,
         "train_seconds": train_seconds,
@@ -249,8 +285,8 @@ def run_detect(
     metrics = _clean(metrics)
     save_detector(det, out / "detector.safetensors", params.model, cfg.model_copy(update={"method": method}),
                   threshold, extra={"train_tasks": train_tasks, "seed": params.seed})
-    pd.concat(score_rows, ignore_index=True).to_parquet(out / "scores.parquet", index=False)
-    E.plot_robustness(robustness, metrics["map"], out / "robustness.png",
+    pd.concat(score_tables, ignore_index=True).to_parquet(out / "scores.parquet", index=False)
+    E.plot_robustness(metrics["robustness"], metrics["map"], out / "robustness.png",
                       title=f"{method} on {params.model.backbone}, trained on {'+'.join(train_tasks)}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     log.info("detect %s: mAP %s, mean acc %s over %d unseen generators; threshold %.4f; %s", method,

@@ -83,22 +83,30 @@ def test_checkpoint_reloads_to_the_same_scores(mole_run: tuple[dict, Path], zoo:
         fresh.load_trainable_state_dict({"head.weight": torch.zeros(1, fresh.backbone.embed_dim)})
 
 
-def test_cli_probe_run(zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_probe_run_with_an_extra_test_set(zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    other = make_zoo(tmp_path / "other", n_train=4, n_val=3, seed=5, generators={"stripes2": ("stripes", 30.0, 1)})
     sets = ["model.img_size=16", "model.kwargs=" + json.dumps(TINY_OVERRIDES["model.kwargs"]),
             "detect.epochs=1", "detect.blur_sigmas=[2]", "detect.jpeg_qualities=[50]", "detect.batch_size=32"]
     argv = ["detect", "--method", "probe", "--train-tasks", "checker_a,stripes", "--manifests", str(zoo),
-            "--out", str(tmp_path), "--params", str(PARAMS_YAML)]
+            "--out", str(tmp_path / "out"), "--params", str(PARAMS_YAML), "--eval-extra", f"other={other}"]
     for s in sets:
         argv += ["-S", s]
     assert main(argv) == 0
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["method"] == "probe" and metrics["eval_tasks"] == ["checker_b"]
     embed_dim = create_backbone(tiny_params().model).embed_dim
     assert metrics["trainable_params"] == embed_dim + 1  # a linear probe: the head only
     assert set(metrics["seen"]) == {"checker_a", "stripes"}
+    extra = metrics["extra"]["other"]
+    assert extra["eval_tasks"] == ["stripes2"] and 0 <= extra["map"] <= 100
+    assert extra["per_generator"]["stripes2"]["n_real"] == 4 + 3  # a test-only set: both splits are scored
+    assert set(extra["robustness"]["blur"]) == {"2"}
+    scores = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert set(scores["set"]) == {"main", "other"} and len(scores) == 20 + 14
     assert "checker_b" in capsys.readouterr().out
-    assert (tmp_path / "detector.safetensors").is_file()
+    assert (tmp_path / "out" / "detector.safetensors").is_file()
     assert main(argv[:2] + ["moe"] + argv[3:]) == 2  # unknown method: a settings error, not a traceback
+    assert main(argv + ["--eval-extra", "other"]) == 2  # not NAME=DIR
 
 
 def test_bad_input_errors(zoo: Path, tmp_path: Path) -> None:
