@@ -71,35 +71,38 @@ class GeneratorSpec:
     body: Callable[[int], nn.Module]
 
 
-def _spec(name: str, factor: int, description: str, body: Callable[[int], nn.Module]) -> GeneratorSpec:
-    return GeneratorSpec(name, factor, description, body)
+def _up_conv(mode: str, factor: int, dilation: int = 1) -> Callable[[int], nn.Module]:
+    return lambda c: nn.Sequential(_up(mode, factor), _conv(c, c, dilation=dilation))
+
+
+def _shuffle(factor: int) -> Callable[[int], nn.Module]:
+    return lambda c: nn.Sequential(_conv(c, factor * factor * c), nn.PixelShuffle(factor))
+
+
+def _deconv(k: int, n: int = 1) -> Callable[[int], nn.Module]:
+    def body(c: int) -> nn.Module:
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers += [_act()] if i else []
+            layers.append(nn.ConvTranspose2d(c, c, k, 2, 1, output_padding=k % 2))
+        return layers[0] if n == 1 else nn.Sequential(*layers)
+
+    return body
 
 
 GENERATORS: dict[str, GeneratorSpec] = {
     s.name: s
     for s in [
-        _spec("deconv", 2, "transposed conv k4 s2", lambda c: nn.ConvTranspose2d(c, c, 4, 2, 1)),
-        _spec("nnconv", 2, "nearest x2 + conv 3x3", lambda c: nn.Sequential(_up("nearest", 2), _conv(c, c))),
-        _spec("bilinconv", 2, "bilinear x2 + conv 3x3", lambda c: nn.Sequential(_up("bilinear", 2), _conv(c, c))),
-        _spec("pixshuf", 2, "conv 3x3 + pixel shuffle x2", lambda c: nn.Sequential(_conv(c, 4 * c), nn.PixelShuffle(2))),
-        _spec("deconv3", 2, "transposed conv k3 s2", lambda c: nn.ConvTranspose2d(c, c, 3, 2, 1, output_padding=1)),
-        _spec("bicubconv", 2, "bicubic x2 + conv 3x3", lambda c: nn.Sequential(_up("bicubic", 2), _conv(c, c))),
-        _spec("nnconv4", 4, "nearest x4 + conv 3x3", lambda c: nn.Sequential(_up("nearest", 4), _conv(c, c))),
-        _spec(
-            "pixshuf4", 4, "conv 3x3 + pixel shuffle x4", lambda c: nn.Sequential(_conv(c, 16 * c), nn.PixelShuffle(4))
-        ),
-        _spec(
-            "deconv2x",
-            4,
-            "two transposed convs k4 s2",
-            lambda c: nn.Sequential(nn.ConvTranspose2d(c, c, 4, 2, 1), _act(), nn.ConvTranspose2d(c, c, 4, 2, 1)),
-        ),
-        _spec(
-            "dilconv",
-            2,
-            "nearest x2 + dilated conv 3x3 (dilation 2)",
-            lambda c: nn.Sequential(_up("nearest", 2), _conv(c, c, dilation=2)),
-        ),
+        GeneratorSpec("deconv", 2, "transposed conv k4 s2", _deconv(4)),
+        GeneratorSpec("nnconv", 2, "nearest x2 + conv 3x3", _up_conv("nearest", 2)),
+        GeneratorSpec("bilinconv", 2, "bilinear x2 + conv 3x3", _up_conv("bilinear", 2)),
+        GeneratorSpec("pixshuf", 2, "conv 3x3 + pixel shuffle x2", _shuffle(2)),
+        GeneratorSpec("deconv3", 2, "transposed conv k3 s2", _deconv(3)),
+        GeneratorSpec("bicubconv", 2, "bicubic x2 + conv 3x3", _up_conv("bicubic", 2)),
+        GeneratorSpec("nnconv4", 4, "nearest x4 + conv 3x3", _up_conv("nearest", 4)),
+        GeneratorSpec("pixshuf4", 4, "conv 3x3 + pixel shuffle x4", _shuffle(4)),
+        GeneratorSpec("deconv2x", 4, "two transposed convs k4 s2", _deconv(4, n=2)),
+        GeneratorSpec("dilconv", 2, "nearest x2 + dilated conv 3x3 (dilation 2)", _up_conv("nearest", 2, dilation=2)),
     ]
 }
 
@@ -115,9 +118,10 @@ def _init_(module: nn.Module, gen: torch.Generator) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             w = m.weight
-            fan_in = w.shape[1] * w.shape[2] * w.shape[3] if isinstance(m, nn.Conv2d) else w.shape[0] * w[0, 0].numel()
-            if isinstance(m, nn.ConvTranspose2d):  # each output pixel sums over (k/stride)^2 taps per channel
+            if isinstance(m, nn.ConvTranspose2d):  # each output pixel sums ~(k/stride)^2 taps per input channel
                 fan_in = w.shape[0] * max(1, (w.shape[2] // m.stride[0]) ** 2)
+            else:
+                fan_in = w[0].numel()
             with torch.no_grad():
                 w.copy_(torch.randn(w.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
                 if m.bias is not None:
