@@ -124,12 +124,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from lorax.serving.predict import ServingError
+    from lorax.serving.predict import ServingError, collect_inputs
     from lorax.serving.scan import scan_inbox
 
     if args.min_group < 1 or args.max_groups < 2:
         return _fail(ValueError("--min-group must be >= 1 and --max-groups >= 2"))
     try:
+        collect_inputs(args.inbox)  # fail on an empty inbox before loading the model
         predictor = _predictor(args)
         summary = scan_inbox(predictor, args.inbox, args.out, min_group=args.min_group, max_groups=args.max_groups,
                              overwrite=args.overwrite)
