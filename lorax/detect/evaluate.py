@@ -75,11 +75,10 @@ def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     uniq = np.unique(scores)
     cands = np.concatenate([[uniq[0]], (uniq[:-1] + uniq[1:]) / 2, [np.nextafter(uniq[-1], np.inf)]])
     # accuracy of each candidate: fakes at or above it + reals below it
-    order = np.sort(scores)
     real_sorted, fake_sorted = np.sort(scores[labels == 0]), np.sort(scores[labels == 1])
     reals_below = np.searchsorted(real_sorted, cands, side="left")
     fakes_above = fake_sorted.size - np.searchsorted(fake_sorted, cands, side="left")
-    acc = (reals_below + fakes_above) / order.size
+    acc = (reals_below + fakes_above) / scores.size
     best = np.flatnonzero(acc == acc.max())
     return float(cands[best[len(best) // 2]])
 
