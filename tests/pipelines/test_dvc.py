@@ -1,0 +1,139 @@
+"""The DVC pipeline for real, in a temporary git repo: the first run, an appended generator that runs only its
+own stages, a training stage killed mid-task that resumes, `dvc exp run -S`, metrics and plots.
+
+The tests share one repo and run in file order (each builds on the previous one's state)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from lorax.ops import append_to_stream
+from tests.pipelines.conftest import BIN, dvc, dvc_project, stages_ran, tool_env
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("synth", "prepare", "train", "select", "evaluate", "register")
+
+
+def tree_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def versions(root: Path) -> list[dict]:
+    res = subprocess.run([str(BIN / "lorax"), "models", "list", "--json"], cwd=root, env=tool_env(),
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    # 3 epochs so that a training can be killed after its first epoch checkpoint
+    return dvc_project(tmp_path_factory.mktemp("dvc") / "project", ["deconv"], train__epochs=3)
+
+
+def test_first_run(repo: Path) -> None:
+    res = dvc(repo, "repro")
+    assert stages_ran(res.stdout) == ["init", *(f"{s}@deconv" for s in STAGES), "report"]
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    # the keys of `lorax train`'s metrics.json
+    from lorax.config import load_params
+    from lorax.continual.stream import summarize_stream
+    from lorax.ops import Layout
+
+    params = load_params(repo / "params.yaml")
+    lay = Layout.from_params(params, repo)
+    evals = [json.loads(lay.eval("deconv").read_text())]
+    assert set(metrics) == set(summarize_stream(params, evals, [lay.state("deconv")]))
+    assert metrics["tasks"] == ["deconv"]
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    assert "aaf" in json.dumps(shown)
+    plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
+    assert {"reports/plots/acc_matrix.png", "reports/plots/task_curves.png"} <= set(plots)
+    assert sum(p[0]["type"] == "vega" for p in plots.values()) == 2
+    v = versions(repo)
+    assert len(v) == 1 and v[0]["aliases"] == ["champion"] and v[0]["tasks"] == ["deconv"]
+    assert dvc(repo, "status").stdout.strip().endswith("up to date.")
+
+
+def test_added_generator_runs_only_its_stages(repo: Path) -> None:
+    before = {p.name: tree_hash(p) for p in (repo / "state").iterdir() if p.is_dir()}
+    lock_before = (repo / "dvc.lock").read_text()
+    assert append_to_stream(repo / "params.yaml", None, root=repo) == "nnconv"
+    res = dvc(repo, "repro")
+    assert stages_ran(res.stdout) == [*(f"{s}@nnconv" for s in STAGES), "report"]
+    assert {p: tree_hash(repo / "state" / p) for p in before} == before
+    assert "train@deconv" in lock_before and "train@nnconv" in (repo / "dvc.lock").read_text()
+    v = versions(repo)
+    assert [x["tasks"] for x in v] == [["deconv"], ["deconv", "nnconv"]]
+    assert json.loads((repo / "reports" / "metrics.json").read_text())["tasks"] == ["deconv", "nnconv"]
+
+
+def test_killed_training_resumes_and_leaves_earlier_tasks_alone(repo: Path) -> None:
+    before = {p.name: tree_hash(p) for p in (repo / "state").iterdir() if p.is_dir()}
+    append_to_stream(repo / "params.yaml", "bilinconv", root=repo)
+    ckpt = repo / "state" / "bilinconv.partial" / "checkpoint.pt"
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=tool_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert ckpt.exists(), "the train stage never wrote its first epoch checkpoint"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (repo / "state" / "bilinconv" / "state.json").exists(), "training finished before it was killed"
+    run_file = json.loads((ckpt.parent / "mlflow_run.json").read_text())
+
+    res = dvc(repo, "repro")
+    assert stages_ran(res.stdout) == [*(f"{s}@bilinconv" for s in ("train", "select", "evaluate", "register")),
+                                      "report"]
+    assert "resuming from the checkpoint of epoch" in res.stderr
+    assert {p: tree_hash(repo / "state" / p) for p in before} == before
+    info = json.loads((repo / "state" / "bilinconv" / "state.json").read_text())
+    assert info["tasks"] == ["deconv", "nnconv", "bilinconv"] and len(info["epochs"]) == 3
+    assert info["tracking"]["run_id"] == run_file["run_id"]  # the resumed task continued its MLflow run
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = c.search_runs(c.search_experiments()[0].experiment_id, "tags.`lorax.task` = 'bilinconv'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {m.step for m in c.get_metric_history(runs[0].info.run_id, "loss")} == {1, 2, 3}
+
+
+def test_exp_run_with_a_changed_setting(repo: Path) -> None:
+    """`dvc exp run -S` works and retrains nothing for a setting that training does not read."""
+    env = tool_env()
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qm", "pipeline run"], cwd=repo, env=env, check=True, capture_output=True)
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+    # an evaluation setting would re-run evaluation (and the selection's feature pass) only, never training
+    params = repo / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("  batch_size: 32\n  crops: 1", "  batch_size: 16\n  crops: 1"))
+    try:
+        changed = set(json.loads(dvc(repo, "status", "--json").stdout))
+    finally:
+        params.write_text(text)
+    assert changed == {f"{s}@{t}" for s in ("select", "evaluate") for t in ("deconv", "nnconv", "bilinconv")}
+    n_before = versions(repo)
+    res = dvc(repo, "exp", "run", "-S", "tracking.gate.aaf_tolerance=100", "-S", "tracking.gate.max_task_drop=100")
+    # registration re-runs; the models are unchanged, so each keeps its version (registration is idempotent)
+    assert stages_ran(res.stdout) == ["register@deconv", "register@nnconv", "register@bilinconv"]
+    assert versions(repo) == n_before
+    from lorax.config import load_params
+
+    assert load_params(repo / "params.yaml").tracking.gate.aaf_tolerance == 100  # -S applied to the workspace
+    assert "Ran experiment" in res.stdout + res.stderr

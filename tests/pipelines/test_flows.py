@@ -1,0 +1,117 @@
+"""The Prefect flows for real (a temporary Prefect API, a sqlite MLflow store, a tiny stream): the whole
+stream, a re-run that redoes nothing, the watch flow learning new folders (bad images quarantined), and two
+watch runs at once that never train the same generator twice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lorax.config import load_params
+from lorax.data import zoo
+from tests.pipelines.conftest import write_project
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return write_project(tmp_path_factory.mktemp("flows") / "project", ["deconv", "nnconv"],
+                         data__bad_file_limit=0.1)
+
+
+def _versions(root: Path) -> list[dict]:
+    from lorax.tracking.registry import list_versions
+    from lorax.tracking.tracker import Tracker
+
+    params = load_params(root / "params.yaml")
+    return list_versions(Tracker(params, root).client, params.tracking.registered_model)
+
+
+def test_continual_flow_then_a_rerun_redoes_nothing(prefect_api, project: Path) -> None:
+    from pipelines.flows import continual_flow
+
+    out = continual_flow("params.yaml", str(project))
+    assert [v["tasks"] for v in out["versions"]] == [["deconv"], ["deconv", "nnconv"]]
+    metrics = json.loads(Path(out["metrics"]).read_text())
+    assert metrics["tasks"] == ["deconv", "nnconv"] and len(metrics["acc_matrix"]) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in (project / "state").rglob("*") if p.is_file()}
+    stamps.update({p: p.stat().st_mtime_ns for p in (project / "memory").glob("*")})
+    again = continual_flow("params.yaml", str(project))
+    assert [v["version"] for v in again["versions"]] == [v["version"] for v in out["versions"]]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no step was redone
+    assert len(_versions(project)) == 2
+
+
+def _add_folder(project: Path, generator: str, name: str, bad: bool) -> None:
+    """A new task folder made by a zoo generator that is not in the stream (distinct pixels: no leakage)."""
+    params = load_params(project / "params.yaml")
+    tmp = project.parent / "incoming"
+    zoo.synth_task(generator, tmp, params.zoo)
+    dest = project / "data" / "zoo" / name
+    shutil.copytree(tmp / generator, dest)
+    if bad:
+        fake = sorted((dest / "train" / "1_fake").glob("*.png"))
+        fake[0].write_bytes(fake[0].read_bytes()[:40])  # cut inside its header
+        (dest / "train" / "0_real" / "notes.png").write_text("not an image")
+        Image.new("RGB", (4, 4)).save(dest / "train" / "0_real" / "tiny.png")  # smaller than the crop
+
+
+def test_two_watch_runs_learn_each_new_folder_once(prefect_api, project: Path) -> None:
+    from pipelines.flows import watch_flow
+
+    _add_folder(project, "bilinconv", "newgan_a", bad=False)
+    _add_folder(project, "pixshuf", "newgan_b", bad=True)
+    results: list = [None, None]
+    errors: list = []
+
+    def run(k: int) -> None:
+        try:
+            results[k] = watch_flow("params.yaml", str(project))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    trained = [r["task"] for res in results for r in res["trained"]]
+    assert sorted(trained) == ["newgan_a", "newgan_b"]  # each once, over both runs
+    assert any(res["trained"] for res in results)
+    by_last = {}
+    for v in _versions(project):
+        by_last.setdefault(v["tasks"][-1], []).append(v["tasks"])
+    assert len(by_last["newgan_a"]) == 1 and len(by_last["newgan_b"]) == 1
+    # one at a time, in name order: newgan_b was learned after newgan_a (on top of it if it became champion)
+    a_tasks, b_tasks = by_last["newgan_a"][0], by_last["newgan_b"][0]
+    assert a_tasks[:-1] == ["deconv", "nnconv"] or a_tasks[:-1] == ["deconv"]
+    assert "newgan_b" not in a_tasks
+    # the bad files went through preparation's quarantine
+    q = pd.read_csv(project / "data" / "manifests" / "newgan_b.quarantine.csv")
+    reasons = {Path(f).name: r for f, r in zip(q["file"], q["reason"], strict=True)}
+    assert set(reasons) == {"pixshuf_train_fake_00000.png", "notes.png", "tiny.png"}
+    assert reasons["tiny.png"].startswith("smaller than crop") and reasons["notes.png"].startswith("not an image")
+    res_b = next(r for res in results for r in res["trained"] if r["task"] == "newgan_b")
+    assert res_b["quarantined"] == 3
+
+    # a third run finds nothing new
+    assert watch_flow("params.yaml", str(project))["trained"] == []
+
+
+def test_new_generator_flow_skips_a_task_the_champion_knows(prefect_api, project: Path) -> None:
+    from pipelines.flows import new_generator_flow
+    from lorax.tracking.registry import champion
+    from lorax.tracking.tracker import Tracker
+
+    params = load_params(project / "params.yaml")
+    champ = champion(Tracker(params, project).client, params.tracking.registered_model)
+    out = new_generator_flow(champ["tasks"][0], "params.yaml", str(project))
+    assert out["skipped"] == "in champion"
