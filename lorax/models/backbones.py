@@ -8,8 +8,10 @@ differ in exactly those places, so each gets a small :class:`Backbone` subclass.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -154,12 +156,31 @@ class OpenClipVisual(Backbone):
         return pooled
 
 
-def _normalization(cfg: ModelConfig, family: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _sidecar_normalization(checkpoint: Path | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """mean/std recorded next to a checkpoint (``<file>.json``) by the converters and the pretext trainer."""
+    if checkpoint is None:
+        return None
+    side = checkpoint.with_suffix(".json")
+    if side.is_file():
+        meta = json.loads(side.read_text())
+        if "mean" in meta and "std" in meta:
+            return tuple(meta["mean"]), tuple(meta["std"])
+    return None
+
+
+def _normalization(cfg: ModelConfig, family: str, checkpoint: Path | None = None
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     name = cfg.normalize
     if name == "auto":
-        name = {"convit": "imagenet", "clip": "clip"}.get(family, "half")
-        if family == "convit" and cfg.pretrained is None:
+        recorded = _sidecar_normalization(checkpoint)
+        if recorded is not None:
+            return recorded
+        if family == "clip":
+            name = "clip"
+        elif cfg.pretrained is None:
             name = "half"  # upstream LoRAX normalises with mean=std=0.5
+        else:
+            name = "imagenet"  # timm's ImageNet-pretrained ConViT / ViT weights
     return {
         "half": (HALF, HALF),
         "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
@@ -186,6 +207,7 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
             model, family = _create_open_clip(name.split(":", 1)[1], cfg), "clip"
         else:
             model, family = _create_timm(name, cfg), ("convit" if name.startswith("convit") else "vit")
+    path = None
     if cfg.pretrained:
         from lorax.models import weights
 
@@ -202,7 +224,7 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
             name,
             cfg.init_seed,
         )
-    mean, std = _normalization(cfg, family)
+    mean, std = _normalization(cfg, family, path)
     cls = {"clip": OpenClipVisual, "convit": TimmConViT, "vit": TimmViT}[family]
     if family == "clip":
         embed_dim = model.output_dim if model.proj is not None else model.transformer.width
