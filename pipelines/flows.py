@@ -233,6 +233,12 @@ def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dic
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def watch_deployment(params_path: str, root: str, every_s: int):
+    """The watch flow as a deployment on an interval schedule (what ``lorax schedule`` serves)."""
+    return watch_flow.to_deployment(name="lorax-watch", interval=every_s,
+                                    parameters={"params_path": params_path, "root": str(Path(root).resolve())})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.flows", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
@@ -252,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "watch":
         print(watch_flow(args.params, args.root))
     else:
-        secs = parse_every(args.every)
-        watch_flow.serve(name="lorax-watch", interval=secs,
-                         parameters={"params_path": args.params, "root": str(Path(args.root).resolve())})
+        from prefect import serve
+
+        serve(watch_deployment(args.params, args.root, parse_every(args.every)))
     return 0
 
 
