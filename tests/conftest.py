@@ -12,7 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+import torch  # noqa: E402
+
 from lorax.config import Params, load_params  # noqa: E402
+
+# Tiny tensors: one thread is faster, and avoids oversubscribing a shared 2-core machine.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_YAML = REPO / "params.yaml"
