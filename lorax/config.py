@@ -57,6 +57,16 @@ class StreamItem(_Section):
     prev: str
 
 
+class PretextConfig(_Section):
+    """The built-in pretrained backbone (``model.pretrained: pretext``): see lorax/models/pretext.py."""
+
+    n_images: int = Field(3000, ge=64)
+    epochs: int = Field(16, ge=1)
+    batch_size: int = Field(64, ge=8)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+
 class ModelConfig(_Section):
     backbone: str = "convit_tiny"
     pretrained: str | None = None
@@ -64,6 +74,7 @@ class ModelConfig(_Section):
     init_seed: int = 0
     kwargs: dict[str, Any] = Field(default_factory=dict)
     normalize: Literal["auto", "half", "clip", "imagenet"] = "auto"
+    pretext: PretextConfig = Field(default_factory=PretextConfig)
 
 
 class MoleAdapterConfig(_Section):

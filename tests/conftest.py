@@ -29,6 +29,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "zoo.train_per_class": 12,
     "zoo.val_per_class": 6,
     "model.img_size": 16,
+    "model.pretrained": None,
     "model.kwargs": {"depth": 2, "local_up_to_layer": 1, "patch_size": 4, "num_heads": 2, "embed_dim": 32},
     "adapter.r": 4,
     "adapter.alpha": 1.0,

@@ -25,6 +25,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+PRETEXT = "pretext"  # model.pretrained value: the built-in pretext-trained backbone (lorax/models/pretext.py)
 
 
 @dataclass(frozen=True)
@@ -208,10 +209,14 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
         else:
             model, family = _create_timm(name, cfg), ("convit" if name.startswith("convit") else "vit")
     path = None
+    if cfg.pretrained == PRETEXT:
+        from lorax.models.pretext import pretext_checkpoint
+
+        path = pretext_checkpoint(cfg)
     if cfg.pretrained:
         from lorax.models import weights
 
-        path = weights.resolve_checkpoint(cfg.pretrained, name)
+        path = path or weights.resolve_checkpoint(cfg.pretrained, name)
         sd = weights.read_state_dict(path)
         if family == "clip":
             sd = weights.extract_open_clip_visual(sd)

@@ -84,11 +84,32 @@ def pretext_dataset(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return images, labels
 
 
-def cache_key(cfg: ModelConfig, n_images: int, epochs: int, seed: int) -> str:
+def cache_key(cfg: ModelConfig, n_images: int, epochs: int, seed: int, lr: float = 2e-3, batch_size: int = 64) -> str:
     blob = json.dumps({"backbone": cfg.backbone, "img_size": cfg.img_size, "kwargs": cfg.kwargs,
-                       "init_seed": cfg.init_seed, "n": n_images, "epochs": epochs, "seed": seed, "v": 1},
-                      sort_keys=True)
+                       "init_seed": cfg.init_seed, "n": n_images, "epochs": epochs, "seed": seed, "lr": lr,
+                       "batch": batch_size, "v": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pretext_checkpoint(cfg: ModelConfig) -> Path:
+    """The pretext backbone for ``cfg`` (``model.pretrained: pretext``), built on first use and cached.
+
+    The cache (``$LORAX_WEIGHTS_CACHE`` or ~/.cache/lorax/weights) is keyed by every setting the weights depend
+    on, so each process, stage or flow finds the same file; a lock keeps concurrent builders from racing.
+    """
+    from lorax.models.weights import weights_cache_dir
+
+    p = cfg.pretext
+    key = cache_key(cfg, p.n_images, p.epochs, p.seed, p.lr, p.batch_size)
+    out = weights_cache_dir() / f"pretext-{cfg.backbone}-{key}.safetensors"
+    lock = out.with_suffix(".lock")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        import fcntl
+
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return pretrain_backbone(cfg, out, n_images=p.n_images, epochs=p.epochs, batch_size=p.batch_size,
+                                 lr=p.lr, seed=p.seed)
 
 
 def pretrain_backbone(cfg: ModelConfig, out: str | Path, n_images: int = 4000, epochs: int = 12,
@@ -101,7 +122,7 @@ def pretrain_backbone(cfg: ModelConfig, out: str | Path, n_images: int = 4000, e
 
     out = Path(out)
     sidecar = out.with_suffix(".json")
-    key = cache_key(cfg, n_images, epochs, seed)
+    key = cache_key(cfg, n_images, epochs, seed, lr, batch_size)
     if out.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("key") == key:
         log.info("pretext backbone: reusing %s", out)
         return out
