@@ -112,6 +112,12 @@ class LoRAXMethod(Method):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.super_features(x)
 
+    def loss(self, out: tuple[torch.Tensor, torch.Tensor | None], y: torch.Tensor) -> torch.Tensor:
+        loss = super().loss(out, y)
+        if self.params.adapter.kind == "mole":  # the newest MoLE adapter's load-balancing loss (CLIP-MoLE)
+            loss = loss + self.params.adapter.mole.balance_weight * self.net.adapters.balance_loss().float()
+        return loss
+
     def tensor_groups(self) -> dict[str, dict[str, torch.Tensor]]:
         groups = {f"adapters/{t}": self.net.adapters.state_dict(t) for t in self.tasks}
         groups["heads"] = self.net.head_state()

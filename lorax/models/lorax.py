@@ -31,7 +31,12 @@ class LoRAXNet(nn.Module):
             if adapter_cfg.last_k > depth:
                 raise ValueError(f"adapter.last_k: {adapter_cfg.last_k} exceeds the backbone's {depth} blocks")
             prefixes = [backbone.block_prefix(i) for i in range(depth - adapter_cfg.last_k, depth)]
-        self.adapters = LoraAdapterSet(backbone.model, adapter_cfg, prefixes)
+        if adapter_cfg.kind == "mole":  # a MoLE adapter per task (lorax/models/mole_adapters.py), same interface
+            from lorax.models.mole_adapters import MoleAdapterSet
+
+            self.adapters = MoleAdapterSet(backbone.model, adapter_cfg, prefixes)
+        else:
+            self.adapters = LoraAdapterSet(backbone.model, adapter_cfg, prefixes)
         # The trunk ends at the first block holding an adapted module.
         self.branch_block = min(
             i for i in range(depth) if any(t.startswith(backbone.block_prefix(i)) for t in self.adapters.targets)
