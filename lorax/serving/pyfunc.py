@@ -1,14 +1,19 @@
 """The registered model: an MLflow pyfunc that loads a lorax state directory from its own artifacts.
 
 A registered version holds, as model artifacts, the state directory after a task (``state``: adapters, heads,
-``state.json`` with the settings) and that task's exemplar memory manifest (``memory``); loading
+``state.json`` with the settings), that task's exemplar memory manifest (``memory``) and, when the state was
+calibrated, its open-set calibration (``openset``, :mod:`lorax.serving.openset`). Loading
 ``models:/lorax-attributor@champion`` therefore needs nothing else but the ``lorax`` package (the frozen backbone
 is rebuilt from ``state.json``: seeded random init, or ``model.pretrained`` when the state names weights).
 
 ``predict`` takes a DataFrame whose ``image`` column (or first column) holds image bytes, base64 text of the
-bytes, or file paths, and returns one row per image: the probability of every class (``<task>/real``,
-``<task>/fake``), the predicted class and task, and ``fake_probability`` (the summed probability of all fake
-classes). Images are centre-cropped to ``model.img_size``, never resized, as in training.
+bytes, or file paths (an optional ``name`` column labels the rows), and returns one row per image: the
+probability of every class (``<task>/real``, ``<task>/fake``), then the fields of ``lorax predict``
+(:data:`lorax.serving.predict.COLUMNS`: verdict, generator, probability, fake probability, top-3 classes,
+unknown-generator score and flag; ``path`` is the row's name) and ``predicted_task``. The same code as
+``lorax predict`` scores the images, so ``mlflow models serve`` answers exactly what the command writes.
+A value that is neither bytes, base64 nor a file is a malformed request (``ValueError`` naming the row); bytes
+that are not a usable image give an error row with the reason, as in ``lorax predict``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ REQUIREMENTS = ("torch", "torchvision", "timm", "peft", "safetensors", "numpy", 
 
 def class_names(tasks: list[str]) -> list[str]:
     """Task i owns class 2i (its real images) and 2i+1 (its fakes)."""
-    return [f"{t}/{kind}" for t in tasks for kind in ("real", "fake")]
+    from lorax.serving.predict import class_names as names
+
+    return names(tasks)
 
 
 def _image_bytes(value: Any, row: int) -> bytes:
@@ -47,33 +54,24 @@ def _image_bytes(value: Any, row: int) -> bytes:
 
 
 class LoraxAttributor(mlflow.pyfunc.PythonModel):
-    """Per-image class probabilities from the state directory in the model's artifacts."""
+    """``lorax predict`` behind MLflow's pyfunc interface (see the module docstring)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         import torch
 
-        from lorax.continual.state import load_state
+        from lorax.serving.openset import load_openset
+        from lorax.serving.predict import Predictor
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.method, self.info = load_state(context.artifacts["state"], device=device)
-        self.method.eval()
-        self.device = torch.device(device)
-        self.crop = int(self.info["params"]["model"]["img_size"])
-        self.max_pixels = int(self.info["params"]["data"]["max_image_pixels"])
-        self.classes = class_names(list(self.info["tasks"]))
-
-    def _tensor(self, value: Any, row: int):
-        from lorax.continual.trainer import _norm
-        from lorax.data.dataset import crop_boxes, to_tensor
-        from lorax.data.images import crop_image, open_image, to_rgb_array
-
-        img = open_image(_image_bytes(value, row), self.max_pixels, name=f"row {row}")
-        box = crop_boxes(img.width, img.height, self.crop)[0]
-        mean, std = _norm(self.method)
-        return to_tensor(to_rgb_array(crop_image(img, box, f"row {row}"), f"row {row}"), mean, std)
+        state = context.artifacts["state"]
+        openset = context.artifacts.get("openset")
+        stats = load_openset(state, openset) if openset else None
+        self.predictor = Predictor.from_state(state, device=device, openset=stats)
+        self.classes = self.predictor.classes
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        import torch
+        from lorax.continual.metrics import softmax
+        from lorax.serving.predict import COLUMNS
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame({"image": list(model_input)})
@@ -81,20 +79,28 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
             raise ValueError("model input has no columns; pass a DataFrame with an 'image' column")
         col = "image" if "image" in model_input.columns else model_input.columns[0]
         values = list(model_input[col])
-        probs = []
-        batch = int((params or {}).get("batch_size", 64))
-        with torch.no_grad():
-            for start in range(0, len(values), batch):
-                x = torch.stack([self._tensor(v, start + k) for k, v in enumerate(values[start:start + batch])])
-                logits = self.method(x.to(self.device))[0].float()
-                probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-        p = np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), dtype=np.float32)
-        out = pd.DataFrame(p, columns=self.classes)
-        pred = p.argmax(axis=1) if len(p) else np.zeros(0, dtype=int)
-        out["predicted_class"] = [self.classes[i] for i in pred]
-        out["predicted_task"] = [self.classes[i].rsplit("/", 1)[0] for i in pred]
-        out["fake_probability"] = p[:, 1::2].sum(axis=1) if len(p) else np.zeros(0)
-        return out
+        data = [_image_bytes(v, i) for i, v in enumerate(values)]
+        if "name" in model_input.columns:
+            names = [str(n) for n in model_input["name"]]
+        else:
+            names = [v if isinstance(v, str) and len(v) < 4096 and Path(v).is_file() else f"row {i}"
+                     for i, v in enumerate(values)]
+        p = self.predictor
+        old = p.batch_size
+        p.batch_size = int((params or {}).get("batch_size", old))
+        try:
+            res = p.predict(data, names, progress=False)
+        finally:
+            p.batch_size = old
+        probs = np.full(res.logits.shape, np.nan)
+        ok = (res.table["status"] == "ok").to_numpy()
+        if ok.any():
+            probs[ok] = softmax(res.logits[ok])
+        out = pd.concat([pd.DataFrame(probs, columns=self.classes), res.table[COLUMNS]], axis=1)
+        out["predicted_task"] = [c.rsplit("/", 1)[0] if isinstance(c, str) else None
+                                 for c in res.table["predicted_class"]]
+        # plain Python values (None for missing): JSON-serialisable by the scoring server
+        return out.astype(object).where(out.notna(), None)
 
 
 def pip_requirements(extra: list[str] | None = None) -> list[str]:
@@ -121,12 +127,21 @@ def _skip_mlflow_package_scan() -> None:
 
 
 def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | Path | None = None,
-                    metadata: dict[str, Any] | None = None) -> Path:
-    """Write a pyfunc model folder at ``path`` whose artifacts are the state dir (and memory manifest)."""
+                    metadata: dict[str, Any] | None = None, openset_dir: str | Path | None = None) -> Path:
+    """Write a pyfunc model folder at ``path`` whose artifacts are the state dir (and memory manifest).
+
+    The open-set calibration (``openset_dir``, default the state's ``<state_dir>.openset`` when it exists and
+    belongs to this state) is packed too, so the served model reports unknown-generator scores.
+    """
+    from lorax.serving.openset import load_openset, openset_dir as default_openset
+
     path = Path(path)
     artifacts = {"state": str(Path(state_dir).resolve())}
     if memory_path is not None and Path(memory_path).is_file():
         artifacts["memory"] = str(Path(memory_path).resolve())
+    os_dir = Path(openset_dir) if openset_dir is not None else default_openset(state_dir)
+    if (os_dir / "openset.json").is_file() and load_openset(state_dir, os_dir) is not None:
+        artifacts["openset"] = str(os_dir.resolve())
     extra = ["open_clip_torch"] if _uses_open_clip(state_dir) else []
     _skip_mlflow_package_scan()
     mlflow.pyfunc.save_model(

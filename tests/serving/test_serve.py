@@ -1,0 +1,140 @@
+"""The registered model served by the real `mlflow models serve` answers what `lorax predict` writes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lorax.cli import main
+from lorax.serving.predict import COLUMNS
+
+MODEL = "models:/lorax-attributor@champion"
+SERVER_START_S = 180  # bounded wait for the server to answer /ping
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry(stream, tmp_path_factory):
+    """The stream's last state registered (with its open-set calibration) as champion in a sqlite store."""
+    from lorax import ops
+    from lorax.tracking import registry as reg
+    from lorax.tracking.tracker import Tracker
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    params = stream.params.model_copy(deep=True)
+    params.tracking.uri = uri
+    tracker = Tracker(params, root)
+    parent = tracker.start_stream(params.tasks)
+    run_id = tracker.start_task(parent, params.tasks[-1], len(params.tasks) - 1)
+    ev = json.loads((stream.out / "eval" / f"{params.tasks[-1]}.json").read_text())
+    rec = reg.register(tracker, task=params.tasks[-1], tasks=params.tasks, state_dir=stream.state,
+                       memory_path=stream.out / "memory" / f"{params.tasks[-1]}.parquet", eval_result=ev,
+                       run_id=run_id, state_id=ops.state_id(stream.state))
+    assert "champion" in rec["aliases"]
+    return uri
+
+
+def _images(stream, tmp_path: Path) -> list[Path]:
+    imgs = stream.val_images("deconv")[:2] + stream.val_images("nnconv", "0_real")[:2]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    return [*imgs, bad]
+
+
+def _post(port: int, payload: dict, timeout: float = 60) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait_up(proc: subprocess.Popen, port: int, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"mlflow models serve did not answer within {SERVER_START_S}s:\n{log.read_text()[-3000:]}")
+
+
+def test_served_model_answers_like_lorax_predict(stream, registry, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    monkeypatch.setenv("LORAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    images = _images(stream, tmp_path)
+    assert main(["predict", *map(str, images), "--model", MODEL, "--out", str(tmp_path / "p.json")]) == 0
+    expected = pd.DataFrame(json.loads((tmp_path / "p.json").read_text()))
+    assert list(expected["status"]) == ["ok"] * 4 + ["error"] and expected["unknown_score"][:4].notna().all()
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = tmp_path / "server.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", MODEL, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
+    try:
+        _wait_up(proc, port, log)
+        payload = {"dataframe_split": {"columns": ["image", "name"],
+                                       "data": [[base64.b64encode(p.read_bytes()).decode(), str(p)] for p in images]}}
+        got = pd.DataFrame(_post(port, payload)["predictions"])
+        with pytest.raises(urllib.error.HTTPError) as e:  # a malformed request is refused, naming the row
+            _post(port, {"dataframe_split": {"columns": ["image"], "data": [["neither a file nor base64!"]]}})
+        assert e.value.code in (400, 500) and "row 0" in e.value.read().decode()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    classes = ["deconv/real", "deconv/fake", "nnconv/real", "nnconv/fake"]
+    assert list(got.columns) == classes + COLUMNS + ["predicted_task"]
+    for col in COLUMNS:
+        for a, b in zip(got[col], expected[col], strict=True):
+            if pd.isna(b):
+                assert pd.isna(a), col
+            elif isinstance(b, float):
+                assert a == pytest.approx(b, rel=1e-5, abs=1e-6), col
+            else:
+                assert a == b, col
+    assert got[classes][:4].sum(axis=1).to_numpy() == pytest.approx([1.0] * 4, abs=1e-5)
+
+
+def test_model_uri_not_in_the_registry(stream, registry, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    monkeypatch.setenv("LORAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    img = str(stream.val_images("deconv")[0])
+    for uri in ("models:/no-such-model@champion", "models:/lorax-attributor@no-such-alias",
+                "models:/lorax-attributor/99"):
+        assert main(["predict", img, "--model", uri, "--out", str(tmp_path / "p.csv")]) == 2
+        err = capsys.readouterr().err
+        assert "not found in the registry" in err and "Registered models: lorax-attributor" in err, err
+    assert not (tmp_path / "p.csv").exists()
