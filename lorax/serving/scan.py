@@ -173,3 +173,81 @@ def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *
     log.info("scan: %d images, %d unreadable, %d flagged, %d candidate group(s) -> %s", len(table),
              summary["n_errors"], len(flagged), len(summary["candidates"]), out)
     return summary
+
+
+def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[str, Any], out: str | Path,
+                     seed: int = 0) -> dict[str, Any]:
+    """Open-set evaluation with held-out generators (``docs/results.md``).
+
+    ``known``: manifests of the model's tasks; ``unknown``: manifests of generators it never saw. The known val
+    images are split in half per class: one half sets the threshold (with the train split for the class means),
+    the other is the known test set. Per unknown generator: AUROC of the unknown score (and of the energy and
+    max-softmax baselines) for its fakes against the known test set, the share of its fakes flagged, and a
+    ``scan_inbox`` of known test + its fakes: how many of its fakes land in one candidate group, and that group's
+    purity. Writes each scan under ``out/<generator>``.
+    """
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from lorax.continual.metrics import fake_probability, softmax
+    from lorax.data.manifest import abs_paths
+    from lorax.serving.openset import calibrate
+
+    out = Path(out)
+    cal_val, test_rows = {}, []
+    for t in predictor.tasks:
+        val = known[t][known[t]["split"] == "val"]
+        half = pd.concat([val[val["label"] == lab].sample(frac=0.5, random_state=seed) for lab in (0, 1)])
+        cal_val[t] = half
+        test_rows.append(val.drop(half.index))
+    predictor.openset = calibrate(predictor, known, val=cal_val, seed=seed)
+    test = pd.concat(test_rows)
+    kp = predictor.predict([str(p) for p in abs_paths(test)], progress=False)
+
+    def scores(res) -> dict[str, np.ndarray]:
+        ok = (res.table["status"] == "ok").to_numpy()
+        lg = res.logits[ok]
+        p = softmax(lg)
+        m = lg.max(1, keepdims=True)
+        return {"mahalanobis": predictor.openset.score(res.features[ok]),
+                "energy": -(m[:, 0] + np.log(np.exp(lg - m).sum(1))), "msp": -p.max(1),
+                "fake_p": fake_probability(p)}
+
+    ks = scores(kp)
+    thr = predictor.openset.threshold
+    report: dict[str, Any] = {
+        "tasks": list(predictor.tasks), "threshold": thr, "n_known_test": int(len(ks["mahalanobis"])),
+        "known_flag_rate": float((ks["mahalanobis"] > thr).mean()),
+        "known_flag_rate_require_fake": float(((ks["mahalanobis"] > thr) & (ks["fake_p"] >= 0.5)).mean()),
+        "generators": {},
+    }
+    for g, df in unknown.items():
+        fakes = df[df["label"].astype(int) == 1]
+        reals = df[df["label"].astype(int) == 0]
+        fp = predictor.predict([str(p) for p in abs_paths(fakes)], progress=False)
+        rp = predictor.predict([str(p) for p in abs_paths(reals)], progress=False)
+        us, ur = scores(fp), scores(rp)
+        y = np.r_[np.zeros(len(ks["mahalanobis"])), np.ones(len(us["mahalanobis"]))]
+        auroc = {k: float(roc_auc_score(y, np.r_[ks[k], us[k]])) for k in ("mahalanobis", "energy", "msp")}
+        flagged = us["mahalanobis"] > thr
+        inbox = out / f"{g}_inbox.txt"
+        out.mkdir(parents=True, exist_ok=True)
+        fake_paths = [str(p) for p in abs_paths(fakes)]
+        inbox.write_text("\n".join([str(p) for p in abs_paths(test)] + fake_paths) + "\n")
+        s = scan_inbox(predictor, [inbox], out / g, overwrite=True)
+        fake_set = set(fake_paths)
+        per_group = [(sum(m["source"] in fake_set for m in c["members"]), c["n_images"]) for c in s["candidates"]]
+        best = max(per_group, default=(0, 0))
+        report["generators"][g] = {
+            "n_fakes": int(len(us["mahalanobis"])), "auroc": auroc,
+            "fake_flag_rate": float(flagged.mean()),
+            "fake_flag_rate_require_fake": float((flagged & (us["fake_p"] >= 0.5)).mean()),
+            "fake_called_fake": float((us["fake_p"] >= 0.5).mean()),
+            "real_flag_rate": float((ur["mahalanobis"] > thr).mean()),
+            "scan_flagged": s["n_flagged"], "scan_groups": len(s["candidates"]),
+            "share_in_one_group": best[0] / max(1, len(fake_paths)),
+            "purity_of_that_group": best[0] / best[1] if best[1] else 0.0,
+        }
+        log.info("held-out %s: %s", g, report["generators"][g])
+    (out / "heldout.json").write_text(json.dumps(report, indent=2))
+    return report

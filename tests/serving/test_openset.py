@@ -148,3 +148,26 @@ def test_cli_scan(stream, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["scan", str(tmp_path / "empty"), "--model", str(stream.state), "--out", str(tmp_path / "s2")]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_heldout_evaluation(stream, predictor, tmp_path: Path) -> None:
+    from lorax.data.manifest import load_stream_manifests, read_manifest
+    from lorax.data.prepare import prepare_tasks
+    from lorax.data.zoo import synth_tasks
+    from lorax.serving.scan import evaluate_heldout
+
+    p = stream.params
+    synth_tasks(["pixshuf"], tmp_path / "zoo", p.zoo)
+    prepare_tasks(tmp_path / "zoo", ["pixshuf"], tmp_path / "held", p.data, p.model.img_size)
+    known = load_stream_manifests(stream.manifests, predictor.tasks)
+    fresh = Predictor(predictor.method, predictor.info, "cpu", openset=None)
+    r = evaluate_heldout(fresh, known, {"pixshuf": read_manifest(tmp_path / "held" / "pixshuf.parquet")},
+                         tmp_path / "eval")
+    assert r["n_known_test"] == 12 and fresh.openset.meta["n_val"] == 12  # val split in half
+    g = r["generators"]["pixshuf"]
+    assert g["n_fakes"] == 18 and set(g["auroc"]) == {"mahalanobis", "energy", "msp"}
+    assert all(0 <= a <= 1 for a in g["auroc"].values())
+    assert g["share_in_one_group"] * 18 == pytest.approx(round(g["share_in_one_group"] * 18))
+    assert g["share_in_one_group"] * 18 <= g["scan_flagged"]
+    assert json.loads((tmp_path / "eval" / "heldout.json").read_text())["generators"]["pixshuf"] == g
+    assert (tmp_path / "eval" / "pixshuf" / "scan.json").is_file()
