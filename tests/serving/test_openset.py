@@ -171,3 +171,15 @@ def test_heldout_evaluation(stream, predictor, tmp_path: Path) -> None:
     assert g["share_in_one_group"] * 18 <= g["scan_flagged"]
     assert json.loads((tmp_path / "eval" / "heldout.json").read_text())["generators"]["pixshuf"] == g
     assert (tmp_path / "eval" / "pixshuf" / "scan.json").is_file()
+
+
+def test_cli_calibrate(stream, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(stream.state), "--manifests", str(stream.manifests), "--out", str(out),
+                 "--require-fake"]) == 0
+    assert "open-set threshold" in capsys.readouterr().out
+    stats = OpenSetStats.load(out)
+    ref = load_openset(stream.state)
+    assert stats.meta["require_fake"] is True and stats.threshold == pytest.approx(ref.threshold, rel=1e-5)
+    assert main(["calibrate", str(stream.state), "--manifests", str(tmp_path), "--out", str(out)]) == 2
+    assert "no manifests for the model's tasks ['deconv', 'nnconv']" in capsys.readouterr().err
