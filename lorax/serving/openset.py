@@ -195,7 +195,7 @@ def _rows(manifests: dict[str, pd.DataFrame], tasks: list[str], split: str, max_
 
 
 def _features(predictor, paths: list[str], what: str) -> tuple[np.ndarray, np.ndarray]:
-    pred = predictor.predict(paths, progress=True)
+    pred = predictor.predict(paths, progress=True, keep_features=True)
     ok = (pred.table["status"] == "ok").to_numpy()
     if (~ok).any():
         bad = pred.table.loc[~ok, ["path", "error"]].head(3).to_records(index=False).tolist()

@@ -144,7 +144,8 @@ def forward_with_features(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 @dataclass
 class Prediction:
-    """The table (:data:`COLUMNS`) and, row-aligned, the averaged logits and features (NaN on error rows)."""
+    """The table (:data:`COLUMNS`) and, row-aligned, the averaged logits and features (NaN on error rows;
+    ``features`` is (N, 0) unless asked for: a large run would not hold them in memory)."""
 
     table: pd.DataFrame
     logits: np.ndarray
@@ -221,8 +222,11 @@ class Predictor:
         return logits.numpy(), feats.numpy()
 
     def predict(self, sources: Sequence[str | Path | bytes], names: Sequence[str] | None = None,
-                progress: bool = True) -> Prediction:
-        """Score ``sources`` (paths or image bytes; ``names`` label them in the ``path`` column)."""
+                progress: bool = True, keep_features: bool = False) -> Prediction:
+        """Score ``sources`` (paths or image bytes; ``names`` label them in the ``path`` column).
+
+        The open-set score is computed batch by batch; ``keep_features`` also returns the super-features.
+        """
         names = [str(s) if not isinstance(s, bytes) else f"<bytes {i}>" for i, s in enumerate(sources)] \
             if names is None else [str(n) for n in names]
         if len(names) != len(sources):
@@ -231,6 +235,7 @@ class Predictor:
         n_cls = len(self.classes)
         logits = np.full((n, n_cls), np.nan, dtype=np.float32)
         feats: np.ndarray | None = None
+        scores = np.full(n, np.nan)
         errors: list[str | None] = [None] * n
         sizes = np.full((n, 2), -1, dtype=np.int64)
         pending: list[tuple[int, torch.Tensor]] = []
@@ -240,10 +245,14 @@ class Predictor:
             if not pending:
                 return
             lg, ft = self._run_batch([t for _, t in pending])
-            if feats is None:
-                feats = np.full((n, ft.shape[1]), np.nan, dtype=np.float32)
             rows = [i for i, _ in pending]
-            logits[rows], feats[rows] = lg, ft
+            logits[rows] = lg
+            if self.openset is not None:
+                scores[rows] = self.openset.score(ft)
+            if keep_features:
+                if feats is None:
+                    feats = np.full((n, ft.shape[1]), np.nan, dtype=np.float32)
+                feats[rows] = ft
             pending.clear()
 
         bar = tqdm(total=n, desc="predict", unit="img", disable=None if progress else True)
@@ -263,9 +272,9 @@ class Predictor:
         bar.close()
         if feats is None:
             feats = np.full((n, 0), np.nan, dtype=np.float32)
-        return Prediction(self._table(names, logits, feats, errors, sizes), logits, feats)
+        return Prediction(self._table(names, logits, scores, errors, sizes), logits, feats)
 
-    def _table(self, names: list[str], logits: np.ndarray, feats: np.ndarray, errors: list[str | None],
+    def _table(self, names: list[str], logits: np.ndarray, scores: np.ndarray, errors: list[str | None],
                sizes: np.ndarray) -> pd.DataFrame:
         n = len(names)
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -283,7 +292,7 @@ class Predictor:
             order = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K]
             score = flag = None
             if self.openset is not None:
-                score = self.openset.score(feats[rows])
+                score = scores[rows]
                 flag = self.openset.flag(score, fake_p)
             for j, i in enumerate(rows):
                 c = int(pred[j])

@@ -133,7 +133,7 @@ def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *
     out = Path(out)
     paths = collect_inputs(inbox)
     _prepare_out(out, overwrite)
-    pred = predictor.predict(paths)
+    pred = predictor.predict(paths, keep_features=True)
     table = pred.table
     table.to_csv(out / "predictions.csv", index=False)
     flagged = np.flatnonzero(table["unknown_flag"].fillna(False).to_numpy(dtype=bool))
@@ -209,7 +209,7 @@ def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[
         lg = res.logits[ok]
         p = softmax(lg)
         m = lg.max(1, keepdims=True)
-        return {"mahalanobis": predictor.openset.score(res.features[ok]),
+        return {"mahalanobis": res.table["unknown_score"].to_numpy(dtype=float)[ok],
                 "energy": -(m[:, 0] + np.log(np.exp(lg - m).sum(1))), "msp": -p.max(1),
                 "fake_p": fake_probability(p)}
 

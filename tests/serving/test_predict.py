@@ -46,8 +46,11 @@ def test_same_logits_as_training_evaluation(stream, predictor) -> None:
 
 def test_output_fields(stream, predictor) -> None:
     paths = [str(p) for p in stream.val_images("deconv")[:4] + stream.val_images("nnconv", "0_real")[:4]]
-    res = predictor.predict(paths, progress=False)
+    res = predictor.predict(paths, progress=False, keep_features=True)
     t = res.table
+    assert res.features.shape == (8, 2 * predictor.method.net.embed_dim)  # super-feature: embed_dim x tasks
+    np.testing.assert_allclose(t["unknown_score"].to_numpy(dtype=float), predictor.openset.score(res.features))
+    assert predictor.predict(paths[:1], progress=False).features.shape == (1, 0)  # not kept unless asked
     assert list(t.columns) == COLUMNS and list(t["path"]) == paths and (t["status"] == "ok").all()
     probs = np.exp(res.logits - res.logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
@@ -123,8 +126,8 @@ def test_large_image_averages_deterministic_crops(tmp_path: Path, predictor) -> 
     for k, (l, t, r, b) in enumerate(boxes):
         Image.fromarray(big[t:b, l:r]).save(tmp_path / f"crop{k}.png")
     four = Predictor(predictor.method, predictor.info, "cpu", crops=4, openset=predictor.openset)
-    multi = four.predict([str(tmp_path / "big.png")], progress=False)
-    single = predictor.predict([str(tmp_path / f"crop{k}.png") for k in range(4)], progress=False)
+    multi = four.predict([str(tmp_path / "big.png")], progress=False, keep_features=True)
+    single = predictor.predict([str(tmp_path / f"crop{k}.png") for k in range(4)], progress=False, keep_features=True)
     np.testing.assert_allclose(multi.logits[0], single.logits.mean(0), atol=1e-5)
     np.testing.assert_allclose(multi.features[0], single.features.mean(0), atol=1e-5)
     centre = predictor.predict([str(tmp_path / "big.png")], progress=False)  # default eval.crops = 1: centre crop
