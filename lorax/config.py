@@ -126,6 +126,10 @@ class TrainConfig(_Section):
     device: str = "auto"
     one_pass: bool = True
     feature_cache: bool = False
+    feature_cache_crops: int = Field(2, ge=1)  # fixed crops per training image per task when feature_cache is on
+    decode_cache: bool = False  # decode images once into a uint8 memory-mapped cache (lorax.data.cache)
+    decode_cache_dir: str = "cache/decoded"
+    decode_cache_max_mb: float = Field(4096, ge=0)  # larger datasets are read from their files as usual
 
     @field_validator("device")
     @classmethod

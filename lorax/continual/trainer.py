@@ -24,11 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from lorax.config import Params
+from lorax.continual import ddp
 from lorax.continual import metrics as M
+from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cache
 from lorax.continual.memory import ExemplarMemory, per_class_budget
 from lorax.continual.methods import Method, build_method, count_trainable
 from lorax.continual.state import load_state, save_state
-from lorax.data.dataset import make_loader
+from lorax.data.dataset import ManifestDataset, SeededSampler
 from lorax.data.manifest import abs_paths
 
 log = logging.getLogger(__name__)
@@ -78,18 +80,45 @@ def _norm(method: Method) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return bb.info.mean, bb.info.std
 
 
-def _loader(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int, batch_size: int | None = None):
+def _dataset(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int) -> ManifestDataset:
+    """The rows as a dataset; pixels from the uint8 decode cache when ``train.decode_cache`` is on and they fit."""
     mean, std = _norm(method)
-    return make_loader(
-        df,
-        train=train,
-        crop=params.model.img_size,
-        mean=mean,
-        std=std,
-        batch_size=batch_size or (params.train.batch_size if train else params.eval.batch_size),
-        num_workers=params.train.num_workers,
-        seed=seed,
+    kw = dict(train=train, crop=params.model.img_size, mean=mean, std=std, seed=seed)
+    if params.train.decode_cache:
+        from lorax.data.cache import CachedManifestDataset, open_decode_cache
+
+        t = params.train
+        cache = open_decode_cache(df, t.decode_cache_dir, t.decode_cache_max_mb)
+        if cache is not None:
+            return CachedManifestDataset(df, cache, **kw)
+    return ManifestDataset(df, **kw)
+
+
+def _loader(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int, batch_size: int | None = None,
+            ctx: ddp.DistContext | None = None, cache: FrozenFeatureCache | None = None,
+            device: torch.device | None = None) -> torch.utils.data.DataLoader:
+    """Batches of ``(images, class_ids, rows)`` (``cache``: cache slots instead of rows); same batches and crops
+    as ``make_loader(seed=seed)``, whatever ``num_workers``; under DDP this rank's share of each global batch."""
+    ctx = ctx or ddp.DistContext()
+    ds = _dataset(df, method, params, train, seed)
+    gen = torch.Generator().manual_seed(seed)
+    if cache is not None:
+        ds, sampler = cache.dataset(ds), cache.sampler(gen)
+    else:
+        sampler = SeededSampler(len(ds), shuffle=train, generator=gen)
+    bs = batch_size or (params.train.batch_size if train else params.eval.batch_size)
+    workers = params.train.num_workers
+    return torch.utils.data.DataLoader(
+        ds, batch_sampler=ddp.ShardedBatchSampler(sampler, bs, ctx.rank, ctx.world), num_workers=workers,
+        generator=gen, persistent_workers=workers > 0, pin_memory=device is not None and device.type == "cuda",
     )
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a sync; channels-last images on CUDA (faster patch-embedding convolutions)."""
+    if device.type == "cuda" and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
 
 
 def training_rows(method: Method, task_df: pd.DataFrame, memory: ExemplarMemory | None,
@@ -128,7 +157,8 @@ def train_task(
     """
     out_dir = Path(out_dir)
     task = str(task_manifest["task"].iloc[0])
-    device = resolve_device(params.train.device)
+    ctx = ddp.context()  # torchrun: one process per device, each a share of every batch
+    device = ctx.device or resolve_device(params.train.device)
     t0 = time.time()
     if previous_state is not None:
         method, prev_info = load_state(previous_state, device="cpu", params=params)
@@ -146,8 +176,14 @@ def train_task(
     method.to(device)
     rows = training_rows(method, task_manifest, memory, history)
     seed = params.seed * 1000 + task_index
-    loader = _loader(rows, method, params, train=True, seed=seed)
+    cache = None
+    if wants_feature_cache(method, params):  # old adapters' embeddings of K fixed crops per row, once per task
+        cache = FrozenFeatureCache(len(rows), params.train.feature_cache_crops, seed).build(
+            method.net, _dataset(rows, method, params, True, seed), params.eval.batch_size, device,
+            _autocast(params, device), ctx, params.train.num_workers)
+    loader = _loader(rows, method, params, train=True, seed=seed, ctx=ctx, cache=cache, device=device)
     trainable = method.trainable_parameters()
+    model = ctx.wrap(method)
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate(params, task_index), weight_decay=params.train.weight_decay)
     steps_per_epoch = len(loader)
     total = steps_per_epoch * params.train.epochs
@@ -170,34 +206,43 @@ def train_task(
     for epoch in range(start_epoch, params.train.epochs):
         g = torch.Generator().manual_seed(seed * 100 + epoch)
         torch.manual_seed(seed * 100 + epoch)
-        loader = _loader(rows, method, params, train=True, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        method.train()
-        tot_loss, tot_ok, n = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"{task} epoch {epoch + 1}/{params.train.epochs}", leave=False, disable=None)
-        for step, (x, y, _) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loader = _loader(rows, method, params, train=True, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
+                         ctx=ctx, cache=cache, device=device)
+        model.train()
+        tot, n = torch.zeros(2, device=device), 0  # loss sum, correct (on device: no per-step host sync); images
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        bar = tqdm(loader, desc=f"{task} epoch {epoch + 1}/{params.train.epochs}", leave=False,
+                   disable=None if ctx.is_main else True)
+        for step, (x, y, key) in enumerate(bar):
+            x, y = _to_device(x, device), y.to(device, non_blocking=True)
             with _autocast(params, device):
-                out = method(x)
+                out = model(x) if cache is None else model(x, cache.lookup(key, device))
                 loss = method.loss(out, y)
-            if not torch.isfinite(loss):
+            bad |= ~torch.isfinite(loss.detach())
+            # on CUDA the check (a host sync) runs every 32 steps; non-finite steps never reach a saved state
+            if (device.type != "cuda" or (step + 1) % 32 == 0 or step + 1 == len(loader)) and bool(bad):
                 raise NonFiniteLossError(
                     f"task {task}, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}; lower the learning rate "
                     f"(train.lr_first/lr_later) or enable train.grad_clip. The previous state is untouched."
                 )
+            n_mine, weight = loader.batch_sampler.share(step)  # DDP: this rank's share of the global batch
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             if params.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, params.train.grad_clip)
             optimizer.step()
             scheduler.step()
-            tot_loss += loss.detach().float() * len(y)
-            tot_ok += (out[0].argmax(1) == y).sum()
-            n += len(y)
-        row = {"epoch": epoch + 1, "loss": float(tot_loss) / n, "train_acc": 100.0 * float(tot_ok) / n,
+            ok = (out[0].argmax(1)[:n_mine] == y[:n_mine]).sum()
+            tot += torch.stack([loss.detach().float() * n_mine, ok.float()])
+            n += n_mine
+        tot = ctx.all_reduce_sum(torch.cat([tot, torch.tensor([float(n)], device=device)])).cpu()
+        row = {"epoch": epoch + 1, "loss": float(tot[0] / tot[2]), "train_acc": 100.0 * float(tot[1] / tot[2]),
                "lr": optimizer.param_groups[0]["lr"]}
         history_rows.append(row)
         log.info("task %s epoch %d/%d: loss %.4f train acc %.1f%%", task, epoch + 1, params.train.epochs,
                  row["loss"], row["train_acc"])
+        if not ctx.is_main:
+            continue
         if callback is not None:
             callback(epoch + 1, row)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -226,8 +271,10 @@ def train_task(
         "backbone_pretrained": bool(params.model.pretrained),
         **(extra_info or {}),
     }
-    save_state(method, out_dir, params, info)
-    shutil.rmtree(ckpt.parent, ignore_errors=True)
+    if ctx.is_main:
+        save_state(method, out_dir, params, info)
+        shutil.rmtree(ckpt.parent, ignore_errors=True)
+    ctx.barrier()  # the other ranks read the state rank 0 wrote
     return out_dir
 
 
@@ -245,16 +292,16 @@ def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: tor
     """Logits (and optionally herding features) of every row of ``df`` with eval (center-crop) transforms."""
     device = device or resolve_device(params.train.device)
     method.to(device).eval()
-    loader = _loader(df, method, params, train=False, seed=0)
+    loader = _loader(df, method, params, train=False, seed=0, device=device)
     logits, feats = [], []
     for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        x = x.to(device)
+        x = _to_device(x, device)
         with _autocast(params, device):
             if features:
-                f = method.features(x)
-                feats.append(f.float().cpu())
-            logits.append(method(x)[0].float().cpu())
-    return torch.cat(logits).numpy(), (torch.cat(feats).numpy() if features else None)
+                feats.append(method.features(x).float())
+            logits.append(method(x)[0].float())
+    # one device -> host copy at the end: no per-batch sync
+    return torch.cat(logits).cpu().numpy(), (torch.cat(feats).cpu().numpy() if features else None)
 
 
 def evaluate_task_list(method: Method, manifests: list[pd.DataFrame], params: Params,
