@@ -367,10 +367,6 @@ def report_step(params: Params, layout: Layout, tracker=None) -> dict[str, Any]:
     R = np.array([[np.nan if v is None else v for v in row] for row in metrics["acc_matrix"]])
     plot_accuracy_matrix(R, tasks, layout.plots / "acc_matrix.png")
     plot_task_curves(R, tasks, layout.plots / "task_curves.png")
-    champions = {}
-    for t in tasks:
-        if layout.registry(t).is_file():
-            champions[t] = read_json(layout.registry(t))
     parent = (read_json(layout.stream_file).get("parent_run_id") if layout.stream_file.is_file()
               else (_state_info(states[-1]).get("tracking") or {}).get("parent_run_id"))
     if tracker is not None and parent:
