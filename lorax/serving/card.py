@@ -136,12 +136,14 @@ def write_model_card(state_dir: str | Path, metrics: dict[str, Any] | None, out_
 
     model = p.get("model", {})
     trainable = info.get("trainable_params_per_task") or []
+    weights = (f"pretrained: {model['pretrained']}" if model.get("pretrained")
+               else "NO pretrained weights: seeded random init")
     lines = [
         f"# Model card: lorax attributor after task `{tasks[-1]}` ({len(tasks)} task{'s' * (len(tasks) > 1)})",
         "",
         f"Continual attribution of images: real, or made by which of {len(tasks)} known generators. Method "
         f"`{info.get('method')}` on a frozen `{model.get('backbone')}` backbone "
-        f"({'pretrained: ' + str(model.get('pretrained')) if model.get('pretrained') else 'NO pretrained weights: seeded random init'}), "
+        f"({weights}), "
         f"crop {model.get('img_size')} px (images are cropped, never resized). Saved {info.get('saved_at', '?')}.",
         "",
         "| | |",

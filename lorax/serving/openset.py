@@ -124,7 +124,8 @@ class OpenSetStats:
     def load(cls, path: str | Path) -> OpenSetStats:
         path = Path(path)
         if not (path / META_FILE).is_file() or not (path / STATS_FILE).is_file():
-            raise CalibrationError(f"{path}: no open-set calibration ({META_FILE}, {STATS_FILE}); run `lorax calibrate`")
+            raise CalibrationError(
+                f"{path}: no open-set calibration ({META_FILE}, {STATS_FILE}); run `lorax calibrate`")
         meta = json.loads((path / META_FILE).read_text())
         t = load_file(str(path / STATS_FILE))
         threshold = float(meta.pop("threshold"))

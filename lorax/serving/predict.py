@@ -119,7 +119,7 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[str]:
     if not out:
         raise ServingError(
             f"no images to predict: {'; '.join(empty) or 'no paths given'}. Pass image files, folders holding images "
-            f"(searched recursively for {', '.join(sorted(s for s in suffixes if s in ('.png', '.jpg', '.jpeg', '.webp', '.tif')))}, ...) "
+            f"(searched recursively for .png, .jpg, .webp, .tif, ... files) "
             f"or a .txt file listing image paths"
         )
     return out

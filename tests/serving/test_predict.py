@@ -164,7 +164,8 @@ def test_write_table_formats_agree(tmp_path: Path, stream, predictor) -> None:
     for got in (csv, js, pq):
         assert list(got.columns) == COLUMNS
         assert list(got["status"]) == ["ok", "ok", "ok", "error"]
-        np.testing.assert_allclose(got["fake_probability"].astype(float)[:3], table["fake_probability"].astype(float)[:3])
+        np.testing.assert_allclose(got["fake_probability"].astype(float)[:3],
+                                   table["fake_probability"].astype(float)[:3])
         assert got["error"].iloc[3] == "file not found" and pd.isna(got["verdict"].iloc[3])
     with pytest.raises(ServingError, match=r"unknown format \.xlsx"):
         write_table(table, tmp_path / "p.xlsx")
