@@ -172,6 +172,7 @@ class DetectConfig(_Section):
     aug_prob: float = Field(0.1, ge=0, le=1)
     blur_sigmas: list[float] = Field(default_factory=lambda: [1, 2, 3, 4])
     jpeg_qualities: list[int] = Field(default_factory=lambda: [90, 70, 50, 30])
+    model: ModelConfig | None = None  # the detector's own backbone (a model section); None = the model section
 
 
 class Params(_Section):

@@ -28,6 +28,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="override a setting, e.g. -S detect.epochs=2 -S detect.where=both (YAML value)")
     p.set_defaults(func=_detect)
 
+    from lorax.detect.ablation import add_commands as add_ablation
+
+    add_ablation(sub)  # lorax detect-ablation
+
 
 def _detect(args: argparse.Namespace) -> int:
     from lorax.config import load_params

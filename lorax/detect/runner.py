@@ -35,7 +35,7 @@ from lorax.detect.augment import BlurJpeg, augment_batch
 from lorax.detect.detector import Detector, build_detector, save_detector
 from lorax.registry import DETECTORS
 
-__all__ = ["EpochCallback", "evaluate_sets", "list_manifests", "run_detect", "train_detector"]
+__all__ = ["EpochCallback", "detect_params", "evaluate_sets", "list_manifests", "run_detect", "train_detector"]
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,13 @@ def evaluate_sets(
     return result, pd.concat(tables, ignore_index=True)
 
 
+def detect_params(params: Params) -> Params:
+    """``params`` with the detector's own backbone (``detect.model``, when set) as the model section."""
+    if params.detect.model is None:
+        return params
+    return params.model_copy(update={"model": params.detect.model})
+
+
 def run_detect(
     params: Params,
     manifests_dir: str | Path,
@@ -204,6 +211,7 @@ def run_detect(
 ) -> dict[str, Any]:
     """Train on ``train_tasks`` (default ``detect.train_tasks``) with ``method`` (default ``detect.method``),
     evaluate on every other manifest in ``manifests_dir``, write the outputs to ``out_dir``; returns the metrics.
+    The backbone is ``detect.model`` when set (the detector's own, e.g. a pretrained DINOv2), else ``model``.
 
     Metrics: ``map``, ``mean_acc`` (over the evaluated generators, percent), ``per_generator`` {name: {ap, acc,
     real_acc, fake_acc, n_real, n_fake}}, ``threshold`` (on the fake probability), ``robustness`` {blur: {sigma:
@@ -213,6 +221,7 @@ def run_detect(
     ``extra_eval`` (test-only sets such as ``../shared/data/realworld`` prepared as manifests: every image of every
     manifest there is scored, with the same threshold; nothing is fitted on them).
     """
+    params = detect_params(params)
     cfg = params.detect
     method = method or cfg.method
     train_tasks = list(train_tasks or cfg.train_tasks)

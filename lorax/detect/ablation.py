@@ -1,0 +1,510 @@
+"""The CLIP-MoLE ablation table in one command: ``python -m lorax.detect.ablation`` (also ``lorax detect-ablation``).
+
+Three tables, as in the paper (Tables 4-6), each one factor away from the reference detector (``detect.*``: MoLE on
+the MLP of the last 3 blocks, shared rank 8, experts 4/8/16):
+
+* ``design``: the methods (``probe`` = UnivFD's linear probe, ``shared`` = one LoRA, ``separate`` = routed experts
+  only, ``mole``) and where the adapters go (``mlp``/``attn``/``both``, for ``--where-methods``; the paper's
+  Table 5 uses the shared LoRA);
+* ``blocks``: MoLE in the last k blocks (``all`` = every block);
+* ``ranks``: MoLE rank sets ``SHARED:E1/E2/...`` (``8:4/8/16`` = shared rank 8, experts 4, 8, 16).
+
+Every distinct detector runs once per seed (a row shared by two tables is not retrained) through
+:func:`~lorax.detect.runner.run_detect`, into ``OUT/runs/<variant>/seed<k>/``; a finished run with the same settings
+is reused, so an interrupted ablation resumes where it stopped. Robustness curves are skipped unless
+``--robustness`` (they are not in the table and cost 8 extra evaluations per run). Writes ``OUT/ablation.json``
+(settings, command, every run's figures, the tables) and ``OUT/ablation.md`` (the tables: mAP and accuracy on the
+unseen generators as mean ± std over seeds, per-generator AP, the training generators' own val mAP, and the mAP on
+each ``--eval-extra`` test-only set). Nothing is tuned: every variant uses the same settings apart from its factor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorax.config import Params, params_to_dict
+
+__all__ = ["GROUPS", "PAPER_RANKS", "Variant", "ablation_grid", "add_commands", "main", "parse_blocks",
+           "parse_rank_set", "render_markdown", "run_ablation"]
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("design", "blocks", "ranks")
+METHODS = ("probe", "shared", "separate", "mole")
+WHERE = ("mlp", "attn", "both")
+PAPER_BLOCKS = ("1", "2", "3", "4", "5", "all")
+PAPER_RANKS = ("4:4/8/16", "8:4/8/16", "16:4/8/16", "8:8/16/32", "8:4/4/4", "8:8/8/8", "8:8/8/8/8", "8:4/8/16/32")
+RUN_FILE = "ablation_run.json"  # in each run folder: the settings it ran with (a resumed ablation reuses it)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One detector of the ablation; fields a method does not use are normalised away (probe has no adapters)."""
+
+    method: str
+    where: str = "mlp"
+    blocks: int = 3  # last k blocks, 0 = all
+    shared_rank: int = 8
+    expert_ranks: tuple[int, ...] = (4, 8, 16)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--methods: unknown detector {self.method!r}; allowed: {', '.join(METHODS)}")
+        if self.where not in WHERE:
+            raise ValueError(f"--where: {self.where!r}; allowed: {', '.join(WHERE)}")
+        norm = {"probe": {"where": "-", "blocks": -1, "shared_rank": 0, "expert_ranks": ()},
+                "shared": {"expert_ranks": ()}, "separate": {"shared_rank": 0}}.get(self.method, {})
+        for k, v in norm.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "expert_ranks", tuple(int(r) for r in self.expert_ranks))
+
+    @property
+    def slug(self) -> str:
+        """Folder name: ``mole-mlp-b3-r8_4.8.16``, ``probe``."""
+        if self.method == "probe":
+            return "probe"
+        blocks = "all" if self.blocks == 0 else str(self.blocks)
+        ranks = f"{self.shared_rank}_{'.'.join(map(str, self.expert_ranks)) or '-'}"
+        return f"{self.method}-{self.where}-b{blocks}-r{ranks}"
+
+    @property
+    def ranks_label(self) -> str:
+        if self.method == "probe":
+            return "-"
+        return f"{self.shared_rank or '-'} : {'/'.join(map(str, self.expert_ranks)) or '-'}"
+
+    def overrides(self) -> dict[str, Any]:
+        """``detect.*`` settings of this variant (probe keeps the reference adapter settings: it has none)."""
+        if self.method == "probe":
+            return {"detect.method": "probe"}
+        return {"detect.method": self.method, "detect.where": self.where, "detect.blocks": self.blocks,
+                "detect.shared_rank": self.shared_rank, "detect.expert_ranks": list(self.expert_ranks)}
+
+
+def parse_blocks(item: str) -> int:
+    """``3`` -> 3, ``all`` -> 0 (detect.blocks)."""
+    s = str(item).strip().lower()
+    if s == "all":
+        return 0
+    try:
+        k = int(s)
+    except ValueError:
+        raise ValueError(f"--blocks {item!r}: expected a number of last blocks (1, 2, ...) or 'all'") from None
+    if k < 1:
+        raise ValueError(f"--blocks {item!r}: must be >= 1 (or 'all')")
+    return k
+
+
+def parse_rank_set(item: str) -> tuple[int, tuple[int, ...]]:
+    """``8:4/8/16`` -> (8, (4, 8, 16)): shared rank, then the experts' ranks."""
+    shared, sep, experts = str(item).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        s = int(shared)
+        e = tuple(int(r) for r in experts.split("/") if r.strip())
+    except ValueError:
+        raise ValueError(f"--ranks {item!r}: expected SHARED:E1/E2/..., e.g. 8:4/8/16") from None
+    if s < 1 or not e or any(r < 1 for r in e):
+        raise ValueError(f"--ranks {item!r}: MoLE needs a shared rank >= 1 and at least one expert rank >= 1")
+    return s, e
+
+
+def ablation_grid(
+    params: Params,
+    groups: Iterable[str] = GROUPS,
+    methods: Iterable[str] = METHODS,
+    where: Iterable[str] = WHERE,
+    where_methods: Iterable[str] = ("shared", "mole"),
+    blocks: Iterable[str] = PAPER_BLOCKS,
+    ranks: Iterable[str] = PAPER_RANKS,
+) -> dict[str, list[Variant]]:
+    """``{group: [variants in table order]}``, each one factor away from the reference ``params.detect``."""
+    cfg = params.detect
+    ref = Variant("mole", cfg.where, cfg.blocks, cfg.shared_rank, tuple(cfg.expert_ranks))
+    groups = list(groups)
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise ValueError(f"--groups: unknown {bad}; allowed: {', '.join(GROUPS)}")
+
+    def like(**kw: Any) -> Variant:
+        return Variant(**{**asdict(ref), **kw})
+
+    tables: dict[str, list[Variant]] = {}
+    if "design" in groups:
+        rows = [like(method=m) for m in methods]
+        rows += [like(method=m, where=w) for m in where_methods for w in where if w != ref.where]
+        tables["design"] = rows
+    if "blocks" in groups:
+        tables["blocks"] = [like(blocks=parse_blocks(b)) for b in blocks]
+    if "ranks" in groups:
+        tables["ranks"] = [like(shared_rank=s, expert_ranks=e) for s, e in map(parse_rank_set, ranks)]
+    for g, rows in tables.items():  # keep the first of duplicates, in order
+        seen: set[Variant] = set()
+        tables[g] = [v for v in rows if not (v in seen or seen.add(v))]
+        if not tables[g]:
+            raise ValueError(f"ablation group {g!r} has no variants; give its values or leave it out of --groups")
+    return tables
+
+
+def _settings(params: Params, variant: Variant, seed: int, manifests: Path, train_tasks: list[str],
+              extra: dict[str, Path]) -> dict[str, Any]:
+    from lorax.detect.runner import detect_params
+
+    d = params_to_dict(detect_params(params))
+    return {"variant": asdict(variant), "seed": seed, "model": d["model"], "detect": d["detect"],
+            "eval": d["eval"], "manifests": str(manifests.resolve()), "train_tasks": train_tasks,
+            "extra": {k: str(Path(v).resolve()) for k, v in sorted(extra.items())}}
+
+
+def _one_run(params: Params, variant: Variant, seed: int, manifests: Path, train_tasks: list[str],
+             extra: dict[str, Path], out: Path, tracker=None, parent_run_id: str | None = None) -> dict[str, Any]:
+    from lorax.config import ConfigError, parse_params
+    from lorax.detect.tracking import tracked_run_detect
+
+    d = params_to_dict(params)
+    d["seed"] = seed
+    for k, v in variant.overrides().items():
+        d["detect"][k.split(".", 1)[1]] = v
+    try:
+        run_params = parse_params(d)
+    except ConfigError as e:
+        raise ValueError(f"ablation variant {variant.slug}: {e}") from None
+    settings = json.loads(json.dumps(_settings(run_params, variant, seed, manifests, train_tasks, extra)))
+    marker, metrics_file = out / RUN_FILE, out / "metrics.json"
+    if marker.is_file() and metrics_file.is_file() and json.loads(marker.read_text()) == settings:
+        log.info("ablation: %s seed %d is done (%s); reused", variant.slug, seed, out)
+        return json.loads(metrics_file.read_text())
+    marker.unlink(missing_ok=True)
+    log.info("ablation: running %s seed %d -> %s", variant.slug, seed, out)
+    metrics = tracked_run_detect(run_params, manifests, out, tracker, method=variant.method,
+                                 train_tasks=train_tasks, extra_eval=extra, parent_run_id=parent_run_id,
+                                 run_name=f"{variant.slug}-seed{seed}", tags={"lorax.ablation": variant.slug})
+    marker.write_text(json.dumps(settings, indent=2) + "\n")
+    return metrics
+
+
+def _stat(values: Sequence[float | None]) -> dict[str, float | None]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def summarize_runs(variant: Variant, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row: the variant's settings and its figures over seeds (mean, std, n)."""
+    first = runs[0]
+    gens = list(first["per_generator"])
+    row = {
+        "variant": variant.slug,
+        **asdict(variant),
+        "trainable_params": first["trainable_params"],
+        "trainable_pct": 100.0 * first["trainable_params"] / max(first["backbone_params"], 1),
+        "map": _stat([r["map"] for r in runs]),
+        "mean_acc": _stat([r["mean_acc"] for r in runs]),
+        "seen_map": _stat([_mean([m.get("ap") for m in r["seen"].values()]) for r in runs]),
+        "ap": {g: _stat([r["per_generator"][g]["ap"] for r in runs]) for g in gens},
+        "extra": {name: {"map": _stat([r["extra"][name]["map"] for r in runs]),
+                         "mean_acc": _stat([r["extra"][name]["mean_acc"] for r in runs])}
+                  for name in first.get("extra", {})},
+        "train_seconds": _stat([r["train_seconds"] for r in runs]),
+        "seeds": [r.get("seed") for r in runs],
+    }
+    return row
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def run_ablation(
+    params: Params,
+    manifests_dir: str | Path,
+    out_dir: str | Path,
+    tables: dict[str, list[Variant]] | None = None,
+    seeds: Sequence[int] = (0,),
+    train_tasks: list[str] | None = None,
+    extra_eval: dict[str, str | Path] | None = None,
+    robustness: bool = False,
+    tracker=None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run every variant of ``tables`` (default: the full paper grid) for each seed; write ablation.json/.md."""
+    from lorax.detect.runner import list_manifests
+
+    tables = tables or ablation_grid(params)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed, e.g. --seeds 0 or --seeds 0,1,2")
+    manifests = Path(manifests_dir)
+    found = list_manifests(manifests)
+    train_tasks = list(train_tasks or params.detect.train_tasks)
+    missing = [t for t in train_tasks if t not in found]
+    if missing:
+        raise FileNotFoundError(f"{manifests}: no manifest for training generator(s) {missing}; found {sorted(found)}")
+    extra = {k: Path(v) for k, v in (extra_eval or {}).items()}
+    for name, folder in extra.items():
+        list_manifests(folder)  # fail before hours of training
+    if not robustness:
+        params = params.model_copy(update={"detect": params.detect.model_copy(
+            update={"blur_sigmas": [], "jpeg_qualities": []})})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unique: list[Variant] = []
+    for rows in tables.values():
+        unique += [v for v in rows if v not in unique]
+    ref = Variant("mole", params.detect.where, params.detect.blocks, params.detect.shared_rank,
+                  tuple(params.detect.expert_ranks))
+    if ref in unique:  # the reference first: its row is in every table
+        unique.remove(ref)
+        unique.insert(0, ref)
+    parent = None
+    if tracker is not None:
+        from lorax.detect.tracking import detect_experiment
+
+        tracker.experiment, tracker._experiment_id = detect_experiment(params), None
+        parent = tracker.client.create_run(tracker.experiment_id, run_name=f"ablation-{out.name}",
+                                           tags={"lorax.kind": "detect-ablation"}).info.run_id
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    total = len(unique) * len(seeds)
+    try:
+        for i, v in enumerate(unique):
+            per_seed = []
+            for seed in seeds:
+                log.info("ablation: run %d/%d", len(runs) * len(seeds) + len(per_seed) + 1, total)
+                m = _one_run(params, v, seed, manifests, train_tasks, extra, out / "runs" / v.slug / f"seed{seed}",
+                             tracker, parent)
+                per_seed.append({**m, "seed": seed})
+            runs[v.slug] = per_seed
+            results[v.slug] = summarize_runs(v, per_seed)
+            _write(out, params, tables, results, runs, seeds, train_tasks, extra, command, time.perf_counter() - t0)
+    finally:
+        if parent is not None:
+            tracker.finish(parent)
+    summary = _write(out, params, tables, results, runs, seeds, train_tasks, extra, command, time.perf_counter() - t0)
+    if tracker is not None:
+        tracker.log_artifact(parent, out / "ablation.md")
+        tracker.log_artifact(parent, out / "ablation.json")
+    return summary
+
+
+def _write(out: Path, params: Params, tables: dict[str, list[Variant]], results: dict[str, dict[str, Any]],
+           runs: dict[str, list[dict[str, Any]]], seeds: list[int], train_tasks: list[str], extra: dict[str, Path],
+           command: str | None, seconds: float) -> dict[str, Any]:
+    """ablation.json + ablation.md with every finished row (rewritten after each variant: partial tables show)."""
+    from lorax.detect.runner import detect_params
+
+    first = next(iter(runs.values()))[0] if runs else {}
+    resolved = detect_params(params)
+    summary = {
+        "command": command,
+        "backbone": resolved.model.backbone,
+        "pretrained": resolved.model.pretrained,
+        "img_size": resolved.model.img_size,
+        "epochs": params.detect.epochs,
+        "seeds": seeds,
+        "train_tasks": train_tasks,
+        "eval_tasks": first.get("eval_tasks", []),
+        "extra_sets": {k: str(v) for k, v in extra.items()},
+        "reference": {k: getattr(params.detect, k) for k in ("where", "blocks", "shared_rank", "expert_ranks",
+                                                              "balance_weight", "lr", "batch_size", "aug_prob")},
+        "tables": {g: [v.slug for v in rows] for g, rows in tables.items()},
+        "rows": results,
+        "complete": all(v.slug in results for rows in tables.values() for v in rows),
+        "seconds": seconds,
+    }
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    (out / "ablation.md").write_text(render_markdown(summary, tables))
+    return summary
+
+
+_TITLES = {
+    "design": "Adapter design (paper Table 5; probe = UnivFD linear probe, the paper's 'None')",
+    "blocks": "Adapted blocks (paper Table 4), MoLE",
+    "ranks": "LoRA ranks (paper Table 6), MoLE: shared rank : expert ranks",
+}
+_METHOD_NAMES = {"probe": "linear probe", "shared": "shared LoRA only", "separate": "separate experts only",
+                 "mole": "MoLE (shared + experts)"}
+
+
+def _fmt(s: dict[str, Any] | None, digits: int = 2) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    if s.get("n", 1) > 1:
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    return f"{s['mean']:.{digits}f}"
+
+
+def _label(group: str, v: Variant) -> str:
+    if group == "blocks":
+        return "all" if v.blocks == 0 else f"last {v.blocks}"
+    if group == "ranks":
+        return v.ranks_label
+    if v.method == "probe":
+        return _METHOD_NAMES["probe"]
+    return f"{_METHOD_NAMES[v.method]}, {v.where.upper() if v.where != 'both' else 'MLP+attn'}"
+
+
+def render_markdown(summary: dict[str, Any], tables: dict[str, list[Variant]]) -> str:
+    rows = summary["rows"]
+    gens = summary["eval_tasks"]
+    extra = list(summary["extra_sets"])
+    n = len(summary["seeds"])
+    lines = [
+        "# CLIP-MoLE ablation",
+        "",
+        f"Backbone `{summary['backbone']}` (weights: {summary['pretrained'] or 'random init'}), crop "
+        f"{summary['img_size']} px, {summary['epochs']} epochs; trained on {', '.join(summary['train_tasks'])}, "
+        f"evaluated on the unseen {', '.join(gens) or '?'}; {n} seed{'s' if n > 1 else ''} "
+        f"({', '.join(map(str, summary['seeds']))}){', mean ± std' if n > 1 else ''}. AP and accuracy in %.",
+        f"Reference: {summary['reference']}.",
+    ]
+    if summary.get("command"):
+        lines += ["", f"Command: `{summary['command']}`"]
+    if not summary["complete"]:
+        lines += ["", "**Incomplete**: rows still running or not run are missing."]
+    head = ["variant", "trainable %", "mAP unseen", "acc unseen", *[f"AP {g}" for g in gens], "mAP seen (val)",
+            *[f"mAP {e}" for e in extra], "train s"]
+    for group, variants in tables.items():
+        lines += ["", f"## {_TITLES[group]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for v in variants:
+            r = rows.get(v.slug)
+            if r is None:
+                continue
+            cells = [_label(group, v), f"{r['trainable_pct']:.3f}", _fmt(r["map"]), _fmt(r["mean_acc"]),
+                     *[_fmt(r["ap"].get(g), 1) for g in gens], _fmt(r["seen_map"]),
+                     *[_fmt(r["extra"].get(e, {}).get("map")) for e in extra], _fmt(r["train_seconds"], 0)]
+            lines.append("| " + " | ".join(cells) + " |")
+    ref_where = summary["reference"]["where"]
+    design = [rows[v.slug] for v in tables.get("design", []) if v.slug in rows and v.where in (ref_where, "-")]
+    if design:
+        order = sorted(design, key=lambda r: -(r["map"]["mean"] if r["map"]["mean"] is not None else -1))
+        lines += ["", f"Ordering by unseen mAP (design table, {ref_where} adapters): " + " > ".join(
+            f"{r['method']} {_fmt(r['map'])}" for r in order) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------- command
+def _csv(s: str | None) -> list[str] | None:
+    return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifests", help="manifest folder (default: data.manifests)")
+    p.add_argument("--out", required=True, help="output folder (ablation.md, ablation.json, runs/)")
+    p.add_argument("--train-tasks", help="comma-separated training generators (default: detect.train_tasks)")
+    p.add_argument("--groups", default=",".join(GROUPS), help=f"tables to run (default: {','.join(GROUPS)})")
+    p.add_argument("--methods", default=",".join(METHODS), help="design table: detectors (default: all four)")
+    p.add_argument("--where", default=",".join(WHERE), help="design table: adapted layers (default: mlp,attn,both)")
+    p.add_argument("--where-methods", default="shared,mole",
+                   help="design table: methods tried at the non-reference --where values (default: shared,mole)")
+    p.add_argument("--blocks", default=",".join(PAPER_BLOCKS), help="blocks table: last k blocks or 'all' "
+                                                                      "(default: 1,2,3,4,5,all)")
+    p.add_argument("--ranks", default=",".join(PAPER_RANKS),
+                   help="ranks table: SHARED:E1/E2/... sets (default: the paper's Table 6)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; figures are mean ± std over them")
+    p.add_argument("--eval-extra", action="append", default=[], metavar="NAME=DIR",
+                   help="also score every image of every manifest in DIR (test-only, e.g. the real-world set); "
+                        "a column per set; repeatable")
+    p.add_argument("--robustness", action="store_true", help="also compute the blur/JPEG robustness curves")
+    p.add_argument("--track", action="store_true", help="log every run to MLflow (nested under an ablation run)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting for every variant, e.g. -S detect.epochs=2 (YAML value)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from lorax.config import load_params
+    from lorax.continual.commands import parse_overrides
+
+    params = load_params(args.params, parse_overrides(args.set))
+    tables = ablation_grid(params, groups=_csv(args.groups), methods=_csv(args.methods), where=_csv(args.where),
+                           where_methods=_csv(args.where_methods), blocks=_csv(args.blocks), ranks=_csv(args.ranks))
+    try:
+        seeds = [int(s) for s in _csv(args.seeds)]
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    extra = {}
+    for item in args.eval_extra:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(f"--eval-extra {item!r}: expected NAME=DIR, e.g. realworld=data/realworld_manifests")
+        extra[name.strip()] = Path(folder.strip())
+    tracker = None
+    if args.track:
+        from lorax.tracking.tracker import Tracker
+
+        tracker = Tracker(params)
+    train_tasks = _csv(args.train_tasks)
+    command = _command_line(args)
+    summary = run_ablation(params, Path(args.manifests or params.data.manifests), Path(args.out), tables, seeds,
+                           train_tasks or None, extra, args.robustness, tracker, command)
+    print((Path(args.out) / "ablation.md").read_text())
+    print(f"ablation: {Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.json'} "
+          f"({len(summary['rows'])} variants x {len(seeds)} seeds, {summary['seconds']:.0f} s)")
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this ablation: every option that differs from its default, in a fixed order."""
+    defaults = vars(_parser().parse_args(["--out", "x"]))
+    parts = ["python -m lorax.detect.ablation"]
+    for dest in ("manifests", "out", "train_tasks", "groups", "methods", "where", "where_methods", "blocks", "ranks",
+                 "seeds", "params"):
+        v = getattr(args, dest)
+        if v is not None and (dest == "out" or v != defaults[dest]):
+            parts += [f"--{dest.replace('_', '-')}", shlex.quote(str(v))]
+    parts += [f"--eval-extra {shlex.quote(e)}" for e in args.eval_extra]
+    parts += [f"--{flag}" for flag in ("robustness", "track") if getattr(args, flag)]
+    parts += [f"-S {shlex.quote(item)}" for item in args.set]
+    return " ".join(parts)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lorax.detect.ablation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detect-ablation", help="reproduce the CLIP-MoLE ablation table (methods, where, blocks, "
+                                               "ranks) on a manifest folder",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from lorax.config import ConfigError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return run_command(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"ablation: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
