@@ -241,8 +241,13 @@ def run_ablation(
     robustness: bool = False,
     tracker=None,
     command: str | None = None,
+    runs_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every variant of ``tables`` (default: the full paper grid) for each seed; write ablation.json/.md."""
+    """Run every variant of ``tables`` (default: the full paper grid) for each seed; write ablation.json/.md.
+
+    Each run lives in ``runs_dir/<variant>/seed<k>`` (default ``out_dir/runs``); ablations that share ``runs_dir``
+    and their settings share their runs (e.g. more seeds for one table).
+    """
     from lorax.detect.runner import list_manifests
 
     tables = tables or ablation_grid(params)
@@ -263,6 +268,7 @@ def run_ablation(
             update={"blur_sigmas": [], "jpeg_qualities": []})})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    runs_root = Path(runs_dir) if runs_dir is not None else out / "runs"
     unique: list[Variant] = []
     for rows in tables.values():
         unique += [v for v in rows if v not in unique]
@@ -287,7 +293,7 @@ def run_ablation(
             per_seed = []
             for seed in seeds:
                 log.info("ablation: run %d/%d", len(runs) * len(seeds) + len(per_seed) + 1, total)
-                m = _one_run(params, v, seed, manifests, train_tasks, extra, out / "runs" / v.slug / f"seed{seed}",
+                m = _one_run(params, v, seed, manifests, train_tasks, extra, runs_root / v.slug / f"seed{seed}",
                              tracker, parent)
                 per_seed.append({**m, "seed": seed})
             runs[v.slug] = per_seed
@@ -338,6 +344,7 @@ _TITLES = {
     "blocks": "Adapted blocks (paper Table 4), MoLE",
     "ranks": "LoRA ranks (paper Table 6), MoLE: shared rank : expert ranks",
 }
+_WHERE_NAMES = {"mlp": "MLP", "attn": "attention", "both": "MLP + attention"}
 _METHOD_NAMES = {"probe": "linear probe", "shared": "shared LoRA only", "separate": "separate experts only",
                  "mole": "MoLE (shared + experts)"}
 
@@ -357,7 +364,7 @@ def _label(group: str, v: Variant) -> str:
         return v.ranks_label
     if v.method == "probe":
         return _METHOD_NAMES["probe"]
-    return f"{_METHOD_NAMES[v.method]}, {v.where.upper() if v.where != 'both' else 'MLP+attn'}"
+    return f"{_METHOD_NAMES[v.method]}, {_WHERE_NAMES[v.where]}"
 
 
 def render_markdown(summary: dict[str, Any], tables: dict[str, list[Variant]]) -> str:
@@ -407,6 +414,8 @@ def _csv(s: str | None) -> list[str] | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifests", help="manifest folder (default: data.manifests)")
     p.add_argument("--out", required=True, help="output folder (ablation.md, ablation.json, runs/)")
+    p.add_argument("--runs", help="folder of the individual runs (default: OUT/runs); share it between ablations "
+                                  "to reuse runs")
     p.add_argument("--train-tasks", help="comma-separated training generators (default: detect.train_tasks)")
     p.add_argument("--groups", default=",".join(GROUPS), help=f"tables to run (default: {','.join(GROUPS)})")
     p.add_argument("--methods", default=",".join(METHODS), help="design table: detectors (default: all four)")
@@ -453,7 +462,7 @@ def run_command(args: argparse.Namespace) -> int:
     train_tasks = _csv(args.train_tasks)
     command = _command_line(args)
     summary = run_ablation(params, Path(args.manifests or params.data.manifests), Path(args.out), tables, seeds,
-                           train_tasks or None, extra, args.robustness, tracker, command)
+                           train_tasks or None, extra, args.robustness, tracker, command, args.runs)
     print((Path(args.out) / "ablation.md").read_text())
     print(f"ablation: {Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.json'} "
           f"({len(summary['rows'])} variants x {len(seeds)} seeds, {summary['seconds']:.0f} s)")
@@ -464,7 +473,7 @@ def _command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this ablation: every option that differs from its default, in a fixed order."""
     defaults = vars(_parser().parse_args(["--out", "x"]))
     parts = ["python -m lorax.detect.ablation"]
-    for dest in ("manifests", "out", "train_tasks", "groups", "methods", "where", "where_methods", "blocks", "ranks",
+    for dest in ("manifests", "out", "runs", "train_tasks", "groups", "methods", "where", "where_methods", "blocks", "ranks",
                  "seeds", "params"):
         v = getattr(args, dest)
         if v is not None and (dest == "out" or v != defaults[dest]):

@@ -95,6 +95,12 @@ def test_run_writes_tables_and_resumes(zoo: Path, extra: Path, tmp_path: Path):
     again = run_ablation(params, zoo, out, tables, seeds=[0, 1], extra_eval={"far": extra})
     assert again["rows"]["probe"]["map"] == s["rows"]["probe"]["map"]
     assert all((out / "runs" / r / "metrics.json").stat().st_mtime_ns == t for r, t in stamp.items())
+    other = run_ablation(params, zoo, tmp_path / "other", {"design": [Variant("probe")]}, seeds=[1],
+                         extra_eval={"far": extra}, runs_dir=out / "runs")  # sharing the runs folder
+    assert other["rows"]["probe"]["map"]["mean"] == json.loads(
+        (out / "runs" / "probe" / "seed1" / "metrics.json").read_text())["map"]
+    assert all((out / "runs" / r / "metrics.json").stat().st_mtime_ns == t for r, t in stamp.items())
+    assert not (tmp_path / "other" / "runs").exists()
     lr = tiny_params(None, **{**TINY, "detect__lr": 1e-3})
     run_ablation(lr, zoo, out, {"design": [Variant("probe")]}, seeds=[0])
     assert (out / "runs" / "probe" / "seed0" / "metrics.json").stat().st_mtime_ns != stamp["probe/seed0"]
