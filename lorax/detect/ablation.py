@@ -329,6 +329,7 @@ def _write(out: Path, params: Params, tables: dict[str, list[Variant]], results:
         "extra_sets": {k: str(v) for k, v in extra.items()},
         "reference": {k: getattr(params.detect, k) for k in ("where", "blocks", "shared_rank", "expert_ranks",
                                                               "balance_weight", "lr", "batch_size", "aug_prob")},
+        "chance_map": _chance(first),
         "tables": {g: [v.slug for v in rows] for g, rows in tables.items()},
         "rows": results,
         "complete": all(v.slug in results for rows in tables.values() for v in rows),
@@ -337,6 +338,19 @@ def _write(out: Path, params: Params, tables: dict[str, list[Variant]], results:
     (out / "ablation.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     (out / "ablation.md").write_text(render_markdown(summary, tables))
     return summary
+
+
+def _chance(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """mAP of an uninformative score (AP = share of fakes), for the unseen generators and each extra set."""
+    def share(per_generator: dict[str, Any]) -> float | None:
+        return _mean([100.0 * m["n_fake"] / max(m["n_fake"] + m["n_real"], 1) for m in per_generator.values()
+                      if "n_fake" in m])
+
+    if not metrics:
+        return {}
+    out = {"unseen": share(metrics.get("per_generator", {}))}
+    out.update({name: share(res.get("per_generator", {})) for name, res in (metrics.get("extra") or {}).items()})
+    return out
 
 
 _TITLES = {
@@ -381,6 +395,10 @@ def render_markdown(summary: dict[str, Any], tables: dict[str, list[Variant]]) -
         f"({', '.join(map(str, summary['seeds']))}){', mean ± std' if n > 1 else ''}. AP and accuracy in %.",
         f"Reference: {summary['reference']}.",
     ]
+    chance = summary.get("chance_map") or {}
+    if chance.get("unseen") is not None:
+        lines.append("Chance level (mAP of an uninformative score = share of fakes): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in chance.items() if v is not None) + ".")
     if summary.get("command"):
         lines += ["", f"Command: `{summary['command']}`"]
     if not summary["complete"]:

@@ -88,7 +88,9 @@ def test_run_writes_tables_and_resumes(zoo: Path, extra: Path, tmp_path: Path):
     md = (out / "ablation.md").read_text()
     assert "## Adapter design" in md and "## LoRA ranks" in md and "`the command`" in md
     assert "| linear probe |" in md and "| 8 : 4/8/16 |" in md and "mAP far" in md and "± " in md
-    assert "Ordering by unseen mAP" in md
+    assert "Ordering by unseen mAP" in md and "Chance level" in md
+    assert saved["chance_map"]["unseen"] == pytest.approx(50.0)  # the synthetic zoo is balanced
+    assert saved["chance_map"]["far"] == pytest.approx(50.0)
 
     # a second run reuses every finished run; a changed setting re-runs
     stamp = {r: (out / "runs" / r / "metrics.json").stat().st_mtime_ns for r in runs}
