@@ -41,6 +41,32 @@ def _p(layer: LoraLinear, name: str) -> float:
     return getattr(drop, "p", 0.0)
 
 
+def _stacked(layer: LoraLinear, names: list[str], like: torch.Tensor):
+    """The group's A^T (G, in, r) and B^T (G, r, out) in ``like``'s dtype, and the scaling.
+
+    Stacking copies every adapter's weights on every call; when no weight of the group needs a gradient (inference,
+    exemplar features, the feature cache) the stack is kept on the layer and reused until a weight changes (its
+    version counter moves: optimizer steps, ``load_state_dict``). Equal scalings (one config per set) stay a Python
+    float, so no small host-to-device copy is made per layer and call.
+    """
+    wa = [layer.lora_A[n].weight for n in names]
+    wb = [layer.lora_B[n].weight for n in names]
+    scales = [layer.scaling[n] for n in names]
+    scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+    if torch.is_grad_enabled() and any(w.requires_grad for w in wa + wb):
+        return torch.stack(wa).transpose(1, 2).to(like.dtype), torch.stack(wb).transpose(1, 2).to(like.dtype), scale
+    key = (tuple(names), like.dtype, torch.is_inference_mode_enabled(),
+           tuple((w.data_ptr(), w._version) for w in wa + wb))
+    cached = layer.__dict__.get("_lorax_stacked")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            a = torch.stack(wa).transpose(1, 2).to(like.dtype).contiguous()
+            b = torch.stack(wb).transpose(1, 2).to(like.dtype).contiguous()
+        cached = (key, a, b)
+        layer.__dict__["_lorax_stacked"] = cached
+    return cached[1], cached[2], scale
+
+
 def _routed_forward(layer: LoraLinear, route: Route):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = layer.base_layer(x, *args, **kwargs)
@@ -59,10 +85,8 @@ def _routed_forward(layer: LoraLinear, route: Route):
             if route.dropout and route.train_name == names[-1] and _p(layer, names[-1]):
                 p = layer.lora_dropout[names[-1]].p
                 xs = torch.cat([xs[:-1], nn.functional.dropout(xs[-1:], p, True)], 0)
-            a = torch.stack([layer.lora_A[n].weight for n in names])  # (G, r, in)
-            b = torch.stack([layer.lora_B[n].weight for n in names])  # (G, out, r)
-            scale = torch.tensor([layer.scaling[n] for n in names], dtype=xs.dtype, device=xs.device).view(g, 1, 1)
-            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2).to(xs.dtype)), b.transpose(1, 2).to(xs.dtype)) * scale
+            a, b, scale = _stacked(layer, names, xs)  # (G, in, r), (G, r, out), scalar or (G, 1, 1)
+            delta = torch.bmm(torch.bmm(xs, a), b) * scale
             return result + delta.reshape(result.shape).to(result.dtype)
         return result
 
