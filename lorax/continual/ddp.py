@@ -63,15 +63,19 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """``module`` in DistributedDataParallel (gradients averaged over processes), or as is in one process."""
+    def wrap(self, module: nn.Module, find_unused: bool = False) -> nn.Module:
+        """``module`` in DistributedDataParallel (gradients averaged over processes), or as is in one process.
+
+        ``find_unused``: some trainable parameters may get no gradient in a step (top-1 routed MoLE experts).
+        """
         if not self.distributed:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index or 0] if self.device is not None and self.device.type == "cuda" else None
         # frozen backbones are identical in every process (seeded init / same weights file): no buffer broadcasts
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
+                                       find_unused_parameters=find_unused)
 
 
 def context() -> DistContext:

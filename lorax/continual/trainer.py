@@ -183,7 +183,7 @@ def train_task(
             _autocast(params, device), ctx, params.train.num_workers)
     loader = _loader(rows, method, params, train=True, seed=seed, ctx=ctx, cache=cache, device=device)
     trainable = method.trainable_parameters()
-    model = ctx.wrap(method)
+    model = ctx.wrap(method, find_unused=params.adapter.kind == "mole")  # routed experts may idle a step
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate(params, task_index), weight_decay=params.train.weight_decay)
     steps_per_epoch = len(loader)
     total = steps_per_epoch * params.train.epochs
