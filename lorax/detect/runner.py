@@ -37,17 +37,11 @@ from lorax.registry import DETECTORS
 
 __all__ = ["EpochCallback", "detect_params", "evaluate_sets", "list_manifests", "run_detect", "train_detector"]
 
+from lorax.continual.trainer import resolve_device  # noqa: E402  (one device policy for every trainer)
+
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {name!r} asked for but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
 
 
 def list_manifests(manifests_dir: str | Path) -> dict[str, Path]:

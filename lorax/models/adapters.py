@@ -109,6 +109,19 @@ def adapted_module_names(model: nn.Module, pattern: str, block_prefixes: list[st
     return names
 
 
+def required_targets(model: nn.Module, cfg: AdapterConfig, block_prefixes: list[str] | None = None) -> list[str]:
+    """``adapted_module_names`` that must match something: else an error listing the backbone's Linears."""
+    targets = adapted_module_names(model, cfg.target_modules, block_prefixes)
+    if not targets:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"adapter.target_modules: {cfg.target_modules!r} matches no Linear module"
+            + (f" in blocks {block_prefixes}" if block_prefixes else "")
+            + f"; Linear modules of this backbone: {linears[:40]}{' ...' if len(linears) > 40 else ''}"
+        )
+    return targets
+
+
 class LoraAdapterSet:
     """The named LoRA adapters living inside one frozen backbone model."""
 
@@ -117,14 +130,7 @@ class LoraAdapterSet:
         self.cfg = cfg
         self.route = Route()
         self.names: list[str] = []
-        self.targets = adapted_module_names(model, cfg.target_modules, block_prefixes)
-        if not self.targets:
-            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(
-                f"adapter.target_modules: {cfg.target_modules!r} matches no Linear module"
-                + (f" in blocks {block_prefixes}" if block_prefixes else "")
-                + f"; Linear modules of this backbone: {linears[:40]}{' ...' if len(linears) > 40 else ''}"
-            )
+        self.targets = required_targets(model, cfg, block_prefixes)
 
     def _layers(self) -> list[tuple[str, LoraLinear]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLinear)]

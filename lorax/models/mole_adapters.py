@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lorax.config import AdapterConfig
-from lorax.models.adapters import Route, adapted_module_names
+from lorax.models.adapters import Route, required_targets
 from lorax.models.mole import MoLELinear, balance_loss
 
 __all__ = ["MoleAdapterLinear", "MoleAdapterSet"]
@@ -99,14 +99,7 @@ class MoleAdapterSet:
         self.cfg = cfg
         self.route = Route()
         self.names: list[str] = []
-        self.targets = adapted_module_names(model, cfg.target_modules, block_prefixes)
-        if not self.targets:
-            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(
-                f"adapter.target_modules: {cfg.target_modules!r} matches no Linear module"
-                + (f" in blocks {block_prefixes}" if block_prefixes else "")
-                + f"; Linear modules of this backbone: {linears[:40]}{' ...' if len(linears) > 40 else ''}"
-            )
+        self.targets = required_targets(model, cfg, block_prefixes)
         if any(isinstance(m, MoleAdapterLinear) for m in model.modules()):
             raise ValueError("model already holds MoLE adapters; build a fresh backbone for a new adapter set")
         mods = dict(model.named_modules())
