@@ -95,10 +95,12 @@ class Shard:
                     a = to_rgb_array(open_image(path, max_image_pixels), path)
                 except BadImage as e:
                     shutil.rmtree(tmp, ignore_errors=True)
-                    raise DataError(f"{e}; did the file change since preparation? re-run `lorax data prepare`") from None
+                    msg = f"{e}; did the file change since preparation? re-run `lorax data prepare`"
+                    raise DataError(msg) from None
                 except OSError as e:
                     shutil.rmtree(tmp, ignore_errors=True)
-                    raise DataError(f"{path}: cannot decode ({e}); re-run `lorax data prepare` to quarantine it") from None
+                    msg = f"{path}: cannot decode ({e}); re-run `lorax data prepare` to quarantine it"
+                    raise DataError(msg) from None
                 f.write(np.ascontiguousarray(a).tobytes())
                 index[i] = (off, a.shape[0], a.shape[1])
                 off += a.size

@@ -52,7 +52,10 @@ def _stacked(layer: LoraLinear, names: list[str], like: torch.Tensor):
     wa = [layer.lora_A[n].weight for n in names]
     wb = [layer.lora_B[n].weight for n in names]
     scales = [layer.scaling[n] for n in names]
-    scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+    if len(set(scales)) == 1:
+        scale = scales[0]
+    else:
+        scale = torch.tensor(scales, dtype=like.dtype, device=like.device).view(-1, 1, 1)
     if torch.is_grad_enabled() and any(w.requires_grad for w in wa + wb):
         return torch.stack(wa).transpose(1, 2).to(like.dtype), torch.stack(wb).transpose(1, 2).to(like.dtype), scale
     key = (tuple(names), like.dtype, torch.is_inference_mode_enabled(),

@@ -50,7 +50,8 @@ def test_cached_logits_equal_uncached_on_the_same_crops(zoo, mode):
     method = _method(params)
     rows = _rows(manifests)
     cache = FrozenFeatureCache(len(rows), crops=3, seed=7)
-    cache.build(method.net, _dataset(rows, method, params, True, 0), 16, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    cache.build(method.net, _dataset(rows, method, params, True, 0), 16, torch.device("cpu"),
+                torch.autocast("cpu", enabled=False))
     assert cache.emb.shape == (len(rows) * 3, 2, method.net.embed_dim)
     loader = _loader(rows, method, params, train=True, seed=5, cache=cache)
     method.train(mode == "train")

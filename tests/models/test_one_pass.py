@@ -1,4 +1,4 @@
-"""The grouped one-pass forward beyond test_lorax: reused weight stacks stay correct, gradients, shared trunk + cache."""
+"""Grouped one-pass forward beyond test_lorax: reused weight stacks stay correct, gradients, trunk + cached embeddings."""
 
 from __future__ import annotations
 
