@@ -57,6 +57,20 @@ def params(tmp_path: Path) -> Params:
     return tiny_params(tmp_path)
 
 
+_MLFLOW_ENV = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uri_env():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI; keep one test's store from leaking into the next."""
+    yield
+    for k, v in _MLFLOW_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")

@@ -111,6 +111,7 @@ def test_register_step_and_models_list_json(project, capsys, monkeypatch) -> Non
     run = tracker.client.get_run(rec["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["lorax.model_version"] == str(rec["version"])
     monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store (set globally by mlflow)
     assert main(["models", "list", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [v["version"] for v in out] == [1, 2]
