@@ -1,0 +1,160 @@
+"""Super-feature throughput: the published sequential loop vs one batched pass vs the shared trunk.
+
+    python -m benchmarks.superfeature --tasks 1 2 4 8 12 [--json]
+
+For each task count N it times, in one run and interleaved (so a change of machine load hits every mode alike):
+
+* ``sequential``   adapters in all 12 blocks, the backbone run once per adapter (LoRAX as published);
+* ``one_pass``     adapters in all 12 blocks, every adapter in one grouped pass (``train.one_pass``);
+* ``shared_trunk`` adapters in the last ``--last-k`` blocks only: the blocks before run once per image, then
+  one grouped pass over the adapted blocks.
+
+It reports images/s of the super-feature (all N embeddings) and the ratios to ``sequential``, from the fastest of
+``--repeats`` passes (``--stat best``, as ``timeit`` does: other load on the machine only ever slows a pass down) or
+their median; the JSON has both. The physical floor
+for the shared trunk is L / ((L - k) / N + k) times the all-block loop (3.2x for L=12, k=3, N=12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lorax.config import AdapterConfig, ModelConfig
+from lorax.models.backbones import create_backbone
+from lorax.models.lorax import LoRAXNet
+
+MODES = ("sequential", "one_pass", "shared_trunk")
+
+
+def build_net(backbone: str, img_size: int, kwargs: dict, blocks: str, last_k: int, tasks: int, r: int,
+              device: torch.device) -> LoRAXNet:
+    """A LoRAX net with ``tasks`` adapters whose B matrices are non-zero (so every adapter really computes)."""
+    import logging
+
+    logging.getLogger("lorax.models.backbones").setLevel(logging.ERROR)  # random-init warning: expected here
+    bb = create_backbone(ModelConfig(backbone=backbone, img_size=img_size, kwargs=kwargs))
+    net = LoRAXNet(bb, AdapterConfig(r=r, alpha=0.25 * r, blocks=blocks, last_k=last_k))
+    g = torch.Generator().manual_seed(0)
+    for t in range(tasks):
+        net.add_task(f"t{t}")
+        with torch.no_grad():
+            for p in net.adapters.parameters(f"t{t}"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return net.to(device).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    n_max = max(args.tasks)
+    kw = {"patch_size": args.patch_size}
+    nets = {
+        "all": build_net(args.backbone, args.img_size, kw, "all", args.last_k, n_max, args.rank, device),
+        "last_k": build_net(args.backbone, args.img_size, kw, "last_k", args.last_k, n_max, args.rank, device),
+    }
+    depth = nets["all"].backbone.depth
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    runs = {
+        "sequential": lambda names: nets["all"].embeddings(x, names, one_pass=False),
+        "one_pass": lambda names: nets["all"].embeddings(x, names, one_pass=True),
+        "shared_trunk": lambda names: nets["last_k"].embeddings(x, names, one_pass=True),
+    }
+    results: dict[str, dict] = {}
+    with torch.inference_mode(), amp:
+        for n in args.tasks:
+            names = [f"t{t}" for t in range(n)]
+            for fn in runs.values():  # warm-up
+                fn(names)
+            times: dict[str, list[float]] = {m: [] for m in MODES}
+            for _ in range(args.repeats):
+                for mode in MODES:  # interleaved: load drift hits every mode alike
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    runs[mode](names)
+                    _sync(device)
+                    times[mode].append(time.perf_counter() - t0)
+            pick = min if args.stat == "best" else statistics.median
+            ips = {m: args.batch / pick(times[m]) for m in MODES}
+            results[str(n)] = {
+                **{m: round(ips[m], 2) for m in MODES},
+                **{f"{m}_median": round(args.batch / statistics.median(times[m]), 2) for m in MODES},
+                "one_pass_ratio": round(ips["one_pass"] / ips["sequential"], 3),
+                "shared_trunk_ratio": round(ips["shared_trunk"] / ips["sequential"], 3),
+                "shared_trunk_floor": round(depth / ((depth - args.last_k) / n + args.last_k), 3),
+            }
+            if not args.json:
+                r = results[str(n)]
+                print(f"{n:>5} {r['sequential']:>11.1f} {r['one_pass']:>10.1f} {r['shared_trunk']:>13.1f} "
+                      f"{r['one_pass_ratio']:>9.2f}x {r['shared_trunk_ratio']:>11.2f}x "
+                      f"{r['shared_trunk_floor']:>7.2f}x", flush=True)
+    return {
+        "config": {
+            "backbone": args.backbone, "depth": depth, "img_size": args.img_size, "patch_size": args.patch_size,
+            "embed_dim": nets["all"].embed_dim, "lora_r": args.rank, "last_k": args.last_k, "batch": args.batch,
+            "repeats": args.repeats, "stat": args.stat, "device": str(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "load_average": [round(v, 2) for v in os.getloadavg()],
+        },
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.superfeature", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 4, 8, 12], help="task (adapter) counts")
+    ap.add_argument("--backbone", default="convit_tiny",
+                    help="timm model with 12 blocks (convit_tiny, vit_tiny_patch16_224)")
+    ap.add_argument("--img-size", type=int, default=16)
+    ap.add_argument("--patch-size", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=64, help="LoRA rank (paper: 64)")
+    ap.add_argument("--last-k", type=int, default=3, help="adapted blocks of the shared-trunk model")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per mode")
+    ap.add_argument("--stat", choices=["best", "median"], default="best",
+                    help="images/s from the fastest pass (default: robust to other load on the machine) or the median")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, i.e. the cores); 1 "
+                    "measures compute rather than thread wake-ups on a machine loaded by other work")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--out", help="also write the JSON object to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if min(args.tasks) < 1:
+        ap.error("--tasks: counts must be >= 1")
+    if not args.json:
+        print(f"{args.backbone} img {args.img_size} patch {args.patch_size} r {args.rank} batch {args.batch} "
+              f"device {args.device} threads {torch.get_num_threads()} load {os.getloadavg()[0]:.2f}")
+        print("tasks  sequential   one_pass  shared_trunk  one_pass  shared_trunk  floor   "
+              "(images/s; ratios to sequential)")
+    out = measure(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"load average after: {out['config']['load_average']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
