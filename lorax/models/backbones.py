@@ -105,15 +105,8 @@ class TimmViT(Backbone):
         return self.model.forward_head(self.model.norm(x), pre_logits=True)
 
 
-class TimmConViT(Backbone):
-    """timm ConViT: the class token is concatenated before block ``local_up_to_layer``."""
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.blocks
-
-    def block_prefix(self, i: int) -> str:
-        return f"blocks.{i}."
+class TimmConViT(TimmViT):
+    """timm ConViT: its own stem, and the class token is concatenated before block ``local_up_to_layer``."""
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -127,9 +120,6 @@ class TimmConViT(Backbone):
         if i == m.local_up_to_layer and m.cls_token is not None:
             x = torch.cat((m.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         return m.blocks[i](x)
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.norm(x), pre_logits=True)
 
 
 class OpenClipVisual(Backbone):
