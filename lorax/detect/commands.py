@@ -26,6 +26,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. -S detect.epochs=2 -S detect.where=both (YAML value)")
+    p.add_argument("--track", action="store_true",
+                   help="log the run to MLflow (experiment <tracking.experiment>-detect, tracking.uri)")
     p.set_defaults(func=_detect)
 
     from lorax.detect.ablation import add_commands as add_ablation
@@ -53,7 +55,20 @@ def _detect(args: argparse.Namespace) -> int:
             raise ValueError(f"--eval-extra {item!r}: expected NAME=DIR, e.g. realworld=data/realworld_manifests")
         extra[name.strip()] = Path(folder.strip())
     params = load_params(args.params, overrides)  # validates method, ranks, ... naming the key
-    metrics = run_detect(params, Path(args.manifests or params.data.manifests), Path(args.out), extra_eval=extra)
+    manifests = Path(args.manifests or params.data.manifests)
+    if args.track:
+        from lorax.detect.tracking import tracked_run_detect
+        from lorax.tracking.tracker import Tracker
+        from lorax.tracking.uri import TrackingUnavailable
+
+        try:
+            tracker = Tracker(params)
+        except TrackingUnavailable as e:
+            raise ValueError(f"--track: {e}") from None
+        metrics = tracked_run_detect(params, manifests, Path(args.out), tracker, extra_eval=extra)
+        print(f"MLflow run: {metrics['mlflow_run_id']}")
+    else:
+        metrics = run_detect(params, manifests, Path(args.out), extra_eval=extra)
     print(f"{'generator':<16} {'AP':>7} {'acc':>7} {'real':>7} {'fake':>7}")
     for name, m in metrics["per_generator"].items():
         print(f"{name:<16} " + " ".join(f"{_f(m[k]):>7}" for k in ("ap", "acc", "real_acc", "fake_acc")))

@@ -164,6 +164,14 @@ def test_detect_step_logs_one_mlflow_run(zoo: Path, tmp_path: Path, monkeypatch:
     assert {"metrics.json", "plots", "checkpoint", "tables"} <= arts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/detector.safetensors"]
 
+    # `lorax detect --track` logs one more run to the same store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
+    argv = ["detect", "--method", "probe", "--train-tasks", "checker_a", "--manifests", str(zoo), "--out",
+            str(tmp_path / "cli"), "--params", str(PARAMS_YAML), "--track", *CLI_TINY]
+    assert main(argv) == 0
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["lorax.method"] for r in runs) == ["mole", "probe"]
+
 
 def test_detection_dvc_file_is_a_separate_pipeline(tmp_path: Path):
     """`dvc repro` of the stream never runs detect; the detect pipeline's upstream is the stream's prepare stages."""
