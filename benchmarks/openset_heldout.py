@@ -5,7 +5,8 @@ Trains a stream on some zoo generators (default ``deconv, nnconv, bilinconv``), 
 of the unknown score for their fakes against known validation images and how many of their fakes ``lorax scan``
 puts into one candidate group. As a check of the score and the clustering apart from the model, the same is done
 on log-amplitude spectra of the centre crops, a feature space where the zoo's generators are known to be
-separable (docs/results.md, LoRAX section). Finished streams are reused on a re-run.
+separable (docs/results.md, LoRAX section). A finished stream is reused on a re-run (delete ``OUT/NAME`` to
+retrain it, e.g. after the zoo changed).
 
     python -m benchmarks.openset_heldout --out outputs/openset [--name NAME] [-S key=value ...]
 """
@@ -133,11 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ov.update(parse_overrides(args.set))
     p = load_params(args.params, ov)
     t0 = time.time()
-    synth_tasks(args.known + args.held, p.data.root, p.zoo)
-    if not all((out / "manifests" / f"{t}.parquet").is_file() for t in args.known):
-        prepare_tasks(p.data.root, args.known, p.data.manifests, p.data, p.model.img_size)
-    if not all((out / "manifests_held" / f"{t}.parquet").is_file() for t in args.held):
-        prepare_tasks(p.data.root, args.held, out / "manifests_held", p.data, p.model.img_size)
+    synth_tasks(args.known + args.held, p.data.root, p.zoo)  # skipped when current; rebuilt when the zoo changed
+    prepare_tasks(p.data.root, args.known, p.data.manifests, p.data, p.model.img_size)
+    prepare_tasks(p.data.root, args.held, out / "manifests_held", p.data, p.model.img_size)
     metrics = run_stream(p, p.data.manifests, out / args.name)
     predictor = Predictor.from_state(out / args.name / "state" / args.known[-1], device=p.train.device, openset=None)
     known = load_stream_manifests(p.data.manifests, args.known)
