@@ -70,8 +70,15 @@ def _stacked(layer: LoraLinear, names: list[str], like: torch.Tensor):
     return cached[1], cached[2], scale
 
 
+def _dropout_on(layer: LoraLinear, route: Route) -> bool:
+    """Whether this call applies dropout (training, and the trained adapter is the one / the last of the group)."""
+    name = route.name if route.mode == "single" else (route.names[-1] if route.names else None)
+    return bool(route.dropout and name is not None and name == route.train_name and name in layer.lora_A
+                and _p(layer, name))
+
+
 def _routed_forward(layer: LoraLinear, route: Route):
-    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def routed(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = layer.base_layer(x, *args, **kwargs)
         if route.mode == "single":
             name = route.name
@@ -92,6 +99,21 @@ def _routed_forward(layer: LoraLinear, route: Route):
             delta = torch.bmm(torch.bmm(xs, a), b) * scale
             return result + delta.reshape(result.shape).to(result.dtype)
         return result
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # A batch of identical rows (ConViT's GPSA feeds pos_proj ``rel_indices.expand(B, N, N, 3)``): compute one
+        # row per adapter and expand, instead of B copies of a B x N^2 x r LoRA product (which, stacked G times
+        # in a grouped pass, no longer fits any cache). Not with dropout, whose masks differ per row.
+        n = x.shape[0] if x.dim() > 2 else 0
+        if n < 2 or x.stride(0) != 0 or _dropout_on(layer, route):
+            return routed(x, *args, **kwargs)
+        if route.mode != "grouped":
+            one = routed(x[:1], *args, **kwargs)
+            return one.expand(n, *one.shape[1:])
+        g = len(route.names)
+        one = x[:1].expand(g, *x.shape[1:])  # a group of G identical rows: one per adapter
+        out = routed(one, *args, **kwargs)  # (G, ...): row g through adapter g
+        return out.unsqueeze(1).expand(g, n // g, *out.shape[1:]).reshape(n, *out.shape[1:])
 
     return forward
 
