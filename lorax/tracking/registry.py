@@ -154,6 +154,7 @@ def register(
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_attributor(Path(tmp) / "model", state_dir, memory_path,
                                     metadata={"tasks": tasks, "state_id": state_id})
+        _write_card(state_dir, eval_result, tasks, model_dir / "card")
         tracker.log_artifact(run_id, model_dir, artifact_path)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     before = champion(client, name)
@@ -179,6 +180,19 @@ def register(
     log.info("registered %s version %s (tasks %s): gate %s: %s", name, mv.version, tasks, tags["gate"], gate.reason)
     rec = _version_record(client.get_model_version(name, mv.version))
     return {**rec, "registered_now": True}
+
+
+def _write_card(state_dir: str | Path, eval_result: dict[str, Any], tasks: list[str], out: Path) -> None:
+    """The version's model card (markdown + PNGs) inside its model folder, so it travels with the version.
+
+    A card that cannot be drawn (e.g. evaluations of earlier tasks missing) is logged, never a failed registration.
+    """
+    from lorax.serving.card import write_model_card
+
+    try:
+        write_model_card(state_dir, {**eval_result, "tasks": tasks}, out)
+    except Exception as err:  # noqa: BLE001 - the card is a report; the version must still register
+        log.warning("model card for %s not written: %s", state_dir, err)
 
 
 def download_version(version: dict[str, Any], dest: str | Path) -> tuple[Path, Path | None]:

@@ -123,6 +123,19 @@ def test_register_step_and_models_list_json(project, capsys, monkeypatch) -> Non
     assert "champion" in capsys.readouterr().out
 
 
+def test_each_version_carries_its_model_card(project, tmp_path: Path) -> None:
+    import mlflow
+
+    root, params, layout, tracker = project
+    for t in params.tasks:
+        rec = ops.register_step(params, layout, t, tracker)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=rec["source"], dst_path=str(tmp_path)))
+    md = (local / "card" / "model_card.md").read_text()
+    assert f"after task `{params.tasks[-1]}` ({len(params.tasks)} tasks)" in md
+    assert "](acc_matrix.png)" in md and (local / "card" / "acc_matrix.png").stat().st_size > 1000
+    assert (local / "card" / "confusion.png").is_file()
+
+
 def test_champion_loads_from_the_registry_alone(project, tmp_path: Path) -> None:
     import mlflow
 
