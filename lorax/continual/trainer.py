@@ -267,7 +267,7 @@ def train_task(
         "trainable_params_per_task": prev_info.get("trainable_params_per_task", []) + [count_trainable(method)],
         "seconds_per_task": prev_info.get("seconds_per_task", []) + [round(time.time() - t0, 2)],
         "epochs": history_rows,
-        "backbone_params": sum(p.numel() for p in _frozen_backbone(method).parameters()),
+        "backbone_params": _backbone_param_count(method),
         "backbone_pretrained": bool(params.model.pretrained),
         **(extra_info or {}),
     }
@@ -284,6 +284,13 @@ def _frozen_backbone(method: Method) -> torch.nn.Module:
     if hasattr(method, "backbone"):
         return method.backbone
     return method.backbones[0]
+
+
+def _backbone_param_count(method: Method) -> int:
+    """Size of one backbone, without the per-task LoRA/MoLE weights that peft injects into LoRAX's backbone."""
+    adapters = getattr(getattr(method, "net", None), "adapters", None)
+    skip = {id(p) for t in method.tasks for p in adapters.parameters(t)} if adapters is not None else set()
+    return sum(p.numel() for p in _frozen_backbone(method).parameters() if id(p) not in skip)
 
 
 @torch.no_grad()
