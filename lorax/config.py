@@ -243,8 +243,10 @@ def set_by_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested dict (used for ``-S key=value`` style overrides)."""
     node = raw
     parts = dotted.split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {'.'.join(parts[: i + 1])} is a value, not a section; set it directly")
     node[parts[-1]] = value
 
 

@@ -31,7 +31,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lorax.config import load_params
+    from lorax.config import ConfigError, load_params
     from lorax.continual.stream import format_matrix, run_stream
     from lorax.registry import METHODS
     import lorax.continual.methods  # noqa: F401  (registers the methods)
@@ -40,7 +40,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.method:
         overrides["continual.method"] = args.method
     params = load_params(args.params, overrides)
-    METHODS.get(params.continual.method)  # fail early on an unknown method, listing the known ones
+    if params.continual.method not in METHODS:  # fail early on an unknown method, listing the known ones
+        raise ConfigError(f"continual.method (--method): unknown method {params.continual.method!r}; "
+                          f"allowed: {', '.join(METHODS.names())}")
     metrics = run_stream(params, Path(args.manifests or params.data.manifests), Path(args.out))
     print(format_matrix(metrics))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
