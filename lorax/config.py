@@ -118,6 +118,7 @@ class TrainConfig(_Section):
     lr_first: float = Field(1e-3, gt=0)
     lr_later: float = Field(1e-3, gt=0)
     lr_scale_batch: bool = False
+    backbone_lr_scale: float = Field(0.03, gt=0)  # lr of a trainable backbone (finetune, joint, DER) / lr
     weight_decay: float = Field(1e-6, ge=0)
     warmup_epochs: int = Field(1, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)

@@ -59,6 +59,20 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of a full backbone (finetune / joint / DER): they train at
+        ``train.backbone_lr_scale`` times the task's lr, as a pretrained network is fine-tuned."""
+        return []
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: the trainable parameters at ``lr``, a trainable backbone's at the scaled lr."""
+        slow = {id(p) for p in self.backbone_parameters()}
+        fast = [p for p in self.trainable_parameters() if id(p) not in slow]
+        groups = [{"params": fast, "lr": lr}]
+        if slow:
+            groups.append({"params": self.backbone_parameters(), "lr": lr * self.params.train.backbone_lr_scale})
+        return groups
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
@@ -157,6 +171,9 @@ class _HeadOnBackbone(Method):
             params = list(self.backbone.parameters()) + params
         return params
 
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters()) if self.backbone_trainable else []
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.head(self.backbone(x)), None
 
@@ -230,6 +247,9 @@ class DERMethod(Method):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.backbones[-1].parameters()) + list(self.head.parameters()) + list(self.aux_head.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbones[-1].parameters())
 
     def _embeddings(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [bb(x) for bb in self.backbones]

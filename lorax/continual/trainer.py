@@ -184,7 +184,8 @@ def train_task(
     loader = _loader(rows, method, params, train=True, seed=seed, ctx=ctx, cache=cache, device=device)
     trainable = method.trainable_parameters()
     model = ctx.wrap(method, find_unused=params.adapter.kind == "mole")  # routed experts may idle a step
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate(params, task_index), weight_decay=params.train.weight_decay)
+    optimizer = torch.optim.AdamW(method.param_groups(learning_rate(params, task_index)),
+                                  weight_decay=params.train.weight_decay)
     steps_per_epoch = len(loader)
     total = steps_per_epoch * params.train.epochs
     scheduler = cosine_with_warmup(optimizer, params.train.warmup_epochs * steps_per_epoch, total)
