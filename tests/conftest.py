@@ -44,6 +44,17 @@ TINY_OVERRIDES: dict[str, Any] = {
 }
 
 
+def tiny_cli_sets(prefix: str = "model.") -> list[str]:
+    """``-S key=value`` arguments that shrink the CLI's settings like :func:`tiny_params` (keys under ``prefix``)."""
+    import json
+
+    out: list[str] = []
+    for k, v in TINY_OVERRIDES.items():
+        if k.startswith(prefix):
+            out += ["-S", f"{k}={json.dumps(v)}"]
+    return out
+
+
 def tiny_params(tmp_path: Path | None = None, **overrides: Any) -> Params:
     """The real params.yaml, shrunk; ``overrides`` use dotted keys with '__' for '.' (``train__epochs=2``)."""
     ov = dict(TINY_OVERRIDES)

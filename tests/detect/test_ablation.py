@@ -14,13 +14,12 @@ import pytest
 from lorax.cli import main
 from lorax.detect.ablation import Variant, ablation_grid, parse_blocks, parse_rank_set, run_ablation
 from lorax.detect.runner import detect_params
-from tests.conftest import PARAMS_YAML, REPO, tiny_params
+from tests.conftest import PARAMS_YAML, REPO, tiny_cli_sets, tiny_params
 from tests.detect.synth import make_zoo
 
 TINY = {"detect__train_tasks": ["checker_a"], "detect__blocks": 1, "detect__epochs": 1, "detect__batch_size": 16,
         "detect__blur_sigmas": [2], "detect__jpeg_qualities": [50]}
-CLI_TINY = ["-S", "model.img_size=16", "-S", "detect.blocks=1", "-S", "detect.epochs=1", "-S", "detect.batch_size=16",
-            "-S", "model.kwargs={depth: 2, local_up_to_layer: 1, patch_size: 4, num_heads: 2, embed_dim: 32}"]
+CLI_TINY = ["-S", "detect.blocks=1", "-S", "detect.epochs=1", "-S", "detect.batch_size=16", *tiny_cli_sets()]
 
 
 @pytest.fixture(scope="module")

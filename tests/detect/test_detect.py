@@ -17,7 +17,7 @@ from lorax.models.backbones import create_backbone
 from lorax.detect.evaluate import predict_scores
 from lorax.detect.runner import run_detect
 from lorax.registry import DETECTORS
-from tests.conftest import PARAMS_YAML, TINY_OVERRIDES, tiny_params
+from tests.conftest import PARAMS_YAML, tiny_cli_sets, tiny_params
 from tests.detect.synth import make_zoo
 
 DETECT = {"detect__train_tasks": ["checker_a"], "detect__blocks": 2, "detect__epochs": 6, "detect__lr": 5e-3,
@@ -85,8 +85,7 @@ def test_checkpoint_reloads_to_the_same_scores(mole_run: tuple[dict, Path], zoo:
 
 def test_cli_probe_run_with_an_extra_test_set(zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     other = make_zoo(tmp_path / "other", n_train=4, n_val=3, seed=5, generators={"stripes2": ("stripes", 30.0, 1)})
-    sets = ["model.img_size=16", "model.kwargs=" + json.dumps(TINY_OVERRIDES["model.kwargs"]),
-            "detect.epochs=1", "detect.blur_sigmas=[2]", "detect.jpeg_qualities=[50]", "detect.batch_size=32"]
+    sets = [s for s in tiny_cli_sets() if s != "-S"] + ["detect.epochs=1", "detect.blur_sigmas=[2]", "detect.jpeg_qualities=[50]", "detect.batch_size=32"]
     argv = ["detect", "--method", "probe", "--train-tasks", "checker_a,stripes", "--manifests", str(zoo),
             "--out", str(tmp_path / "out"), "--params", str(PARAMS_YAML), "--eval-extra", f"other={other}"]
     for s in sets:
