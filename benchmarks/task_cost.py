@@ -57,7 +57,7 @@ def mode_params(mode: str, args: argparse.Namespace, work: Path, tasks: list[str
     ov = {
         "data.source": "folder", "data.root": str(work / "data"), "data.manifests": str(work / "manifests"),
         "stream": {t: {"prev": "init" if i == 0 else tasks[i - 1]} for i, t in enumerate(tasks)},
-        "model.backbone": args.backbone, "model.img_size": args.img_size,
+        "model.backbone": args.backbone, "model.img_size": args.img_size, "model.pretrained": args.pretrained,
         "model.kwargs": {"patch_size": args.patch_size},
         "adapter.r": args.rank, "adapter.alpha": 0.25 * args.rank,
         "continual.memory_size": args.memory, "train.epochs": args.epochs, "train.batch_size": args.batch,
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=24, help="exemplar memory (continual.memory_size)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--backbone", default="convit_tiny")
+    ap.add_argument("--pretrained", default=None, help="model.pretrained (default: none; timing needs no weights)")
     ap.add_argument("--img-size", type=int, default=16, help="crop fed to the backbone")
     ap.add_argument("--image-px", type=int, default=20, help="side of the stored images (random crops within)")
     ap.add_argument("--patch-size", type=int, default=4)
