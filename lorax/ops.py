@@ -309,6 +309,18 @@ def evaluate_step(params: Params, layout: Layout, task: str, tracker=None) -> di
     return result
 
 
+def calibrate_openset(params: Params, layout: Layout, task: str) -> Path:
+    """The state's open-set calibration (``state/<task>.openset``), made once per state, so the registered
+    version reports an unknown-generator score and flag (``lorax predict``, the served model, ``lorax scan``)."""
+    from lorax.serving.openset import calibrate_state, load_openset, openset_dir
+
+    state = layout.state(task)
+    out = openset_dir(state)
+    if (out / "openset.json").is_file() and load_openset(state, out) is not None:
+        return out
+    return calibrate_state(state, layout.manifests, out, device=params.train.device)
+
+
 def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[str, Any]:
     """A new version of the registered model after the task; ``champion`` moves only if the gate passes."""
     from lorax.tracking import registry
@@ -320,6 +332,7 @@ def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[st
     sid = state_id(state)
     if ev.get("state_id") != sid:
         raise ValueError(f"{layout.eval(task)} evaluates another state than {state}; re-run the evaluate step")
+    calibrate_openset(params, layout, task)
     ids = info.get("tracking") or {}
     run_id = ids.get("run_id")
     if not run_id:  # trained without tracking: give the version a run of its own in the stream

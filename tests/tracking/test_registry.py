@@ -123,8 +123,9 @@ def test_register_step_and_models_list_json(project, capsys, monkeypatch) -> Non
     assert "champion" in capsys.readouterr().out
 
 
-def test_each_version_carries_its_model_card(project, tmp_path: Path) -> None:
+def test_each_version_carries_its_model_card_and_openset_calibration(project, tmp_path: Path) -> None:
     import mlflow
+    import yaml
 
     root, params, layout, tracker = project
     for t in params.tasks:
@@ -134,6 +135,9 @@ def test_each_version_carries_its_model_card(project, tmp_path: Path) -> None:
     assert f"after task `{params.tasks[-1]}` ({len(params.tasks)} tasks)" in md
     assert "](acc_matrix.png)" in md and (local / "card" / "acc_matrix.png").stat().st_size > 1000
     assert (local / "card" / "confusion.png").is_file()
+    arts = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+    assert "openset" in arts and (local / arts["openset"]["path"] / "openset.json").is_file()
+    assert (layout.state(params.tasks[-1]).parent / f"{params.tasks[-1]}.openset" / "openset.json").is_file()
 
 
 def test_champion_loads_from_the_registry_alone(project, tmp_path: Path) -> None:
