@@ -24,8 +24,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score
-from sklearn.metrics import confusion_matrix as _sk_confusion
 
 __all__ = [
     "AccuracyMatrix",
@@ -193,7 +191,9 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, n_classes: int) -> np
         raise ValueError(f"class id {max(pred.max(), target.max())} out of range for n_classes={n_classes}")
     if pred.size == 0:
         return np.zeros((n_classes, n_classes), dtype=np.int64)
-    return _sk_confusion(target, pred, labels=np.arange(n_classes)).astype(np.int64)
+    from sklearn.metrics import confusion_matrix  # imported here: sklearn costs every pipeline stage ~1 s to import
+
+    return confusion_matrix(target, pred, labels=np.arange(n_classes)).astype(np.int64)
 
 
 def per_task_ap(fake_score: np.ndarray, target: np.ndarray, n_tasks: int | None = None) -> list[float]:
@@ -215,6 +215,8 @@ def per_task_ap(fake_score: np.ndarray, target: np.ndarray, n_tasks: int | None 
         if m.sum() == 0 or y.min() == y.max():
             out.append(float("nan"))
         else:
+            from sklearn.metrics import average_precision_score
+
             out.append(float(100.0 * average_precision_score(y, score[m])))
     return out
 

@@ -98,7 +98,9 @@ def test_cache_needs_a_frozen_adapter_and_lorax(zoo):
     on.train.feature_cache = True
     assert not wants_feature_cache(_method(on, ("a",)), on)  # first task: nothing frozen
     assert wants_feature_cache(_method(on, ("a", "b")), on)
-    assert not wants_feature_cache(_method(params, ("a", "b")), params)  # setting off
+    off = params.model_copy(deep=True)
+    off.train.feature_cache = False
+    assert not wants_feature_cache(_method(off, ("a", "b")), off)  # setting off
     ft = on.model_copy(deep=True)
     ft.continual.method = "finetune"
     assert not wants_feature_cache(build_method(ft, ["a", "b"]), ft)
