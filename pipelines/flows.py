@@ -197,10 +197,34 @@ def new_tasks(params: Params, root: str, champion_tasks: list[str], versions: li
     return [t for t in found if t not in champion_tasks and t not in tried and _NAME.fullmatch(t) and t != ops.INIT]
 
 
+@task(name="scan-inbox", cache_policy=NO_CACHE, tags=[GPU_TAG])
+def scan_inbox_task(params: Params, root: str, params_path: str, inbox: str) -> dict[str, Any]:
+    """``lorax scan`` with the champion: group the inbox images that look fake but match no known generator into
+    candidate task folders (CDDB layout) under ``reports/scan/<time>/`` for a person to confirm."""
+    import time
+
+    from lorax.serving.openset import load_openset
+    from lorax.serving.predict import Predictor, resolve_model
+    from lorax.serving.scan import scan_inbox
+
+    resolved = resolve_model(f"models:/{params.tracking.registered_model}@champion", str(Path(root) / params_path))
+    stats = load_openset(resolved.state_dir, resolved.openset_dir)
+    predictor = Predictor.from_state(resolved.state_dir, device=params.train.device, openset=stats)
+    out = _layout(params, root).root / "reports" / "scan" / time.strftime("%Y%m%d-%H%M%S")
+    summary = scan_inbox(predictor, [inbox], out)
+    get_run_logger().info("inbox %s: %d images, %d flagged as unknown generator, candidates %s -> %s", inbox,
+                          summary["n_images"], summary["n_flagged"],
+                          [c["name"] for c in summary["candidates"]] or "none", out)
+    return {**summary, "out": str(out)}
+
+
 @flow(name="lorax-watch", log_prints=True)
-def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
-    """Learn every new task folder under data.root, one at a time in name order; one watch run per project."""
+def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dict[str, Any] | None = None,
+               inbox: str | None = None) -> dict[str, Any]:
+    """Learn every new task folder under data.root, one at a time in name order; one watch run per project.
+
+    With ``inbox`` (a folder of unlabelled images), the champion then scans it and reports candidate new
+    generators (``lorax scan``)."""
     from lorax.tracking import registry
 
     logger = get_run_logger()
@@ -229,7 +253,10 @@ def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dic
         if failed:
             raise RuntimeError(f"watch: {len(failed)} new task(s) failed: " +
                                "; ".join(f"{k}: {v}" for k, v in failed.items()))
-        return {"trained": trained}
+        result: dict[str, Any] = {"trained": trained}
+        if inbox:
+            result["scan"] = scan_inbox_task(params, root, params_path, inbox)
+        return result
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -247,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("continual", help="the whole stream of params.yaml")
     n = sub.add_parser("new", help="one new task folder on top of the champion")
     n.add_argument("name")
-    sub.add_parser("watch", help="learn the task folders under data.root the champion does not know")
+    w = sub.add_parser("watch", help="learn the task folders under data.root the champion does not know")
+    w.add_argument("--inbox", help="then scan this folder of unlabelled images for unknown generators")
     s = sub.add_parser("serve", help="serve the watch flow on an interval schedule (needs a Prefect server)")
     s.add_argument("--every", default="1h", help="interval: 90, 30s, 15m, 1h, 1d (default 1h)")
     args = parser.parse_args(argv)
@@ -256,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "new":
         print(new_generator_flow(args.name, args.params, args.root))
     elif args.cmd == "watch":
-        print(watch_flow(args.params, args.root))
+        print(watch_flow(args.params, args.root, inbox=args.inbox))
     else:
         from prefect import serve
 

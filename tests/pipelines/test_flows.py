@@ -115,3 +115,29 @@ def test_new_generator_flow_skips_a_task_the_champion_knows(prefect_api, project
     champ = champion(Tracker(params, project).client, params.tracking.registered_model)
     out = new_generator_flow(champ["tasks"][0], "params.yaml", str(project))
     assert out["skipped"] == "in champion"
+
+
+def test_watch_flow_scans_an_inbox_with_the_champion(prefect_api, project: Path) -> None:
+    """watch_flow(inbox=...) reports candidate new generators: the champion's ``lorax scan`` of the inbox."""
+    from pipelines.flows import watch_flow
+
+    params = load_params(project / "params.yaml")
+    inbox = project.parent / "inbox"
+    zoo.synth_task("deconv3", project.parent / "unseen", params.zoo)  # a generator no version knows
+    inbox.mkdir()
+    for k, src in enumerate(sorted((project.parent / "unseen" / "deconv3" / "val" / "1_fake").glob("*.png"))[:6]):
+        shutil.copy(src, inbox / f"u{k}.png")
+    for k, src in enumerate(sorted((project / "data" / "zoo" / "deconv" / "val" / "1_fake").glob("*.png"))[:4]):
+        shutil.copy(src, inbox / f"k{k}.png")
+    (inbox / "broken.png").write_text("not an image")
+    out = watch_flow("params.yaml", str(project), inbox=str(inbox))
+    scan = out["scan"]
+    assert out["trained"] == [] and scan["n_images"] == 11 and scan["n_errors"] == 1 and scan["n_ok"] == 10
+    folder = Path(scan["out"])
+    assert folder.parent == project.resolve() / "reports" / "scan"
+    assert json.loads((folder / "scan.json").read_text())["n_flagged"] == scan["n_flagged"]
+    assert len(pd.read_csv(folder / "predictions.csv")) == 11
+    grouped = sum(c["n_images"] for c in scan["candidates"]) + len(scan["ungrouped"])
+    assert grouped == scan["n_flagged"]  # every flagged image is in a candidate group or listed as ungrouped
+    for c in scan["candidates"]:
+        assert len(list((folder / c["name"] / "train" / "1_fake").glob("*.png"))) == c["n_images"]
