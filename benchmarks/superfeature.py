@@ -18,16 +18,15 @@ for the shared trunk is L / ((L - k) / N + k) times the all-block loop (3.2x for
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks import emit_json
 from lorax.config import AdapterConfig, ModelConfig
 from lorax.models.backbones import create_backbone
 from lorax.models.lorax import LoRAXNet
@@ -146,12 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print("tasks  sequential   one_pass  shared_trunk  one_pass  shared_trunk  floor   "
               "(images/s; ratios to sequential)")
     out = measure(args)
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    if args.json:
-        json.dump(out, sys.stdout, indent=2)
-        print()
-    else:
+    emit_json(out, args.out, args.json)
+    if not args.json:
         print(f"load average after: {out['config']['load_average']}")
     return 0
 

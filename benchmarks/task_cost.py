@@ -19,7 +19,6 @@ and the mean seconds of an epoch after the first (the steady-state training loop
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -30,11 +29,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 from PIL import Image
 
+from benchmarks import emit_json
 from lorax.config import Params, load_params, set_by_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,12 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             "tasks": rows,
             "summary": summary,
         }
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        if args.json:
-            json.dump(result, sys.stdout, indent=2)
-            print()
-        else:
+        emit_json(result, args.out, args.json)
+        if not args.json:
             print(" ".join(f"{k} {v:.2f}x" for k, v in summary.items()) + f"; load average {os.getloadavg()}")
         return 0
     finally:

@@ -312,11 +312,11 @@ def evaluate_step(params: Params, layout: Layout, task: str, tracker=None) -> di
 def calibrate_openset(params: Params, layout: Layout, task: str) -> Path:
     """The state's open-set calibration (``state/<task>.openset``), made once per state, so the registered
     version reports an unknown-generator score and flag (``lorax predict``, the served model, ``lorax scan``)."""
-    from lorax.serving.openset import calibrate_state, load_openset, openset_dir
+    from lorax.serving.openset import calibrate_state, current_openset, openset_dir
 
     state = layout.state(task)
     out = openset_dir(state)
-    if (out / "openset.json").is_file() and load_openset(state, out) is not None:
+    if current_openset(state, out) is not None:
         return out
     return calibrate_state(state, layout.manifests, out, device=params.train.device)
 

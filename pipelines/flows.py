@@ -203,13 +203,11 @@ def scan_inbox_task(params: Params, root: str, params_path: str, inbox: str) -> 
     candidate task folders (CDDB layout) under ``reports/scan/<time>/`` for a person to confirm."""
     import time
 
-    from lorax.serving.openset import load_openset
-    from lorax.serving.predict import Predictor, resolve_model
+    from lorax.serving.predict import load_predictor
     from lorax.serving.scan import scan_inbox
 
-    resolved = resolve_model(f"models:/{params.tracking.registered_model}@champion", str(Path(root) / params_path))
-    stats = load_openset(resolved.state_dir, resolved.openset_dir)
-    predictor = Predictor.from_state(resolved.state_dir, device=params.train.device, openset=stats)
+    predictor = load_predictor(f"models:/{params.tracking.registered_model}@champion", Path(root) / params_path,
+                               device=params.train.device)
     out = _layout(params, root).root / "reports" / "scan" / time.strftime("%Y%m%d-%H%M%S")
     summary = scan_inbox(predictor, [inbox], out)
     get_run_logger().info("inbox %s: %d images, %d flagged as unknown generator, candidates %s -> %s", inbox,

@@ -66,11 +66,11 @@ class Method(nn.Module):
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer groups: the trainable parameters at ``lr``, a trainable backbone's at the scaled lr."""
-        slow = {id(p) for p in self.backbone_parameters()}
-        fast = [p for p in self.trainable_parameters() if id(p) not in slow]
-        groups = [{"params": fast, "lr": lr}]
-        if slow:
-            groups.append({"params": self.backbone_parameters(), "lr": lr * self.params.train.backbone_lr_scale})
+        backbone = self.backbone_parameters()
+        slow = {id(p) for p in backbone}
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in slow], "lr": lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": lr * self.params.train.backbone_lr_scale})
         return groups
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

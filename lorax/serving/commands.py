@@ -58,41 +58,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_card)
 
 
-def _openset(resolved, manifests: str | None, device: str, skip: bool):
-    """The model's calibration; calibrated now (and stored) when missing and the manifests are at hand."""
-    from lorax.continual.state import read_info
-    from lorax.serving.openset import calibrate_state, load_openset, openset_dir
+def _predictor(args: argparse.Namespace):
+    from lorax.serving.predict import load_predictor
 
-    if skip:
-        return None
-    state = resolved.state_dir
-    if resolved.openset_dir is not None:
-        return load_openset(state, resolved.openset_dir)
-    if (openset_dir(state) / "openset.json").is_file():
-        stats = load_openset(state)
-        if stats is not None:
-            return stats
-    info = read_info(state)
-    mdir = Path(manifests or info["params"]["data"]["manifests"])
-    if all((mdir / f"{t}.parquet").is_file() for t in info["tasks"]):
-        log.info("calibrating the open-set score of %s on %s (once; stored in %s)", state, mdir, openset_dir(state))
-        calibrate_state(state, mdir, device=device)
-        return load_openset(state)
-    if manifests:
-        raise FileNotFoundError(f"--manifests {mdir}: no manifests for the model's tasks {info['tasks']} there")
-    log.warning("no open-set calibration for %s and no manifests at %s: unknown_score left empty (pass --manifests "
-                "or run `lorax calibrate`)", state, mdir)
-    return None
-
-
-def _predictor(args: argparse.Namespace, need_openset: bool = False):
-    from lorax.serving.predict import Predictor, resolve_model
-
-    resolved = resolve_model(args.model, args.params)
-    log.info("model %s -> state %s", resolved.source, resolved.state_dir)
-    stats = _openset(resolved, args.manifests, args.device, skip=getattr(args, "no_openset", False))
-    return Predictor.from_state(resolved.state_dir, device=args.device, crops=args.crops, batch_size=args.batch_size,
-                                openset=stats)
+    return load_predictor(args.model, args.params, device=args.device, crops=args.crops,
+                          batch_size=args.batch_size, manifests=args.manifests,
+                          openset=not getattr(args, "no_openset", False))
 
 
 def _fail(e: Exception) -> int:

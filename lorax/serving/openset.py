@@ -247,6 +247,13 @@ def calibrate_state(state_dir: str | Path, manifests_dir: str | Path | None = No
     return out
 
 
+def current_openset(state_dir: str | Path, path: str | Path | None = None) -> OpenSetStats | None:
+    """The state's calibration when one exists at ``path`` (default ``<state_dir>.openset``) and belongs to this
+    state; None, without a warning, when there is none yet (callers then calibrate or go without)."""
+    path = Path(path) if path is not None else openset_dir(state_dir)
+    return load_openset(state_dir, path) if (path / META_FILE).is_file() else None
+
+
 def load_openset(state_dir: str | Path, path: str | Path | None = None) -> OpenSetStats | None:
     """The calibration of ``state_dir`` (from ``path`` or ``<state_dir>.openset``), or None when there is none
     or it belongs to another state (logged: unknown scores are then left empty)."""

@@ -500,3 +500,39 @@ def resolve_model(model: str, params_path: str | Path | None = "params.yaml") ->
         tmp.rename(dest)
     label = f"{model} (version {mv.version})" if mv is not None else model
     return from_model_folder(dest / "model", label)
+
+
+def model_openset(resolved: ResolvedModel, manifests: str | Path | None = None, device: str = "auto"):
+    """The model's open-set calibration: the one it carries, else the state's stored one, else calibrated now (and
+    stored) when the manifests of its tasks are at hand; None (logged) when none can be had."""
+    from lorax.continual.state import read_info
+    from lorax.serving.openset import calibrate_state, current_openset, load_openset, openset_dir
+
+    state = resolved.state_dir
+    if resolved.openset_dir is not None:
+        return load_openset(state, resolved.openset_dir)
+    stats = current_openset(state)
+    if stats is not None:
+        return stats
+    info = read_info(state)
+    mdir = Path(manifests or info["params"]["data"]["manifests"])
+    if all((mdir / f"{t}.parquet").is_file() for t in info["tasks"]):
+        log.info("calibrating the open-set score of %s on %s (once; stored in %s)", state, mdir, openset_dir(state))
+        calibrate_state(state, mdir, device=device)
+        return load_openset(state)
+    if manifests:
+        raise FileNotFoundError(f"--manifests {mdir}: no manifests for the model's tasks {info['tasks']} there")
+    log.warning("no open-set calibration for %s and no manifests at %s: unknown_score left empty (pass --manifests "
+                "or run `lorax calibrate`)", state, mdir)
+    return None
+
+
+def load_predictor(model: str, params_path: str | Path | None = "params.yaml", *, device: str = "auto",
+                   crops: int | None = None, batch_size: int | None = None, manifests: str | Path | None = None,
+                   openset: bool = True) -> Predictor:
+    """A ``--model`` argument (state folder, model folder or ``models:/...`` URI) ready to predict, with its
+    open-set calibration (:func:`model_openset`) unless ``openset`` is False."""
+    resolved = resolve_model(model, params_path)
+    log.info("model %s -> state %s", resolved.source, resolved.state_dir)
+    stats = model_openset(resolved, manifests, device) if openset else None
+    return Predictor.from_state(resolved.state_dir, device=device, crops=crops, batch_size=batch_size, openset=stats)

@@ -133,14 +133,14 @@ def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | 
     The open-set calibration (``openset_dir``, default the state's ``<state_dir>.openset`` when it exists and
     belongs to this state) is packed too, so the served model reports unknown-generator scores.
     """
-    from lorax.serving.openset import load_openset, openset_dir as default_openset
+    from lorax.serving.openset import current_openset, openset_dir as default_openset
 
     path = Path(path)
     artifacts = {"state": str(Path(state_dir).resolve())}
     if memory_path is not None and Path(memory_path).is_file():
         artifacts["memory"] = str(Path(memory_path).resolve())
     os_dir = Path(openset_dir) if openset_dir is not None else default_openset(state_dir)
-    if (os_dir / "openset.json").is_file() and load_openset(state_dir, os_dir) is not None:
+    if current_openset(state_dir, os_dir) is not None:
         artifacts["openset"] = str(os_dir.resolve())
     extra = ["open_clip_torch"] if _uses_open_clip(state_dir) else []
     _skip_mlflow_package_scan()
