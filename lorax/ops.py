@@ -282,6 +282,7 @@ def evaluate_step(params: Params, layout: Layout, task: str, tracker=None) -> di
     sid = state_id(state) if state.is_dir() else None
     if out.is_file() and sid is not None and read_json(out).get("state_id") == sid:
         log.info("task %s: evaluation %s is current; skipped", task, out)
+        calibrate_openset(params, layout, task)  # a no-op when current
         return read_json(out)
     from lorax.continual.state import load_state
     from lorax.continual.trainer import evaluate_task_list
@@ -289,10 +290,11 @@ def evaluate_step(params: Params, layout: Layout, task: str, tracker=None) -> di
     info = _state_info(state)
     if info.get("tasks") != tasks:
         raise ValueError(f"{state}: holds tasks {info.get('tasks')}, expected {tasks}; re-run the train step")
-    method, _ = load_state(state, params=params)
+    method, loaded_info = load_state(state, params=params)
     manifests = _manifests(params, layout, i)
     result, table = evaluate_task_list(method, [manifests[t] for t in tasks], params)
     result.update(task=task, task_index=i, tasks=tasks, state_id=sid)
+    calibrate_openset(params, layout, task, loaded=(method, loaded_info))  # with the model loaded here, once
     write_json(out, result)
     table.to_csv(out.with_suffix(".predictions.csv"), index=False)
     log.info("task %s: accuracy per task %s, mean %.2f, binary %.2f", task,
@@ -309,16 +311,24 @@ def evaluate_step(params: Params, layout: Layout, task: str, tracker=None) -> di
     return result
 
 
-def calibrate_openset(params: Params, layout: Layout, task: str) -> Path:
+def calibrate_openset(params: Params, layout: Layout, task: str, loaded: tuple[Any, dict] | None = None) -> Path:
     """The state's open-set calibration (``state/<task>.openset``), made once per state, so the registered
-    version reports an unknown-generator score and flag (``lorax predict``, the served model, ``lorax scan``)."""
+    version reports an unknown-generator score and flag (``lorax predict``, the served model, ``lorax scan``).
+
+    The evaluate step makes it with the model it has ``loaded`` (method, info); registration only checks it."""
     from lorax.serving.openset import calibrate_state, current_openset, openset_dir
 
     state = layout.state(task)
     out = openset_dir(state)
     if current_openset(state, out) is not None:
         return out
-    return calibrate_state(state, layout.manifests, out, device=params.train.device)
+    predictor = None
+    if loaded is not None:
+        from lorax.continual.trainer import resolve_device
+        from lorax.serving.predict import Predictor
+
+        predictor = Predictor(loaded[0], loaded[1], resolve_device(params.train.device))
+    return calibrate_state(state, layout.manifests, out, device=params.train.device, predictor=predictor)
 
 
 def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[str, Any]:

@@ -103,6 +103,20 @@ def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
+def logits_and_features(method: Method, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits and the method's ``features`` (the super-feature for LoRAX) from one backbone pass."""
+    net = getattr(method, "net", None)
+    if net is not None and hasattr(net, "embeddings") and hasattr(net, "classify"):
+        emb = net.embeddings(x)
+        logits, _ = net.classify(emb)
+        return logits, emb.permute(1, 0, 2).reshape(x.shape[0], -1)
+    f = method.features(x)
+    head = getattr(method, "head", None)  # finetune / probe / joint / der: logits = head(features)
+    if isinstance(head, torch.nn.Linear) and f.shape[-1] == head.in_features:
+        return head(f), f
+    return method(x)[0], f
+
+
 @METHODS.register("lorax")
 class LoRAXMethod(Method):
     name = "lorax"

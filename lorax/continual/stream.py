@@ -20,7 +20,6 @@ from lorax.config import Params
 from lorax.continual import metrics as M
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.state import is_state, load_state, read_info
-from lorax.continual.trainer import evaluate_task_list, select_exemplars, train_task
 from lorax.data.manifest import load_stream_manifests
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,8 @@ def run_task_steps(
     callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train, select exemplars and evaluate one task; each output is skipped when already complete."""
+    from lorax.continual.trainer import evaluate_task_list, select_exemplars, train_task  # the model stack: only here
+
     tasks = list(manifests)
     i = tasks.index(task)
     if not is_state(state_out) or read_info(state_out).get("tasks") != tasks[: i + 1]:

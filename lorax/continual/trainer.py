@@ -28,7 +28,7 @@ from lorax.continual import ddp
 from lorax.continual import metrics as M
 from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cache
 from lorax.continual.memory import ExemplarMemory, per_class_budget
-from lorax.continual.methods import Method, build_method, count_trainable
+from lorax.continual.methods import Method, build_method, count_trainable, logits_and_features
 from lorax.continual.state import load_state, save_state
 from lorax.data.dataset import ManifestDataset, SeededSampler
 from lorax.data.manifest import abs_paths
@@ -305,9 +305,12 @@ def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: tor
     for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=None):
         x = _to_device(x, device)
         with _autocast(params, device):
-            if features:
-                feats.append(method.features(x).float())
-            logits.append(method(x)[0].float())
+            if features:  # one backbone pass for both (exemplar selection needs the features)
+                out, f = logits_and_features(method, x)
+                feats.append(f.float())
+            else:
+                out = method(x)[0]
+            logits.append(out.float())
     # one device -> host copy at the end: no per-batch sync
     return torch.cat(logits).cpu().numpy(), (torch.cat(feats).cpu().numpy() if features else None)
 

@@ -221,10 +221,11 @@ def calibrate(predictor, manifests: dict[str, pd.DataFrame], max_per_class: int 
 
 
 def calibrate_state(state_dir: str | Path, manifests_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                    device: str = "auto", require_fake: bool = False) -> Path:
+                    device: str = "auto", require_fake: bool = False, predictor: Any = None) -> Path:
     """Calibrate ``state_dir`` on its tasks' manifests and store the result (default ``<state_dir>.openset``).
 
-    ``manifests_dir`` defaults to the ``data.manifests`` the state was trained with.
+    ``manifests_dir`` defaults to the ``data.manifests`` the state was trained with; ``predictor``: the state already
+    loaded (the evaluate step has it), else it is loaded here.
     """
     from lorax.continual.state import read_info
     from lorax.data.manifest import load_stream_manifests
@@ -238,7 +239,7 @@ def calibrate_state(state_dir: str | Path, manifests_dir: str | Path | None = No
             f"{mdir}: no manifests for the model's tasks {missing}; the open-set calibration needs the train and val "
             f"images of every task (pass --manifests DIR, the folder `lorax data prepare` wrote)"
         )
-    predictor = Predictor.from_state(state_dir, device=device, openset=None)
+    predictor = predictor or Predictor.from_state(state_dir, device=device, openset=None)
     stats = calibrate(predictor, load_stream_manifests(mdir, info["tasks"]), require_fake=require_fake)
     stats.meta.update(state_fingerprint=state_fingerprint(state_dir), manifests=str(mdir.resolve()))
     out = stats.save(out_dir or openset_dir(state_dir))

@@ -128,20 +128,6 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def forward_with_features(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class logits and the method's ``features`` (the super-feature for LoRAX) from one backbone pass."""
-    net = getattr(method, "net", None)
-    if net is not None and hasattr(net, "embeddings") and hasattr(net, "classify"):
-        emb = net.embeddings(x)
-        logits, _ = net.classify(emb)
-        return logits, emb.permute(1, 0, 2).reshape(x.shape[0], -1)
-    f = method.features(x)
-    head = getattr(method, "head", None)  # finetune / probe / joint / der: logits = head(features)
-    if isinstance(head, torch.nn.Linear) and f.shape[-1] == head.in_features:
-        return head(f), f
-    return method(x)[0], f
-
-
 @dataclass
 class Prediction:
     """The table (:data:`COLUMNS`) and, row-aligned, the averaged logits and features (NaN on error rows;
@@ -211,10 +197,12 @@ class Predictor:
     # -- inference -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _run_batch(self, xs: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        from lorax.continual.methods import logits_and_features  # a model is loaded: its modules are imported
+
         x = torch.cat(xs).to(self.device)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else torch.autocast("cpu", enabled=False)
         with ctx:
-            logits, feats = forward_with_features(self.method, x)
+            logits, feats = logits_and_features(self.method, x)
         logits, feats = logits.float().cpu(), feats.float().cpu()
         n = [len(t) for t in xs]  # crops per image: average logits and features over them
         logits = torch.stack([c.mean(0) for c in torch.split(logits, n)])
