@@ -274,8 +274,9 @@ def select_step(params: Params, layout: Layout, task: str) -> Path:
     return out
 
 
-def evaluate_step(params: Params, layout: Layout, task: str, tracker=None) -> dict[str, Any]:
-    """Accuracy on the validation images of every task seen so far: one column of the accuracy matrix."""
+def evaluate_step(params: Params, layout: Layout, task: str) -> dict[str, Any]:
+    """Accuracy on the validation images of every task seen so far (one column of the accuracy matrix), and the
+    state's open-set calibration, from one pass of the model over those images."""
     i = _index(params, task)
     tasks = params.tasks[: i + 1]
     state, out = layout.state(task), layout.eval(task)
@@ -285,50 +286,63 @@ def evaluate_step(params: Params, layout: Layout, task: str, tracker=None) -> di
         calibrate_openset(params, layout, task)  # a no-op when current
         return read_json(out)
     from lorax.continual.state import load_state
-    from lorax.continual.trainer import evaluate_task_list
+    from lorax.continual.trainer import predict_logits, score_val, val_rows
 
     info = _state_info(state)
     if info.get("tasks") != tasks:
         raise ValueError(f"{state}: holds tasks {info.get('tasks')}, expected {tasks}; re-run the train step")
     method, loaded_info = load_state(state, params=params)
     manifests = _manifests(params, layout, i)
-    result, table = evaluate_task_list(method, [manifests[t] for t in tasks], params)
+    val = val_rows([manifests[t] for t in tasks])
+    logits, val_feats = predict_logits(method, val, params, features=True)
+    result, table = score_val(val, logits, tasks)
     result.update(task=task, task_index=i, tasks=tasks, state_id=sid)
-    calibrate_openset(params, layout, task, loaded=(method, loaded_info))  # with the model loaded here, once
+    calibrate_openset(params, layout, task, loaded=(method, manifests, val_feats))  # the same pass's features
     write_json(out, result)
     table.to_csv(out.with_suffix(".predictions.csv"), index=False)
     log.info("task %s: accuracy per task %s, mean %.2f, binary %.2f", task,
              {t: round(a, 2) for t, a in zip(tasks, result["task_acc"], strict=True)}, result["mean_acc"],
              result["binary_acc"])
-    ids = info.get("tracking") or {}
-    if tracker is not None and ids.get("run_id"):
-        acc = {f"acc.{t}": a for t, a in zip(tasks, result["task_acc"], strict=True)}
-        tracker.log_metrics(ids["run_id"], {**acc, "mean_acc": result["mean_acc"], "binary_acc": result["binary_acc"],
-                                            "mean_ap": result["mean_ap"]}, step=i)
-        tracker.log_artifact(ids["run_id"], out, "eval")
-        if ids.get("parent_run_id"):  # per-task curves in the stream's run: acc.<task> at step = tasks trained - 1
-            tracker.log_metrics(ids["parent_run_id"], {**acc, "avg_acc": result["mean_acc"]}, step=i)
     return result
 
 
-def calibrate_openset(params: Params, layout: Layout, task: str, loaded: tuple[Any, dict] | None = None) -> Path:
+def _log_evaluation(tracker, ids: dict[str, Any], task: str, i: int, ev: dict[str, Any], path: Path) -> None:
+    """The evaluation column in the task's run, and the per-task curves (``acc.<task>`` at step = tasks trained - 1)
+    in the stream's run. Logged at registration, the stage that talks to MLflow anyway."""
+    acc = {f"acc.{t}": a for t, a in zip(ev["tasks"], ev["task_acc"], strict=True)}
+    tracker.log_metrics(ids["run_id"], {**acc, "mean_acc": ev["mean_acc"], "binary_acc": ev["binary_acc"],
+                                        "mean_ap": ev["mean_ap"]}, step=i)
+    tracker.log_artifact(ids["run_id"], path, "eval")
+    if ids.get("parent_run_id"):
+        tracker.log_metrics(ids["parent_run_id"], {**acc, "avg_acc": ev["mean_acc"]}, step=i)
+
+
+def calibrate_openset(params: Params, layout: Layout, task: str,
+                      loaded: tuple[Any, dict[str, Any], Any] | None = None) -> Path:
     """The state's open-set calibration (``state/<task>.openset``), made once per state, so the registered
     version reports an unknown-generator score and flag (``lorax predict``, the served model, ``lorax scan``).
 
-    The evaluate step makes it with the model it has ``loaded`` (method, info); registration only checks it."""
-    from lorax.serving.openset import calibrate_state, current_openset, openset_dir
+    The evaluate step passes what it has ``loaded``: (method, manifests, the val rows' super-features from its
+    evaluation pass), so only the calibration's train sample goes through the model here. Without it (a caller
+    outside the evaluate step), the state is loaded and calibrated through the Predictor."""
+    from lorax.serving import openset
 
     state = layout.state(task)
-    out = openset_dir(state)
-    if current_openset(state, out) is not None:
+    out = openset.openset_dir(state)
+    if openset.current_openset(state, out) is not None:
         return out
-    predictor = None
-    if loaded is not None:
-        from lorax.continual.trainer import resolve_device
-        from lorax.serving.predict import Predictor
+    if loaded is None:
+        return openset.calibrate_state(state, layout.manifests, out, device=params.train.device)
+    from lorax.continual.trainer import predict_logits
 
-        predictor = Predictor(loaded[0], loaded[1], resolve_device(params.train.device))
-    return calibrate_state(state, layout.manifests, out, device=params.train.device, predictor=predictor)
+    method, manifests, val_feats = loaded
+    tasks = list(method.tasks)
+    openset.check_manifests(layout.manifests, tasks)
+    rows = openset.calibration_rows(manifests, tasks, "train", openset.MAX_PER_CLASS, seed=0)
+    _, train_feats = predict_logits(method, rows, params, features=True, desc="open-set train")
+    stats = openset.calibration_from_features(train_feats, rows["class_id"].to_numpy(), val_feats, tasks,
+                                              params.eval.crops)
+    return openset.store_calibration(stats, state, layout.manifests, out)
 
 
 def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[str, Any]:
@@ -343,11 +357,13 @@ def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[st
     if ev.get("state_id") != sid:
         raise ValueError(f"{layout.eval(task)} evaluates another state than {state}; re-run the evaluate step")
     calibrate_openset(params, layout, task)
-    ids = info.get("tracking") or {}
+    ids = dict(info.get("tracking") or {})
     run_id = ids.get("run_id")
     if not run_id:  # trained without tracking: give the version a run of its own in the stream
         parent = stream_run(layout, params.stream[task].prev).get("parent_run_id") or tracker.start_stream(params.tasks)
         run_id = tracker.start_task(parent, task, i)
+        ids.update(run_id=run_id, parent_run_id=parent)
+    _log_evaluation(tracker, ids, task, i, ev, layout.eval(task))
     rec = registry.register(tracker, task=task, tasks=info["tasks"], state_dir=state, memory_path=layout.memory(task),
                             eval_result=ev, run_id=run_id, state_id=sid)
     tracker.set_tags(run_id, {"lorax.model_version": rec["version"], "lorax.gate": rec["gate"]})

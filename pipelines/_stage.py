@@ -7,9 +7,11 @@ problem ends the stage with exit status 2 and a one-paragraph message instead of
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,3 +62,23 @@ def run_stage(name: str, step: Callable[..., Any], *, task: bool = True, trackin
         print(f"stage {label}: interrupted; re-run `dvc repro` to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def exit_now(code: int) -> None:
+    """End a stage process: finish what exit would (threads, atexit handlers, logs, output), then skip the rest.
+
+    Python's interpreter teardown with torch, transformers and mlflow loaded takes ~2 s (measured: 0.75 s for torch
+    alone), paid by every stage of every ``dvc repro``; nothing a stage writes needs it (files are closed by the
+    steps, MLflow writes synchronously). So after the same clean-up as a normal exit the process ends at once.
+    """
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()  # what interpreter exit runs first (mlflow, tqdm, logging shutdown)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

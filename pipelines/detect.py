@@ -1,10 +1,8 @@
 """DVC stage ``detect`` (``pipelines/detection/dvc.yaml``): train the real/fake detector on ``detect.train_tasks``,
 evaluate it on the project's other manifests, log one MLflow run. ``python -m pipelines.detect``"""
 
-import sys
-
 from lorax.detect.tracking import detect_step
-from pipelines._stage import run_stage
+from pipelines._stage import exit_now, run_stage
 
 if __name__ == "__main__":
-    sys.exit(run_stage("detect", detect_step, task=False, tracking=True))
+    exit_now(run_stage("detect", detect_step, task=False, tracking=True))

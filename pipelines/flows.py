@@ -87,7 +87,7 @@ def select_task(params: Params, root: str, name: str) -> str:
       retry_delay_seconds=2)
 def evaluate_task(params: Params, root: str, name: str) -> str:
     layout = _layout(params, root)
-    ops.evaluate_step(params, layout, name, _tracker(params, root))
+    ops.evaluate_step(params, layout, name)
     return str(layout.eval(name))
 
 

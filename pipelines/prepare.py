@@ -1,9 +1,7 @@
 """DVC stage ``prepare@TASK``: manifest + quarantine report of one task. ``python -m pipelines.prepare TASK``"""
 
-import sys
-
 from lorax import ops
-from pipelines._stage import run_stage
+from pipelines._stage import exit_now, run_stage
 
 if __name__ == "__main__":
-    sys.exit(run_stage("prepare", ops.prepare_step))
+    exit_now(run_stage("prepare", ops.prepare_step))

@@ -44,6 +44,11 @@ __all__ = [
 ]
 
 
+def class_names(tasks: Sequence[str]) -> list[str]:
+    """Task i owns class 2i (its real images) and 2i+1 (its fakes): ``<task>/real``, ``<task>/fake``."""
+    return [f"{t}/{kind}" for t in tasks for kind in ("real", "fake")]
+
+
 def _int_pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pred, target = np.asarray(pred).reshape(-1), np.asarray(target).reshape(-1)
     if pred.shape != target.shape:

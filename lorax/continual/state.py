@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from lorax.config import Params, params_to_dict, parse_params
+
+if TYPE_CHECKING:
+    import torch
 
 STATE_FILE = "state.json"
 FORMAT = 1
@@ -45,6 +47,8 @@ def read_info(state_dir: str | Path) -> dict[str, Any]:
 def save_state(method, out_dir: str | Path, params: Params, extra: dict[str, Any] | None = None,
                memory=None) -> Path:
     """Write ``method``'s learned tensors and metadata to ``out_dir`` atomically."""
+    from safetensors.torch import save_file  # torch only where tensors are touched: read_info stays light
+
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
@@ -72,6 +76,8 @@ def save_state(method, out_dir: str | Path, params: Params, extra: dict[str, Any
 
 
 def load_tensor_groups(state_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
     root = Path(state_dir) / "tensors"
     groups = {}
     for f in sorted(root.rglob("*.safetensors")):

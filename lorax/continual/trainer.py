@@ -80,10 +80,12 @@ def _norm(method: Method) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return bb.info.mean, bb.info.std
 
 
-def _dataset(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int) -> ManifestDataset:
-    """The rows as a dataset; pixels from the uint8 decode cache when ``train.decode_cache`` is on and they fit."""
+def _dataset(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int,
+             n_crops: int = 1) -> ManifestDataset:
+    """The rows as a dataset (``n_crops``: eval crops stacked per row); pixels from the uint8 decode cache when
+    ``train.decode_cache`` is on and they fit."""
     mean, std = _norm(method)
-    kw = dict(train=train, crop=params.model.img_size, mean=mean, std=std, seed=seed)
+    kw = dict(train=train, crop=params.model.img_size, mean=mean, std=std, seed=seed, n_crops=n_crops)
     if params.train.decode_cache:
         from lorax.data.cache import CachedManifestDataset, open_decode_cache
 
@@ -96,11 +98,11 @@ def _dataset(df: pd.DataFrame, method: Method, params: Params, train: bool, seed
 
 def _loader(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int, batch_size: int | None = None,
             ctx: ddp.DistContext | None = None, cache: FrozenFeatureCache | None = None,
-            device: torch.device | None = None) -> torch.utils.data.DataLoader:
+            device: torch.device | None = None, n_crops: int = 1) -> torch.utils.data.DataLoader:
     """Batches of ``(images, class_ids, rows)`` (``cache``: cache slots instead of rows); same batches and crops
     as ``make_loader(seed=seed)``, whatever ``num_workers``; under DDP this rank's share of each global batch."""
     ctx = ctx or ddp.DistContext()
-    ds = _dataset(df, method, params, train, seed)
+    ds = _dataset(df, method, params, train, seed, n_crops)
     gen = torch.Generator().manual_seed(seed)
     if cache is not None:
         ds, sampler = cache.dataset(ds), cache.sampler(gen)
@@ -297,35 +299,50 @@ def _backbone_param_count(method: Method) -> int:
 @torch.no_grad()
 def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: torch.device | None = None,
                    features: bool = False, desc: str = "eval") -> tuple[np.ndarray, np.ndarray | None]:
-    """Logits (and optionally herding features) of every row of ``df`` with eval (center-crop) transforms."""
+    """Logits (and optionally the super-features) of every row of ``df`` with eval transforms: the centre crop, or
+    the average over ``eval.crops`` fixed crops (the crop policy of :class:`lorax.serving.predict.Predictor`)."""
     device = device or resolve_device(params.train.device)
     method.to(device).eval()
-    loader = _loader(df, method, params, train=False, seed=0, device=device)
+    n_crops = params.eval.crops
+    loader = _loader(df, method, params, train=False, seed=0, device=device, n_crops=n_crops)
     logits, feats = [], []
     for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        x = _to_device(x, device)
+        x = _to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
         with _autocast(params, device):
-            if features:  # one backbone pass for both (exemplar selection needs the features)
+            if features:  # one backbone pass for both (exemplar selection, the open-set calibration)
                 out, f = logits_and_features(method, x)
-                feats.append(f.float())
+                feats.append(_crop_mean(f.float(), n_crops))
             else:
                 out = method(x)[0]
-            logits.append(out.float())
+            logits.append(_crop_mean(out.float(), n_crops))
     # one device -> host copy at the end: no per-batch sync
     return torch.cat(logits).cpu().numpy(), (torch.cat(feats).cpu().numpy() if features else None)
+
+
+def _crop_mean(t: torch.Tensor, n_crops: int) -> torch.Tensor:
+    return t.view(-1, n_crops, *t.shape[1:]).mean(1) if n_crops > 1 else t
+
+
+def val_rows(manifests: list[pd.DataFrame]) -> pd.DataFrame:
+    """The val rows of the seen tasks, in task order: what one column of the accuracy matrix is measured on."""
+    return pd.concat([m[m["split"] == "val"] for m in manifests], ignore_index=True)
+
+
+def score_val(val: pd.DataFrame, logits: np.ndarray, tasks: list[str]) -> tuple[dict, pd.DataFrame]:
+    """Metrics dict (one column of R) and the per-image table of ``val_rows``' logits."""
+    targets = val["class_id"].to_numpy()
+    task_ids = val["task_index"].to_numpy()
+    result = M.evaluate_logits(logits, targets, task_ids, len(tasks))
+    table = M.prediction_table([str(p) for p in abs_paths(val)], logits, targets, task_ids, task_names=tasks)
+    return result, table
 
 
 def evaluate_task_list(method: Method, manifests: list[pd.DataFrame], params: Params,
                        device: torch.device | None = None) -> tuple[dict, pd.DataFrame]:
     """Evaluate on the val rows of the seen tasks: metrics dict (one column of R) and a per-image table."""
-    val = pd.concat([m[m["split"] == "val"] for m in manifests], ignore_index=True)
+    val = val_rows(manifests)
     logits, _ = predict_logits(method, val, params, device)
-    targets = val["class_id"].to_numpy()
-    task_ids = val["task_index"].to_numpy()
-    result = M.evaluate_logits(logits, targets, task_ids, len(manifests))
-    table = M.prediction_table([str(p) for p in abs_paths(val)], logits, targets, task_ids,
-                               task_names=method.tasks)
-    return result, table
+    return score_val(val, logits, method.tasks)
 
 
 def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: ExemplarMemory | None,

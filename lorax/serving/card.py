@@ -19,7 +19,7 @@ import numpy as np
 
 from lorax.continual import metrics as M
 from lorax.continual.state import read_info
-from lorax.serving.predict import class_names
+from lorax.continual.metrics import class_names
 
 log = logging.getLogger(__name__)
 

@@ -174,15 +174,15 @@ def set_threshold(stats: OpenSetStats, val_feats: np.ndarray, quantile: float = 
 # ------------------------------------------------------------------------------------------------ with a model
 
 
-def _rows(manifests: dict[str, pd.DataFrame], tasks: list[str], split: str, max_per_class: int | None,
-          seed: int) -> tuple[list[str], np.ndarray]:
-    from lorax.data.manifest import abs_paths
-
+def calibration_rows(manifests: dict[str, pd.DataFrame], tasks: list[str], split: str, max_per_class: int | None,
+                     seed: int) -> pd.DataFrame:
+    """The manifest rows a calibration uses (at most ``max_per_class`` per class, a seeded sample), with their class
+    in ``class_id``; the same rows whichever way their features are computed (evaluation pass or Predictor)."""
     missing = [t for t in tasks if t not in manifests]
     if missing:
         raise CalibrationError(f"no manifests for tasks {missing} of the model; pass --manifests DIR holding "
                                f"{', '.join(f'{t}.parquet' for t in missing)}")
-    paths, labels = [], []
+    parts = []
     for i, t in enumerate(tasks):
         df = manifests[t]
         df = df[df["split"] == split]
@@ -190,13 +190,14 @@ def _rows(manifests: dict[str, pd.DataFrame], tasks: list[str], split: str, max_
             d = df[df["label"].astype(int) == lab]
             if max_per_class is not None and len(d) > max_per_class:
                 d = d.sample(n=max_per_class, random_state=seed)
-            paths += [str(p) for p in abs_paths(d)]
-            labels += [2 * i + lab] * len(d)
-    return paths, np.asarray(labels, dtype=np.int64)
+            parts.append(d.assign(class_id=2 * i + lab))
+    return pd.concat(parts, ignore_index=True)
 
 
-def _features(predictor, paths: list[str], what: str) -> tuple[np.ndarray, np.ndarray]:
-    pred = predictor.predict(paths, progress=True, keep_features=True)
+def _features(predictor, rows: pd.DataFrame, what: str) -> tuple[np.ndarray, np.ndarray]:
+    from lorax.data.manifest import abs_paths
+
+    pred = predictor.predict([str(p) for p in abs_paths(rows)], progress=True, keep_features=True)
     ok = (pred.table["status"] == "ok").to_numpy()
     if (~ok).any():
         bad = pred.table.loc[~ok, ["path", "error"]].head(3).to_records(index=False).tolist()
@@ -204,20 +205,41 @@ def _features(predictor, paths: list[str], what: str) -> tuple[np.ndarray, np.nd
     return pred.features, ok
 
 
+def calibration_from_features(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.ndarray,
+                              tasks: list[str], crops: int, max_per_class: int | None = MAX_PER_CLASS,
+                              quantile: float = QUANTILE, require_fake: bool = False) -> OpenSetStats:
+    """Fit on the train features of the model's tasks, threshold on their val features (the one statistics step
+    of both feature sources: the pipeline's evaluation pass and :class:`~lorax.serving.predict.Predictor`)."""
+    from lorax.continual.metrics import class_names
+
+    stats = fit(train_feats, train_labels, 2 * len(tasks))
+    set_threshold(stats, val_feats, quantile)
+    stats.meta.update(tasks=list(tasks), classes=class_names(tasks), crops=int(crops), max_per_class=max_per_class,
+                      require_fake=bool(require_fake))
+    return stats
+
+
 def calibrate(predictor, manifests: dict[str, pd.DataFrame], max_per_class: int | None = MAX_PER_CLASS,
               quantile: float = QUANTILE, val: dict[str, pd.DataFrame] | None = None, seed: int = 0,
               require_fake: bool = False) -> OpenSetStats:
     """Fit on the train split of the model's tasks and set the threshold on their val split (or on ``val``)."""
     tasks = list(predictor.tasks)
-    paths, labels = _rows(manifests, tasks, "train", max_per_class, seed)
-    feats, ok = _features(predictor, paths, "open-set train images")
-    stats = fit(feats[ok], labels[ok], 2 * len(tasks))
-    vpaths, _ = _rows(val if val is not None else manifests, tasks, "val", None, seed)
-    vfeats, vok = _features(predictor, vpaths, "open-set val images")
-    set_threshold(stats, vfeats[vok], quantile)
-    stats.meta.update(tasks=tasks, classes=list(predictor.classes), crops=predictor.crops,
-                      max_per_class=max_per_class, require_fake=bool(require_fake))
-    return stats
+    rows = calibration_rows(manifests, tasks, "train", max_per_class, seed)
+    feats, ok = _features(predictor, rows, "open-set train images")
+    vrows = calibration_rows(val if val is not None else manifests, tasks, "val", None, seed)
+    vfeats, vok = _features(predictor, vrows, "open-set val images")
+    return calibration_from_features(feats[ok], rows["class_id"].to_numpy()[ok], vfeats[vok], tasks, predictor.crops,
+                                     max_per_class, quantile, require_fake)
+
+
+def store_calibration(stats: OpenSetStats, state_dir: str | Path, manifests_dir: str | Path,
+                      out_dir: str | Path | None = None) -> Path:
+    """Stamp the calibration with the state's fingerprint and write it (default ``<state_dir>.openset``)."""
+    stats.meta.update(state_fingerprint=state_fingerprint(state_dir), manifests=str(Path(manifests_dir).resolve()))
+    out = stats.save(out_dir or openset_dir(state_dir))
+    log.info("open-set calibration of %s: threshold %.3f (%.0fth percentile of %d val scores) -> %s", state_dir,
+             stats.threshold, 100 * stats.meta["quantile"], stats.meta["n_val"], out)
+    return out
 
 
 def calibrate_state(state_dir: str | Path, manifests_dir: str | Path | None = None, out_dir: str | Path | None = None,
@@ -225,7 +247,7 @@ def calibrate_state(state_dir: str | Path, manifests_dir: str | Path | None = No
     """Calibrate ``state_dir`` on its tasks' manifests and store the result (default ``<state_dir>.openset``).
 
     ``manifests_dir`` defaults to the ``data.manifests`` the state was trained with; ``predictor``: the state already
-    loaded (the evaluate step has it), else it is loaded here.
+    loaded, else it is loaded here.
     """
     from lorax.continual.state import read_info
     from lorax.data.manifest import load_stream_manifests
@@ -233,19 +255,19 @@ def calibrate_state(state_dir: str | Path, manifests_dir: str | Path | None = No
 
     info = read_info(state_dir)
     mdir = Path(manifests_dir or info["params"]["data"]["manifests"])
-    missing = [t for t in info["tasks"] if not (mdir / f"{t}.parquet").is_file()]
-    if missing:
-        raise CalibrationError(
-            f"{mdir}: no manifests for the model's tasks {missing}; the open-set calibration needs the train and val "
-            f"images of every task (pass --manifests DIR, the folder `lorax data prepare` wrote)"
-        )
+    check_manifests(mdir, info["tasks"])
     predictor = predictor or Predictor.from_state(state_dir, device=device, openset=None)
     stats = calibrate(predictor, load_stream_manifests(mdir, info["tasks"]), require_fake=require_fake)
-    stats.meta.update(state_fingerprint=state_fingerprint(state_dir), manifests=str(mdir.resolve()))
-    out = stats.save(out_dir or openset_dir(state_dir))
-    log.info("open-set calibration of %s: threshold %.3f (%.0fth percentile of %d val scores) -> %s", state_dir,
-             stats.threshold, 100 * stats.meta["quantile"], stats.meta["n_val"], out)
-    return out
+    return store_calibration(stats, state_dir, mdir, out_dir)
+
+
+def check_manifests(manifests_dir: Path, tasks: list[str]) -> None:
+    missing = [t for t in tasks if not (Path(manifests_dir) / f"{t}.parquet").is_file()]
+    if missing:
+        raise CalibrationError(
+            f"{manifests_dir}: no manifests for the model's tasks {missing}; the open-set calibration needs the train "
+            f"and val images of every task (pass --manifests DIR, the folder `lorax data prepare` wrote)"
+        )
 
 
 def current_openset(state_dir: str | Path, path: str | Path | None = None) -> OpenSetStats | None:

@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lorax.continual import metrics as M
+from lorax.continual.metrics import class_names
 from lorax.data.dataset import crop_boxes, to_tensor
 from lorax.data.images import BadImage, DataError, crop_image, open_image, to_rgb_array
 
@@ -63,11 +64,6 @@ class ServingError(ValueError):
 def image_suffixes() -> set[str]:
     """File endings Pillow can open (what a folder walk picks up)."""
     return {s.lower() for s in Image.registered_extensions()}
-
-
-def class_names(tasks: Sequence[str]) -> list[str]:
-    """Task i owns class 2i (its real images) and 2i+1 (its fakes)."""
-    return [f"{t}/{kind}" for t in tasks for kind in ("real", "fake")]
 
 
 # ------------------------------------------------------------------------------------------------ inputs

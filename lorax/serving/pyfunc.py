@@ -33,13 +33,6 @@ REQUIREMENTS = ("torch", "torchvision", "timm", "peft", "safetensors", "numpy", 
                 "pydantic", "pyyaml", "scikit-learn", "mlflow")
 
 
-def class_names(tasks: list[str]) -> list[str]:
-    """Task i owns class 2i (its real images) and 2i+1 (its fakes)."""
-    from lorax.serving.predict import class_names as names
-
-    return names(tasks)
-
-
 def _image_bytes(value: Any, row: int) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)

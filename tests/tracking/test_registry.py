@@ -48,7 +48,7 @@ def project(tmp_path_factory):
         ops.prepare_step(params, layout, t)
         ops.train_step(params, layout, t, tracker)
         ops.select_step(params, layout, t)
-        ops.evaluate_step(params, layout, t, tracker)
+        ops.evaluate_step(params, layout, t)
     return root, params, layout, tracker
 
 
@@ -72,8 +72,6 @@ def test_runs_params_and_metrics(project) -> None:
     assert run.data.params["train.epochs"] == "2" and run.data.params["model.backbone"] == params.model.backbone
     assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     assert run.data.tags["env.torch"] and "env.mlflow" in run.data.tags
-    # per-task curves in the stream run: acc.deconv after step 0 and after step 1
-    assert [m.step for m in c.get_metric_history(parent, "acc.deconv")] == [0, 1]
     info = json.loads((layout.state("nnconv") / "state.json").read_text())
     assert info["tracking"]["parent_run_id"] == parent and info["tracking"]["run_id"] == run.info.run_id
 
@@ -110,6 +108,11 @@ def test_register_step_and_models_list_json(project, capsys, monkeypatch) -> Non
         assert json.loads(layout.registry(t).read_text())["version"] == rec["version"]
     run = tracker.client.get_run(rec["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["lorax.model_version"] == str(rec["version"])
+    # the evaluation column in the task's run, the per-task curves (acc.deconv after step 0 and 1) in the stream's
+    ev = json.loads(layout.eval(params.tasks[-1]).read_text())
+    assert run.data.metrics["mean_acc"] == pytest.approx(ev["mean_acc"])
+    parent = json.loads(layout.stream_file.read_text())["parent_run_id"]
+    assert [m.step for m in tracker.client.get_metric_history(parent, "acc.deconv")] == [0, 1]
     monkeypatch.chdir(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store (set globally by mlflow)
     assert main(["models", "list", "--json"]) == 0
