@@ -143,6 +143,8 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     crops: int = Field(1, ge=1)
+    embedding_cache: bool = True
+    embedding_cache_dir: str = "cache/embeddings"
 
 
 class GateConfig(_Section):

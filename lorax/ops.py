@@ -146,6 +146,15 @@ def stream_run(layout: Layout, prev: str) -> dict[str, Any]:
     return dict(_state_info(layout.state(prev)).get("tracking") or {})
 
 
+def embedding_store(params: Params, layout: Layout):
+    """The project's store of frozen adapters' embeddings (``eval.embedding_cache``), or None."""
+    if not params.eval.embedding_cache:
+        return None
+    from lorax.continual.embedding_store import EmbeddingStore
+
+    return EmbeddingStore(layout.root / params.eval.embedding_cache_dir)
+
+
 # ----------------------------------------------------------------------------------------------- steps
 def init_step(params: Params, layout: Layout, tracker=None) -> Path:
     """Start a stream: its MLflow parent run (if tracking), the empty memory and the registry chain's root."""
@@ -268,7 +277,8 @@ def select_step(params: Params, layout: Layout, task: str) -> Path:
     method, _ = load_state(state, params=params)
     prev_mem = layout.memory(params.stream[task].prev)
     memory = ExemplarMemory.load(prev_mem) if prev_mem.is_file() else None
-    mem = select_exemplars(method, _manifests(params, layout, i)[task], memory, params)
+    mem = select_exemplars(method, _manifests(params, layout, i)[task], memory, params,
+                           store=embedding_store(params, layout))
     mem.save(out)
     log.info("task %s: memory %d exemplars %s -> %s", task, len(mem), mem.class_counts(), out)
     return out
@@ -294,10 +304,11 @@ def evaluate_step(params: Params, layout: Layout, task: str) -> dict[str, Any]:
     method, loaded_info = load_state(state, params=params)
     manifests = _manifests(params, layout, i)
     val = val_rows([manifests[t] for t in tasks])
-    logits, val_feats = predict_logits(method, val, params, features=True)
+    store = embedding_store(params, layout)
+    logits, val_feats = predict_logits(method, val, params, features=True, store=store)
     result, table = score_val(val, logits, tasks)
     result.update(task=task, task_index=i, tasks=tasks, state_id=sid)
-    calibrate_openset(params, layout, task, loaded=(method, manifests, val_feats))  # the same pass's features
+    calibrate_openset(params, layout, task, loaded=(method, manifests, val_feats, store))  # this pass's features
     write_json(out, result)
     table.to_csv(out.with_suffix(".predictions.csv"), index=False)
     log.info("task %s: accuracy per task %s, mean %.2f, binary %.2f", task,
@@ -318,12 +329,12 @@ def _log_evaluation(tracker, ids: dict[str, Any], task: str, i: int, ev: dict[st
 
 
 def calibrate_openset(params: Params, layout: Layout, task: str,
-                      loaded: tuple[Any, dict[str, Any], Any] | None = None) -> Path:
+                      loaded: tuple[Any, dict[str, Any], Any, Any] | None = None) -> Path:
     """The state's open-set calibration (``state/<task>.openset``), made once per state, so the registered
     version reports an unknown-generator score and flag (``lorax predict``, the served model, ``lorax scan``).
 
     The evaluate step passes what it has ``loaded``: (method, manifests, the val rows' super-features from its
-    evaluation pass), so only the calibration's train sample goes through the model here. Without it (a caller
+    evaluation pass, its embedding store), so only the calibration's train sample goes through the model here. Without it (a caller
     outside the evaluate step), the state is loaded and calibrated through the Predictor."""
     from lorax.serving import openset
 
@@ -335,11 +346,11 @@ def calibrate_openset(params: Params, layout: Layout, task: str,
         return openset.calibrate_state(state, layout.manifests, out, device=params.train.device)
     from lorax.continual.trainer import predict_logits
 
-    method, manifests, val_feats = loaded
+    method, manifests, val_feats, store = loaded
     tasks = list(method.tasks)
     openset.check_manifests(layout.manifests, tasks)
     rows = openset.calibration_rows(manifests, tasks, "train", openset.MAX_PER_CLASS, seed=0)
-    _, train_feats = predict_logits(method, rows, params, features=True, desc="open-set train")
+    _, train_feats = predict_logits(method, rows, params, features=True, desc="open-set train", store=store)
     stats = openset.calibration_from_features(train_feats, rows["class_id"].to_numpy(), val_feats, tasks,
                                               params.eval.crops)
     return openset.store_calibration(stats, state, layout.manifests, out)

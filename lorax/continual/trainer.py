@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lorax.config import Params
 from lorax.continual import ddp
 from lorax.continual import metrics as M
+from lorax.continual.embedding_store import EmbeddingStore, adapter_key, image_ids
 from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cache
 from lorax.continual.memory import ExemplarMemory, per_class_budget
 from lorax.continual.methods import Method, build_method, count_trainable, logits_and_features
@@ -298,11 +299,21 @@ def _backbone_param_count(method: Method) -> int:
 
 @torch.no_grad()
 def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: torch.device | None = None,
-                   features: bool = False, desc: str = "eval") -> tuple[np.ndarray, np.ndarray | None]:
+                   features: bool = False, desc: str = "eval",
+                   store: EmbeddingStore | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (and optionally the super-features) of every row of ``df`` with eval transforms: the centre crop, or
-    the average over ``eval.crops`` fixed crops (the crop policy of :class:`lorax.serving.predict.Predictor`)."""
+    the average over ``eval.crops`` fixed crops (the crop policy of :class:`lorax.serving.predict.Predictor`).
+
+    ``store``: LoRAX reads the frozen adapters' embeddings it already has there and computes only the missing
+    (image, adapter) pairs, which it adds (:mod:`lorax.continual.embedding_store`)."""
     device = device or resolve_device(params.train.device)
     method.to(device).eval()
+    if store is not None and uses_embedding_store(method):
+        emb = _stored_embeddings(method, df, params, device, store, desc)  # (N, T, D)
+        logits = [method.net.classify(e.permute(1, 0, 2).to(device))[0].float().cpu()
+                  for e in torch.split(emb, params.eval.batch_size)]
+        out = torch.cat(logits).numpy() if logits else np.zeros((0, method.n_classes), np.float32)
+        return out, (emb.reshape(len(emb), -1).numpy() if features else None)
     n_crops = params.eval.crops
     loader = _loader(df, method, params, train=False, seed=0, device=device, n_crops=n_crops)
     logits, feats = [], []
@@ -317,6 +328,54 @@ def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: tor
             logits.append(_crop_mean(out.float(), n_crops))
     # one device -> host copy at the end: no per-batch sync
     return torch.cat(logits).cpu().numpy(), (torch.cat(feats).cpu().numpy() if features else None)
+
+
+def uses_embedding_store(method: Method) -> bool:
+    """LoRAX: its per-task adapters are frozen after their task, so their embeddings can be kept."""
+    net = getattr(method, "net", None)
+    return method.name == "lorax" and hasattr(net, "embeddings") and hasattr(net, "classify")
+
+
+def adapter_keys(method: Method, params: Params) -> list[str]:
+    """The store key of every task's adapter (its tensors, the backbone and adapter settings, the eval view)."""
+    from lorax.config import params_to_dict
+
+    d = params_to_dict(params)
+    mean, std = _norm(method)
+    view = {"model": d["model"], "adapter": d["adapter"], "crops": params.eval.crops, "mean": mean, "std": std}
+    return [adapter_key(method.net.adapters.state_dict(t), view) for t in method.tasks]
+
+
+def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device: torch.device,
+                       store: EmbeddingStore, desc: str) -> torch.Tensor:
+    """(N, T, D) embeddings of ``df``'s rows by every task's adapter: the stored ones read, the rest computed in
+    one pass per group of rows missing the same adapters (old images: the newest adapter only), then stored."""
+    ids, keys = image_ids(df), adapter_keys(method, params)
+    n, t, n_crops = len(df), len(keys), params.eval.crops
+    emb = np.zeros((n, t, method.net.embed_dim), dtype=np.float32)
+    missing = np.ones((n, t), dtype=bool)
+    for j, key in enumerate(keys):
+        found, vals = store.lookup(key, ids)
+        if vals is not None:
+            emb[found, j] = vals[found]
+            missing[found, j] = False
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for r in np.flatnonzero(missing.any(1)):
+        groups.setdefault(tuple(np.flatnonzero(missing[r]).tolist()), []).append(int(r))
+    for cols, rows in groups.items():
+        names = [method.tasks[j] for j in cols]
+        loader = _loader(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops)
+        parts = []
+        for x, _, _ in tqdm(loader, desc=f"{desc}: {len(names)} of {t} adapters", leave=False, disable=None):
+            x = _to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
+            with _autocast(params, device):
+                e = method.net.embeddings(x, names)  # (G, B * crops, D)
+            parts.append(_crop_mean(e.float().permute(1, 0, 2), n_crops).cpu())
+        got = torch.cat(parts).numpy()  # (rows, G, D)
+        emb[np.ix_(rows, list(cols))] = got
+        for g, j in enumerate(cols):
+            store.add(keys[j], ids[rows], got[:, g])
+    return torch.from_numpy(emb)
 
 
 def _crop_mean(t: torch.Tensor, n_crops: int) -> torch.Tensor:
@@ -338,15 +397,17 @@ def score_val(val: pd.DataFrame, logits: np.ndarray, tasks: list[str]) -> tuple[
 
 
 def evaluate_task_list(method: Method, manifests: list[pd.DataFrame], params: Params,
-                       device: torch.device | None = None) -> tuple[dict, pd.DataFrame]:
+                       device: torch.device | None = None,
+                       store: EmbeddingStore | None = None) -> tuple[dict, pd.DataFrame]:
     """Evaluate on the val rows of the seen tasks: metrics dict (one column of R) and a per-image table."""
     val = val_rows(manifests)
-    logits, _ = predict_logits(method, val, params, device)
+    logits, _ = predict_logits(method, val, params, device, store=store)
     return score_val(val, logits, method.tasks)
 
 
 def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: ExemplarMemory | None,
-                     params: Params, device: torch.device | None = None) -> ExemplarMemory:
+                     params: Params, device: torch.device | None = None,
+                     store: EmbeddingStore | None = None) -> ExemplarMemory:
     """Memory after this task: old classes shrunk to the new per-class budget, new classes selected.
 
     Selection uses eval transforms (no augmentation) on all of the task's train rows at once, so it is
@@ -362,7 +423,7 @@ def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: Exempl
     rows = task_manifest[task_manifest["split"] == "train"].reset_index(drop=True)
     feats = None
     if c.selection != "random":
-        _, feats = predict_logits(method, rows, params, device, features=True, desc="exemplars")
+        _, feats = predict_logits(method, rows, params, device, features=True, desc="exemplars", store=store)
     else:
         feats = np.zeros((len(rows), 1), dtype=np.float32)
     memory.add_classes(rows, feats, method=c.selection, budget=budget, seed=params.seed)

@@ -1,0 +1,100 @@
+"""The store of frozen adapters' embeddings: same numbers as a full pass, and only missing pairs computed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lorax.continual.embedding_store import EmbeddingStore, image_ids
+from lorax.continual.state import load_state
+from lorax.continual.trainer import predict_logits, train_task, val_rows
+from tests.conftest import tiny_params
+
+FIRST, SECOND = "deconv", "nnconv"
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    """The tiny two-task zoo, prepared, and the LoRAX states after each task."""
+    from lorax.data.manifest import load_stream_manifests
+    from lorax.data.prepare import prepare_tasks
+    from lorax.data.zoo import synth_tasks
+
+    root = tmp_path_factory.mktemp("embstore")
+    params = tiny_params(root)
+    synth_tasks(params.tasks, params.data.root, params.zoo)
+    prepare_tasks(params.data.root, params.tasks, params.data.manifests, params.data, params.model.img_size)
+    manifests = load_stream_manifests(params.data.manifests, params.tasks)
+    s0 = train_task(None, manifests[FIRST], None, params, root / "s0")
+    s1 = train_task(s0, manifests[SECOND], None, params, root / "s1")
+    return params, manifests, s0, s1
+
+
+class _Counting:
+    """Records which adapters every ``net.embeddings`` call computes, and for how many images."""
+
+    def __init__(self, net) -> None:
+        self.calls: list[tuple[tuple[str, ...], int]] = []
+        self._orig = net.embeddings
+        net.embeddings = self
+
+    def __call__(self, x, names=None, one_pass=None):
+        self.calls.append((tuple(names), x.shape[0]))
+        return self._orig(x, names, one_pass)
+
+
+def test_store_matches_a_full_pass_and_computes_only_the_new_adapter(stream, tmp_path) -> None:
+    params, manifests, s0, s1 = stream
+    store = EmbeddingStore(tmp_path / "emb")
+    val = val_rows([manifests[FIRST], manifests[SECOND]])
+    old = val[val["task"] == FIRST]
+
+    m0, _ = load_state(s0, params=params)
+    count0 = _Counting(m0.net)
+    predict_logits(m0, old, params, features=True, store=store)
+    assert count0.calls == [((FIRST,), len(old))]
+
+    m1, _ = load_state(s1, params=params)
+    ref_logits, ref_feats = predict_logits(m1, val, params, features=True)  # no store: the reference
+    count1 = _Counting(m1.net)
+    logits, feats = predict_logits(m1, val, params, features=True, store=EmbeddingStore(tmp_path / "emb"))
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feats, ref_feats, rtol=1e-4, atol=1e-5)
+    # the first task's images only through the new adapter; the new task's images through both
+    assert sorted(count1.calls) == sorted([((SECOND,), len(old)), ((FIRST, SECOND), len(val) - len(old))])
+
+    count1.calls.clear()
+    again, _ = predict_logits(m1, val, params, features=True, store=EmbeddingStore(tmp_path / "emb"))
+    assert count1.calls == [] and np.array_equal(again, logits)
+
+
+def test_retrained_adapter_or_changed_image_is_a_miss(stream, tmp_path) -> None:
+    params, manifests, s0, _ = stream
+    store = EmbeddingStore(tmp_path / "emb")
+    rows = manifests[FIRST][manifests[FIRST]["split"] == "val"].head(4)
+    m0, _ = load_state(s0, params=params)
+    predict_logits(m0, rows, params, store=store)
+    with torch.no_grad():  # the same task retrained: other adapter tensors, another key
+        m0.net.adapters.parameters(FIRST)[1].add_(0.5)
+    count = _Counting(m0.net)
+    predict_logits(m0, rows, params, store=store)
+    assert count.calls == [((FIRST,), len(rows))]
+    edited = rows.copy()
+    edited["pixel_sha256"] = ["0" * 64] + list(rows["pixel_sha256"].iloc[1:])  # one image's pixels changed
+    count.calls.clear()
+    predict_logits(m0, edited, params, store=store)
+    assert count.calls == [((FIRST,), 1)]
+
+
+def test_damaged_shard_is_a_miss_not_an_error(tmp_path) -> None:
+    store = EmbeddingStore(tmp_path)
+    ids = image_ids(pd.DataFrame({"pixel_sha256": ["ab" * 32, "cd" * 32]}))
+    store.add("k", ids, np.ones((2, 3), np.float32))
+    found, emb = EmbeddingStore(tmp_path).lookup("k", ids)
+    assert found.all() and emb.shape == (2, 3) and (emb == 1).all()
+    shard = next((tmp_path / "k").glob("*.safetensors"))
+    shard.write_bytes(b"not a safetensors file")
+    found, emb = EmbeddingStore(tmp_path).lookup("k", ids)
+    assert not found.any() and emb is None
