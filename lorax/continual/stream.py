@@ -55,8 +55,11 @@ def run_task_steps(
     memory_out: Path,
     eval_out: Path,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    store: Any = None,
 ) -> dict[str, Any]:
-    """Train, select exemplars and evaluate one task; each output is skipped when already complete."""
+    """Train, select exemplars and evaluate one task; each output is skipped when already complete.
+
+    ``store``: an :class:`~lorax.continual.embedding_store.EmbeddingStore` for selection and evaluation."""
     from lorax.continual.trainer import evaluate_task_list, select_exemplars, train_task  # the model stack: only here
 
     tasks = list(manifests)
@@ -69,10 +72,10 @@ def run_task_steps(
     if not memory_out.is_file():
         method, _ = load_state(state_out, params=params)
         memory = ExemplarMemory.load(prev_memory) if prev_memory is not None and prev_memory.is_file() else None
-        select_exemplars(method, manifests[task], memory, params).save(memory_out)
+        select_exemplars(method, manifests[task], memory, params, store=store).save(memory_out)
     if not eval_out.is_file():
         method = method or load_state(state_out, params=params)[0]
-        result, table = evaluate_task_list(method, [manifests[t] for t in tasks[: i + 1]], params)
+        result, table = evaluate_task_list(method, [manifests[t] for t in tasks[: i + 1]], params, store=store)
         result["task"] = task
         result["tasks"] = tasks[: i + 1]
         write_json(eval_out, result)
@@ -123,11 +126,16 @@ def run_stream(params: Params, manifests_dir: str | Path, out: str | Path,
     manifests = load_stream_manifests(manifests_dir, tasks)
     evals, states = [], []
     prev_state = prev_memory = None
+    store = None
+    if params.eval.embedding_cache:  # relative to the output folder here (to the project root in the pipeline)
+        from lorax.continual.embedding_store import EmbeddingStore
+
+        store = EmbeddingStore(out / params.eval.embedding_cache_dir)
     for task in tasks:
         log.info("=== task %d/%d: %s (%s) ===", tasks.index(task) + 1, len(tasks), task, params.continual.method)
         cb = (lambda e, row, _t=task: callback(_t, e, row)) if callback else None
         evals.append(run_task_steps(params, manifests, task, prev_state, prev_memory, state_dir(out, task),
-                                    memory_path(out, task), eval_path(out, task), cb))
+                                    memory_path(out, task), eval_path(out, task), cb, store))
         states.append(state_dir(out, task))
         prev_state, prev_memory = state_dir(out, task), memory_path(out, task)
     metrics = summarize_stream(params, evals, states)

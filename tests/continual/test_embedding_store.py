@@ -98,3 +98,18 @@ def test_damaged_shard_is_a_miss_not_an_error(tmp_path) -> None:
     shard.write_bytes(b"not a safetensors file")
     found, emb = EmbeddingStore(tmp_path).lookup("k", ids)
     assert not found.any() and emb is None
+
+
+def test_run_stream_uses_the_store_and_matches_a_run_without_it(stream, tmp_path) -> None:
+    """``lorax train`` (run_stream) keeps its store under --out; its accuracy matrix is that of a store-less run."""
+    from lorax.continual.stream import run_stream
+
+    params, *_ = stream
+    with_store = run_stream(params, params.data.manifests, tmp_path / "with")
+    shards = list((tmp_path / "with" / params.eval.embedding_cache_dir).rglob("*.safetensors"))
+    assert shards, "run_stream wrote nothing to its embedding store"
+    off = params.model_copy(update={"eval": params.eval.model_copy(update={"embedding_cache": False})})
+    without = run_stream(off, params.data.manifests, tmp_path / "without")
+    assert not (tmp_path / "without" / params.eval.embedding_cache_dir).exists()
+    np.testing.assert_allclose(np.array(with_store["acc_matrix"], dtype=float),
+                               np.array(without["acc_matrix"], dtype=float), atol=1e-6)
