@@ -125,8 +125,9 @@ def _demo(args: argparse.Namespace) -> int:
         uri = "sqlite:///mlflow.db"
     print(f"""
 Where to look:
-  metrics      reports/metrics.json       (dvc metrics show)
-  plots        reports/plots/*.png        (dvc plots show  ->  dvc_plots/index.html)
+  metrics      reports/metrics.json       (dvc metrics show reports/metrics.json)
+  plots        reports/plots/*.png        (dvc plots show  ->  dvc_plots/index.html; until the detection
+                                           pipeline has run, DVC notes that its reports/detect/ files are missing)
   MLflow UI    {_tool('mlflow')} ui --backend-store-uri {uri}   then open http://127.0.0.1:5000
   registry     lorax models list          (champion: models:/lorax-attributor@champion)
 Next: add a generator and re-run only its stages:  lorax stream add --next && dvc repro""")

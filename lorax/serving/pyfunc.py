@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import importlib.metadata as md
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,15 +140,34 @@ def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | 
         artifacts["openset"] = str(os_dir.resolve())
     extra = ["open_clip_torch"] if _uses_open_clip(state_dir) else []
     _skip_mlflow_package_scan()
-    mlflow.pyfunc.save_model(
-        path=str(path),
-        python_model=str(MODEL_CODE),
-        artifacts=artifacts,
-        pip_requirements=pip_requirements(extra),
-        metadata={"lorax": "attributor", "needs": "the lorax package (pip install -e <lorax repo>)",
-                  **(metadata or {})},
-    )
+    with _no_signature_warning():
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=str(MODEL_CODE),
+            artifacts=artifacts,
+            pip_requirements=pip_requirements(extra),
+            metadata={"lorax": "attributor", "needs": "the lorax package (pip install -e <lorax repo>)",
+                      **(metadata or {})},
+        )
     return path
+
+
+class _DropSignatureWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to infer model signature: Type hint")
+
+
+@contextlib.contextmanager
+def _no_signature_warning() -> Iterator[None]:
+    """The model has no signature on purpose: its ``image`` column takes bytes, base64 text or paths (a schema
+    would make MLflow's enforcement refuse some of them), so MLflow's 'cannot infer a signature' warning, printed
+    by every registration, says nothing a user can act on."""
+    logger, flt = logging.getLogger("mlflow.pyfunc"), _DropSignatureWarning()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
 
 
 def _uses_open_clip(state_dir: str | Path) -> bool:

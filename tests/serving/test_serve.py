@@ -138,3 +138,32 @@ def test_model_uri_not_in_the_registry(stream, registry, tmp_path: Path, monkeyp
         err = capsys.readouterr().err
         assert "not found in the registry" in err and "Registered models: lorax-attributor" in err, err
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_saving_the_model_prints_no_signature_warning_and_it_loads(stream, tmp_path: Path) -> None:
+    """No signature on purpose (bytes, base64 or paths in one column): MLflow's warning about it is dropped,
+    nothing else it logs, and the saved folder loads and predicts."""
+    import logging
+
+    import mlflow.pyfunc
+
+    from lorax.serving.pyfunc import save_attributor
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger, handler = logging.getLogger("mlflow.pyfunc"), Keep(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        save_attributor(tmp_path / "model", stream.state)
+        logger.warning("a later mlflow.pyfunc warning")  # the filter is gone after saving
+    finally:
+        logger.removeHandler(handler)
+    assert not any("infer model signature" in m for m in records), records
+    assert records[-1] == "a later mlflow.pyfunc warning"
+    image = stream.val_images(stream.params.tasks[0])[0]
+    out = mlflow.pyfunc.load_model(str(tmp_path / "model")).predict(pd.DataFrame({"image": [str(image)]}))
+    assert out["predicted_task"].iloc[0] in stream.params.tasks
