@@ -12,6 +12,7 @@ Paths of a project (relative to its root; :class:`Layout`)::
     reports/eval/<task>.json        evaluate: one column of the accuracy matrix (+ .predictions.csv)
     reports/registry/<task>.json    register: the registered version and its gate result
     reports/metrics.json            report: the keys of ``lorax train``'s metrics.json; reports/plots/*
+    flows/...                       the same layout, for the flows that grow the champion (:meth:`Layout.flows`)
 
 Every step skips work whose output is already complete and current (a Prefect retry never redoes a finished
 step; an interrupted training resumes from its last epoch checkpoint in ``state/<task>.partial/``). DVC removes a
@@ -44,18 +45,42 @@ RUN_FILE = "mlflow_run.json"  # in state/<task>.partial/: the task's run id whil
 
 
 # ----------------------------------------------------------------------------------------------- paths
+FLOWS_DIR = "flows"  # under the project root: the champion-growing flows' own state/, memory/, reports/, manifests
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Where every step reads and writes, for one project root."""
+    """Where every step reads and writes, for one project root.
+
+    ``root`` holds the step outputs (state/, memory/, reports/); ``project`` is the project root, whose data,
+    tracking store and embedding store every layout of the project shares (equal to ``root`` except in
+    :meth:`flows`)."""
 
     root: Path
     data_root: Path
     manifests: Path
+    project: Path | None = None
 
     @classmethod
     def from_params(cls, params: Params, root: str | Path = ".") -> Layout:
         root = Path(root).resolve()
-        return cls(root, root / params.data.root, root / params.data.manifests)
+        return cls(root, root / params.data.root, root / params.data.manifests, root)
+
+    @classmethod
+    def flows(cls, params: Params, root: str | Path = ".") -> Layout:
+        """The layout of the flows that learn a task on top of the registered champion (``new``, ``watch``).
+
+        Their chain is the champion's, not params.yaml's stream, so their outputs live in ``<root>/flows/``
+        (the same tree inside): DVC's outputs, which are keyed by task name too, are never overwritten by a chain
+        DVC did not make (it would see them modified and redo those stages). Images, the MLflow store and the
+        embedding store stay the project's."""
+        root = Path(root).resolve()
+        work = root / FLOWS_DIR
+        return cls(work, root / params.data.root, work / Path(params.data.manifests).name, root)
+
+    @property
+    def project_root(self) -> Path:
+        return self.project or self.root
 
     def synth_marker(self, task: str) -> Path:
         return self.root / "data" / "synth" / f"{task}.json"
@@ -90,7 +115,7 @@ class Layout:
     @property
     def locks(self) -> Path:
         """Lock files live outside the project (DVC hashes state/ and reports/); one folder per project root."""
-        key = hashlib.sha1(str(self.root).encode()).hexdigest()[:12]
+        key = hashlib.sha1(str(self.project_root).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / "lorax-locks" / key
 
 
@@ -152,7 +177,7 @@ def embedding_store(params: Params, layout: Layout):
         return None
     from lorax.continual.embedding_store import EmbeddingStore
 
-    return EmbeddingStore(layout.root / params.eval.embedding_cache_dir)
+    return EmbeddingStore(layout.project_root / params.eval.embedding_cache_dir)
 
 
 # ----------------------------------------------------------------------------------------------- steps

@@ -7,6 +7,11 @@
 * :func:`watch_flow` scans ``data.root`` for task folders the champion does not know and runs
   :func:`new_generator_flow` for each, one at a time, in name order. ``lorax schedule --every 1h`` serves it.
 
+Where they work: the continual flow trains params.yaml's stream, the chain DVC trains, in the project's folders
+(either driver finishes what the other started). The new-generator and watch flows grow the champion's chain, which
+need not be params.yaml's, so they work in ``flows/`` (:meth:`lorax.ops.Layout.flows`, the same tree inside) and
+never change an output of the DVC pipeline; images, the MLflow store and the embedding store are shared.
+
 Tasks exchange paths (and small dicts), never tensors. Training, selection and evaluation carry the ``gpu`` tag
 (``prefect concurrency-limit create gpu 1`` keeps one on the device at a time). A retry or a re-run never redoes a
 finished step: each step skips outputs that are complete and current, and training resumes from its last epoch
@@ -44,74 +49,72 @@ log = logging.getLogger(__name__)
 
 
 def _layout(params: Params, root: str) -> ops.Layout:
+    """The project's layout, DVC's: the continual flow trains params.yaml's stream, the chain DVC trains."""
     return ops.Layout.from_params(params, root)
 
 
-def _tracker(params: Params, root: str):
+def _tracker(params: Params, layout: ops.Layout | str):
     from lorax.tracking.tracker import Tracker
 
-    return Tracker(params, root)
+    return Tracker(params, layout.project_root if isinstance(layout, ops.Layout) else layout)
 
 
 # ------------------------------------------------------------------------------------------------ tasks
 @task(name="init", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def init_task(params: Params, root: str) -> str:
-    return str(ops.init_step(params, _layout(params, root), _tracker(params, root)))
+def init_task(params: Params, layout: ops.Layout) -> str:
+    return str(ops.init_step(params, layout, _tracker(params, layout)))
 
 
 @task(name="synth", task_run_name="synth-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def synth_task(params: Params, root: str, name: str) -> str:
-    return str(ops.synth_step(params, _layout(params, root), name))
+def synth_task(params: Params, layout: ops.Layout, name: str) -> str:
+    return str(ops.synth_step(params, layout, name))
 
 
 @task(name="prepare", task_run_name="prepare-{name}", cache_policy=NO_CACHE)
-def prepare_task(params: Params, root: str, name: str) -> dict[str, Any]:
-    res = ops.prepare_step(params, _layout(params, root), name)
+def prepare_task(params: Params, layout: ops.Layout, name: str) -> dict[str, Any]:
+    res = ops.prepare_step(params, layout, name)
     return {"manifest": str(res.manifest), "quarantine": str(res.quarantine), "bad": len(res.bad),
             "summary": res.summary()}
 
 
 @task(name="train", task_run_name="train-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=5)
-def train_task(params: Params, root: str, name: str) -> str:
-    return str(ops.train_step(params, _layout(params, root), name, _tracker(params, root)))
+def train_task(params: Params, layout: ops.Layout, name: str) -> str:
+    return str(ops.train_step(params, layout, name, _tracker(params, layout)))
 
 
 @task(name="select", task_run_name="select-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=2)
-def select_task(params: Params, root: str, name: str) -> str:
-    return str(ops.select_step(params, _layout(params, root), name))
+def select_task(params: Params, layout: ops.Layout, name: str) -> str:
+    return str(ops.select_step(params, layout, name))
 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=2)
-def evaluate_task(params: Params, root: str, name: str) -> str:
-    layout = _layout(params, root)
+def evaluate_task(params: Params, layout: ops.Layout, name: str) -> str:
     ops.evaluate_step(params, layout, name)
     return str(layout.eval(name))
 
 
 @task(name="register", task_run_name="register-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def register_task(params: Params, root: str, name: str) -> dict[str, Any]:
-    rec = ops.register_step(params, _layout(params, root), name, _tracker(params, root))
+def register_task(params: Params, layout: ops.Layout, name: str) -> dict[str, Any]:
+    rec = ops.register_step(params, layout, name, _tracker(params, layout))
     return {k: rec[k] for k in ("version", "tasks", "aaf", "gate", "gate_reason", "aliases")}
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(params: Params, root: str) -> str:
-    layout = _layout(params, root)
-    ops.report_step(params, layout, _tracker(params, root))
+def report_task(params: Params, layout: ops.Layout) -> str:
+    ops.report_step(params, layout, _tracker(params, layout))
     return str(layout.metrics)
 
 
 @task(name="champion-base", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def base_task(params: Params, root: str, champion: dict[str, Any] | None) -> str:
+def base_task(params: Params, layout: ops.Layout, champion: dict[str, Any] | None) -> str:
     """Make the champion's state, memory and manifests the local predecessor of the new task."""
     from lorax.tracking.registry import download_version
 
-    layout = _layout(params, root)
     if not champion:
-        return str(ops.init_step(params, layout, _tracker(params, root)))
+        return str(ops.init_step(params, layout, _tracker(params, layout)))
     tasks = champion["tasks"]
     last = layout.state(tasks[-1])
     if not (last.is_dir() and ops.state_id(last) == champion["state_id"]):
@@ -139,17 +142,18 @@ def continual_flow(params_path: str = "params.yaml", root: str = ".", overrides:
                    ) -> dict[str, Any]:
     """The whole stream of params.yaml; finished steps are skipped, so a re-run only does what is missing."""
     params = load_params(Path(root) / params_path, overrides)
-    _tracker(params, root)  # a tracking server that is down fails here, before any work
-    init_task(params, root)
+    layout = _layout(params, root)
+    _tracker(params, layout)  # a tracking server that is down fails here, before any work
+    init_task(params, layout)
     versions = []
     for name in params.tasks:
-        synth_task(params, root, name)
-        prepare_task(params, root, name)
-        train_task(params, root, name)
-        select_task(params, root, name)
-        evaluate_task(params, root, name)
-        versions.append(register_task(params, root, name))
-    metrics = report_task(params, root)
+        synth_task(params, layout, name)
+        prepare_task(params, layout, name)
+        train_task(params, layout, name)
+        select_task(params, layout, name)
+        evaluate_task(params, layout, name)
+        versions.append(register_task(params, layout, name))
+    metrics = report_task(params, layout)
     return {"metrics": metrics, "versions": versions}
 
 
@@ -164,7 +168,7 @@ def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = 
         raise ValueError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init')")
     params0 = load_params(Path(root) / params_path, overrides)
     tracker = _tracker(params0, root)
-    layout0 = _layout(params0, root)
+    layout0 = ops.Layout.flows(params0, root)
     with ops.file_lock(layout0.locks / f"task-{name}.lock", blocking=True, timeout=TASK_LOCK_WAIT_S) as held:
         if not held:
             raise TimeoutError(f"task {name}: another run held its lock for {TASK_LOCK_WAIT_S:.0f}s")
@@ -175,15 +179,16 @@ def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = 
             logger.info("%s is already learned by the champion v%s; nothing to do", name, champ["version"])
             return {"task": name, "skipped": "in champion", "version": champ["version"]}
         params = ops.stream_params(params0, base + [name])
-        logger.info("learning %s on top of %s", name,
-                    f"champion v{champ['version']} ({base})" if champ else "nothing (no champion yet)")
-        base_task(params, root, champ)
-        prep = prepare_task(params, root, name)
+        layout = ops.Layout.flows(params, root)  # the champion's chain: outside DVC's outputs
+        logger.info("learning %s on top of %s in %s", name,
+                    f"champion v{champ['version']} ({base})" if champ else "nothing (no champion yet)", layout.root)
+        base_task(params, layout, champ)
+        prep = prepare_task(params, layout, name)
         logger.info("%s", prep["summary"])
-        train_task(params, root, name)
-        select_task(params, root, name)
-        evaluate_task(params, root, name)
-        rec = register_task(params, root, name)
+        train_task(params, layout, name)
+        select_task(params, layout, name)
+        evaluate_task(params, layout, name)
+        rec = register_task(params, layout, name)
         return {"task": name, "base": base, "quarantined": prep["bad"], **rec}
 
 
@@ -229,7 +234,7 @@ def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dic
     params = load_params(Path(root) / params_path, overrides)
     tracker = _tracker(params, root)
     model = params.tracking.registered_model
-    with ops.file_lock(_layout(params, root).locks / "watch.lock") as held:
+    with ops.file_lock(ops.Layout.flows(params, root).locks / "watch.lock") as held:
         if not held:
             logger.info("another watch run is in progress for %s; this one does nothing", Path(root).resolve())
             return {"skipped": "another watch run holds the lock", "trained": []}

@@ -68,6 +68,10 @@ def test_two_watch_runs_learn_each_new_folder_once(prefect_api, project: Path) -
 
     _add_folder(project, "bilinconv", "newgan_a", bad=False)
     _add_folder(project, "pixshuf", "newgan_b", bad=True)
+    # what the continual flow made in the project's (DVC's) folders: the watch flow must leave it alone
+    dvc_outputs = {p: p.stat().st_mtime_ns for d in ("state", "memory", "reports", "data/manifests")
+                   for p in (project / d).rglob("*") if p.is_file()}
+    assert dvc_outputs
     results: list = [None, None]
     errors: list = []
 
@@ -94,8 +98,13 @@ def test_two_watch_runs_learn_each_new_folder_once(prefect_api, project: Path) -
     a_tasks, b_tasks = by_last["newgan_a"][0], by_last["newgan_b"][0]
     assert a_tasks[:-1] == ["deconv", "nnconv"] or a_tasks[:-1] == ["deconv"]
     assert "newgan_b" not in a_tasks
+    # the champion's chain was grown in flows/ (the champion fetched from the registry), DVC's outputs untouched
+    assert {p: p.stat().st_mtime_ns for p in dvc_outputs} == dvc_outputs
+    assert not any((project / d / "newgan_a").exists() for d in ("state", "reports/eval"))
+    assert (project / "flows" / "state" / "newgan_a" / "state.json").is_file()
+    assert (project / "flows" / "state" / a_tasks[-2] / "state.json").is_file()  # the champion newgan_a grew
     # the bad files went through preparation's quarantine
-    q = pd.read_csv(project / "data" / "manifests" / "newgan_b.quarantine.csv")
+    q = pd.read_csv(project / "flows" / "manifests" / "newgan_b.quarantine.csv")
     reasons = {Path(f).name: r for f, r in zip(q["file"], q["reason"], strict=True)}
     assert set(reasons) == {"pixshuf_train_fake_00000.png", "notes.png", "tiny.png"}
     assert reasons["tiny.png"].startswith("smaller than crop") and reasons["notes.png"].startswith("not an image")
