@@ -59,7 +59,7 @@ class Layout:
     root: Path
     data_root: Path
     manifests: Path
-    project: Path | None = None
+    project: Path
 
     @classmethod
     def from_params(cls, params: Params, root: str | Path = ".") -> Layout:
@@ -77,10 +77,6 @@ class Layout:
         root = Path(root).resolve()
         work = root / FLOWS_DIR
         return cls(work, root / params.data.root, work / Path(params.data.manifests).name, root)
-
-    @property
-    def project_root(self) -> Path:
-        return self.project or self.root
 
     def synth_marker(self, task: str) -> Path:
         return self.root / "data" / "synth" / f"{task}.json"
@@ -115,7 +111,7 @@ class Layout:
     @property
     def locks(self) -> Path:
         """Lock files live outside the project (DVC hashes state/ and reports/); one folder per project root."""
-        key = hashlib.sha1(str(self.project_root).encode()).hexdigest()[:12]
+        key = hashlib.sha1(str(self.project).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / "lorax-locks" / key
 
 
@@ -173,11 +169,9 @@ def stream_run(layout: Layout, prev: str) -> dict[str, Any]:
 
 def embedding_store(params: Params, layout: Layout):
     """The project's store of frozen adapters' embeddings (``eval.embedding_cache``), or None."""
-    if not params.eval.embedding_cache:
-        return None
     from lorax.continual.embedding_store import EmbeddingStore
 
-    return EmbeddingStore(layout.project_root / params.eval.embedding_cache_dir)
+    return EmbeddingStore.from_params(params, layout.project)
 
 
 # ----------------------------------------------------------------------------------------------- steps

@@ -53,10 +53,10 @@ def _layout(params: Params, root: str) -> ops.Layout:
     return ops.Layout.from_params(params, root)
 
 
-def _tracker(params: Params, layout: ops.Layout | str):
+def _tracker(params: Params, layout: ops.Layout):
     from lorax.tracking.tracker import Tracker
 
-    return Tracker(params, layout.project_root if isinstance(layout, ops.Layout) else layout)
+    return Tracker(params, layout.project)
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -167,9 +167,9 @@ def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = 
     if not _NAME.fullmatch(name) or name == ops.INIT:
         raise ValueError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init')")
     params0 = load_params(Path(root) / params_path, overrides)
-    tracker = _tracker(params0, root)
-    layout0 = ops.Layout.flows(params0, root)
-    with ops.file_lock(layout0.locks / f"task-{name}.lock", blocking=True, timeout=TASK_LOCK_WAIT_S) as held:
+    layout = ops.Layout.flows(params0, root)  # the champion's chain: outside DVC's outputs
+    tracker = _tracker(params0, layout)
+    with ops.file_lock(layout.locks / f"task-{name}.lock", blocking=True, timeout=TASK_LOCK_WAIT_S) as held:
         if not held:
             raise TimeoutError(f"task {name}: another run held its lock for {TASK_LOCK_WAIT_S:.0f}s")
         model = params0.tracking.registered_model
@@ -179,7 +179,6 @@ def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = 
             logger.info("%s is already learned by the champion v%s; nothing to do", name, champ["version"])
             return {"task": name, "skipped": "in champion", "version": champ["version"]}
         params = ops.stream_params(params0, base + [name])
-        layout = ops.Layout.flows(params, root)  # the champion's chain: outside DVC's outputs
         logger.info("learning %s on top of %s in %s", name,
                     f"champion v{champ['version']} ({base})" if champ else "nothing (no champion yet)", layout.root)
         base_task(params, layout, champ)
@@ -232,9 +231,10 @@ def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dic
 
     logger = get_run_logger()
     params = load_params(Path(root) / params_path, overrides)
-    tracker = _tracker(params, root)
+    layout = ops.Layout.flows(params, root)
+    tracker = _tracker(params, layout)
     model = params.tracking.registered_model
-    with ops.file_lock(ops.Layout.flows(params, root).locks / "watch.lock") as held:
+    with ops.file_lock(layout.locks / "watch.lock") as held:
         if not held:
             logger.info("another watch run is in progress for %s; this one does nothing", Path(root).resolve())
             return {"skipped": "another watch run holds the lock", "trained": []}

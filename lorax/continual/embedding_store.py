@@ -23,10 +23,13 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from lorax.config import Params
 
 FORMAT = 1
 
@@ -57,6 +60,11 @@ class EmbeddingStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._loaded: dict[str, dict[bytes, np.ndarray]] = {}
+
+    @classmethod
+    def from_params(cls, params: Params, base: str | Path) -> EmbeddingStore | None:
+        """The store at ``base / eval.embedding_cache_dir``, or None when ``eval.embedding_cache`` is off."""
+        return cls(Path(base) / params.eval.embedding_cache_dir) if params.eval.embedding_cache else None
 
     def _entries(self, key: str) -> dict[bytes, np.ndarray]:
         if key not in self._loaded:

@@ -126,11 +126,9 @@ def run_stream(params: Params, manifests_dir: str | Path, out: str | Path,
     manifests = load_stream_manifests(manifests_dir, tasks)
     evals, states = [], []
     prev_state = prev_memory = None
-    store = None
-    if params.eval.embedding_cache:  # relative to the output folder here (to the project root in the pipeline)
-        from lorax.continual.embedding_store import EmbeddingStore
+    from lorax.continual.embedding_store import EmbeddingStore
 
-        store = EmbeddingStore(out / params.eval.embedding_cache_dir)
+    store = EmbeddingStore.from_params(params, out)  # under the output folder here (the project root in the pipeline)
     for task in tasks:
         log.info("=== task %d/%d: %s (%s) ===", tasks.index(task) + 1, len(tasks), task, params.continual.method)
         cb = (lambda e, row, _t=task: callback(_t, e, row)) if callback else None
