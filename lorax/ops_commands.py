@@ -58,10 +58,74 @@ def _stream_add(args: argparse.Namespace) -> int:
 
     if bool(args.name) == bool(args.next):
         raise ValueError("give a task name or --next (not both)")
-    name = append_to_stream(args.params, None if args.next else args.name, root=Path(args.params).parent)
-    print(f"added {name} to the stream in {args.params}; `dvc repro` now trains only {name} "
-          f"(stages synth/prepare/train/select/evaluate/register@{name}, then report)")
+    root = Path(args.params).parent
+    name = append_to_stream(args.params, None if args.next else args.name, root=root)
+    print(f"added {name} to the stream in {args.params}")
+    print(dvc_preview(root, name))
     return 0
+
+
+# What a clone needs besides the DVC remote: the pipeline's record, and the outputs DVC leaves to git (cache: false).
+SHARE_FILES = ("dvc.lock", "params.yaml", "reports/registry", "reports/metrics.json", "reports/plots")
+
+
+def _git_untracked(root: Path, paths: tuple[str, ...]) -> list[str]:
+    """Those of ``paths`` that exist but git does not track (nothing when ``root`` is not a git work tree)."""
+    git = shutil.which("git")
+    existing = [p for p in paths if (root / p).exists()]
+    if git is None or not existing or not (root / ".git").exists():
+        return []
+    res = subprocess.run([git, "ls-files", "--error-unmatch", *existing], cwd=root, capture_output=True, text=True)
+    if res.returncode == 0:
+        return []
+    out = []
+    for p in existing:
+        one = subprocess.run([git, "ls-files", "--error-unmatch", p], cwd=root, capture_output=True, text=True)
+        if one.returncode != 0:
+            out.append(p)
+    return out
+
+
+def share_hint(root: Path) -> str:
+    """How to share a pipeline run the DVC way (printed by ``lorax demo``; the README says the same)."""
+    return ("To share this run, DVC's convention: commit the pipeline's record and the small outputs DVC leaves to git,\n"
+            f"  git add {' '.join(SHARE_FILES)} && git commit -m 'pipeline run'\n"
+            "and push the cached outputs to a DVC remote (once: dvc remote add -d store <folder or s3://...>):\n"
+            "  dvc push\n"
+            "A clone then runs `dvc pull` and `dvc repro`, which only rebuilds the built-in zoo (synth@<task>, seconds;\n"
+            "a folder dataset must be at data.root) and trains nothing. The registry is the MLflow store:\n"
+            "share it too (tracking.uri of a server, or copy mlflow.db and mlartifacts/).")
+
+
+def dvc_preview(root: str | Path, task: str | None = None) -> str:
+    """What ``dvc status`` says will run, in a few lines (``dvc repro --dry`` cannot tell: DVC 3 stops its dry run
+    at the first stage whose inputs an earlier stage makes)."""
+    root = Path(root)
+    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
+        return "no DVC project here (dvc.yaml, .dvc/): run the stream with `lorax train` or set up DVC (`lorax demo`)"
+    res = subprocess.run([_tool("dvc"), "status", "--json"], cwd=root, env=tool_env(), capture_output=True, text=True)
+    try:
+        stages = list(json.loads(res.stdout or "null") or {})
+    except json.JSONDecodeError:
+        stages = None
+    if res.returncode != 0 or stages is None:
+        why = (res.stderr or res.stdout).strip().splitlines()
+        return f"`dvc status` failed ({why[-1] if why else f'exit {res.returncode}'}); run it to see what will re-run"
+    lines = [f"`dvc status` shows {len(stages)} stage(s) to run: {', '.join(stages) or 'none'}"]
+    if task is not None:
+        others = [s for s in stages if s != "report" and not s.endswith(f"@{task}")]
+        if not (root / "dvc.lock").is_file():
+            lines.append("no dvc.lock yet: `dvc repro` runs every stage of the stream")
+        elif others:
+            lines.append(f"besides {task}'s stages, {len(others)} other stage(s) are out of date ({', '.join(others[:6])}"
+                         f"{' ...' if len(others) > 6 else ''}): a setting, a dataset or an output changed since "
+                         "dvc.lock was written")
+    untracked = _git_untracked(root, ("dvc.lock",))
+    if untracked:
+        lines.append("dvc.lock is not committed: a clone of this project would run every stage again; commit it "
+                     f"with the outputs DVC leaves to git: git add {' '.join(SHARE_FILES)}")
+    lines.append("run them with `dvc repro`")
+    return "\n".join(lines)
 
 
 def parse_every(text: str) -> int:
@@ -130,5 +194,7 @@ Where to look:
                                            pipeline has run, DVC notes that its reports/detect/ files are missing)
   MLflow UI    {_tool('mlflow')} ui --backend-store-uri {uri}   then open http://127.0.0.1:5000
   registry     lorax models list          (champion: models:/lorax-attributor@champion)
-Next: add a generator and re-run only its stages:  lorax stream add --next && dvc repro""")
+Next: add a generator and re-run only its stages:  lorax stream add --next && dvc repro
+""")
+    print(share_hint(root))
     return 0

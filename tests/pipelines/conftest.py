@@ -52,6 +52,7 @@ def dvc_project(root: Path, stream: list[str], **overrides: Any) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "pipelines" / "plots", root / "pipelines" / "plots")
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
     env = tool_env()
     subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
     subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True, env=env)
