@@ -6,23 +6,27 @@ calibrated, its open-set calibration (``openset``, :mod:`lorax.serving.openset`)
 ``models:/lorax-attributor@champion`` therefore needs nothing else but the ``lorax`` package (the frozen backbone
 is rebuilt from ``state.json``: seeded random init, or ``model.pretrained`` when the state names weights).
 
-``predict`` takes a DataFrame whose ``image`` column (or first column) holds image bytes, base64 text of the
-bytes, or file paths (an optional ``name`` column labels the rows), and returns one row per image: the
-probability of every class (``<task>/real``, ``<task>/fake``), then the fields of ``lorax predict``
-(:data:`lorax.serving.predict.COLUMNS`: verdict, generator, probability, fake probability, top-3 classes,
-unknown-generator score and flag; ``path`` is the row's name) and ``predicted_task``. The same code as
+``predict`` takes a DataFrame whose ``image`` column (or first column) holds image bytes or base64 text of the
+bytes (an optional ``name`` column labels the rows), and returns one row per input, in order: the probability of
+every class (``<task>/real``, ``<task>/fake``), then the fields of ``lorax predict``
+(:data:`lorax.serving.predict.COLUMNS`: status and error, verdict, generator, probability, fake probability, top-3
+classes, unknown-generator score and flag; ``path`` is the row's name) and ``predicted_task``. The same code as
 ``lorax predict`` scores the images, so ``mlflow models serve`` answers exactly what the command writes.
-A value that is neither bytes, base64 nor a file is a malformed request (``ValueError`` naming the row); bytes
-that are not a usable image give an error row with the reason, as in ``lorax predict``.
+
+Trust boundary (:mod:`lorax.serving.rows`): file paths are refused unless the operator allowed a folder
+(``LORAX_SERVE_IMAGE_ROOT`` when the model loads, else ``image_root`` given to :func:`save_attributor`); a request
+cannot change it. Every value that cannot be used (a refused or missing path, invalid base64, a non-image, a
+number) is an error row with the reason; the other rows are scored. Only a request that has no rows to speak of
+(no columns) is refused as a whole, by an :class:`~mlflow.exceptions.MlflowException` whose JSON carries one line
+and no stack trace (MLflow adds a trace to any other exception, so none escapes ``predict``).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import importlib.metadata as md
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,23 +34,16 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from lorax.serving.rows import Row, describe, image_root, parse_value
+
+log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "torchvision", "timm", "peft", "safetensors", "numpy", "pandas", "pyarrow", "pillow",
                 "pydantic", "pyyaml", "scikit-learn", "mlflow")
-
-
-def _image_bytes(value: Any, row: int) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"row {row}: expected image bytes, base64 text or a file path, got {type(value).__name__}")
-    if len(value) < 4096 and Path(value).is_file():
-        return Path(value).read_bytes()
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"row {row}: {value[:60]!r} is neither an existing file nor base64 image bytes") from None
 
 
 class LoraxAttributor(mlflow.pyfunc.PythonModel):
@@ -64,39 +61,101 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
         stats = load_openset(state, openset) if openset else None
         self.predictor = Predictor.from_state(state, device=device, openset=stats)
         self.classes = self.predictor.classes
+        self.image_root = image_root((getattr(context, "model_config", None) or {}).get("image_root"))
+        log.info("lorax attributor loaded: %s", describe(self.image_root))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from lorax.continual.metrics import softmax
-        from lorax.serving.predict import COLUMNS
+        """One row per input value (see the module docstring); only a request with no columns is refused.
 
-        if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame({"image": list(model_input)})
-        if model_input.shape[1] == 0:
-            raise ValueError("model input has no columns; pass a DataFrame with an 'image' column")
-        col = "image" if "image" in model_input.columns else model_input.columns[0]
-        values = list(model_input[col])
-        data = [_image_bytes(v, i) for i, v in enumerate(values)]
-        if "name" in model_input.columns:
-            names = [str(n) for n in model_input["name"]]
-        else:
-            names = [v if isinstance(v, str) and len(v) < 4096 and Path(v).is_file() else f"row {i}"
-                     for i, v in enumerate(values)]
-        p = self.predictor
-        old = p.batch_size
-        p.batch_size = int((params or {}).get("batch_size", old))
+        ``model_input`` is usually a DataFrame, but a list, array or dict of columns (MLflow's ``inputs`` and
+        ``instances`` forms) works too; the hint stays DataFrame so MLflow infers no signature from it."""
         try:
-            res = p.predict(data, names, progress=False)
-        finally:
-            p.batch_size = old
-        probs = np.full(res.logits.shape, np.nan)
-        ok = (res.table["status"] == "ok").to_numpy()
+            return self._score(_as_frame(model_input), _batch_size(params, self.predictor.batch_size))
+        except MlflowException:
+            raise
+        except Exception:  # a fault of ours, not the caller's: the trace goes to the server log, not the response
+            log.exception("scoring a request failed")
+            raise MlflowException("the server failed to score this request (an internal error, logged on the "
+                                  "server); retry, or report it to the operator") from None
+
+    def _score(self, frame: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+        from lorax.continual.metrics import softmax
+        from lorax.serving.predict import COLUMNS, DTYPES
+
+        col = "image" if "image" in frame.columns else frame.columns[0]
+        rows: list[Row] = [parse_value(v, self.image_root) for v in frame[col]]
+        n = len(rows)
+        if "name" in frame.columns:
+            names = ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in frame["name"]]
+        else:
+            names = [r.path if r.path is not None else f"row {i}" for i, r in enumerate(rows)]
+        good = [i for i, r in enumerate(rows) if r.error is None]
+        cols: dict[str, list[Any]] = {c: [None] * n for c in COLUMNS}
+        cols["path"], cols["status"], cols["error"] = names, ["error"] * n, [r.error for r in rows]
+        logits = np.full((n, len(self.classes)), np.nan)
+        if good:
+            p = self.predictor
+            old, p.batch_size = p.batch_size, batch_size
+            try:
+                res = p.predict([rows[i].data for i in good], [names[i] for i in good], progress=False)
+            finally:
+                p.batch_size = old
+            for c in COLUMNS:
+                for i, v in zip(good, res.table[c].tolist(), strict=True):
+                    cols[c][i] = v
+            logits[good] = res.logits
+        table = pd.DataFrame(cols).astype(DTYPES)
+        probs = np.full(logits.shape, np.nan)
+        ok = (table["status"] == "ok").to_numpy()
         if ok.any():
-            probs[ok] = softmax(res.logits[ok])
-        out = pd.concat([pd.DataFrame(probs, columns=self.classes), res.table[COLUMNS]], axis=1)
+            probs[ok] = softmax(logits[ok])
+        out = pd.concat([pd.DataFrame(probs, columns=self.classes), table], axis=1)
         out["predicted_task"] = [c.rsplit("/", 1)[0] if isinstance(c, str) else None
-                                 for c in res.table["predicted_class"]]
+                                 for c in table["predicted_class"]]
         # plain Python values (None for missing): JSON-serialisable by the scoring server
         return out.astype(object).where(out.notna(), None)
+
+
+def _refuse(message: str) -> MlflowException:
+    """A request-level error: MLflow answers 400 with this one line and no stack trace."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _as_frame(model_input: Any) -> pd.DataFrame:
+    """The request as a DataFrame (``dataframe_split``/``records`` give one; ``inputs``/``instances`` a list,
+    an array or a dict of columns)."""
+    if isinstance(model_input, pd.DataFrame):
+        frame = model_input
+    elif isinstance(model_input, dict):
+        columns = {str(k): v if isinstance(v, list) else list(np.atleast_1d(np.asarray(v, dtype=object)))
+                   for k, v in model_input.items()}
+        try:
+            frame = pd.DataFrame(columns)
+        except ValueError:
+            raise _refuse("the request's columns have different lengths; send one 'image' value per row") from None
+    else:
+        values = np.asarray(model_input if not isinstance(model_input, (str, bytes)) else [model_input], dtype=object)
+        if values.ndim == 0:
+            values = values.reshape(1)
+        if values.ndim > 2:
+            raise _refuse(f"the request is a {values.ndim}-dimensional array; send a DataFrame with an 'image' "
+                          "column (base64 of the image bytes)")
+        frame = pd.DataFrame({"image": list(values)}) if values.ndim == 1 else pd.DataFrame(values)
+    if frame.shape[1] == 0:
+        raise _refuse("the request has no columns; send a DataFrame with an 'image' column (base64 of the image "
+                      "bytes), e.g. {\"dataframe_split\": {\"columns\": [\"image\"], \"data\": [[\"iVBOR...\"]]}}")
+    return frame
+
+
+def _batch_size(params: dict[str, Any] | None, default: int) -> int:
+    raw = (params or {}).get("batch_size", default)
+    try:
+        size = int(raw)
+    except (TypeError, ValueError):
+        size = 0
+    if not 1 <= size <= 4096:
+        raise _refuse(f"params.batch_size: expected an integer from 1 to 4096, got {raw!r}")
+    return size
 
 
 def pip_requirements(extra: list[str] | None = None) -> list[str]:
@@ -123,11 +182,14 @@ def _skip_mlflow_package_scan() -> None:
 
 
 def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | Path | None = None,
-                    metadata: dict[str, Any] | None = None, openset_dir: str | Path | None = None) -> Path:
+                    metadata: dict[str, Any] | None = None, openset_dir: str | Path | None = None,
+                    image_root: str | Path | None = None) -> Path:
     """Write a pyfunc model folder at ``path`` whose artifacts are the state dir (and memory manifest).
 
     The open-set calibration (``openset_dir``, default the state's ``<state_dir>.openset`` when it exists and
-    belongs to this state) is packed too, so the served model reports unknown-generator scores.
+    belongs to this state) is packed too, so the served model reports unknown-generator scores. ``image_root``
+    (saved in the model's config) lets the served model read image paths under that folder; by default it reads
+    none, and ``LORAX_SERVE_IMAGE_ROOT`` at load time overrides it either way.
     """
     from lorax.serving.openset import current_openset, openset_dir as default_openset
 
@@ -148,6 +210,7 @@ def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | 
             pip_requirements=pip_requirements(extra),
             metadata={"lorax": "attributor", "needs": "the lorax package (pip install -e <lorax repo>)",
                       **(metadata or {})},
+            model_config={"image_root": os.path.abspath(os.path.expanduser(image_root))} if image_root else None,
         )
     return path
 
