@@ -1,7 +1,29 @@
-"""MLflow models-from-code entry point of the registered attributor (see lorax/serving/pyfunc.py)."""
+"""MLflow models-from-code entry point of the registered attributor (see lorax/serving/pyfunc.py).
+
+Inside ``mlflow models serve`` this also keeps Python tracebacks out of responses: MLflow's scoring server puts
+one (with server paths) in the 400 it answers to a body it cannot parse (CSV, parquet) before the model is called,
+which the model's own error handling cannot reach. Its error helper already has an off switch; we use it there.
+"""
+
+import sys
 
 from mlflow.models import set_model
 
 from lorax.serving.pyfunc import LoraxAttributor
 
+
+def _no_tracebacks_in_responses() -> None:
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")  # only loaded where a scoring server runs
+    handler = getattr(server, "_handle_serving_error", None)
+    if handler is None or getattr(handler, "_lorax_no_trace", False):
+        return
+
+    def handle(error_message, error_code, include_traceback=True):  # noqa: ANN001 - MLflow's signature
+        return handler(error_message, error_code, include_traceback=False)
+
+    handle._lorax_no_trace = True
+    server._handle_serving_error = handle
+
+
+_no_tracebacks_in_responses()
 set_model(LoraxAttributor())

@@ -263,6 +263,12 @@ def test_server_request_level_errors_are_one_line_without_a_trace(servers) -> No
     code, text = _call(plain, b"image\n/etc/passwd\n", "text/plain")
     assert code == 415
     _no_trace(text)
+    code, text = _call(plain, b"", "text/csv")  # MLflow's own parse error: it adds a trace unless told not to
+    assert code == 400 and "CSV" in text
+    _no_trace(text)
+    code, text = _call(plain, b"image\n/etc/passwd\n", "text/csv")  # parsed: one error row, no trace
+    assert code == 200 and json.loads(text)["predictions"][0]["error"] == PATHS_REFUSED
+    _no_trace(text)
     code, text = _call(plain, json.dumps({"inputs": ["/etc/passwd", 3]}).encode())
     assert code == 200 and [r["status"] for r in json.loads(text)["predictions"]] == ["error", "error"]
     _no_trace(text)
