@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 
@@ -96,9 +96,9 @@ def link_out_of(path: str | Path, real_root: str) -> str | None:
 def _lexical_problem(rel: str) -> str | None:
     if not rel:
         return "empty path"
-    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute():
+    if rel.startswith("/") or os.path.isabs(rel):
         return "absolute path"
-    if ".." in PurePosixPath(rel).parts or ".." in Path(rel).parts:
+    if ".." in rel.replace(os.sep, "/").split("/"):
         return "'..' in the path"
     return None
 
@@ -113,20 +113,27 @@ def safe_paths(df: pd.DataFrame, allow_links: bool = False) -> list[Path]:
     tasks = df["task"].tolist() if "task" in df.columns else [None] * len(df)
     splits = df["split"].tolist() if "split" in df.columns else [None] * len(df)
     real_roots: dict[str, str] = {}
-    real_dirs: dict[str, str] = {}
+    dirs: dict[tuple[str, str], tuple[str, bool, str]] = {}
     out: list[Path] = []
     bad: list[str] = []
     links = False
     for root, rel, task, split in zip(df["root"].astype(str), df["path"].astype(str), tasks, splits, strict=True):
-        full = Path(root) / rel
-        out.append(full)
+        full = os.path.join(root, rel)
+        out.append(Path(full))
         why = _lexical_problem(rel)
         if why is None and not allow_links:
-            real_root = real_roots.get(root) or real_roots.setdefault(root, os.path.realpath(root))
-            parent = str(full.parent)
-            real_dir = real_dirs.get(parent) or real_dirs.setdefault(parent, os.path.realpath(parent))
-            target = os.path.realpath(full) if os.path.islink(full) else os.path.join(real_dir, full.name)
-            if not _inside(target, real_root):
+            parent = os.path.dirname(full)
+            if (root, parent) not in dirs:  # (the folder's real path, whether it is inside the real root)
+                real_root = real_roots.get(root) or real_roots.setdefault(root, os.path.realpath(root))
+                real_dir = os.path.realpath(parent)
+                dirs[root, parent] = (real_dir, _inside(real_dir, real_root), real_root)
+            real_dir, dir_inside, real_root = dirs[root, parent]
+            target = None
+            if not dir_inside:
+                target = os.path.join(real_dir, os.path.basename(full))
+            elif os.path.islink(full) and not _inside(real := os.path.realpath(full), real_root):
+                target = real
+            if target is not None:
                 why, links = f"resolves through a symlink to {target}, outside the dataset root {real_root}", True
         if why is not None:
             bad.append(f"{row_name(root, rel, task, split)}: {why}")
