@@ -51,6 +51,12 @@ class DataConfig(_Section):
     strict: bool = False
     max_image_pixels: int = Field(89478485, ge=1)
     check_leakage: bool = True
+    follow_links: bool = Field(
+        False,
+        description="symlinks in the dataset may point outside its root (preparation and every manifest reader); "
+        "off, such files are quarantined and manifest rows that leave the root are refused. Manifest paths with "
+        "'..' or absolute ones are refused either way",
+    )
 
 
 class StreamItem(_Section):

@@ -7,7 +7,10 @@ of every task through all k adapters again (cost ~k^2 over a stream); with it, o
 images and only the new task's images see the old adapters (cost ~k).
 
 Entries are addressed by content, so a stale entry cannot be read: the adapter key hashes the adapter's tensors,
-the backbone and adapter settings and the eval view; the image key is the manifest's pixel hash. The store is a
+the backbone and adapter settings and the eval view; the image key is the manifest's ``sha256`` of the file's
+bytes, which the loaders check on every read (and :func:`lorax.data.manifest.verify_files` for rows found here), so
+an entry is only ever used for the bytes it was computed from. (Keying by ``pixel_sha256``, which nothing checks,
+let an edited manifest pull another image's embedding.) The store is a
 cache (``eval.embedding_cache_dir``, default ``cache/embeddings``): deleting it only costs recomputation, and it
 is not a DVC output. Writers add new shard files atomically (``.tmp`` + rename), so concurrent stages never see
 half a file.
@@ -31,15 +34,20 @@ import pandas as pd
 if TYPE_CHECKING:
     from lorax.config import Params
 
-FORMAT = 1
+FORMAT = 2  # 2: images keyed by the file's sha256 (1: by pixel_sha256)
 
 
 def image_ids(df: pd.DataFrame) -> np.ndarray:
-    """(N, 32) uint8 content ids of the rows: the decoded pixels' hash (the file's when the manifest lacks it)."""
-    col = "pixel_sha256" if "pixel_sha256" in df.columns else "sha256"
-    if col not in df.columns:
-        raise ValueError("manifest lacks sha256 / pixel_sha256 columns; re-run `lorax data prepare`")
-    return np.frombuffer(b"".join(bytes.fromhex(h) for h in df[col].astype(str)), dtype=np.uint8).reshape(-1, 32)
+    """(N, 32) uint8 content ids of the rows: the sha256 of the file's bytes (the hash the loaders verify)."""
+    if "sha256" not in df.columns:
+        raise ValueError("manifest lacks the sha256 column; re-run `lorax data prepare`")
+    try:
+        raw = [bytes.fromhex(h) for h in df["sha256"].astype(str)]
+    except ValueError:
+        raw = []
+    if len(raw) != len(df) or any(len(b) != 32 for b in raw):
+        raise ValueError("manifest sha256 values are not 64 hex digits; re-run `lorax data prepare`")
+    return np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(-1, 32)
 
 
 def adapter_key(adapter_tensors: dict[str, Any], settings: dict[str, Any]) -> str:

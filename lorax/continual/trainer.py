@@ -32,7 +32,7 @@ from lorax.continual.memory import ExemplarMemory, per_class_budget
 from lorax.continual.methods import Method, build_method, count_trainable, logits_and_features
 from lorax.continual.state import load_state, save_state
 from lorax.data.dataset import ManifestDataset, SeededSampler
-from lorax.data.manifest import abs_paths
+from lorax.data.manifest import abs_paths, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,14 @@ def _dataset(df: pd.DataFrame, method: Method, params: Params, train: bool, seed
     """The rows as a dataset (``n_crops``: eval crops stacked per row); pixels from the uint8 decode cache when
     ``train.decode_cache`` is on and they fit."""
     mean, std = _norm(method)
-    kw = dict(train=train, crop=params.model.img_size, mean=mean, std=std, seed=seed, n_crops=n_crops)
+    links = params.data.follow_links
+    kw = dict(train=train, crop=params.model.img_size, mean=mean, std=std, seed=seed, n_crops=n_crops,
+              follow_links=links)
     if params.train.decode_cache:
         from lorax.data.cache import CachedManifestDataset, open_decode_cache
 
         t = params.train
-        cache = open_decode_cache(df, t.decode_cache_dir, t.decode_cache_max_mb)
+        cache = open_decode_cache(df, t.decode_cache_dir, t.decode_cache_max_mb, follow_links=links)
         if cache is not None:
             return CachedManifestDataset(df, cache, **kw)
     return ManifestDataset(df, **kw)
@@ -305,7 +307,9 @@ def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: tor
     the average over ``eval.crops`` fixed crops (the crop policy of :class:`lorax.serving.predict.Predictor`).
 
     ``store``: LoRAX reads the frozen adapters' embeddings it already has there and computes only the missing
-    (image, adapter) pairs, which it adds (:mod:`lorax.continual.embedding_store`)."""
+    (image, adapter) pairs, which it adds (:mod:`lorax.continual.embedding_store`); rows it has every embedding of
+    are not decoded, but their files are still checked against the manifest
+    (:func:`~lorax.data.manifest.verify_files`)."""
     device = device or resolve_device(params.train.device)
     method.to(device).eval()
     if store is not None and uses_embedding_store(method):
@@ -359,6 +363,7 @@ def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device:
         if vals is not None:
             emb[found, j] = vals[found]
             missing[found, j] = False
+    verify_files(df.iloc[np.flatnonzero(~missing.any(1))], params.data.follow_links)  # the others: in the loaders
     groups: dict[tuple[int, ...], list[int]] = {}
     for r in np.flatnonzero(missing.any(1)):
         groups.setdefault(tuple(np.flatnonzero(missing[r]).tolist()), []).append(int(r))

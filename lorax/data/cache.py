@@ -7,7 +7,9 @@ task's split, or the replayed exemplars) are written back to back as HxWx3 uint8
 Python heap, holds it and DataLoader workers share it.
 
 A shard is keyed by the sha256 of its rows (root, path, content hash, size) and the decoder settings, so a changed
-file or manifest gets a new shard and a stale one is never read. Shards are written to a temporary folder and
+file or manifest gets a new shard and a stale one is never read. Building a shard checks each file's bytes (read
+once, for decoding) against the manifest's ``sha256`` and refuses the rows that differ, so a shard only ever holds
+the content its manifest records; an existing shard was checked when it was built and is not read again. Shards are written to a temporary folder and
 renamed, so concurrent builders (DDP ranks, parallel stages) never see half a shard.
 
 Crops are identical to decoding each file (:class:`~lorax.data.dataset.ManifestDataset`): the RGB rules are per
@@ -29,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from lorax.data.dataset import HALF, ManifestDataset
-from lorax.data.images import DEFAULT_MAX_PIXELS, BadImage, DataError, open_image, to_rgb_array
-from lorax.data.manifest import abs_paths
+from lorax.data.images import DEFAULT_MAX_PIXELS, BadImage, DataError, open_image, read_bytes, to_rgb_array
+from lorax.data.manifest import ManifestError, changed_message, file_sha256, mismatch, row_names, safe_paths
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +80,32 @@ class Shard:
         return {"directory": self.directory, "index": self.index, "_mm": None}
 
     @classmethod
-    def build(cls, df: pd.DataFrame, directory: str | Path, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Shard:
-        """Decode the rows of ``df`` into ``directory`` (atomically: temp folder, then rename)."""
+    def build(cls, df: pd.DataFrame, directory: str | Path, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+              follow_links: bool = False) -> Shard:
+        """Decode the rows of ``df`` into ``directory`` (atomically: temp folder, then rename), after checking
+        every file against the manifest's ``sha256`` (:class:`ManifestError` naming the rows that changed)."""
         directory = Path(directory)
         if (directory / "meta.json").is_file():
             return cls(directory)
+        if "sha256" not in df.columns:
+            raise DataError("manifest lacks the sha256 column; re-run `lorax data prepare`")
+        paths = safe_paths(df, allow_links=follow_links)
         tmp = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        paths = abs_paths(df)
         index = np.zeros((len(df), 3), dtype=np.int64)
         off = 0
+        changed: list[str] = []
+        names = row_names(df, paths)
         with open(tmp / "pixels.u8", "wb") as f:
-            for i, path in enumerate(paths):
+            for i, (path, expected) in enumerate(zip(paths, df["sha256"].astype(str), strict=True)):
                 try:
-                    a = to_rgb_array(open_image(path, max_image_pixels), path)
+                    data = read_bytes(path)
+                    found = file_sha256(data)
+                    if found != expected:  # named with the others at the end; nothing of it is decoded
+                        changed.append(mismatch(names[i], found, expected))
+                        continue
+                    a = to_rgb_array(open_image(data, max_image_pixels, name=path), path)
                 except BadImage as e:
                     shutil.rmtree(tmp, ignore_errors=True)
                     msg = f"{e}; did the file change since preparation? re-run `lorax data prepare`"
@@ -104,6 +117,9 @@ class Shard:
                 f.write(np.ascontiguousarray(a).tobytes())
                 index[i] = (off, a.shape[0], a.shape[1])
                 off += a.size
+        if changed:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ManifestError(changed_message(changed))
         np.save(tmp / "index.npy", index)
         (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "rows": len(df), "bytes": off,
                                                    "max_image_pixels": max_image_pixels}))
@@ -146,6 +162,7 @@ def open_decode_cache(
     max_mb: float,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     build: bool = True,
+    follow_links: bool = False,
 ) -> DecodeCache | None:
     """The decode cache of ``df``'s rows (building missing shards when ``build``), or None when it does not fit.
 
@@ -167,7 +184,7 @@ def open_decode_cache(
             if not build:
                 return None
             log.info("decode cache: decoding %d images into %s", len(part), directory)
-        shard = Shard.build(part, directory, max_image_pixels)
+        shard = Shard.build(part, directory, max_image_pixels, follow_links)
         if len(shard) != len(part):
             raise DataError(f"{directory}: decode cache holds {len(shard)} rows, expected {len(part)}; delete it")
         where[rows, 0] = len(shards)
@@ -190,8 +207,10 @@ class CachedManifestDataset(ManifestDataset):
         n_crops: int = 1,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
+        follow_links: bool = False,
     ) -> None:
-        super().__init__(df, train, crop, mean, std, n_crops=n_crops, max_image_pixels=max_image_pixels, seed=seed)
+        super().__init__(df, train, crop, mean, std, n_crops=n_crops, max_image_pixels=max_image_pixels, seed=seed,
+                         follow_links=follow_links)
         if len(cache) != len(self):
             raise ValueError(f"decode cache holds {len(cache)} rows, the manifest {len(self)}")
         self.cache = cache

@@ -9,6 +9,9 @@ pixel, so the result is identical and large images cost less).
 Reproducibility: :func:`make_loader` draws, from one seeded ``torch.Generator``, both the shuffling order and a
 per-sample crop seed that travels with the index (the sampler yields ``(row, seed)``). The crops therefore depend
 only on ``seed`` and the epoch, not on ``num_workers`` or worker scheduling, and a CPU run reproduces exactly.
+
+Trust: rows are opened through :func:`lorax.data.manifest.safe_paths` (no path out of the dataset root), and each
+file's bytes, read once for decoding, are checked against the manifest's ``sha256`` before they are used.
 """
 
 from __future__ import annotations
@@ -23,8 +26,16 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lorax.data.images import DEFAULT_MAX_PIXELS, BadImage, DataError, crop_image, open_image, to_rgb_array
-from lorax.data.manifest import abs_paths
+from lorax.data.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    DataError,
+    crop_image,
+    open_image,
+    read_bytes,
+    to_rgb_array,
+)
+from lorax.data.manifest import ManifestError, changed_message, file_sha256, mismatch, row_name, safe_paths
 
 HALF = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN
@@ -107,7 +118,7 @@ class ManifestDataset(Dataset):
 
     ``train``: a uniformly random ``crop`` box and a horizontal flip with p=0.5; else the centre crop, or with
     ``n_crops > 1`` a fixed grid of crops stacked as (n, C, H, W). Index with an int, or with ``(row, seed)``
-    to fix the random crop (what :func:`make_loader`'s sampler does).
+    to fix the random crop (what :func:`make_loader`'s sampler does). ``follow_links``: ``data.follow_links``.
     """
 
     def __init__(
@@ -120,11 +131,15 @@ class ManifestDataset(Dataset):
         n_crops: int = 1,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
+        follow_links: bool = False,
     ) -> None:
-        missing = [c for c in ("root", "path", "class_id") if c not in df.columns]
+        missing = [c for c in ("root", "path", "class_id", "sha256") if c not in df.columns]
         if missing:
             raise DataError(f"manifest lacks columns {missing}; re-run `lorax data prepare`")
-        self.paths: list[Path] = abs_paths(df)
+        self.paths: list[Path] = safe_paths(df, allow_links=follow_links)
+        self.sha256: list[str] = df["sha256"].astype(str).tolist()
+        self._tasks = df["task"].tolist() if "task" in df.columns else [None] * len(df)
+        self._splits = df["split"].tolist() if "split" in df.columns else [None] * len(df)
         self.class_ids = df["class_id"].to_numpy(dtype=np.int64)
         self.train, self.crop, self.n_crops = train, int(crop), int(n_crops)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -147,11 +162,20 @@ class ManifestDataset(Dataset):
             return [(left, top, left + c, top + c)], bool(rng.random() < 0.5)
         return crop_boxes(w, h, c, self.n_crops), False
 
+    def row_name(self, i: int) -> str:
+        """The row as error messages name it (file, task, split)."""
+        p = self.paths[i]
+        return row_name(str(p.parent), p.name, self._tasks[i], self._splits[i])
+
     def load(self, i: int, seed: int | None = None) -> list[np.ndarray]:
         """The RGB uint8 crops of row ``i`` (one, or ``n_crops`` in eval)."""
         path = self.paths[i]
         try:
-            img = open_image(path, self.max_image_pixels)
+            data = read_bytes(path)
+            found = file_sha256(data)  # of the bytes read for decoding: no second read
+            if found != self.sha256[i]:
+                raise ManifestError(changed_message([mismatch(self.row_name(i), found, self.sha256[i])]))
+            img = open_image(data, self.max_image_pixels, name=path)
             rng = np.random.default_rng(seed) if seed is not None else self._rng
             boxes, flip = self._boxes(*img.size, rng, path)
             crops = []
@@ -198,12 +222,14 @@ def make_loader(
     n_crops: int = 1,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     drop_last: bool = False,
+    follow_links: bool = False,
 ) -> DataLoader:
     """A loader of ``(images, class_ids, rows)``; train shuffles and random-crops, eval keeps manifest order.
 
     The same ``seed`` gives the same batches and crops whatever ``num_workers`` is.
     """
-    ds = ManifestDataset(df, train, crop, mean, std, n_crops=n_crops, max_image_pixels=max_image_pixels, seed=seed)
+    ds = ManifestDataset(df, train, crop, mean, std, n_crops=n_crops, max_image_pixels=max_image_pixels, seed=seed,
+                         follow_links=follow_links)
     gen = torch.Generator().manual_seed(seed)
     sampler = SeededSampler(len(ds), shuffle=train, generator=gen)
     return DataLoader(

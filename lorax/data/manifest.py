@@ -5,13 +5,22 @@ Training never walks folders; it reads these tables. Columns (``MANIFEST_COLUMNS
 ``split`` (train|val), ``label`` (0 real, 1 fake), ``class_id`` (2*task_index + label), ``subclass``
 (CDDB sub-folder or UnivFD category, '' if none), ``sha256`` (of the file bytes), ``width``, ``height``,
 ``mode`` (original PIL mode).
+
+Trust boundary: a manifest is a file anyone with write access can edit, so consumers never open ``root / path``
+blindly. :func:`safe_paths` refuses rows whose path leaves their dataset root (``..``, absolute, or a symlink out of
+the root unless ``data.follow_links``), and the loaders check each file's bytes against the recorded ``sha256``
+(:func:`check_bytes`) with the hashing they already do, so an edited manifest cannot swap in other images.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import pandas as pd
+
+from lorax.data.images import BadImage, DataError, read_bytes
 
 MANIFEST_COLUMNS = [
     "root",
@@ -41,8 +50,150 @@ def manifest_path(manifests_dir: str | Path, task: str) -> Path:
 
 
 def abs_paths(df: pd.DataFrame) -> list[Path]:
-    """Absolute image paths of a manifest's rows."""
+    """Image paths of a manifest's rows, unchecked: for naming rows in reports; open files via :func:`safe_paths`."""
     return [Path(r) / p for r, p in zip(df["root"], df["path"], strict=True)]
+
+
+_SHOW = 3  # rows named in an error message
+PREPARE_AGAIN = "re-run `lorax data prepare` (or `dvc repro`) to rewrite the manifests; never edit them by hand"
+
+
+class ManifestError(DataError):
+    """Manifest rows that cannot be trusted (a path out of the dataset root, a file whose hash changed).
+
+    Raised in DataLoader workers too, where torch re-raises it in the main process as
+    ``type(message + worker traceback)``: the constructor keeps only the one line lorax wrote.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "\n" in message:  # torch's ExceptionWrapper.reraise
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def row_name(root: str, path: str, task: object = None, split: object = None) -> str:
+    """How an error names a row: the file, then the manifest (task) and split it is in."""
+    where = ", ".join(str(v) for v in (f"task {task}" if task is not None else None, split) if v is not None)
+    return f"{Path(str(root)) / str(path)}" + (f" ({where})" if where else "")
+
+
+def _listing(items: list[str]) -> str:
+    more = f"; and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+    return "; ".join(items[:_SHOW]) + more
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def link_out_of(path: str | Path, real_root: str) -> str | None:
+    """Where ``path`` really is when a symlink (of the file or a folder above it) takes it out of ``real_root``
+    (an ``os.path.realpath``); None when it stays inside."""
+    target = os.path.realpath(path)
+    return None if _inside(target, real_root) else target
+
+
+def _lexical_problem(rel: str) -> str | None:
+    if not rel:
+        return "empty path"
+    if rel.startswith("/") or os.path.isabs(rel):
+        return "absolute path"
+    if ".." in rel.replace(os.sep, "/").split("/"):
+        return "'..' in the path"
+    return None
+
+
+def safe_paths(df: pd.DataFrame, allow_links: bool = False) -> list[Path]:
+    """``root / path`` of every row, after refusing rows that leave their dataset root (:class:`ManifestError`).
+
+    Always refused: an absolute ``path`` or one with ``..``. Unless ``allow_links`` (``data.follow_links``): a path
+    whose real location (symlinks resolved, in its folders or the file itself) is outside the real ``root``.
+    Folders are resolved once each and files only checked with one ``lstat``, so this costs ~a stat per row.
+    """
+    tasks = df["task"].tolist() if "task" in df.columns else [None] * len(df)
+    splits = df["split"].tolist() if "split" in df.columns else [None] * len(df)
+    real_roots: dict[str, str] = {}
+    dirs: dict[tuple[str, str], tuple[str, bool, str]] = {}
+    out: list[Path] = []
+    bad: list[str] = []
+    links = False
+    for root, rel, task, split in zip(df["root"].astype(str), df["path"].astype(str), tasks, splits, strict=True):
+        full = os.path.join(root, rel)
+        out.append(Path(full))
+        why = _lexical_problem(rel)
+        if why is None and not allow_links:
+            parent = os.path.dirname(full)
+            if (root, parent) not in dirs:  # (the folder's real path, whether it is inside the real root)
+                real_root = real_roots.get(root) or real_roots.setdefault(root, os.path.realpath(root))
+                real_dir = os.path.realpath(parent)
+                dirs[root, parent] = (real_dir, _inside(real_dir, real_root), real_root)
+            real_dir, dir_inside, real_root = dirs[root, parent]
+            target = None
+            if not dir_inside:
+                target = os.path.join(real_dir, os.path.basename(full))
+            elif os.path.islink(full) and not _inside(real := os.path.realpath(full), real_root):
+                target = real
+            if target is not None:
+                why, links = f"resolves through a symlink to {target}, outside the dataset root {real_root}", True
+        if why is not None:
+            bad.append(f"{row_name(root, rel, task, split)}: {why}")
+    if bad:
+        links_fix = "; or, if those symlinks are meant, set data.follow_links: true" if links else ""
+        raise ManifestError(
+            f"{len(bad)} manifest row(s) point outside their dataset root: {_listing(bad)}. Fix: {PREPARE_AGAIN}"
+            f"{links_fix}"
+        )
+    return out
+
+
+def file_sha256(data: bytes) -> str:
+    """What the manifest's ``sha256`` column records: the hash of the file's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def changed_message(changed: list[str]) -> str:
+    """One line naming the rows (``row_name: found X, recorded Y``) whose file no longer matches the manifest."""
+    return (f"{len(changed)} image(s) changed since the manifest was written (their sha256 differs from the "
+            f"manifest's): {_listing(changed)}. Fix: {PREPARE_AGAIN}")
+
+
+def mismatch(name: str, found: str, expected: object) -> str:
+    """One changed row, as :func:`changed_message` lists it."""
+    return f"{name}: sha256 {found[:12]}, recorded {str(expected)[:12]}"
+
+
+def check_bytes(data: bytes, expected: object, name: str) -> None:
+    """Refuse (:class:`ManifestError`) file bytes whose sha256 is not the manifest's ``expected``."""
+    found = file_sha256(data)
+    if found != str(expected):
+        raise ManifestError(changed_message([mismatch(name, found, expected)]))
+
+
+def row_names(df: pd.DataFrame, paths: list[Path]) -> list[str]:
+    """:func:`row_name` of every row (``paths``: the rows' files, from :func:`safe_paths`)."""
+    tasks = df["task"].tolist() if "task" in df.columns else [None] * len(df)
+    splits = df["split"].tolist() if "split" in df.columns else [None] * len(df)
+    return [row_name(str(p.parent), p.name, t, s) for p, t, s in zip(paths, tasks, splits, strict=True)]
+
+
+def verify_files(df: pd.DataFrame, allow_links: bool = False) -> None:
+    """Check rows no loader will read (e.g. all their embeddings are stored): each path stays in its root and each
+    file's sha256 is the recorded one. One read per file, no decoding; :class:`ManifestError` names every change."""
+    if not len(df):
+        return
+    if "sha256" not in df.columns:
+        raise DataError("manifest lacks the sha256 column; re-run `lorax data prepare`")
+    paths = safe_paths(df, allow_links)
+    changed = []
+    for path, expected, name in zip(paths, df["sha256"].astype(str), row_names(df, paths), strict=True):
+        try:
+            found = file_sha256(read_bytes(path))
+        except BadImage as e:
+            raise DataError(f"{e}; did the file change since preparation? {PREPARE_AGAIN}") from None
+        if found != expected:
+            changed.append(mismatch(name, found, expected))
+    if changed:
+        raise ManifestError(changed_message(changed))
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

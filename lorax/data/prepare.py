@@ -19,6 +19,8 @@ Rules:
   copies always land in the same split and a re-run gives the same split. Each class keeps at least one image in
   each split.
 * Both classes must have images in both splits of every task.
+* A file that a symlink (the file's or a folder's) takes outside the dataset root is quarantined, unread, unless
+  ``data.follow_links``: manifest readers refuse such rows too (:func:`lorax.data.manifest.safe_paths`).
 * Files are written atomically (temporary file + rename).
 """
 
@@ -39,7 +41,14 @@ import pandas as pd
 from lorax.config import DataConfig
 from lorax.data import layouts
 from lorax.data.images import BadImage, DataError, ImageInfo, inspect_image
-from lorax.data.manifest import MANIFEST_COLUMNS, class_id, manifest_path, read_manifest, write_manifest
+from lorax.data.manifest import (
+    MANIFEST_COLUMNS,
+    class_id,
+    link_out_of,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
 
 __all__ = ["DataError", "PrepareResult", "prepare_task", "prepare_tasks", "quarantine_path", "VAL_SHARE"]
 
@@ -201,10 +210,13 @@ def prepare_task(
     lay = layouts.scan_task(root, task, cfg.layout)
     notes = list(lay.notes)
     entries = [(cd, f) for cd in lay.class_dirs for f in layouts.list_entries(cd.path)]
-    results = _inspect_all([f for _, f in entries], cfg.max_image_pixels, crop, workers or _auto_workers(len(entries)))
+    bad = {} if cfg.follow_links else _links_out(entries, root)
+    entries_in = [(cd, f) for cd, f in entries if str(f) not in bad]
+    results = _inspect_all([f for _, f in entries_in], cfg.max_image_pixels, crop,
+                           workers or _auto_workers(len(entries_in)))
 
-    rows, bad = [], {}
-    for (cd, f), res in zip(entries, results, strict=True):
+    rows = []
+    for (cd, f), res in zip(entries_in, results, strict=True):
         if isinstance(res, BadImage):
             bad[str(f)] = res.reason
             continue
@@ -254,6 +266,17 @@ def prepare_task(
     return PrepareResult(
         task, task_index, lay.layout, out, q_path, counts, bad, notes, time.perf_counter() - t0, cfg.layout == "auto"
     )
+
+
+def _links_out(entries: list[tuple[layouts.ClassDir, Path]], root: Path) -> dict[str, str]:
+    """Quarantine reasons of the entries a symlink takes outside ``root`` (data.follow_links is off)."""
+    real_root = os.path.realpath(root)
+    out = {}
+    for _, f in entries:
+        target = link_out_of(f, real_root)
+        if target is not None:
+            out[str(f)] = (f"symlink out of the dataset root (to {target}); set data.follow_links: true to use it")
+    return out
 
 
 def _check_nonempty(task: str, task_dir: Path, df: pd.DataFrame, bad: dict[str, str], lay: layouts.TaskLayout) -> None:

@@ -45,11 +45,13 @@ def predict_scores(
     perturb: Perturb | None = None,
     num_workers: int = 0,
     autocast: bool = False,
+    follow_links: bool = False,
 ) -> np.ndarray:
-    """Fake probability of every row of ``df`` (centre crop), in manifest order; ``perturb`` acts on the uint8 crop."""
+    """Fake probability of every row of ``df`` (centre crop), in manifest order; ``perturb`` acts on the uint8 crop.
+    ``follow_links``: ``data.follow_links`` (rows are checked by the loader's dataset)."""
     det.eval()
     loader = make_loader(df, train=False, crop=crop, mean=mean, std=std, batch_size=batch_size,
-                         num_workers=num_workers)
+                         num_workers=num_workers, follow_links=follow_links)
     out = np.empty(len(df), dtype=np.float64)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else nullcontext()
     for x, _, rows in loader:

@@ -102,7 +102,8 @@ def train_detector(
     for epoch in range(cfg.epochs):
         det.train()
         loader = make_loader(train_df, train=True, crop=params.model.img_size, mean=info.mean, std=info.std,
-                             batch_size=cfg.batch_size, num_workers=params.train.num_workers, seed=seed + epoch)
+                             batch_size=cfg.batch_size, num_workers=params.train.num_workers, seed=seed + epoch,
+                             follow_links=params.data.follow_links)
         rng = np.random.default_rng([seed, epoch])
         sums = {"loss": 0.0, "bce": 0.0, "balance": 0.0}
         counts = {n: torch.zeros(layer.num_experts, dtype=torch.long) for n, layer in det.mole.items()
@@ -133,7 +134,8 @@ def train_detector(
             logs["expert_max_share"] = float(np.mean([(c.max() / c.sum().clamp(min=1)).item()
                                                       for c in counts.values()]))
         scores = E.predict_scores(det, val_df, params.model.img_size, info.mean, info.std, params.eval.batch_size,
-                                  device, num_workers=params.train.num_workers, autocast=amp)
+                                  device, num_workers=params.train.num_workers, autocast=amp,
+                                  follow_links=params.data.follow_links)
         m = E.generator_metrics(scores, _labels(val_df), 0.5)
         logs.update({"val_ap": m["ap"] if m["ap"] is not None else float("nan"), "val_acc@0.5": m["acc"],
                      "epoch_seconds": time.perf_counter() - t0})
@@ -162,7 +164,8 @@ def evaluate_sets(
 
     def scores_of(df: pd.DataFrame, perturb: E.Perturb | None = None) -> np.ndarray:
         return E.predict_scores(det, df, params.model.img_size, info.mean, info.std, params.eval.batch_size, device,
-                                perturb=perturb, num_workers=params.train.num_workers, autocast=amp)
+                                perturb=perturb, num_workers=params.train.num_workers, autocast=amp,
+                                follow_links=params.data.follow_links)
 
     per_generator, tables = {}, []
     for t, df in parts.items():
@@ -255,7 +258,8 @@ def run_detect(
     info = det.backbone.info
     val_scores = E.predict_scores(det, val_df, params.model.img_size, info.mean, info.std, params.eval.batch_size,
                                   device, num_workers=params.train.num_workers,
-                                  autocast=params.train.amp and device.type == "cuda")
+                                  autocast=params.train.amp and device.type == "cuda",
+                                  follow_links=params.data.follow_links)
     threshold = E.fit_threshold(val_scores, _labels(val_df))
     offsets = np.cumsum([0] + [len(v) for v in val_parts.values()])
     seen = {t: E.generator_metrics(val_scores[a:b], _labels(val_parts[t]), threshold)

@@ -194,10 +194,37 @@ def calibration_rows(manifests: dict[str, pd.DataFrame], tasks: list[str], split
     return pd.concat(parts, ignore_index=True)
 
 
-def _features(predictor, rows: pd.DataFrame, what: str) -> tuple[np.ndarray, np.ndarray]:
-    from lorax.data.manifest import abs_paths
+class _CheckedFiles:
+    """The rows' file bytes for the Predictor, each checked against the manifest's ``sha256`` when it is taken (one
+    read per file; :class:`~lorax.data.manifest.ManifestError` stops the calibration at a changed row). An unreadable
+    file is passed on as its path, so it becomes an error row as before."""
 
-    pred = predictor.predict([str(p) for p in abs_paths(rows)], progress=True, keep_features=True)
+    def __init__(self, rows: pd.DataFrame, follow_links: bool) -> None:
+        from lorax.data.manifest import row_names, safe_paths
+
+        self.paths = safe_paths(rows, follow_links)
+        self.sha256 = rows["sha256"].astype(str).tolist()
+        self.names = row_names(rows, self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> bytes | str:
+        from lorax.data.images import BadImage, read_bytes
+        from lorax.data.manifest import check_bytes
+
+        path = self.paths[i]  # IndexError ends iteration
+        try:
+            data = read_bytes(path)
+        except BadImage:
+            return str(path)
+        check_bytes(data, self.sha256[i], self.names[i])
+        return data
+
+
+def _features(predictor, rows: pd.DataFrame, what: str, follow_links: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    files = _CheckedFiles(rows, follow_links)
+    pred = predictor.predict(files, names=[str(p) for p in files.paths], progress=True, keep_features=True)
     ok = (pred.table["status"] == "ok").to_numpy()
     if (~ok).any():
         bad = pred.table.loc[~ok, ["path", "error"]].head(3).to_records(index=False).tolist()
@@ -221,13 +248,15 @@ def calibration_from_features(train_feats: np.ndarray, train_labels: np.ndarray,
 
 def calibrate(predictor, manifests: dict[str, pd.DataFrame], max_per_class: int | None = MAX_PER_CLASS,
               quantile: float = QUANTILE, val: dict[str, pd.DataFrame] | None = None, seed: int = 0,
-              require_fake: bool = False) -> OpenSetStats:
-    """Fit on the train split of the model's tasks and set the threshold on their val split (or on ``val``)."""
+              require_fake: bool = False, follow_links: bool = False) -> OpenSetStats:
+    """Fit on the train split of the model's tasks and set the threshold on their val split (or on ``val``).
+
+    Every image is checked against its manifest row (path inside its root unless ``follow_links``, sha256)."""
     tasks = list(predictor.tasks)
     rows = calibration_rows(manifests, tasks, "train", max_per_class, seed)
-    feats, ok = _features(predictor, rows, "open-set train images")
+    feats, ok = _features(predictor, rows, "open-set train images", follow_links)
     vrows = calibration_rows(val if val is not None else manifests, tasks, "val", None, seed)
-    vfeats, vok = _features(predictor, vrows, "open-set val images")
+    vfeats, vok = _features(predictor, vrows, "open-set val images", follow_links)
     return calibration_from_features(feats[ok], rows["class_id"].to_numpy()[ok], vfeats[vok], tasks, predictor.crops,
                                      max_per_class, quantile, require_fake)
 
@@ -257,7 +286,9 @@ def calibrate_state(state_dir: str | Path, manifests_dir: str | Path | None = No
     mdir = Path(manifests_dir or info["params"]["data"]["manifests"])
     check_manifests(mdir, info["tasks"])
     predictor = predictor or Predictor.from_state(state_dir, device=device, openset=None)
-    stats = calibrate(predictor, load_stream_manifests(mdir, info["tasks"]), require_fake=require_fake)
+    links = bool(info["params"]["data"].get("follow_links", False))  # the data setting the state was trained with
+    stats = calibrate(predictor, load_stream_manifests(mdir, info["tasks"]), require_fake=require_fake,
+                      follow_links=links)
     return store_calibration(stats, state_dir, mdir, out_dir)
 
 

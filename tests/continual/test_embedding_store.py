@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -81,8 +83,18 @@ def test_retrained_adapter_or_changed_image_is_a_miss(stream, tmp_path) -> None:
     count = _Counting(m0.net)
     predict_logits(m0, rows, params, store=store)
     assert count.calls == [((FIRST,), len(rows))]
+    # one image changed (and re-prepared: a new file and its hash; the store keys images by their file's sha256)
+    import hashlib
+
+    from PIL import Image
+
+    first = Path(rows["root"].iloc[0]) / rows["path"].iloc[0]
+    changed = np.asarray(Image.open(first).convert("RGB")).copy()
+    changed[0, 0] ^= 255
+    Image.fromarray(changed).save(tmp_path / "changed.png")
     edited = rows.copy()
-    edited["pixel_sha256"] = ["0" * 64] + list(rows["pixel_sha256"].iloc[1:])  # one image's pixels changed
+    edited.loc[edited.index[0], ["root", "path", "sha256"]] = [
+        str(tmp_path), "changed.png", hashlib.sha256((tmp_path / "changed.png").read_bytes()).hexdigest()]
     count.calls.clear()
     predict_logits(m0, edited, params, store=store)
     assert count.calls == [((FIRST,), 1)]
@@ -90,7 +102,7 @@ def test_retrained_adapter_or_changed_image_is_a_miss(stream, tmp_path) -> None:
 
 def test_damaged_shard_is_a_miss_not_an_error(tmp_path) -> None:
     store = EmbeddingStore(tmp_path)
-    ids = image_ids(pd.DataFrame({"pixel_sha256": ["ab" * 32, "cd" * 32]}))
+    ids = image_ids(pd.DataFrame({"sha256": ["ab" * 32, "cd" * 32]}))
     store.add("k", ids, np.ones((2, 3), np.float32))
     found, emb = EmbeddingStore(tmp_path).lookup("k", ids)
     assert found.all() and emb.shape == (2, 3) and (emb == 1).all()
