@@ -32,7 +32,7 @@ from lorax.continual.memory import ExemplarMemory, per_class_budget
 from lorax.continual.methods import Method, build_method, count_trainable, logits_and_features
 from lorax.continual.state import load_state, save_state
 from lorax.data.dataset import ManifestDataset, SeededSampler
-from lorax.data.manifest import abs_paths, verify_files
+from lorax.data.manifest import abs_paths, check_no_val_in_training, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ def training_rows(method: Method, task_df: pd.DataFrame, memory: ExemplarMemory 
     rows = pd.concat(parts, ignore_index=True)
     if rows.empty:
         raise ValueError(f"task {task_df['task'].iloc[0] if len(task_df) else '?'}: no training images")
+    check_no_val_in_training(rows, [task_df, *(history or [])])
     return rows
 
 

@@ -230,3 +230,31 @@ def load_stream_manifests(manifests_dir: str | Path, tasks: list[str]) -> dict[s
             df["class_id"] = [class_id(i, int(lab)) for lab in df["label"]]
         out[t] = df
     return out
+
+
+def check_no_val_in_training(train: pd.DataFrame, manifests: list[pd.DataFrame]) -> None:
+    """Refuse (:class:`ManifestError`) training rows (a task's train split plus replayed exemplars) that hold an image
+    of a validation split: preparation refuses such leaks, so only an edited manifest or memory file gets here.
+
+    Compared on the recorded hashes (file and decoded pixels); the loaders check those hashes against the files.
+    """
+    val_keys: dict[str, str] = {}
+    for m in manifests:
+        val = m[m["split"] == "val"]
+        for col in ("sha256", "pixel_sha256"):
+            if col in val.columns:
+                val_keys.update({str(h): row_name(r, p, t, "val") for h, r, p, t in
+                                 zip(val[col], val["root"], val["path"], val["task"], strict=True)})
+    if not val_keys:
+        return
+    cols = [c for c in ("sha256", "pixel_sha256") if c in train.columns]
+    hit = pd.Series(False, index=train.index)
+    for col in cols:
+        hit |= train[col].astype(str).isin(val_keys)
+    leaks = []
+    for _, row in train[hit].iterrows():
+        where = next(val_keys[str(row[c])] for c in cols if str(row[c]) in val_keys)
+        leaks.append(f"{row_name(row['root'], row['path'], row.get('task'), row.get('split'))} is {where}")
+    if leaks:
+        raise ManifestError(f"{len(leaks)} training row(s) hold validation images: {_listing(leaks)}. "
+                            f"Fix: {PREPARE_AGAIN} (and the exemplar memory: re-run selection)")

@@ -278,3 +278,22 @@ def test_untouched_manifest_passes_every_check(zoo) -> None:
     assert [str(p) for p in safe_paths(df)] == [str(_file(df, i)) for i in df.index]
     with pytest.raises(DataError, match="sha256"):
         verify_files(df.drop(columns="sha256"))
+
+
+def test_a_validation_image_put_into_training_with_its_hashes_is_refused(zoo) -> None:
+    """An edit that copies a val row's path AND hashes into a train row passes the file checks (the file is what the
+    row says): the training set itself is checked against the validation splits."""
+    from lorax.continual.methods import build_method
+    from lorax.continual.trainer import training_rows
+
+    params, df = zoo
+    method = build_method(params)
+    method.add_task(TASK)
+    assert len(training_rows(method, df, None)) == int((df["split"] == "train").sum())  # untouched: fine
+    val, train = _first(df, "val"), _first(df, "train")
+    edited = df.copy()
+    for col in ("path", "sha256", "pixel_sha256", "width", "height"):
+        edited.loc[train, col] = df.loc[val, col]
+    with pytest.raises(ManifestError, match=r"1 training row\(s\) hold validation images") as e:
+        training_rows(method, edited, None)
+    assert df.loc[val, "path"] in str(e.value) and "\n" not in str(e.value)
