@@ -306,7 +306,10 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     raw = copy.deepcopy(raw)
     overrides = overrides or {}
     for k, v in overrides.items():
-        set_by_path(raw, k, v)
+        try:
+            set_by_path(raw, k, v)
+        except ConfigError as e:
+            raise ConfigError(f"invalid settings from -S {k}={_show(v, quote=False)}: {e}") from None
     params = parse_params(raw, str(path), overrides)
     by = _override_for("tracking.uri", overrides)
     params.tracking._uri_origin = f"-S {by}" if by else f"tracking.uri in {path}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -123,7 +122,7 @@ def _check_server(uri: str, where: str, timeout: float) -> None:
            f"MLFLOW_TRACKING_URI) to use the project's sqlite store. Nothing was logged")
     try:
         status, body, _ = _probe(uri, timeout)
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise TrackingUnavailable(
             f"MLflow tracking server {uri} (from {where}) is not reachable within {timeout:.0f}s: {reason}. "

@@ -74,7 +74,7 @@ def test_follow_links_uses_links_out_of_the_folder(stream, predictor, tmp_path: 
 
 
 def test_a_link_named_on_the_command_line_is_followed(stream, tmp_path: Path, capsys) -> None:
-    inbox, secret = _inbox(stream, tmp_path)
+    inbox, _ = _inbox(stream, tmp_path)
     out = tmp_path / "p.csv"
     assert main(["predict", str(inbox / "out.png"), "--model", str(stream.state), "--out", str(out)]) == 0
     assert list(pd.read_csv(out)["status"]) == ["ok"]
@@ -93,7 +93,7 @@ def test_fifos_by_name_and_in_a_folder_do_not_hang(stream, tmp_path: Path) -> No
     out = tmp_path / "p.csv"
     res = subprocess.run([sys.executable, "-m", "lorax.cli", "predict", str(fifo), str(inbox), "--model",
                           str(stream.state), "--out", str(out), "--no-openset"], capture_output=True, text=True,
-                         cwd=tmp_path, env=tool_env(), timeout=HANG_S)
+                         cwd=tmp_path, env=tool_env(), timeout=HANG_S, check=False)
     assert res.returncode == 0, res.stderr
     t = pd.read_csv(out)
     assert list(t["path"])[:2] == [str(fifo), str(inbox / "a.png")]  # one row per input, in order
@@ -143,6 +143,9 @@ def test_a_bad_s_value_names_the_s_override(capsys) -> None:
     err = _cli_error(capsys, "train.epochs=abc")
     assert err == ("lorax: error: invalid settings from -S train.epochs=abc: train.epochs: Input should be a valid "
                    "integer, unable to parse string as an integer (got 'abc')\n")
+    assert _cli_error(capsys, "train.epochs.x=1") == ("lorax: error: invalid settings from -S train.epochs.x=1: "
+                                                      "train.epochs.x: train.epochs is a value, not a section; set "
+                                                      "it directly\n")
 
 
 @pytest.mark.parametrize("value, says", [
