@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -165,6 +165,12 @@ class TrackingConfig(_Section):
     scenario: str = "zoo-5"
     registered_model: str = "lorax-attributor"
     gate: GateConfig = Field(default_factory=GateConfig)
+    # where ``uri`` came from, for messages ("tracking.uri in params.yaml", "-S tracking.uri=..."); set by load_params
+    _uri_origin: str | None = PrivateAttr(default=None)
+
+    @property
+    def uri_origin(self) -> str | None:
+        return self._uri_origin
 
 
 class DetectConfig(_Section):
@@ -235,17 +241,42 @@ class Params(_Section):
         return self
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid settings in {source}:"]
+MAX_SHOWN = 80  # characters of a bad value quoted in a message: a whole section is never dumped
+
+
+def _show(value: Any, quote: bool = True) -> str:
+    text = value if isinstance(value, str) and not quote else repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
+def _override_for(key: str, overrides: dict[str, Any]) -> str | None:
+    """The ``-S KEY=VALUE`` that set ``key`` (or a section above or below it), if any."""
+    for k, v in overrides.items():
+        if key and (key == k or key.startswith(k + ".") or k.startswith(key + ".")):
+            return f"{k}={_show(v, quote=False)}"
+    return None
+
+
+def _format_errors(err: ValidationError, source: str, overrides: dict[str, Any] | None = None) -> str:
+    """Short lines (one per problem; one line for one problem) naming the key, the bad value and where it was set."""
+    items: list[tuple[str, str, str | None]] = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in e["loc"])
+        msg = re.sub(r"^(Value error|Assertion failed), ", "", e["msg"])
+        if not key:  # a cross-check of the whole file: its message starts with the key it is about
+            lead = re.match(r"([\w.]+): ", msg)
+            key, msg = (lead.group(1), msg[lead.end():]) if lead else ("", msg)
+        elif e["type"] == "extra_forbidden":
             msg = "unknown key (remove it or check its spelling)"
-        elif "input" in e and e["type"] not in ("missing",):
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+        elif "input" in e and e["type"] != "missing":
+            msg = f"{msg} (got {_show(e['input'])})"
+        items.append((key, msg, _override_for(key, overrides or {})))
+    if len(items) == 1:
+        key, msg, by = items[0]
+        return f"invalid settings {f'from -S {by}' if by else f'in {source}'}: {key + ': ' if key else ''}{msg}"
+    head = f"invalid settings in {source}{' and its -S overrides' if any(by for *_, by in items) else ''}:"
+    return "\n".join([head] + [f"  {key or '(top level)'}: {msg}{f' (from -S {by})' if by else ''}"
+                                for key, msg, by in items])
 
 
 def set_by_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -259,14 +290,14 @@ def set_by_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
-    """Validate a raw mapping; errors name every bad key."""
+def parse_params(raw: dict[str, Any], source: str = "params", overrides: dict[str, Any] | None = None) -> Params:
+    """Validate a raw mapping; errors name every bad key (and the ``-S`` override that set it, if one did)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(_format_errors(e, source, overrides)) from None
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
@@ -279,9 +310,16 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     raw = copy.deepcopy(raw)
-    for k, v in (overrides or {}).items():
-        set_by_path(raw, k, v)
-    return parse_params(raw, str(path))
+    overrides = overrides or {}
+    for k, v in overrides.items():
+        try:
+            set_by_path(raw, k, v)
+        except ConfigError as e:
+            raise ConfigError(f"invalid settings from -S {k}={_show(v, quote=False)}: {e}") from None
+    params = parse_params(raw, str(path), overrides)
+    by = _override_for("tracking.uri", overrides)
+    params.tracking._uri_origin = f"-S {by}" if by else f"tracking.uri in {path}"
+    return params
 
 
 def params_to_dict(p: Params) -> dict[str, Any]:

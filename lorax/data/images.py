@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,18 +80,49 @@ def _allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+_SPECIAL = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+            (stat.S_ISBLK, "block device"))
+
+
+def special_kind(mode: int) -> str | None:
+    """What a non-regular, non-directory file is ("FIFO", "socket", ...); None for regular files and folders."""
+    return next((name for test, name in _SPECIAL if test(mode)), None)
+
+
+def _refuse_non_regular(p: Path, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise BadImage(p, "unreadable: a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        raise BadImage(p, f"not a regular file ({special_kind(mode) or 'unknown type'}); refused without opening it")
+
+
 def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes, or :class:`BadImage` saying why it cannot be read."""
+    """The file's bytes, or :class:`BadImage` saying why it cannot be read.
+
+    Only regular files are read: a FIFO, socket or device is refused from its ``stat`` without opening it (reading
+    a FIFO blocks forever, a device never ends). The open is non-blocking and re-checked, so a FIFO swapped in after
+    the ``stat`` cannot hang the caller either.
+    """
     p = Path(path)
     try:
-        return p.read_bytes()
-    except IsADirectoryError:
-        raise BadImage(p, "unreadable: a directory, not an image file") from None
+        _refuse_non_regular(p, p.stat().st_mode)
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as f:
+            _refuse_non_regular(p, os.fstat(f.fileno()).st_mode)
+            return f.read()
     except FileNotFoundError:
         reason = "unreadable: dangling symlink" if p.is_symlink() else "unreadable: file vanished"
         raise BadImage(p, reason) from None
+    except IsADirectoryError:
+        raise BadImage(p, "unreadable: a directory, not an image file") from None
     except OSError as e:
         raise BadImage(p, f"unreadable: {e.strerror or e}") from None
+
+
+def _bomb(name: str | Path, size: str, max_pixels: int) -> BadImage:
+    """One limit in the message (ours, never Pillow's own), and how to raise it."""
+    return BadImage(name, f"decompression bomb: {size} > data.max_image_pixels={max_pixels} (not decoded); "
+                          f"if the image is genuine, raise data.max_image_pixels")
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | Path = "") -> Image.Image:
@@ -106,16 +140,15 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(name, f"decompression bomb: {e}; limit is data.max_image_pixels={max_pixels}") from None
+        found = re.search(r"\((\d+) pixels\)", str(e))  # Pillow: "Image size (N pixels) exceeds limit of M pixels"
+        raise _bomb(name, f"{found.group(1)} pixels" if found else "its pixel count", max_pixels) from None
     except UnidentifiedImageError:
         raise BadImage(name, "not an image (Pillow cannot identify it)") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(name, f"corrupt header: {e}") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise BadImage(
-            name, f"decompression bomb: {w}x{h} = {w * h} pixels > data.max_image_pixels={max_pixels} (not decoded)"
-        )
+        raise _bomb(name, f"{w}x{h} = {w * h} pixels", max_pixels)
     if w < 1 or h < 1:
         raise BadImage(name, f"empty image ({w}x{h})")
     return img

@@ -24,17 +24,36 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                        "model has no calibration yet (default: the state's data.manifests)")
 
 
+INPUT_RULES = (
+    "Folders are walked recursively for image endings (.png, .jpg, ...); hidden files and folders are skipped, other "
+    "files are passed over. An entry that looks like an input but is not used gets an error row saying why: a "
+    "directory with an image ending, a FIFO/socket/device (never opened), a symlink whose target leaves the folder "
+    "(unless --follow-links). A path named on the command line or in a list file is your explicit choice: a symlink "
+    "there is followed (a FIFO or device is still refused without opening it)."
+)
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow-links", action="store_true",
+                   help="use symlinks inside a given folder that point outside it, and walk symlinked folders "
+                        "(default: such links get an error row and are not opened)")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="attribute images: real, or which known generator; unknown-generator score")
+    p = sub.add_parser("predict", help="attribute images: real, or which known generator; unknown-generator score",
+                       description=INPUT_RULES)
     p.add_argument("paths", nargs="+", help="image files, folders (recursive) or .txt files listing paths")
     p.add_argument("--out", required=True, help="predictions file: .csv, .json or .parquet")
+    _input_args(p)
     _model_args(p)
     p.add_argument("--no-openset", action="store_true", help="skip the unknown-generator score")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("scan", help="flag images from unknown generators and group them into candidate tasks")
+    p = sub.add_parser("scan", help="flag images from unknown generators and group them into candidate tasks",
+                       description=INPUT_RULES)
     p.add_argument("inbox", nargs="+", help="folders / files / list files of new images")
     p.add_argument("--out", required=True, help="folder for candidate_NN/train/1_fake/, scan.json, predictions.csv")
+    _input_args(p)
     _model_args(p)
     p.add_argument("--min-group", type=int, default=3, help="smallest group written as a candidate task")
     p.add_argument("--max-groups", type=int, default=8, help="most groups the clustering may form")
@@ -76,7 +95,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         out = check_output_path(args.out)
-        paths = collect_inputs(args.paths)
+        paths = collect_inputs(args.paths, follow_links=args.follow_links)
         predictor = _predictor(args)
     except ServingError as e:
         return _fail(e)
@@ -101,10 +120,10 @@ def _scan(args: argparse.Namespace) -> int:
     if args.min_group < 1 or args.max_groups < 2:
         return _fail(ValueError("--min-group must be >= 1 and --max-groups >= 2"))
     try:
-        collect_inputs(args.inbox)  # fail on an empty inbox before loading the model
+        collect_inputs(args.inbox, follow_links=args.follow_links)  # fail on an empty inbox before loading the model
         predictor = _predictor(args)
         summary = scan_inbox(predictor, args.inbox, args.out, min_group=args.min_group, max_groups=args.max_groups,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, follow_links=args.follow_links)
     except ServingError as e:
         return _fail(e)
     print(f"{summary['n_images']} images, {summary['n_errors']} unreadable, {summary['n_flagged']} flagged as unknown "

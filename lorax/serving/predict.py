@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from lorax.continual import metrics as M
 from lorax.continual.metrics import class_names
 from lorax.data.dataset import crop_boxes, to_tensor
-from lorax.data.images import BadImage, DataError, crop_image, open_image, to_rgb_array
+from lorax.data.images import BadImage, DataError, crop_image, open_image, special_kind, to_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +81,105 @@ def _read_list(path: Path) -> list[str]:
     return out
 
 
-def collect_inputs(paths: Iterable[str | Path]) -> list[str]:
+@dataclass(frozen=True)
+class Refused:
+    """An input found but not opened; it becomes an error row with ``reason`` in its place in the output."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def _inside(target: str, root: str) -> bool:
+    return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk(folder: Path, suffixes: set[str], follow_links: bool) -> tuple[list[str | Refused], int]:
+    """Candidates under ``folder`` (sorted by path) and how many other files were passed over.
+
+    Rules (``lorax predict --help`` says the same): hidden files and folders are skipped silently; a file without an
+    image ending is passed over (counted); an entry with an image ending that is not a regular file (a folder, FIFO,
+    socket, device) gets a row saying so, and so does any FIFO/socket/device; a symlink whose target leaves
+    ``folder`` gets a row unless ``follow_links``; symlinked folders are walked only with ``follow_links`` (each real
+    folder once). Nothing is opened here: only ``stat``.
+    """
+    root = os.path.realpath(folder)
+    found: list[str | Refused] = []
+    other = 0
+    seen = {root}
+    todo = [folder]
+    while todo:
+        d = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            found.append(Refused(str(d), f"folder not readable: {e.strerror or e}"))
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            path = Path(e.path)
+            image_ending = path.suffix.lower() in suffixes
+            link = e.is_symlink()
+            if link:
+                target = os.path.realpath(path)
+                if not os.path.exists(target):  # dangling: kept, so the row says "file not found (dangling symlink)"
+                    if image_ending:
+                        found.append(str(path))
+                    else:
+                        other += 1
+                    continue
+                if not follow_links and not _inside(target, root):
+                    if image_ending or os.path.isdir(target):
+                        found.append(Refused(str(path), f"symlink leaving {folder} (to {target}); pass --follow-links "
+                                                        f"to use it"))
+                    continue
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as err:
+                found.append(Refused(str(path), f"unreadable: {err.strerror or err}"))
+                continue
+            if stat.S_ISDIR(mode):
+                real = os.path.realpath(path)
+                # a link to a folder inside this one is not walked without follow_links: its files are reached at
+                # their real place; any folder is walked once
+                if (not link or follow_links) and real not in seen:
+                    seen.add(real)
+                    todo.append(path)
+                if image_ending:
+                    found.append(Refused(str(path), "a directory with an image ending (its images are listed "
+                                                    "separately)"))
+            elif special_kind(mode):
+                found.append(Refused(str(path), f"not a regular file ({special_kind(mode)}); refused without opening "
+                                                "it"))
+            elif image_ending:
+                found.append(str(path))
+            else:
+                other += 1
+    return sorted(found, key=str), other
+
+
+def collect_inputs(paths: Iterable[str | Path], follow_links: bool = False) -> list[str | Refused]:
     """Expand command-line paths into image paths, in a stable order.
 
-    A folder is walked recursively for files Pillow can open (by ending; hidden files skipped), a ``.txt``/``.lst``
-    file lists paths, any other file is used as given (a non-image becomes an error row). A path that does not
-    exist is kept, so it appears in the output as "file not found". Raises :class:`ServingError` when nothing
-    is left (every folder empty), naming what was searched.
+    A folder is walked recursively for files Pillow can open (by ending; the rules for hidden files, non-regular
+    files and symlinks are in :func:`_walk`: every entry that looks like an input but is not used is a
+    :class:`Refused` row). A ``.txt``/``.lst`` file lists paths, any other path is used as given (a non-image
+    becomes an error row; a symlink named on the command line or in a list is the user's choice and is followed).
+    A path that does not exist is kept, so it appears in the output as "file not found". Raises
+    :class:`ServingError` when nothing is left (every folder empty), naming what was searched.
     """
     suffixes = image_suffixes()
-    out: list[str] = []
+    out: list[str | Refused] = []
     empty: list[str] = []
     for raw in paths:
         p = Path(raw).expanduser()
         if p.is_dir():
-            found = sorted(
-                str(f) for f in p.rglob("*")
-                if f.suffix.lower() in suffixes and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                and (f.is_file() or f.is_symlink())
-            )
+            found, other = _walk(p, suffixes, follow_links)
             if not found:
-                skipped = sum(1 for f in p.rglob("*") if f.is_file())
-                empty.append(f"{p} ({'empty' if not skipped else f'{skipped} files, none with an image ending'})")
+                empty.append(f"{p} ({'empty' if not other else f'{other} files, none with an image ending'})")
             out += found
         elif p.suffix.lower() in LIST_SUFFIXES and p.is_file():
             listed = _read_list(p)
@@ -178,8 +256,14 @@ class Predictor:
         return cls(method, info, dev, crops, batch_size, openset)
 
     # -- images --------------------------------------------------------------------------------------------
-    def load(self, source: str | Path | bytes, name: str) -> tuple[torch.Tensor, int, int]:
-        """(crops x C x H x W tensor, width, height) of one image; :class:`BadImage` says why not."""
+    def load(self, source: str | Path | bytes | Refused, name: str) -> tuple[torch.Tensor, int, int]:
+        """(crops x C x H x W tensor, width, height) of one image; :class:`BadImage` says why not.
+
+        A :class:`Refused` input is never opened; a path must be a regular file (checked from ``stat``, so a FIFO
+        or device cannot block or stream forever).
+        """
+        if isinstance(source, Refused):
+            raise BadImage(name, source.reason)
         if not isinstance(source, bytes) and not Path(source).exists():
             raise BadImage(name, "file not found" + (" (dangling symlink)" if Path(source).is_symlink() else ""))
         img = open_image(source, self.max_pixels, name=name)
@@ -205,9 +289,10 @@ class Predictor:
         feats = torch.stack([c.mean(0) for c in torch.split(feats, n)])
         return logits.numpy(), feats.numpy()
 
-    def predict(self, sources: Sequence[str | Path | bytes], names: Sequence[str] | None = None,
+    def predict(self, sources: Sequence[str | Path | bytes | Refused], names: Sequence[str] | None = None,
                 progress: bool = True, keep_features: bool = False) -> Prediction:
-        """Score ``sources`` (paths or image bytes; ``names`` label them in the ``path`` column).
+        """Score ``sources`` (paths, image bytes or :class:`Refused` entries of :func:`collect_inputs`, which become
+        error rows; ``names`` label them in the ``path`` column).
 
         The open-set score is computed batch by batch; ``keep_features`` also returns the super-features.
         """

@@ -120,8 +120,11 @@ def _readme(name: str, members: list[dict[str, Any]], threshold: float) -> str:
 
 
 def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *, min_group: int = MIN_GROUP,
-               max_groups: int = MAX_GROUPS, overwrite: bool = False) -> dict[str, Any]:
+               max_groups: int = MAX_GROUPS, overwrite: bool = False, follow_links: bool = False) -> dict[str, Any]:
     """Predict every image under ``inbox``, group the flagged ones, write candidate task folders into ``out``.
+
+    The inbox is read by :func:`lorax.serving.predict.collect_inputs` (same rules as ``lorax predict``: skipped
+    entries are error rows in ``predictions.csv``; symlinks leaving an inbox folder only with ``follow_links``).
 
     Returns the summary written to ``out/scan.json``.
     """
@@ -131,7 +134,7 @@ def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *
             "--manifests DIR` (or pass --manifests to scan)"
         )
     out = Path(out)
-    paths = collect_inputs(inbox)
+    paths = collect_inputs(inbox, follow_links=follow_links)
     _prepare_out(out, overwrite)
     pred = predictor.predict(paths, keep_features=True)
     table = pred.table
