@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +19,7 @@ from lorax.serving.predict import Refused, collect_inputs
 from lorax.serving.scan import scan_inbox
 from tests.conftest import PARAMS_YAML
 from tests.pipelines.conftest import tool_env
+from tests.serving.test_predict import _png_header_only
 
 HANG_S = 300  # a hang fails the test after this long (a real run of the CLI takes a few seconds)
 
@@ -110,16 +109,6 @@ def test_scan_follows_the_same_rules(stream, predictor, tmp_path: Path) -> None:
     assert rows["x.png"][0] == "error" and summary["n_errors"] == 3 and summary["n_ok"] == 2
     summary = scan_inbox(predictor, [inbox], tmp_path / "scan", overwrite=True, follow_links=True)
     assert _rows(pd.read_csv(tmp_path / "scan" / "predictions.csv"))["out.png"][0] == "ok" and summary["n_ok"] == 3
-
-
-def _png_header_only(path: Path, w: int, h: int) -> Path:
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 @pytest.mark.parametrize("w, h", [(10000, 9000), (20000, 20000), (2000, 1000)],

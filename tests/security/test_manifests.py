@@ -77,9 +77,11 @@ def _run(stage: str, df: pd.DataFrame, params: Params, tmp_path: Path):
 
 
 def _outside_image(df: pd.DataFrame, tmp_path: Path) -> Path:
-    """A real image of the dataset, copied outside its root (what a smuggled row would read)."""
+    """An image of the dataset's size outside its root (what a smuggled row would read); not one of its images, so
+    only the path check can refuse it."""
     out = tmp_path / "outside.png"
-    shutil.copyfile(_file(df, _first(df, "val")), out)
+    w, h = int(df["width"].iloc[0]), int(df["height"].iloc[0])
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(out)
     return out
 
 
