@@ -8,7 +8,6 @@ left, an image changed on disk after preparation, a ``pixel_sha256`` edited to p
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
