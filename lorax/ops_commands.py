@@ -103,7 +103,9 @@ def dvc_preview(root: str | Path, task: str | None = None) -> str:
     root = Path(root)
     if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
         return "no DVC project here (dvc.yaml, .dvc/): run the stream with `lorax train` or set up DVC (`lorax demo`)"
-    res = subprocess.run([_tool("dvc"), "status", "--json"], cwd=root, env=tool_env(), capture_output=True, text=True)
+    # the main pipeline only, as plain `dvc repro` (plain `dvc status` also lists pipelines/detection's stage)
+    res = subprocess.run([_tool("dvc"), "status", "--json", "dvc.yaml"], cwd=root, env=tool_env(), capture_output=True,
+                         text=True)
     try:
         stages = list(json.loads(res.stdout or "null") or {})
     except json.JSONDecodeError:
