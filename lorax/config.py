@@ -146,11 +146,29 @@ class TrainConfig(_Section):
         return v
 
 
+class ResampleControl(_Section):
+    """The resampling shortcut control: every evaluated image is also scored after being resized by ``scale`` (the
+    decoded image, before cropping; the crop size is kept), so a model that learned "resampled means real" is caught
+    (e.g. ../shared/data/realworld, whose real photos were all resampled and four of its fake sets were not)."""
+
+    scale: float = Field(0.9375, gt=0.0, le=4.0)  # 0.9375: 256 -> 240 px
+    filter: Literal["lanczos", "bicubic", "bilinear"] = "lanczos"
+
+    @field_validator("scale")
+    @classmethod
+    def _not_one(cls, v: float) -> float:
+        if v == 1.0:
+            raise ValueError("1.0 would not resample; use e.g. 0.9375 (256 -> 240 px), or set resample_control: null")
+        return v
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     crops: int = Field(1, ge=1)
     embedding_cache: bool = True
     embedding_cache_dir: str = "cache/embeddings"
+    # null: off; else every evaluation is reported twice, as is and resampled (metrics ``control.resampled.*``)
+    resample_control: ResampleControl | None = None
 
 
 class GateConfig(_Section):

@@ -315,7 +315,7 @@ def evaluate_step(params: Params, layout: Layout, task: str) -> dict[str, Any]:
         calibrate_openset(params, layout, task)  # a no-op when current
         return read_json(out)
     from lorax.continual.state import load_state
-    from lorax.continual.trainer import predict_logits, score_val, val_rows
+    from lorax.continual.trainer import evaluate_controls, predict_logits, score_val, val_rows
 
     info = _state_info(state)
     if info.get("tasks") != tasks:
@@ -327,6 +327,9 @@ def evaluate_step(params: Params, layout: Layout, task: str) -> dict[str, Any]:
     logits, val_feats = predict_logits(method, val, params, features=True, store=store)
     result, table = score_val(val, logits, tasks)
     result.update(task=task, task_index=i, tasks=tasks, state_id=sid)
+    control = evaluate_controls(method, val, params, store=store)  # eval.resample_control: {} when off
+    if control:
+        result["control"] = control
     calibrate_openset(params, layout, task, loaded=(method, manifests, val_feats, store))  # this pass's features
     write_json(out, result)
     table.to_csv(out.with_suffix(".predictions.csv"), index=False)

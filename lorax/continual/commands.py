@@ -30,6 +30,31 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def prepare_missing(params, manifests: Path) -> list[str]:
+    """With ``data.source: folder``, prepare (``lorax data prepare``) the stream's tasks that have no manifest in
+    ``manifests`` yet, from ``data.root``, so that ``lorax train`` runs on a fresh CDDB-layout folder; returns them.
+    The built-in zoo is synthesised and prepared by ``lorax data synth`` / ``prepare`` (or ``dvc repro``)."""
+    from lorax.data.manifest import manifest_path
+    from lorax.data.prepare import prepare_task
+
+    todo = [t for t in params.tasks if not manifest_path(manifests, t).is_file()]
+    if params.data.source != "folder" or not todo:
+        return []
+    root = Path(params.data.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: {root} is not a folder; set -S data.root=DATASET (one folder per task, "
+                                "CDDB layout TASK/{train,val}/{0_real,1_fake})")
+    absent = [t for t in todo if not (root / t).is_dir()]
+    if absent:  # before any work
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"stream: task folders {absent} not found in data.root {root} (found: {found}); "
+                                "fix the stream or data.root")
+    for t in todo:
+        res = prepare_task(root, t, params.tasks.index(t), manifests, params.data, params.model.img_size)
+        print(res.summary())
+    return todo
+
+
 def _train(args: argparse.Namespace) -> int:
     from lorax.config import ConfigError, load_params
     from lorax.continual.stream import format_matrix, run_stream
@@ -43,7 +68,9 @@ def _train(args: argparse.Namespace) -> int:
     if params.continual.method not in METHODS:  # fail early on an unknown method, listing the known ones
         raise ConfigError(f"continual.method (--method): unknown method {params.continual.method!r}; "
                           f"allowed: {', '.join(METHODS.names())}")
-    metrics = run_stream(params, Path(args.manifests or params.data.manifests), Path(args.out))
+    manifests = Path(args.manifests or params.data.manifests)
+    prepare_missing(params, manifests)
+    metrics = run_stream(params, manifests, Path(args.out))
     print(format_matrix(metrics))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
     print(json.dumps({k: metrics[k] for k in ("aa", "aaf", "bwt", "forgetting", "binary_acc")}))

@@ -30,6 +30,7 @@ __all__ = [
     "aa",
     "aaf",
     "binary_accuracy",
+    "binary_decision",
     "bwt",
     "confusion_matrix",
     "evaluate_logits",
@@ -226,6 +227,42 @@ def per_task_ap(fake_score: np.ndarray, target: np.ndarray, n_tasks: int | None 
     return out
 
 
+def binary_decision(fake_score: np.ndarray, is_fake: np.ndarray, folds: int = 2) -> dict[str, float]:
+    """Real/fake decision with a fitted threshold on the fake probability; percent, plus the threshold.
+
+    A continual stream keeps no held-out training data, so the threshold is fitted on the validation images of
+    the seen tasks (as the open-set calibration is). ``binary_threshold`` is fitted on all of them (the one to
+    deploy); ``binary_acc_fitted`` is cross-fitted, each of ``folds`` stratified folds scored with the threshold
+    fitted on the others, so no image is scored by a threshold fitted on it. ``binary_ap``: pooled, threshold-free
+    AP (fakes positive); NaN when only one class is present.
+    """
+    from lorax.detect.evaluate import fit_threshold  # torch and sklearn: only when scoring
+
+    score = np.asarray(fake_score, dtype=np.float64).reshape(-1)
+    y = np.asarray(is_fake).reshape(-1).astype(np.int64)
+    if score.shape != y.shape or score.size == 0:
+        raise ValueError(f"binary_decision: {score.size} scores for {y.size} labels; need one per image, at least one")
+    fold = np.zeros(y.size, dtype=np.int64)
+    for lab in (0, 1):  # stratified, deterministic: every folds-th image of each class
+        idx = np.flatnonzero(y == lab)
+        fold[idx] = np.arange(idx.size) % folds
+    ok = np.zeros(y.size, dtype=bool)
+    for f in range(folds):
+        test, fit = fold == f, fold != f
+        if not test.any():
+            continue
+        t = fit_threshold(score[fit], y[fit]) if fit.any() else 0.5
+        ok[test] = (score[test] >= t) == (y[test] == 1)
+    if y.min() == y.max():
+        ap = float("nan")
+    else:
+        from sklearn.metrics import average_precision_score
+
+        ap = float(100.0 * average_precision_score(y, score))
+    return {"binary_acc_fitted": float(100.0 * ok.mean()), "binary_threshold": fit_threshold(score, y),
+            "binary_ap": ap}
+
+
 def _check_eval_inputs(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarray, n_tasks_seen: int):
     logits = np.asarray(logits)
     targets = np.asarray(targets).reshape(-1).astype(np.int64)
@@ -253,7 +290,8 @@ def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarra
     Returns plain Python values: ``task_acc`` (list, multi-real %, one per seen task; a column of R),
     ``mean_acc`` (mean of task_acc), ``binary_acc`` (% over all images), ``binary_acc_per_task``,
     ``task_ap`` (list, %, NaN where undefined), ``mean_ap`` (nan-mean), ``confusion`` (list of lists,
-    ``2*n_tasks_seen`` square, rows = target), ``n_images`` (per task).
+    ``2*n_tasks_seen`` square, rows = target), ``n_images`` (per task), ``pooled_acc`` (multi-real % over all
+    images), and :func:`binary_decision`'s ``binary_acc_fitted``, ``binary_threshold``, ``binary_ap``.
     """
     logits, targets, task_ids = _check_eval_inputs(logits, targets, task_ids, n_tasks_seen)
     keep = task_ids < n_tasks_seen
@@ -267,11 +305,14 @@ def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarra
     correct = multi_real_correct(pred, targets)
     task_acc = [float(100.0 * correct[task_ids == t].mean()) for t in range(n_tasks_seen)]
     bin_ok = pred % 2 == targets % 2
-    task_ap = per_task_ap(fake_probability(probs), targets, n_tasks_seen)
+    fake_p = fake_probability(probs)
+    task_ap = per_task_ap(fake_p, targets, n_tasks_seen)
     finite_ap = [a for a in task_ap if np.isfinite(a)]
     return {
         "task_acc": task_acc,
         "mean_acc": float(np.mean(task_acc)),
+        "pooled_acc": float(100.0 * correct.mean()),
+        **binary_decision(fake_p, targets % 2),
         "binary_acc": float(100.0 * bin_ok.mean()),
         "binary_acc_per_task": [float(100.0 * bin_ok[task_ids == t].mean()) for t in range(n_tasks_seen)],
         "task_ap": task_ap,

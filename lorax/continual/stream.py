@@ -80,20 +80,48 @@ def run_task_steps(
         result["tasks"] = tasks[: i + 1]
         write_json(eval_out, result)
         table.to_csv(eval_out.with_suffix(".predictions.csv"), index=False)
-    return json.loads(eval_out.read_text())
+    result = json.loads(eval_out.read_text())
+    if params.eval.resample_control is not None and "resampled" not in (result.get("control") or {}):
+        # a finished task evaluated before the control was switched on: add the control, keep the rest
+        from lorax.continual.trainer import evaluate_controls, val_rows
+
+        method = method or load_state(state_out, params=params)[0]
+        val = val_rows([manifests[t] for t in tasks[: i + 1]])
+        result["control"] = {**(result.get("control") or {}), **evaluate_controls(method, val, params, store=store)}
+        write_json(eval_out, result)
+    return result
+
+
+# figures of the last evaluation copied into metrics.json (as is, and under each control)
+LAST_EVAL_KEYS = ("pooled_acc", "binary_acc", "binary_acc_fitted", "binary_threshold", "binary_ap", "mean_ap")
+
+
+def _stream_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """aa, aaf, bwt, forgetting (from the accuracy matrix), acc_matrix, and the last evaluation's LAST_EVAL_KEYS."""
+    R = M.AccuracyMatrix([e["task_acc"] for e in evals])
+    last = {k: round(float(evals[-1][k]), 4) for k in LAST_EVAL_KEYS if evals[-1].get(k) is not None}
+    return {**{k: round(float(v), 4) for k, v in R.summary().items()}, **last, "acc_matrix": R.to_list()}
+
+
+def control_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"resampled": figures}`` when every evaluation of the stream carries that control (``eval.resample_control``)."""
+    names = set.intersection(*(set(e.get("control") or {}) for e in evals)) if evals else set()
+    return {name: _stream_figures([e["control"][name] for e in evals]) for name in sorted(names)}
 
 
 def summarize_stream(params: Params, evals: list[dict[str, Any]], states: list[Path]) -> dict[str, Any]:
-    """metrics.json: aa, aaf, bwt, forgetting, binary_acc, acc_matrix (percent), tasks, parameters, seconds."""
-    R = M.AccuracyMatrix([e["task_acc"] for e in evals])
+    """metrics.json: aa, aaf, bwt, forgetting, binary_acc, acc_matrix (percent), tasks, parameters, seconds; the
+    last evaluation's pooled accuracy and binary decision (LAST_EVAL_KEYS); ``control.resampled.*``: the same
+    figures with every evaluated image resampled first, when ``eval.resample_control`` is set."""
     info = read_info(states[-1])
-    summary = R.summary()
+    figures = _stream_figures(evals)
+    control = control_figures(evals)
     return {
         "method": info["method"],
-        **{k: round(float(v), 4) for k, v in summary.items()},
+        **figures,
         "binary_acc": round(float(evals[-1]["binary_acc"]), 4),
         "mean_ap": evals[-1].get("mean_ap"),
-        "acc_matrix": R.to_list(),
+        **({"control": control} if control else {}),
         "tasks": info["tasks"],
         "trainable_params_per_task": info["trainable_params_per_task"],
         "backbone_params": info["backbone_params"],

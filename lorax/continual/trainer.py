@@ -31,7 +31,7 @@ from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cach
 from lorax.continual.memory import ExemplarMemory, per_class_budget
 from lorax.continual.methods import Method, build_method, count_trainable, logits_and_features
 from lorax.continual.state import load_state, save_state
-from lorax.data.dataset import ManifestDataset, SeededSampler
+from lorax.data.dataset import ManifestDataset, Resample, SeededSampler
 from lorax.data.manifest import abs_paths, check_no_val_in_training, verify_files
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,15 @@ def _norm(method: Method) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _dataset(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int,
-             n_crops: int = 1) -> ManifestDataset:
-    """The rows as a dataset (``n_crops``: eval crops stacked per row); pixels from the uint8 decode cache when
-    ``train.decode_cache`` is on and they fit."""
+             n_crops: int = 1, resample: Resample | None = None) -> ManifestDataset:
+    """The rows as a dataset (``n_crops``: eval crops stacked per row; ``resample``: the shortcut control); pixels
+    from the uint8 decode cache when ``train.decode_cache`` is on and they fit (never resampled ones)."""
     mean, std = _norm(method)
     links = params.data.follow_links
     kw = dict(train=train, crop=params.model.img_size, mean=mean, std=std, seed=seed, n_crops=n_crops,
               follow_links=links)
+    if resample is not None:
+        return ManifestDataset(df, resample=resample, **kw)
     if params.train.decode_cache:
         from lorax.data.cache import CachedManifestDataset, open_decode_cache
 
@@ -101,11 +103,12 @@ def _dataset(df: pd.DataFrame, method: Method, params: Params, train: bool, seed
 
 def _loader(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int, batch_size: int | None = None,
             ctx: ddp.DistContext | None = None, cache: FrozenFeatureCache | None = None,
-            device: torch.device | None = None, n_crops: int = 1) -> torch.utils.data.DataLoader:
+            device: torch.device | None = None, n_crops: int = 1,
+            resample: Resample | None = None) -> torch.utils.data.DataLoader:
     """Batches of ``(images, class_ids, rows)`` (``cache``: cache slots instead of rows); same batches and crops
     as ``make_loader(seed=seed)``, whatever ``num_workers``; under DDP this rank's share of each global batch."""
     ctx = ctx or ddp.DistContext()
-    ds = _dataset(df, method, params, train, seed, n_crops)
+    ds = _dataset(df, method, params, train, seed, n_crops, resample)
     gen = torch.Generator().manual_seed(seed)
     if cache is not None:
         ds, sampler = cache.dataset(ds), cache.sampler(gen)
@@ -303,9 +306,11 @@ def _backbone_param_count(method: Method) -> int:
 @torch.no_grad()
 def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: torch.device | None = None,
                    features: bool = False, desc: str = "eval",
-                   store: EmbeddingStore | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                   store: EmbeddingStore | None = None,
+                   resample: Resample | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (and optionally the super-features) of every row of ``df`` with eval transforms: the centre crop, or
     the average over ``eval.crops`` fixed crops (the crop policy of :class:`lorax.serving.predict.Predictor`).
+    ``resample``: (scale, filter), every image resized before cropping (the shortcut control).
 
     ``store``: LoRAX reads the frozen adapters' embeddings it already has there and computes only the missing
     (image, adapter) pairs, which it adds (:mod:`lorax.continual.embedding_store`); rows it has every embedding of
@@ -314,13 +319,13 @@ def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: tor
     device = device or resolve_device(params.train.device)
     method.to(device).eval()
     if store is not None and uses_embedding_store(method):
-        emb = _stored_embeddings(method, df, params, device, store, desc)  # (N, T, D)
+        emb = _stored_embeddings(method, df, params, device, store, desc, resample)  # (N, T, D)
         logits = [method.net.classify(e.permute(1, 0, 2).to(device))[0].float().cpu()
                   for e in torch.split(emb, params.eval.batch_size)]
         out = torch.cat(logits).numpy() if logits else np.zeros((0, method.n_classes), np.float32)
         return out, (emb.reshape(len(emb), -1).numpy() if features else None)
     n_crops = params.eval.crops
-    loader = _loader(df, method, params, train=False, seed=0, device=device, n_crops=n_crops)
+    loader = _loader(df, method, params, train=False, seed=0, device=device, n_crops=n_crops, resample=resample)
     logits, feats = [], []
     for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=None):
         x = _to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
@@ -341,21 +346,23 @@ def uses_embedding_store(method: Method) -> bool:
     return method.name == "lorax" and hasattr(net, "embeddings") and hasattr(net, "classify")
 
 
-def adapter_keys(method: Method, params: Params) -> list[str]:
+def adapter_keys(method: Method, params: Params, resample: Resample | None = None) -> list[str]:
     """The store key of every task's adapter (its tensors, the backbone and adapter settings, the eval view)."""
     from lorax.config import params_to_dict
 
     d = params_to_dict(params)
     mean, std = _norm(method)
     view = {"model": d["model"], "adapter": d["adapter"], "crops": params.eval.crops, "mean": mean, "std": std}
+    if resample is not None:  # only then: the as-is keys stay those of earlier runs
+        view["resample"] = list(resample)
     return [adapter_key(method.net.adapters.state_dict(t), view) for t in method.tasks]
 
 
 def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device: torch.device,
-                       store: EmbeddingStore, desc: str) -> torch.Tensor:
+                       store: EmbeddingStore, desc: str, resample: Resample | None = None) -> torch.Tensor:
     """(N, T, D) embeddings of ``df``'s rows by every task's adapter: the stored ones read, the rest computed in
     one pass per group of rows missing the same adapters (old images: the newest adapter only), then stored."""
-    ids, keys = image_ids(df), adapter_keys(method, params)
+    ids, keys = image_ids(df), adapter_keys(method, params, resample)
     n, t, n_crops = len(df), len(keys), params.eval.crops
     emb = np.zeros((n, t, method.net.embed_dim), dtype=np.float32)
     missing = np.ones((n, t), dtype=bool)
@@ -370,7 +377,8 @@ def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device:
         groups.setdefault(tuple(np.flatnonzero(missing[r]).tolist()), []).append(int(r))
     for cols, rows in groups.items():
         names = [method.tasks[j] for j in cols]
-        loader = _loader(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops)
+        loader = _loader(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops,
+                         resample=resample)
         parts = []
         for x, _, _ in tqdm(loader, desc=f"{desc}: {len(names)} of {t} adapters", leave=False, disable=None):
             x = _to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
@@ -402,13 +410,32 @@ def score_val(val: pd.DataFrame, logits: np.ndarray, tasks: list[str]) -> tuple[
     return result, table
 
 
+def evaluate_controls(method: Method, val: pd.DataFrame, params: Params, device: torch.device | None = None,
+                      store: EmbeddingStore | None = None) -> dict[str, dict]:
+    """The shortcut controls of one evaluation: ``{"resampled": metrics}`` of the same rows, every image resized
+    by ``eval.resample_control`` before cropping; ``{}`` when it is off. Stored in the eval json as ``control``."""
+    rc = params.eval.resample_control
+    if rc is None:
+        return {}
+    logits, _ = predict_logits(method, val, params, device, desc="eval (resampled)", store=store,
+                               resample=(rc.scale, rc.filter))
+    result, _ = score_val(val, logits, method.tasks)
+    result.pop("confusion", None)
+    return {"resampled": {**result, "scale": rc.scale, "filter": rc.filter}}
+
+
 def evaluate_task_list(method: Method, manifests: list[pd.DataFrame], params: Params,
                        device: torch.device | None = None,
                        store: EmbeddingStore | None = None) -> tuple[dict, pd.DataFrame]:
-    """Evaluate on the val rows of the seen tasks: metrics dict (one column of R) and a per-image table."""
+    """Evaluate on the val rows of the seen tasks: metrics dict (one column of R; with ``control`` when
+    ``eval.resample_control`` is set) and a per-image table."""
     val = val_rows(manifests)
     logits, _ = predict_logits(method, val, params, device, store=store)
-    return score_val(val, logits, method.tasks)
+    result, table = score_val(val, logits, method.tasks)
+    control = evaluate_controls(method, val, params, device, store)
+    if control:
+        result["control"] = control
+    return result, table
 
 
 def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: ExemplarMemory | None,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lorax.data.images import (
@@ -46,6 +47,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip.OPENAI_DATASET_STD
 _NORMS = {"half": (HALF, HALF), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
+Resample = tuple[float, str]  # (scale, filter): the shortcut control's resampling (eval.resample_control)
+
+_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
+            "bilinear": Image.Resampling.BILINEAR}
+
+
+def resample_array(arr: np.ndarray, scale: float, filter: str = "lanczos") -> np.ndarray:
+    """An HxWx3 uint8 image resized by ``scale`` (sides rounded): the resampling shortcut control, applied to the
+    decoded image before any crop, so a model that only learned "resampled means real" is caught."""
+    h, w = arr.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(arr).resize(size, _FILTERS[filter]), dtype=np.uint8)
 
 
 def normalization(name: str, backbone_cfg: Any = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -119,6 +132,7 @@ class ManifestDataset(Dataset):
     ``train``: a uniformly random ``crop`` box and a horizontal flip with p=0.5; else the centre crop, or with
     ``n_crops > 1`` a fixed grid of crops stacked as (n, C, H, W). Index with an int, or with ``(row, seed)``
     to fix the random crop (what :func:`make_loader`'s sampler does). ``follow_links``: ``data.follow_links``.
+    ``resample``: (scale, filter) resizes every decoded image before cropping (the shortcut control).
     """
 
     def __init__(
@@ -132,6 +146,7 @@ class ManifestDataset(Dataset):
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
         follow_links: bool = False,
+        resample: Resample | None = None,
     ) -> None:
         missing = [c for c in ("root", "path", "class_id", "sha256") if c not in df.columns]
         if missing:
@@ -144,6 +159,7 @@ class ManifestDataset(Dataset):
         self.train, self.crop, self.n_crops = train, int(crop), int(n_crops)
         self.mean, self.std = tuple(mean), tuple(std)
         self.max_image_pixels = max_image_pixels
+        self.resample = resample
         self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -177,6 +193,8 @@ class ManifestDataset(Dataset):
                 raise ManifestError(changed_message([mismatch(self.row_name(i), found, self.sha256[i])]))
             img = open_image(data, self.max_image_pixels, name=path)
             rng = np.random.default_rng(seed) if seed is not None else self._rng
+            if self.resample is not None:
+                return self._resampled_crops(to_rgb_array(img, path), rng, path)
             boxes, flip = self._boxes(*img.size, rng, path)
             crops = []
             for box in boxes:
@@ -187,6 +205,21 @@ class ManifestDataset(Dataset):
         except OSError as e:
             raise DataError(f"{path}: cannot decode ({e}); re-run `lorax data prepare` to quarantine it") from None
         return crops
+
+    def _resampled_crops(self, full: np.ndarray, rng: np.random.Generator, path: Path) -> list[np.ndarray]:
+        """The crops of the whole decoded image after :func:`resample_array` (the shortcut control)."""
+        scale, filt = self.resample
+        h, w = full.shape[:2]
+        small = resample_array(full, scale, filt)
+        if min(small.shape[:2]) < self.crop:
+            raise DataError(
+                f"{path}: image {w}x{h} resampled by eval.resample_control.scale={scale} is "
+                f"{small.shape[1]}x{small.shape[0]}, smaller than crop {self.crop}; raise the scale or lower "
+                "model.img_size"
+            )
+        boxes, flip = self._boxes(small.shape[1], small.shape[0], rng, path)
+        crops = [small[t:b, l:r] for l, t, r, b in boxes]
+        return [a[:, ::-1] for a in crops] if flip else crops
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         i, seed = (int(key[0]), int(key[1])) if isinstance(key, tuple | list) else (int(key), None)
