@@ -157,3 +157,31 @@ def test_plots_write_valid_pngs(tmp_path):
     _is_png(plot_confusion(cm, [f"{n}_{k}" for n in names for k in ("real", "fake")], tmp_path / "sub" / "cm.png"))
     with pytest.raises(ValueError, match="2 names for 3"):
         plot_accuracy_matrix(R3, names[:2], tmp_path / "bad.png")
+
+
+def test_pooled_accuracy_weighs_every_image():
+    # task 0: 4 images, 1 right; task 1: 1 image, right. Mean of tasks 62.5, pooled 2/5 = 40
+    targets, tasks = np.array([0, 1, 1, 1, 3]), np.array([0, 0, 0, 0, 1])
+    out = M.evaluate_logits(_logits_for([0, 3, 3, 3, 3], 4), targets, tasks, n_tasks_seen=2)
+    assert out["mean_acc"] == pytest.approx(62.5)
+    assert out["pooled_acc"] == pytest.approx(40.0)
+    assert {"binary_acc_fitted", "binary_threshold", "binary_ap"} <= set(out)
+
+
+def test_binary_decision_is_cross_fitted():
+    # separable scores: every fold's threshold separates the other fold too
+    score = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9, 0.95])
+    fake = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    d = M.binary_decision(score, fake)
+    assert d["binary_acc_fitted"] == pytest.approx(100.0) and d["binary_ap"] == pytest.approx(100.0)
+    assert 0.3 < d["binary_threshold"] <= 0.6
+    # interleaved classes: a threshold fitted on these 4 images and scored on them claims 75%; cross-fitted, each
+    # half is scored with the other half's threshold: 50%, the honest figure for scores that carry no signal
+    score2, fake2 = np.array([0.3, 0.5, 0.4, 0.6]), np.array([0, 0, 1, 1])
+    t_all = M.binary_decision(score2, fake2)["binary_threshold"]
+    assert np.mean((score2 >= t_all) == (fake2 == 1)) == pytest.approx(0.75)
+    assert M.binary_decision(score2, fake2)["binary_acc_fitted"] == pytest.approx(50.0)
+    # only fakes: AP undefined (NaN)
+    assert math.isnan(M.binary_decision(np.array([0.7, 0.8]), np.array([1, 1]))["binary_ap"])
+    with pytest.raises(ValueError, match="binary_decision"):
+        M.binary_decision(np.array([0.5]), np.array([1, 0]))

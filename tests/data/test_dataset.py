@@ -152,3 +152,31 @@ def test_image_smaller_than_crop_or_changed_file(manifest: pd.DataFrame) -> None
     # the file no longer has the manifest's hash (issue 16: checked before decoding)
     with pytest.raises(DataError, match=r"changed since the manifest was written.*re-run `lorax data prepare`"):
         ManifestDataset(manifest, train=False, crop=CROP)[1]
+
+
+def test_resample_control_resizes_the_decoded_image_before_cropping(manifest: pd.DataFrame) -> None:
+    """eval.resample_control: 24x30 -> 22x28 (x 0.9375, Lanczos), then the same crops; the crop size is kept."""
+    from lorax.data.dataset import resample_array
+
+    plain = ManifestDataset(manifest, train=False, crop=CROP, mean=HALF, std=HALF, n_crops=4)
+    res = ManifestDataset(manifest, train=False, crop=CROP, mean=HALF, std=HALF, n_crops=4,
+                          resample=(0.9375, "lanczos"))
+    i = 0
+    full = load_rgb(plain.paths[i])
+    small = resample_array(full, 0.9375, "lanczos")
+    assert small.shape == (22, 28, 3)  # round(24 * 0.9375), round(30 * 0.9375)
+    x, x0 = res[i][0], plain[i][0]
+    assert x.shape == x0.shape == (4, 3, CROP, CROP)
+    want = multi_crops(small, CROP, 4)
+    for k in range(4):
+        assert np.array_equal(_raw(x[k]), want[k])
+    assert not np.array_equal(_raw(x[0]), _raw(x0[0]))  # the resampled corner differs from the original's
+    # train mode (random crop, flip) works on the resampled image too
+    tr = ManifestDataset(manifest, train=True, crop=CROP, mean=HALF, std=HALF, resample=(0.9375, "lanczos"))
+    assert tr[(i, 7)][0].shape == (3, CROP, CROP)
+
+
+def test_resample_control_below_the_crop_names_the_setting(manifest: pd.DataFrame) -> None:
+    ds = ManifestDataset(manifest, train=False, crop=CROP, mean=HALF, std=HALF, resample=(0.5, "bicubic"))
+    with pytest.raises(DataError, match=r"resample_control\.scale=0\.5 is 15x12, smaller than crop 16"):
+        ds[0]

@@ -1,0 +1,145 @@
+"""The real-image profile (params.realworld.yaml) and the resampling shortcut control (issue 14, items 1 and 4).
+
+Tiny model (tests' TINY_OVERRIDES via -S), tiny CDDB folders made here; ``lorax train`` prepares their manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from lorax.cli import main
+from lorax.config import load_params
+from tests.conftest import PARAMS_YAML, REALWORLD, REPO, TINY_OVERRIDES
+
+PROFILE = REPO / "params.realworld.yaml"
+CONTROL_KEYS = {"aa", "aaf", "bwt", "forgetting", "pooled_acc", "binary_acc", "binary_acc_fitted", "binary_threshold",
+                "binary_ap", "acc_matrix"}
+
+
+def _keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out.add(prefix + k)
+        if isinstance(v, dict) and k not in ("stream", "kwargs", "resample_control"):
+            out |= _keys(v, f"{prefix}{k}.")
+    return out
+
+
+def tiny_sets(tasks: list[str]) -> list[str]:
+    """-S arguments: the tests' tiny model and a two-task stream of ``tasks`` (last_k fits its 2 blocks)."""
+    sets = {k: v for k, v in TINY_OVERRIDES.items() if not k.startswith(("stream", "zoo."))}
+    sets["adapter.last_k"] = 1
+    sets["stream"] = {tasks[0]: {"prev": "init"}, tasks[1]: {"prev": tasks[0]}}
+    out = []
+    for k, v in sets.items():
+        out += ["-S", f"{k}={json.dumps(v)}"]
+    return out
+
+
+def test_profile_is_a_complete_valid_params_file():
+    params = load_params(PROFILE)
+    raw, base = yaml.safe_load(PROFILE.read_text()), yaml.safe_load(PARAMS_YAML.read_text())
+    assert _keys(raw) == _keys(base)  # every setting of params.yaml is there: nothing falls back to a code default
+    assert params.data.source == "folder" and params.model.img_size == 224
+    assert params.tasks == ["biggan", "stylegan2", "ldif", "glid3", "dmin", "disco"]
+    assert params.adapter.blocks == "last_k" and params.eval.crops > 1
+    rc = params.eval.resample_control
+    assert rc is not None and round(256 * rc.scale) == 240 and rc.filter == "lanczos"
+    assert load_params(PARAMS_YAML).eval.resample_control is None  # the zoo default stays as it was
+
+
+def _cddb(root: Path, tasks: list[str], n: int = 3, size: int = 32) -> Path:
+    """A CDDB folder of random-noise PNGs (fakes brighter than reals), ``n`` per class and split."""
+    rng = np.random.default_rng(0)
+    for t in tasks:
+        for split in ("train", "val"):
+            for label, lo in (("0_real", 0), ("1_fake", 96)):
+                d = root / t / split / label
+                d.mkdir(parents=True)
+                for k in range(n):
+                    Image.fromarray(rng.integers(lo, lo + 160, (size, size, 3), dtype=np.uint8)).save(d / f"{k}.png")
+    return root
+
+
+def _train(tmp: Path, root: Path, tasks: list[str], *extra: str) -> int:
+    return main(["train", "--params", str(PROFILE), "--manifests", str(tmp / "m"), "--out", str(tmp / "out"),
+                 "-S", f"data.root={root}", *tiny_sets(tasks), *extra])
+
+
+def test_train_runs_the_profile_on_a_fresh_cddb_folder(tmp_path, capsys):
+    root = _cddb(tmp_path / "mine", ["a", "b"])
+    assert _train(tmp_path, root, ["a", "b"]) == 0
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.parquet")) == ["a.parquet", "b.parquet"]  # prepared
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["tasks"] == ["a", "b"]
+    assert CONTROL_KEYS <= set(metrics) and CONTROL_KEYS <= set(metrics["control"]["resampled"])
+    state = json.loads((tmp_path / "out" / "state" / "b" / "state.json").read_text())
+    assert state["params"]["eval"]["crops"] == 4 and state["params"]["adapter"]["blocks"] == "last_k"
+
+
+def test_missing_task_folder_is_one_line(tmp_path, capsys):
+    root = _cddb(tmp_path / "mine", ["a"])
+    assert _train(tmp_path, root, ["a", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'nosuch'" in err and "data.root" in err
+    assert not (tmp_path / "m" / "a.parquet").exists()  # checked before any work
+
+
+@pytest.fixture(scope="module")
+def real_subset(tmp_path_factory) -> tuple[Path, Path]:
+    """2 images per class and split of the protocol's first two real-world tasks, trained with the profile."""
+    if not REALWORLD.is_dir():
+        pytest.skip("shared real-world set not on this machine")
+    tmp = tmp_path_factory.mktemp("rw")
+    for t in ("biggan", "stylegan2"):
+        for split in ("train", "val"):
+            for label in ("0_real", "1_fake"):
+                d = tmp / "data" / t / split / label
+                d.mkdir(parents=True)
+                for f in sorted((REALWORLD / t / split / label).glob("*.png"))[:2]:
+                    shutil.copy(f, d / f.name)
+    assert _train(tmp, tmp / "data", ["biggan", "stylegan2"]) == 0
+    return tmp, tmp / "data"
+
+
+def test_control_on_a_real_subset_reports_both(real_subset):
+    tmp, _ = real_subset
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    as_is, res = metrics, metrics["control"]["resampled"]
+    assert CONTROL_KEYS <= set(res)
+    ev = json.loads((tmp / "out" / "eval" / "stylegan2.json").read_text())
+    assert ev["control"]["resampled"]["scale"] == 0.9375 and len(ev["control"]["resampled"]["task_acc"]) == 2
+    assert res["acc_matrix"][0][1] == ev["control"]["resampled"]["task_acc"][0]
+    assert as_is["acc_matrix"][0][1] == ev["task_acc"][0]
+
+
+def test_control_scores_resampled_pixels(real_subset):
+    """The control's logits are those of resampled images, not the as-is ones (nor stored embeddings of them)."""
+    from lorax.continual.embedding_store import EmbeddingStore
+    from lorax.continual.state import load_state
+    from lorax.continual.trainer import adapter_keys, predict_logits, val_rows
+    from lorax.data.manifest import load_stream_manifests
+
+    tmp, _ = real_subset
+    params = load_params(PROFILE, {"stream": {"biggan": {"prev": "init"}, "stylegan2": {"prev": "biggan"}},
+                                   **{k: v for k, v in TINY_OVERRIDES.items() if not k.startswith(("stream", "zoo."))},
+                                   "adapter.last_k": 1})
+    method, _ = load_state(tmp / "out" / "state" / "stylegan2", params=params)
+    val = val_rows(list(load_stream_manifests(tmp / "m", params.tasks).values()))
+    store = EmbeddingStore.from_params(params, tmp / "out")
+    plain, _ = predict_logits(method, val, params, device=None, store=store)
+    res, _ = predict_logits(method, val, params, device=None, store=store, resample=(0.9375, "lanczos"))
+    again, _ = predict_logits(method, val, params, device=None, store=None, resample=(0.9375, "lanczos"))
+    assert not np.allclose(plain, res)
+    np.testing.assert_allclose(res, again, rtol=1e-4, atol=1e-4)  # the store holds the resampled view apart
+    assert set(adapter_keys(method, params)).isdisjoint(adapter_keys(method, params, (0.9375, "lanczos")))
+    table = pd.read_csv(tmp / "out" / "eval" / "stylegan2.predictions.csv")
+    assert len(table) == len(val)
