@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ def run_one(params_path: str, overrides: dict[str, Any], manifests: Path, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorax.config import load_params
     from lorax.continual.commands import parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -114,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, method, size in runs(args.methods, args.memory):
             ov = {**base, "continual.method": method, "continual.memory_size": size}
-            from lorax.config import load_params
-
             if load_params(args.params, ov).eval.resample_control is None:  # the protocol reports both
                 ov["eval.resample_control"] = CONTROL
             rows[name] = run_one(args.params, ov, manifests, out / name)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.realworld: error: {e}")
         return 2
     md = table(rows)
-    cmd = "python -m benchmarks.realworld " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    cmd = "python -m benchmarks.realworld " + " ".join(argv if argv is not None else sys.argv[1:])
     note = (f"\nPercent. Binary acc: threshold on the fake probability cross-fitted on the seen tasks' val images "
             f"(2 folds); AP threshold-free. {time.strftime('%Y-%m-%d')}, {platform.node()}, "
             f"{platform.processor() or platform.machine()}; `{cmd.strip()}`\n")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorax.config import Params
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +34,7 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def prepare_missing(params, manifests: Path) -> list[str]:
+def prepare_missing(params: Params, manifests: Path) -> list[str]:
     """With ``data.source: folder``, prepare (``lorax data prepare``) the stream's tasks that have no manifest in
     ``manifests`` yet, from ``data.root``, so that ``lorax train`` runs on a fresh CDDB-layout folder; returns them.
     The built-in zoo is synthesised and prepared by ``lorax data synth`` / ``prepare`` (or ``dvc repro``)."""
