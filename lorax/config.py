@@ -81,6 +81,19 @@ class ModelConfig(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     normalize: Literal["auto", "half", "clip", "imagenet"] = "auto"
     pretext: PretextConfig = Field(default_factory=PretextConfig)
+    feature_levels: list[int] = Field(
+        default_factory=list,
+        description="block numbers (1-based) whose output tokens, layer-normed, add their first (class) token and "
+        "mean patch token to every embedding, besides the pooled last block: generators' low-level traces live in "
+        "early blocks (docs/results.md, real images). [] = the pooled last block only",
+    )
+
+    @field_validator("feature_levels")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v) or len(set(v)) != len(v):
+            raise ValueError(f"block numbers must be distinct and >= 1, got {v}")
+        return sorted(v)
 
 
 class MoleAdapterConfig(_Section):

@@ -176,7 +176,7 @@ class _HeadOnBackbone(Method):
 
     def add_task(self, name: str) -> None:
         self.tasks.append(name)
-        self.head = grow_linear(self.head, self.backbone.embed_dim, self.n_classes)
+        self.head = grow_linear(self.head, self.backbone.feature_dim, self.n_classes)
         self.head.to(next(self.backbone.parameters()).device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -255,7 +255,7 @@ class DERMethod(Method):
             bb.eval()
         new.requires_grad_(True)
         self.backbones.append(new)
-        d = new.embed_dim
+        d = new.feature_dim
         self.head = grow_linear(self.head, d * len(self.tasks), self.n_classes)
         self.aux_head = nn.Linear(d, 3).to(next(new.parameters()).device)
 

@@ -40,7 +40,7 @@ class Detector(nn.Module):
     def __init__(self, backbone: Backbone, layers: dict[str, MoLELinear], method: str) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.embed_dim, 1)
+        self.head = nn.Linear(backbone.feature_dim, 1)
         self.method = method
         self.mole: dict[str, MoLELinear] = dict(layers)  # plain dict: the layers are registered inside the backbone
 

@@ -47,10 +47,31 @@ class Backbone(nn.Module):
         super().__init__()
         self.model = model
         self.info = info
+        self.levels: tuple[int, ...] = ()  # 0-based blocks whose tokens join the features (model.feature_levels)
 
     @property
     def embed_dim(self) -> int:
+        """Width of the tokens and of the pooled embedding."""
         return self.info.embed_dim
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of :meth:`forward`'s features: the pooled embedding plus 2 x embed_dim per feature level."""
+        return self.info.embed_dim * (1 + 2 * len(self.levels))
+
+    def set_levels(self, blocks: list[int]) -> None:
+        """``model.feature_levels`` (1-based block numbers) -> the blocks whose tokens :meth:`run_blocks` collects."""
+        bad = [b for b in blocks if b > self.depth]
+        if bad:
+            raise ValueError(f"model.feature_levels: blocks {bad} exceed the backbone's {self.depth} blocks")
+        self.levels = tuple(sorted(b - 1 for b in blocks))
+
+    @staticmethod
+    def level_feature(x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) tokens -> (B, 2D): first (class) token and mean of the others, after a parameter-free layer
+        norm (intermediate tokens are not normed by the model, and their scale varies by block)."""
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        return torch.cat([x[:, 0], x[:, 1:].mean(1)], -1)
 
     @property
     def depth(self) -> int:
@@ -75,13 +96,22 @@ class Backbone(nn.Module):
         """Tokens after the last block -> pooled embedding (B, embed_dim)."""
         raise NotImplementedError
 
-    def run_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None,
+                   levels: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Blocks ``start..end-1``; the level features of feature-level blocks among them go to ``levels``."""
         for i in range(start, self.depth if end is None else end):
             x = self.run_block(i, x)
+            if levels is not None and i in self.levels:
+                levels.append(self.level_feature(x))
         return x
 
+    def features(self, tokens: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
+        """Level features (block order) and the pooled last tokens, concatenated: (B, feature_dim)."""
+        return torch.cat([*levels, self.pool(tokens)], -1) if levels else self.pool(tokens)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.run_blocks(self.stem(x)))
+        levels: list[torch.Tensor] = []
+        return self.features(self.run_blocks(self.stem(x), levels=levels), levels)
 
 
 class TimmViT(Backbone):
@@ -228,6 +258,7 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
     info = BackboneInfo(name, embed_dim, 0, bool(cfg.pretrained), mean, std)
     bb = cls(model, info)
     bb.info = BackboneInfo(name, embed_dim, bb.depth, bool(cfg.pretrained), mean, std)
+    bb.set_levels(list(cfg.feature_levels))
     _freeze(bb)
     return bb
 

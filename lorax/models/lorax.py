@@ -49,7 +49,8 @@ class LoRAXNet(nn.Module):
     # -- structure ---------------------------------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
-        return self.backbone.embed_dim
+        """Width of one adapter's embedding (the backbone's features: pooled last block + feature levels)."""
+        return self.backbone.feature_dim
 
     @property
     def n_classes(self) -> int:
@@ -86,28 +87,32 @@ class LoRAXNet(nn.Module):
         return self
 
     # -- forward -----------------------------------------------------------------------------------------------
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens after the blocks that no adapter touches (identical for every task)."""
+    def trunk(self, x: torch.Tensor, levels: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Tokens after the blocks that no adapter touches (identical for every task); the feature levels among
+        those blocks go to ``levels``."""
         bb = self.backbone
-        return bb.run_blocks(bb.stem(x), 0, self.branch_block)
+        return bb.run_blocks(bb.stem(x), 0, self.branch_block, levels=levels)
 
     def embeddings(self, x: torch.Tensor, names: list[str] | None = None, one_pass: bool | None = None) -> torch.Tensor:
         """Embeddings of ``names`` (default: every task) as a (len(names), B, D) tensor."""
         names = list(self.tasks if names is None else names)
         one_pass = self.one_pass if one_pass is None else one_pass
         bb, route = self.backbone, self.adapters.route
-        tokens = self.trunk(x)
+        shared: list[torch.Tensor] = []  # feature levels in the trunk: the same for every adapter
+        tokens = self.trunk(x, shared)
         b = x.shape[0]
         try:
             if one_pass and len(names) > 1:
                 route.mode, route.names = "grouped", names
                 rep = tokens.repeat(len(names), *([1] * (tokens.dim() - 1)))
-                out = bb.pool(bb.run_blocks(rep, self.branch_block))
+                levels = [s.repeat(len(names), 1) for s in shared]
+                out = bb.features(bb.run_blocks(rep, self.branch_block, levels=levels), levels)
                 return out.view(len(names), b, -1)
             outs = []
             for n in names:
                 route.mode, route.name = "single", n
-                outs.append(bb.pool(bb.run_blocks(tokens, self.branch_block)))
+                levels = list(shared)
+                outs.append(bb.features(bb.run_blocks(tokens, self.branch_block, levels=levels), levels))
             return torch.stack(outs)
         finally:
             route.mode, route.name, route.names = "off", None, []

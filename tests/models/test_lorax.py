@@ -132,3 +132,32 @@ def test_convit_base_trainable_share_per_task(regex: str, expected_share: float)
     assert share == pytest.approx(expected_share, abs=0.01)
     if expected_share < 3:
         assert share < 3.0
+
+
+def test_feature_levels_join_every_embedding_and_agree_across_paths(params) -> None:
+    """model.feature_levels: each adapter's embedding = level features (layer-normed first + mean token of those
+    blocks) then the pooled last block; the grouped pass, the sequential loop and the backbone's own forward agree."""
+    from lorax.continual.methods import build_method
+
+    base = build_method(params)
+    p = params.model_copy(deep=True)
+    p.model.feature_levels = [1, 2]
+    p.adapter.blocks, p.adapter.last_k = "last_k", 1
+    method = build_method(p)
+    bb = method.net.backbone
+    assert bb.levels == (0, 1) and bb.feature_dim == 5 * bb.embed_dim == 5 * base.net.backbone.embed_dim
+    for t in ("a", "b"):
+        method.add_task(t)
+    net = method.net.eval()
+    x = torch.randn(3, 3, p.model.img_size, p.model.img_size)
+    with torch.no_grad():
+        grouped = net.embeddings(x, one_pass=True)
+        seq = net.embeddings(x, one_pass=False)
+        plain = bb(x)
+    assert grouped.shape == (2, 3, net.embed_dim) == seq.shape and net.head.in_features == 2 * net.embed_dim
+    assert torch.allclose(grouped, seq, atol=1e-5)
+    d = bb.embed_dim
+    # block 1 is below the adapted block: the same for every adapter and equal to the plain backbone's
+    assert torch.allclose(grouped[0, :, : 2 * d], grouped[1, :, : 2 * d]) and torch.allclose(grouped[0, :, : 2 * d], plain[:, : 2 * d], atol=1e-5)
+    with pytest.raises(ValueError, match="exceed the backbone"):
+        bb.set_levels([99])
