@@ -93,11 +93,15 @@ class LoRAXNet(nn.Module):
 
     def embeddings(self, x: torch.Tensor, names: list[str] | None = None, one_pass: bool | None = None) -> torch.Tensor:
         """Embeddings of ``names`` (default: every task) as a (len(names), B, D) tensor."""
+        return self.branch(self.trunk(x), names, one_pass)
+
+    def branch(self, tokens: torch.Tensor, names: list[str] | None = None,
+               one_pass: bool | None = None) -> torch.Tensor:
+        """Embeddings of ``names`` from trunk tokens (what :meth:`trunk` returns, or the trunk cache holds)."""
         names = list(self.tasks if names is None else names)
         one_pass = self.one_pass if one_pass is None else one_pass
         bb, route = self.backbone, self.adapters.route
-        tokens = self.trunk(x)
-        b = x.shape[0]
+        b = tokens.shape[0]
         try:
             if one_pass and len(names) > 1:
                 route.mode, route.names = "grouped", names
@@ -118,13 +122,16 @@ class LoRAXNet(nn.Module):
         feat = emb.permute(1, 0, 2).reshape(b, t * d)
         return self.head(feat), self.div_head(emb[-1])
 
-    def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and diversity logits. ``old_emb`` (T-1, B, D): cached embeddings of the frozen adapters."""
+    def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None,
+                from_trunk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and diversity logits. ``old_emb`` (T-1, B, D): cached embeddings of the frozen adapters;
+        ``from_trunk``: ``x`` holds trunk tokens (:mod:`lorax.continual.trunk_cache`), not images."""
+        embed = self.branch if from_trunk else self.embeddings
         if old_emb is not None:
-            new = self.embeddings(x, [self.tasks[-1]])
+            new = embed(x, [self.tasks[-1]])
             emb = torch.cat([old_emb.to(new.dtype), new], 0)
         else:
-            emb = self.embeddings(x)
+            emb = embed(x)
         return self.classify(emb)
 
     def super_features(self, x: torch.Tensor) -> torch.Tensor:
