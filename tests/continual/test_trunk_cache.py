@@ -144,6 +144,17 @@ def test_hits_misses_and_content_addressing(zoo, tmp_path):
                         DEEP) != trunk.dir.name
 
 
+def test_every_part_of_a_crop_changes_its_id():
+    from lorax.continual.trunk_cache import view_ids
+
+    base = (["ab" * 32], [(24, 24)], [(1, 2, 17, 18)], [False])
+    changed = [(["ac" * 32], *base[1:]), (base[0], [(24, 25)], *base[2:]), (*base[:2], [(1, 3, 17, 19)], base[3]),
+               (*base[:3], [True])]
+    ids = {view_ids(*base).tobytes()} | {view_ids(*c).tobytes() for c in changed}
+    assert len(ids) == 5
+    assert view_ids(*base).tobytes() == view_ids(*base).tobytes()
+
+
 def test_crops_are_deterministic_per_image_content(zoo, tmp_path):
     root, manifests = zoo
     params = _params(tmp_path)
