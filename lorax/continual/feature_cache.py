@@ -13,6 +13,11 @@ one crop's embeddings). With K >= epochs the augmentation is close to the uncach
 the same crop. Nothing else changes: logits on a cached crop equal the uncached forward (tested). Evaluation and
 exemplar selection do not use the cache. Cost: building it is K passes of the frozen adapters over the task's
 training rows (once per task); memory is rows x K x (t-1) x embed_dim float32, on the CPU.
+
+With ``train.crop_seed: content`` (the default with ``train.trunk_cache``) the K crops of an image come from its
+sha256 instead of the task's seed (:func:`lorax.continual.trunk_cache.content_seeds`): the same crops in every task
+and run, so their frozen-trunk tokens are computed once; the old adapters' embeddings are then built from those
+tokens (``build(..., from_trunk=True)``).
 """
 
 from __future__ import annotations

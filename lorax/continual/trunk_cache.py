@@ -124,7 +124,7 @@ def eval_ids(df: pd.DataFrame, crop: int, n_crops: int) -> np.ndarray:
 
 
 # -- storage -----------------------------------------------------------------------------------------------------
-def _open_shard(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+def _open_shard(path: Path, verify: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
     """(ids, memory-mapped tokens) of a shard, or None when it is damaged (unparseable, short, wrong checksum)."""
     try:
         size = path.stat().st_size
@@ -144,7 +144,7 @@ def _open_shard(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
         ids, tokens = arrays["ids"], arrays["tokens"]
         if ids.ndim != 2 or ids.shape[1] != 32 or tokens.shape[0] != ids.shape[0]:
             return None
-        if header.get("__metadata__", {}).get("sha256") != _checksum(ids, tokens):
+        if verify and header.get("__metadata__", {}).get("sha256") != _checksum(ids, tokens):
             return None
         return np.asarray(ids), tokens
     except (OSError, ValueError, KeyError, TypeError, struct.error):
@@ -161,8 +161,10 @@ def _checksum(ids: np.ndarray, tokens: np.ndarray) -> str:
 class TrunkCache:
     """Trunk tokens by crop id in one settings folder: ``found``, ``get`` (memory-mapped reads), ``add`` (a shard)."""
 
-    def __init__(self, root: str | Path, key: str) -> None:
+    def __init__(self, root: str | Path, key: str, verify: bool = True) -> None:
+        """``verify``: check each shard's checksum when first indexed (off only where a parent process did)."""
         self.dir = Path(root) / key
+        self.verify = verify
         self._shards: list[np.ndarray] = []
         self._where: dict[bytes, tuple[int, int]] = {}
         self._seen: set[str] = set()
@@ -174,7 +176,7 @@ class TrunkCache:
             if f.name in self._seen:
                 continue
             self._seen.add(f.name)
-            opened = _open_shard(f)
+            opened = _open_shard(f, self.verify)
             if opened is None:
                 log.warning("trunk cache: %s is damaged; ignored (its crops are computed again)", f)
                 continue
@@ -206,12 +208,17 @@ class TrunkCache:
         if np.isfinite(t).all() and not np.isfinite(half).all():
             half = t.astype(np.float32)  # rare: a token beyond float16's range; keep it exact rather than inf
         ids = np.ascontiguousarray(ids, dtype=np.uint8)
-        self.dir.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
         tmp = self.dir / f"{name}.tmp"
-        save_file({"ids": ids, "tokens": np.ascontiguousarray(half)}, str(tmp),
-                  metadata={"sha256": _checksum(ids, half), "format": str(FORMAT)})
-        os.replace(tmp, self.dir / f"{name}.safetensors")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_file({"ids": ids, "tokens": np.ascontiguousarray(half)}, str(tmp),
+                      metadata={"sha256": _checksum(ids, half), "format": str(FORMAT)})
+            os.replace(tmp, self.dir / f"{name}.safetensors")
+        except OSError as e:
+            raise ValueError(f"train.trunk_cache_dir: cannot write the trunk cache under {self.dir.parent} "
+                             f"({e.strerror or e}); point it at a writable folder or set train.trunk_cache: false"
+                             ) from None
         self.refresh()
 
     @torch.no_grad()
@@ -261,7 +268,7 @@ class TokenSlotDataset(Dataset):
                 "class_ids": self.class_ids}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(TrunkCache(state["root"], state["key"]), state["ids"], state["class_ids"])
+        self.__init__(TrunkCache(state["root"], state["key"], verify=False), state["ids"], state["class_ids"])
 
 
 def wants_trunk_cache(method: Any, params: Any) -> bool:

@@ -102,6 +102,14 @@ def test_cached_step_logits_equal_the_uncached_forward(zoo, tmp_path):
         torch.testing.assert_close(cached[0], full[0], **TOL)
         torch.testing.assert_close(cached[1], full[1], **TOL)
         torch.testing.assert_close(cached[0], rounded[0], rtol=1e-6, atol=1e-6)
+    # the training batches' dataset (as DataLoader workers get it: pickled, memory maps re-opened)
+    import pickle
+
+    from lorax.continual.trunk_cache import TokenSlotDataset
+
+    ds = pickle.loads(pickle.dumps(TokenSlotDataset(trunk, ids, rows["class_id"].to_numpy())))
+    t0, c0, s0 = ds[int(slot[0])]
+    assert torch.equal(t0, tok[0]) and c0 == int(y[0]) and s0 == int(slot[0])
     # the newest adapter's step with old embeddings, as in training
     old = method.net.embeddings(x, ["a"])
     torch.testing.assert_close(method(tok, old, from_trunk=True)[0], method(x, old)[0], **TOL)
@@ -284,3 +292,23 @@ def test_eval_embeddings_from_the_cache_equal_uncached(zoo, tmp_path):
             predict_logits(method, val, params, CPU, store=EmbeddingStore(tmp_path / "e2"))
     finally:
         Path(first).write_bytes(keep)
+
+
+def test_trunk_cache_without_the_feature_cache_and_an_unwritable_folder(zoo, tmp_path):
+    """Old adapters then run from the cached tokens every step; a cache folder that cannot be written is one line."""
+    from lorax.continual.state import read_info
+    from lorax.continual.trainer import train_task
+
+    root, manifests = zoo
+    p = _params(tmp_path, train__feature_cache=False)
+    s0 = train_task(None, manifests["deconv"], None, p, tmp_path / "s0")
+    s1 = train_task(s0, manifests["nnconv"], None, p, tmp_path / "s1")
+    assert read_info(s1)["tasks"] == ["deconv", "nnconv"]
+    assert all(np.isfinite(r["loss"]) for r in read_info(s1)["epochs"])
+    assert len(list(Path(p.train.trunk_cache_dir).rglob("*.safetensors"))) == 2  # one shard per task's new rows
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    bad = _params(tmp_path, train__trunk_cache_dir=str(blocked))
+    with pytest.raises(ValueError, match=r"^train.trunk_cache_dir: cannot write .*a-file") as e:
+        train_task(None, manifests["deconv"], None, bad, tmp_path / "s2")
+    assert "\n" not in str(e.value)
