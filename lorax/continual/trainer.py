@@ -407,6 +407,8 @@ def adapter_keys(method: Method, params: Params) -> list[str]:
     d = params_to_dict(params)
     mean, std = _norm(method)
     view = {"model": d["model"], "adapter": d["adapter"], "crops": params.eval.crops, "mean": mean, "std": std}
+    if params.train.trunk_cache and method.net.branch_block > 0:  # embeddings from fp16 trunk tokens: kept apart
+        view["trunk_tokens"] = "fp16"
     return [adapter_key(method.net.adapters.state_dict(t), view) for t in method.tasks]
 
 
