@@ -147,6 +147,24 @@ class TrainConfig(_Section):
     one_pass: bool = True
     feature_cache: bool = False
     feature_cache_crops: int = Field(2, ge=1)  # fixed crops per training image per task when feature_cache is on
+    trunk_cache: bool = Field(
+        False,
+        description="with adapter.blocks last_k: the frozen blocks below the first adapter run once per fixed "
+        "crop, their tokens kept on disk (fp16, content-addressed) and reused by every epoch, task, run and "
+        "evaluation (lorax/continual/trunk_cache.py); training then uses train.feature_cache_crops fixed crops "
+        "per image. No effect with adapter.blocks all (no frozen trunk). Off by default: it changes the crops",
+    )
+    trunk_cache_dir: str = Field(
+        "cache/trunk", description="where the trunk cache lives (relative paths: from the working directory, like "
+        "decode_cache_dir); a cache: safe to delete, never a DVC output",
+    )
+    crop_seed: Literal["auto", "task", "content"] = Field(
+        "auto",
+        description="how the fixed training crops (feature_cache, trunk_cache) are drawn: task (from seed and task "
+        "index: new crops every task), content (from the image's sha256: the same feature_cache_crops crops of an "
+        "image in every task and run, so its cached trunk tokens are reused; fixed from the first task on), auto "
+        "(content when the trunk cache is used, else task)",
+    )
     decode_cache: bool = False  # decode images once into a uint8 memory-mapped cache (lorax.data.cache)
     decode_cache_dir: str = "cache/decoded"
     decode_cache_max_mb: float = Field(4096, ge=0)  # larger datasets are read from their files as usual

@@ -34,6 +34,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "model.pretrained": None,
     "model.normalize": "auto",
     "model.kwargs": {"depth": 2, "local_up_to_layer": 1, "patch_size": 4, "num_heads": 2, "embed_dim": 32},
+    "model.feature_levels": [],  # the tiny model has 2 blocks (the real-image profile names blocks 4 and 8)
     "adapter.r": 4,
     "adapter.alpha": 1.0,
     "continual.memory_size": 8,

@@ -13,6 +13,11 @@ one crop's embeddings). With K >= epochs the augmentation is close to the uncach
 the same crop. Nothing else changes: logits on a cached crop equal the uncached forward (tested). Evaluation and
 exemplar selection do not use the cache. Cost: building it is K passes of the frozen adapters over the task's
 training rows (once per task); memory is rows x K x (t-1) x embed_dim float32, on the CPU.
+
+With ``train.crop_seed: content`` (the default with ``train.trunk_cache``) the K crops of an image come from its
+sha256 instead of the task's seed (:func:`lorax.continual.trunk_cache.content_seeds`): the same crops in every task
+and run, so their frozen-trunk tokens are computed once; the old adapters' embeddings are then built from those
+tokens (``build(..., from_trunk=True)``).
 """
 
 from __future__ import annotations
@@ -65,11 +70,16 @@ class SlotSampler(Sampler[int]):
 class FrozenFeatureCache:
     """Embeddings of the frozen adapters for K fixed crops of every training row, as (rows * K, t - 1, D)."""
 
-    def __init__(self, n_rows: int, crops: int, seed: int) -> None:
+    def __init__(self, n_rows: int, crops: int, seed: int, seeds: torch.Tensor | None = None) -> None:
+        """``seeds`` (n_rows, crops): the crop seeds to use (``train.crop_seed: content``); default: drawn from
+        ``seed``."""
         if crops < 1:
             raise ValueError(f"train.feature_cache_crops: must be >= 1, got {crops}")
-        g = torch.Generator().manual_seed(seed)
-        self.seeds = torch.randint(0, 2**62, (n_rows, crops), generator=g)
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (n_rows, crops), generator=torch.Generator().manual_seed(seed))
+        if tuple(seeds.shape) != (n_rows, crops):
+            raise ValueError(f"crop seeds of shape {tuple(seeds.shape)}, expected {(n_rows, crops)}")
+        self.seeds = seeds
         self.k = crops
         self.emb: torch.Tensor | None = None
 
@@ -87,21 +97,26 @@ class FrozenFeatureCache:
 
     @torch.no_grad()
     def build(self, net, base: ManifestDataset, batch_size: int, device: torch.device, autocast,
-              ctx: DistContext | None = None, num_workers: int = 0) -> FrozenFeatureCache:
-        """Embed every slot with the frozen adapters (all but ``net.tasks[-1]``); ranks split the work."""
+              ctx: DistContext | None = None, num_workers: int = 0, from_trunk: bool = False) -> FrozenFeatureCache:
+        """Embed every slot with the frozen adapters (all but ``net.tasks[-1]``); ranks split the work.
+
+        ``from_trunk``: ``base`` is already slot-indexed and yields the slots' trunk tokens
+        (:class:`lorax.continual.trunk_cache.TokenSlotDataset`), so only the adapted blocks run."""
         ctx = ctx or DistContext()
         old = list(net.tasks[:-1])
         if not old:
             raise ValueError("the feature cache needs at least one frozen adapter (task index >= 1)")
         mine = list(range(ctx.rank, self.n_slots, ctx.world))
-        loader = DataLoader(self.dataset(base), batch_size=batch_size, sampler=mine, num_workers=num_workers,
+        ds = base if from_trunk else self.dataset(base)
+        loader = DataLoader(ds, batch_size=batch_size, sampler=mine, num_workers=num_workers,
                             pin_memory=device.type == "cuda")
         emb = torch.zeros(self.n_slots, len(old), net.embed_dim, device=device)
         was_training = net.training
         net.eval()
         for x, _, slots in loader:
             with autocast:
-                e = net.embeddings(x.to(device, non_blocking=True), old)  # (t-1, B, D)
+                x = x.to(device, non_blocking=True)
+                e = net.branch(x, old) if from_trunk else net.embeddings(x, old)  # (t-1, B, D)
             emb[slots.to(device)] = e.permute(1, 0, 2).float()
         net.train(was_training)
         self.emb = ctx.all_reduce_sum(emb).cpu()  # every slot was filled by exactly one rank

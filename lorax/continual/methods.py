@@ -134,8 +134,9 @@ class LoRAXMethod(Method):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.net.trainable_parameters()
 
-    def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net(x, old_emb)
+    def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None,
+                from_trunk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(x, old_emb, from_trunk)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.super_features(x)

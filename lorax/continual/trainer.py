@@ -31,6 +31,14 @@ from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cach
 from lorax.continual.memory import ExemplarMemory, per_class_budget
 from lorax.continual.methods import Method, build_method, count_trainable, logits_and_features
 from lorax.continual.state import load_state, save_state
+from lorax.continual.trunk_cache import (
+    TokenSlotDataset,
+    TrunkCache,
+    content_seeds,
+    eval_ids,
+    open_trunk_cache,
+    train_ids,
+)
 from lorax.data.dataset import ManifestDataset, Resample, SeededSampler
 from lorax.data.manifest import abs_paths, check_no_val_in_training, verify_files
 
@@ -144,6 +152,46 @@ def training_rows(method: Method, task_df: pd.DataFrame, memory: ExemplarMemory 
     return rows
 
 
+def _training_tokens(trunk: TrunkCache, method: Method, rows: pd.DataFrame, base: ManifestDataset,
+                     slots: FrozenFeatureCache, params: Params, device: torch.device,
+                     ctx: ddp.DistContext) -> TokenSlotDataset:
+    """The slots' trunk tokens: the missing ones computed (ranks split them) and stored; rows whose every crop was
+    found are not decoded, so their files are checked against the manifest here."""
+    ids = train_ids(base, rows, slots.seeds)
+    missing = ~trunk.found(ids)
+    k = slots.k
+    hit_rows = ~missing.reshape(-1, k).any(1)
+    verify_files(rows[hit_rows], params.data.follow_links)
+    todo = np.flatnonzero(missing)
+    if len(todo):
+        mine = todo[ctx.rank::ctx.world].tolist()
+        loader = torch.utils.data.DataLoader(slots.dataset(base), batch_size=params.eval.batch_size, sampler=mine,
+                                             num_workers=params.train.num_workers)
+        t0 = time.time()
+        trunk.fill(method.net, loader, ids, device, _autocast(params, device), desc="trunk cache")
+        ctx.barrier()
+        trunk.refresh()  # the other ranks' shards
+        log.info("trunk cache: %d of %d crops computed (%.1f s), %d reused", len(todo), len(ids),
+                 time.time() - t0, len(ids) - len(todo))
+    else:
+        log.info("trunk cache: all %d crops reused", len(ids))
+    return TokenSlotDataset(trunk, ids, rows["class_id"].to_numpy(dtype=np.int64))
+
+
+def _epoch_loader(rows: pd.DataFrame, method: Method, params: Params, seed: int, ctx: ddp.DistContext,
+                  cache: FrozenFeatureCache | None, tokens: TokenSlotDataset | None,
+                  device: torch.device) -> torch.utils.data.DataLoader:
+    """One epoch's batches: cached trunk tokens per slot, or images (fixed crops per slot with ``cache``)."""
+    if tokens is None:
+        return _loader(rows, method, params, train=True, seed=seed, ctx=ctx, cache=cache, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    workers = params.train.num_workers
+    return torch.utils.data.DataLoader(
+        tokens, batch_sampler=ddp.ShardedBatchSampler(cache.sampler(gen), params.train.batch_size, ctx.rank,
+                                                      ctx.world),
+        num_workers=workers, generator=gen, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+
 def _ckpt_path(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial") / "checkpoint.pt"
 
@@ -185,12 +233,21 @@ def train_task(
     method.to(device)
     rows = training_rows(method, task_manifest, memory, history)
     seed = params.seed * 1000 + task_index
-    cache = None
-    if wants_feature_cache(method, params):  # old adapters' embeddings of K fixed crops per row, once per task
-        cache = FrozenFeatureCache(len(rows), params.train.feature_cache_crops, seed).build(
-            method.net, _dataset(rows, method, params, True, seed), params.eval.batch_size, device,
-            _autocast(params, device), ctx, params.train.num_workers)
-    loader = _loader(rows, method, params, train=True, seed=seed, ctx=ctx, cache=cache, device=device)
+    cache = tokens = None
+    trunk = open_trunk_cache(method, params, device)  # frozen blocks' tokens of the fixed crops, on disk
+    old_cached = wants_feature_cache(method, params)  # old adapters' embeddings of the fixed crops, once per task
+    content = params.train.crop_seed == "content" or (params.train.crop_seed == "auto" and trunk is not None)
+    if old_cached or content:  # K fixed crops per row for the whole task
+        k = params.train.feature_cache_crops
+        slots = FrozenFeatureCache(len(rows), k, seed, content_seeds(rows, k) if content else None)
+        base = _dataset(rows, method, params, True, seed)
+        if trunk is not None:
+            tokens = _training_tokens(trunk, method, rows, base, slots, params, device, ctx)
+        if old_cached:
+            slots.build(method.net, tokens if tokens is not None else base, params.eval.batch_size, device,
+                        _autocast(params, device), ctx, params.train.num_workers, from_trunk=tokens is not None)
+        cache = slots
+    loader = _epoch_loader(rows, method, params, seed, ctx, cache, tokens, device)
     trainable = method.trainable_parameters()
     model = ctx.wrap(method, find_unused=params.adapter.kind == "mole")  # routed experts may idle a step
     optimizer = torch.optim.AdamW(method.param_groups(learning_rate(params, task_index)),
@@ -216,8 +273,8 @@ def train_task(
     for epoch in range(start_epoch, params.train.epochs):
         g = torch.Generator().manual_seed(seed * 100 + epoch)
         torch.manual_seed(seed * 100 + epoch)
-        loader = _loader(rows, method, params, train=True, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
-                         ctx=ctx, cache=cache, device=device)
+        loader = _epoch_loader(rows, method, params, int(torch.randint(0, 2**31 - 1, (1,), generator=g)), ctx,
+                               cache, tokens, device)
         model.train()
         tot, n = torch.zeros(2, device=device), 0  # loss sum, correct (on device: no per-step host sync); images
         bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -225,8 +282,10 @@ def train_task(
                    disable=None if ctx.is_main else True)
         for step, (x, y, key) in enumerate(bar):
             x, y = _to_device(x, device), y.to(device, non_blocking=True)
+            old_emb = cache.lookup(key, device) if cache is not None and cache.emb is not None else None
             with _autocast(params, device):
-                out = model(x) if cache is None else model(x, cache.lookup(key, device))
+                out = model(x, old_emb, from_trunk=True) if tokens is not None else (
+                    model(x) if old_emb is None else model(x, old_emb))
                 loss = method.loss(out, y)
             bad |= ~torch.isfinite(loss.detach())
             # on CUDA the check (a host sync) runs every 32 steps; non-finite steps never reach a saved state
@@ -355,6 +414,8 @@ def adapter_keys(method: Method, params: Params, resample: Resample | None = Non
     view = {"model": d["model"], "adapter": d["adapter"], "crops": params.eval.crops, "mean": mean, "std": std}
     if resample is not None:  # only then: the as-is keys stay those of earlier runs
         view["resample"] = list(resample)
+    if params.train.trunk_cache and method.net.branch_block > 0:  # embeddings from fp16 trunk tokens: kept apart
+        view["trunk_tokens"] = "fp16"
     return [adapter_key(method.net.adapters.state_dict(t), view) for t in method.tasks]
 
 
@@ -375,21 +436,56 @@ def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device:
     groups: dict[tuple[int, ...], list[int]] = {}
     for r in np.flatnonzero(missing.any(1)):
         groups.setdefault(tuple(np.flatnonzero(missing[r]).tolist()), []).append(int(r))
+    # the trunk cache holds the as-is crops of the files: a resampled control view is computed
+    trunk = open_trunk_cache(method, params, device) if groups and resample is None else None
     for cols, rows in groups.items():
         names = [method.tasks[j] for j in cols]
-        loader = _loader(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops,
-                         resample=resample)
-        parts = []
-        for x, _, _ in tqdm(loader, desc=f"{desc}: {len(names)} of {t} adapters", leave=False, disable=None):
-            x = _to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
-            with _autocast(params, device):
-                e = method.net.embeddings(x, names)  # (G, B * crops, D)
-            parts.append(_crop_mean(e.float().permute(1, 0, 2), n_crops).cpu())
-        got = torch.cat(parts).numpy()  # (rows, G, D)
+        if trunk is not None:
+            got = _trunk_embeddings(method, df.iloc[rows], names, params, device, trunk, desc)
+        else:
+            loader = _loader(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops,
+                             resample=resample)
+            parts = []
+            for x, _, _ in tqdm(loader, desc=f"{desc}: {len(names)} of {t} adapters", leave=False, disable=None):
+                x = _to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
+                with _autocast(params, device):
+                    e = method.net.embeddings(x, names)  # (G, B * crops, D)
+                parts.append(_crop_mean(e.float().permute(1, 0, 2), n_crops).cpu())
+            got = torch.cat(parts).numpy()  # (rows, G, D)
         emb[np.ix_(rows, list(cols))] = got
         for g, j in enumerate(cols):
             store.add(keys[j], ids[rows], got[:, g])
     return torch.from_numpy(emb)
+
+
+def _trunk_embeddings(method: Method, df: pd.DataFrame, names: list[str], params: Params, device: torch.device,
+                      trunk: TrunkCache, desc: str) -> np.ndarray:
+    """(rows, len(names), D) embeddings of the eval crops from cached trunk tokens (the missing ones computed and
+    stored first; rows with every crop cached are not decoded, so their files are checked here)."""
+    n_crops = params.eval.crops
+    ids = eval_ids(df, params.model.img_size, n_crops)
+    missing = ~trunk.found(ids)
+    need = missing.reshape(-1, n_crops).any(1)
+    verify_files(df[~need], params.data.follow_links)
+    if need.any():
+        sub = np.flatnonzero(need)
+        loader = _loader(df.iloc[sub], method, params, train=False, seed=0, device=device, n_crops=n_crops)
+        trunk.fill(method.net, _reindexed(loader, sub), ids, device, _autocast(params, device),
+                   desc=f"{desc}: trunk cache")
+    parts, bs = [], params.eval.batch_size
+    for start in tqdm(range(0, len(df), bs), desc=f"{desc}: {len(names)} adapters from the trunk cache",
+                      leave=False, disable=None):
+        tok = trunk.get(ids[start * n_crops:(start + bs) * n_crops]).to(device, non_blocking=True)
+        with _autocast(params, device):
+            e = method.net.branch(tok, names)  # (G, B * crops, D)
+        parts.append(_crop_mean(e.float().permute(1, 0, 2), n_crops).cpu())
+    return torch.cat(parts).numpy()
+
+
+def _reindexed(loader, rows: np.ndarray):
+    """``loader``'s batches with positions in the loader's frame mapped back to ``rows``' frame."""
+    for x, y, index in loader:
+        yield x, y, torch.from_numpy(rows[index.numpy()])
 
 
 def _crop_mean(t: torch.Tensor, n_crops: int) -> torch.Tensor:

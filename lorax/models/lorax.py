@@ -87,20 +87,35 @@ class LoRAXNet(nn.Module):
         return self
 
     # -- forward -----------------------------------------------------------------------------------------------
-    def trunk(self, x: torch.Tensor, levels: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Tokens after the blocks that no adapter touches (identical for every task); the feature levels among
-        those blocks go to ``levels``."""
+    def _shared_levels(self) -> int:
+        """Feature levels among the trunk's blocks (the same for every adapter)."""
+        return sum(1 for i in self.backbone.levels if i < self.branch_block)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """What the adapted blocks need from the blocks no adapter touches (identical for every task): their output
+        tokens (B, L, D), followed by two rows per feature level among them (its first and mean token features), so
+        one tensor carries both (the trunk cache stores it as is)."""
         bb = self.backbone
-        return bb.run_blocks(bb.stem(x), 0, self.branch_block, levels=levels)
+        shared: list[torch.Tensor] = []
+        tokens = bb.run_blocks(bb.stem(x), 0, self.branch_block, levels=shared)
+        if not shared:
+            return tokens
+        b, d = tokens.shape[0], tokens.shape[-1]
+        return torch.cat([tokens, torch.stack(shared, 1).view(b, 2 * len(shared), d)], 1)
 
     def embeddings(self, x: torch.Tensor, names: list[str] | None = None, one_pass: bool | None = None) -> torch.Tensor:
         """Embeddings of ``names`` (default: every task) as a (len(names), B, D) tensor."""
+        return self.branch(self.trunk(x), names, one_pass)
+
+    def branch(self, trunk: torch.Tensor, names: list[str] | None = None,
+               one_pass: bool | None = None) -> torch.Tensor:
+        """Embeddings of ``names`` from the trunk's output (what :meth:`trunk` returns, or the trunk cache holds)."""
         names = list(self.tasks if names is None else names)
         one_pass = self.one_pass if one_pass is None else one_pass
         bb, route = self.backbone, self.adapters.route
-        shared: list[torch.Tensor] = []  # feature levels in the trunk: the same for every adapter
-        tokens = self.trunk(x, shared)
-        b = x.shape[0]
+        b, n = trunk.shape[0], 2 * self._shared_levels()
+        tokens = trunk[:, : trunk.shape[1] - n] if n else trunk
+        shared = [trunk[:, -n + 2 * i: trunk.shape[1] - n + 2 * i + 2].reshape(b, -1) for i in range(n // 2)]
         try:
             if one_pass and len(names) > 1:
                 route.mode, route.names = "grouped", names
@@ -109,8 +124,8 @@ class LoRAXNet(nn.Module):
                 out = bb.features(bb.run_blocks(rep, self.branch_block, levels=levels), levels)
                 return out.view(len(names), b, -1)
             outs = []
-            for n in names:
-                route.mode, route.name = "single", n
+            for name in names:
+                route.mode, route.name = "single", name
                 levels = list(shared)
                 outs.append(bb.features(bb.run_blocks(tokens, self.branch_block, levels=levels), levels))
             return torch.stack(outs)
@@ -123,13 +138,16 @@ class LoRAXNet(nn.Module):
         feat = emb.permute(1, 0, 2).reshape(b, t * d)
         return self.head(feat), self.div_head(emb[-1])
 
-    def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and diversity logits. ``old_emb`` (T-1, B, D): cached embeddings of the frozen adapters."""
+    def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None,
+                from_trunk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and diversity logits. ``old_emb`` (T-1, B, D): cached embeddings of the frozen adapters;
+        ``from_trunk``: ``x`` holds trunk tokens (:mod:`lorax.continual.trunk_cache`), not images."""
+        embed = self.branch if from_trunk else self.embeddings
         if old_emb is not None:
-            new = self.embeddings(x, [self.tasks[-1]])
+            new = embed(x, [self.tasks[-1]])
             emb = torch.cat([old_emb.to(new.dtype), new], 0)
         else:
-            emb = self.embeddings(x)
+            emb = embed(x)
         return self.classify(emb)
 
     def super_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,298 @@
+"""Frozen-trunk cache (``train.trunk_cache``): the tokens of the blocks below the first adapter, kept on disk.
+
+With ``adapter.blocks: last_k`` the blocks before the first adapted one (``LoRAXNet.branch_block``) see no adapter,
+so their output tokens for a given crop are the same for every task, epoch, run and evaluation. At real resolution
+they are most of the cost (9 of 12 ViT-S/14 blocks at 224 px), so they are computed once per fixed crop and stored;
+a training step then runs only the adapted blocks (``LoRAXNet.forward(tokens, old_emb, from_trunk=True)``).
+
+Addressing, like :mod:`lorax.continual.embedding_store`: the folder is a hash of everything the tokens depend on
+(the trunk's own tensors -- stem and blocks below the branch --, the backbone's name and kwargs, the crop size,
+the normalisation, ``branch_block`` and the compute precision); an entry's id hashes the image's ``sha256`` (the
+file bytes the loaders verify), its size, the crop box and the flip. A stale entry therefore cannot be read.
+
+Layout: ``<root>/<settings key>/<uuid>.safetensors`` with ``ids`` (N x 32 uint8) and ``tokens`` (N x L x D float16;
+float32 for a shard whose values overflow float16), and a sha256 of both in the header's metadata. Shards are
+memory-mapped (never loaded whole), written as ``.tmp`` + rename, and a shard that fails to parse or to match its
+checksum is skipped: a damaged cache is a miss, never an error. Deleting the folder only costs recomputation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
+FLUSH_BYTES = 256 * 2**20  # tokens kept in memory before a shard is written while filling
+
+
+# -- keys --------------------------------------------------------------------------------------------------------
+def compute_tag(device: torch.device, amp: bool) -> str:
+    """The precision the trunk runs in (``trainer._autocast``): bf16 autocast on CUDA changes the tokens."""
+    return f"{device.type}-{'bf16' if amp and device.type == 'cuda' else 'fp32'}"
+
+
+def _trunk_tensors_hash(net: Any) -> str:
+    """sha256 of every backbone tensor outside the adapted blocks (stem, trunk blocks, tokens, norms); cached."""
+    bb = net.backbone
+    memo = bb.__dict__.setdefault("_lorax_trunk_hash", {})
+    if net.branch_block not in memo:
+        skip = tuple(bb.block_prefix(i) for i in range(net.branch_block, bb.depth))
+        h = hashlib.sha256()
+        tensors = list(bb.model.named_parameters()) + list(bb.model.named_buffers())
+        for name, t in sorted(tensors, key=lambda nt: nt[0]):
+            if name.startswith(skip):
+                continue
+            t = t.detach().cpu().contiguous()
+            h.update(name.encode() + b"\0" + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        memo[net.branch_block] = h.hexdigest()
+    return memo[net.branch_block]
+
+
+def settings_key(net: Any, crop: int, mean: tuple[float, ...], std: tuple[float, ...], compute: str,
+                 kwargs: dict[str, Any] | None = None) -> str:
+    """The folder of one trunk: a hash of everything its tokens depend on besides the crop's pixels."""
+    bb = net.backbone
+    settings = {"format": FORMAT, "family": type(bb).__name__, "backbone": bb.info.name, "kwargs": kwargs or {},
+                "crop": int(crop), "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+                "branch_block": int(net.branch_block), "compute": compute, "tensors": _trunk_tensors_hash(net),
+                "levels": [int(i) for i in bb.levels if i < net.branch_block]}  # extra rows: LoRAXNet.trunk
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def view_ids(sha256: list[str], sizes: list[tuple[int, int]], boxes: list[tuple[int, int, int, int]],
+             flips: list[bool]) -> np.ndarray:
+    """(N, 32) uint8 ids of crops: image content hash, its size, the crop box, the flip."""
+    out = np.empty((len(sha256), 32), dtype=np.uint8)
+    for i, (sha, (w, h), box, flip) in enumerate(zip(sha256, sizes, boxes, flips, strict=True)):
+        raw = bytes.fromhex(sha) + struct.pack("<6iB", int(w), int(h), *(int(b) for b in box), int(bool(flip)))
+        out[i] = np.frombuffer(hashlib.sha256(raw).digest(), dtype=np.uint8)
+    return out
+
+
+def _hex(df: pd.DataFrame) -> list[str]:
+    from lorax.continual.embedding_store import image_ids
+
+    image_ids(df)  # one clear line when the sha256 column is missing or not 64 hex digits
+    return df["sha256"].astype(str).tolist()
+
+
+def content_seeds(df: pd.DataFrame, crops: int) -> torch.Tensor:
+    """(rows, crops) crop seeds from each image's sha256 and the crop index (``train.crop_seed: content``): an image
+    gets the same K crops in every task, run and process, so its trunk tokens are computed once."""
+    seeds = [[int.from_bytes(hashlib.sha256(f"{sha}:{k}".encode()).digest()[:8], "little") & (2**62 - 1)
+              for k in range(crops)] for sha in _hex(df)]
+    return torch.tensor(seeds, dtype=torch.int64).reshape(len(df), crops)
+
+
+def train_ids(ds: Any, df: pd.DataFrame, seeds: torch.Tensor) -> np.ndarray:
+    """Ids of the fixed training crops, slot ``row * K + k``: the box and flip the dataset draws for ``seeds[row,
+    k]`` (its own ``_boxes``), from the manifest's width and height, so no image is decoded to know them."""
+    sha, k = _hex(df), seeds.shape[1]
+    sizes = list(zip(df["width"].astype(int), df["height"].astype(int), strict=True))
+    s_sha, s_size, s_box, s_flip = [], [], [], []
+    for r in range(len(df)):
+        w, h = sizes[r]
+        for j in range(k):
+            boxes, flip = ds._boxes(w, h, np.random.default_rng(int(seeds[r, j])), ds.paths[r])
+            s_sha.append(sha[r]), s_size.append((w, h)), s_box.append(boxes[0]), s_flip.append(flip)
+    return view_ids(s_sha, s_size, s_box, s_flip)
+
+
+def eval_ids(df: pd.DataFrame, crop: int, n_crops: int) -> np.ndarray:
+    """Ids of the eval crops (:func:`lorax.data.dataset.crop_boxes`), ``row * n_crops + j``."""
+    from lorax.data.dataset import crop_boxes
+
+    s_sha, s_size, s_box = [], [], []
+    for sha, w, h in zip(_hex(df), df["width"].astype(int), df["height"].astype(int), strict=True):
+        for box in crop_boxes(w, h, crop, n_crops):
+            s_sha.append(sha), s_size.append((w, h)), s_box.append(box)
+    return view_ids(s_sha, s_size, s_box, [False] * len(s_sha))
+
+
+# -- storage -----------------------------------------------------------------------------------------------------
+def _open_shard(path: Path, verify: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids, memory-mapped tokens) of a shard, or None when it is damaged (unparseable, short, wrong checksum)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n > size:
+                return None
+            header = json.loads(fh.read(n))
+        arrays = {}
+        for name in ("ids", "tokens"):
+            info = header[name]
+            start, end = info["data_offsets"]
+            dtype, shape = np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"])
+            if 8 + n + end > size or end - start != int(np.prod(shape)) * dtype.itemsize:
+                return None
+            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
+        ids, tokens = arrays["ids"], arrays["tokens"]
+        if ids.ndim != 2 or ids.shape[1] != 32 or tokens.shape[0] != ids.shape[0]:
+            return None
+        if verify and header.get("__metadata__", {}).get("sha256") != _checksum(ids, tokens):
+            return None
+        return np.asarray(ids), tokens
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+def _checksum(ids: np.ndarray, tokens: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(ids).reshape(-1).view(np.uint8))
+    h.update(np.ascontiguousarray(tokens).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+class TrunkCache:
+    """Trunk tokens by crop id in one settings folder: ``found``, ``get`` (memory-mapped reads), ``add`` (a shard)."""
+
+    def __init__(self, root: str | Path, key: str, verify: bool = True) -> None:
+        """``verify``: check each shard's checksum when first indexed (off only where a parent process did)."""
+        self.dir = Path(root) / key
+        self.verify = verify
+        self._shards: list[np.ndarray] = []
+        self._where: dict[bytes, tuple[int, int]] = {}
+        self._seen: set[str] = set()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Index the shards written since the last look (by other processes too); damaged ones are skipped."""
+        for f in sorted(self.dir.glob("*.safetensors")) if self.dir.is_dir() else []:
+            if f.name in self._seen:
+                continue
+            self._seen.add(f.name)
+            opened = _open_shard(f, self.verify)
+            if opened is None:
+                log.warning("trunk cache: %s is damaged; ignored (its crops are computed again)", f)
+                continue
+            ids, tokens = opened
+            s = len(self._shards)
+            self._shards.append(tokens)
+            for i, key in enumerate(ids):
+                self._where.setdefault(key.tobytes(), (s, i))
+
+    def found(self, ids: np.ndarray) -> np.ndarray:
+        return np.array([i.tobytes() in self._where for i in ids], dtype=bool)
+
+    def get(self, ids: np.ndarray) -> torch.Tensor:
+        """(N, L, D) float32 tokens of ``ids`` (all must be present)."""
+        return torch.stack([self.one(i) for i in ids])
+
+    def one(self, crop_id: np.ndarray | bytes) -> torch.Tensor:
+        s, i = self._where[crop_id if isinstance(crop_id, bytes) else crop_id.tobytes()]
+        return torch.from_numpy(np.asarray(self._shards[s][i], dtype=np.float32))
+
+    def add(self, ids: np.ndarray, tokens: torch.Tensor | np.ndarray) -> None:
+        """Write one shard (float16; float32 if a value overflows float16) and index it."""
+        if len(ids) == 0:
+            return
+        from safetensors.numpy import save_file
+
+        t = tokens.detach().float().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+        half = t.astype(np.float16)
+        if np.isfinite(t).all() and not np.isfinite(half).all():
+            half = t.astype(np.float32)  # rare: a token beyond float16's range; keep it exact rather than inf
+        ids = np.ascontiguousarray(ids, dtype=np.uint8)
+        name = uuid.uuid4().hex
+        tmp = self.dir / f"{name}.tmp"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_file({"ids": ids, "tokens": np.ascontiguousarray(half)}, str(tmp),
+                      metadata={"sha256": _checksum(ids, half), "format": str(FORMAT)})
+            os.replace(tmp, self.dir / f"{name}.safetensors")
+        except OSError as e:
+            raise ValueError(f"train.trunk_cache_dir: cannot write the trunk cache under {self.dir.parent} "
+                             f"({e.strerror or e}); point it at a writable folder or set train.trunk_cache: false"
+                             ) from None
+        self.refresh()
+
+    @torch.no_grad()
+    def fill(self, net: Any, loader: Any, ids: np.ndarray, device: torch.device, autocast: Any,
+             desc: str = "trunk cache") -> int:
+        """Compute the trunk of what ``loader`` yields and store it. ``loader`` gives ``(images, _, index)`` with
+        images (B, C, H, W) or (B, n, C, H, W); ``ids`` maps ``index * n + j`` to crop ids. Returns crops added."""
+        from tqdm.auto import tqdm
+
+        was_training = net.training
+        net.eval()
+        added, pend_ids, pend_tok, pend_bytes = 0, [], [], 0
+        for x, _, index in tqdm(loader, desc=desc, leave=False, disable=None):
+            n = x.shape[1] if x.dim() == 5 else 1
+            x = x.flatten(0, 1) if x.dim() == 5 else x
+            with autocast:
+                tok = net.trunk(x.to(device, non_blocking=True))
+            rows = (index.view(-1, 1) * n + torch.arange(n).view(1, -1)).reshape(-1).numpy()
+            pend_ids.append(ids[rows])
+            pend_tok.append(tok.float().cpu())
+            pend_bytes += tok.numel() * 2
+            if pend_bytes >= FLUSH_BYTES:
+                self.add(np.concatenate(pend_ids), torch.cat(pend_tok))
+                added, pend_ids, pend_tok, pend_bytes = added + sum(len(p) for p in pend_ids), [], [], 0
+        if pend_ids:
+            self.add(np.concatenate(pend_ids), torch.cat(pend_tok))
+            added += sum(len(p) for p in pend_ids)
+        net.train(was_training)
+        return added
+
+
+class TokenSlotDataset(Dataset):
+    """Slot ``row * K + k`` -> (its cached trunk tokens, class id, slot): the training batches of the cached path."""
+
+    def __init__(self, cache: TrunkCache, ids: np.ndarray, class_ids: np.ndarray) -> None:
+        self.cache, self.ids, self.class_ids = cache, ids, class_ids
+        self.k = len(ids) // len(class_ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, slot: int) -> tuple[torch.Tensor, int, int]:
+        return self.cache.one(self.ids[int(slot)]), int(self.class_ids[int(slot) // self.k]), int(slot)
+
+    def __getstate__(self) -> dict:  # worker processes re-open the memory maps instead of copying the tokens
+        return {"root": self.cache.dir.parent, "key": self.cache.dir.name, "ids": self.ids,
+                "class_ids": self.class_ids}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(TrunkCache(state["root"], state["key"], verify=False), state["ids"], state["class_ids"])
+
+
+def wants_trunk_cache(method: Any, params: Any) -> bool:
+    """On when ``train.trunk_cache`` is set, the method is LoRAX and its adapters leave a frozen trunk."""
+    if not params.train.trunk_cache:
+        return False
+    net = getattr(method, "net", None)
+    if net is None or not hasattr(net, "branch"):
+        log.info("train.trunk_cache: method %s has no frozen trunk under per-task adapters; not used",
+                 getattr(method, "name", "?"))
+        return False
+    if net.branch_block == 0:
+        log.info("train.trunk_cache: adapter.blocks %s leaves no frozen trunk (adapters from block 0); not used",
+                 params.adapter.blocks)
+        return False
+    return True
+
+
+def open_trunk_cache(method: Any, params: Any, device: torch.device) -> TrunkCache | None:
+    """The trunk cache of this model and settings under ``train.trunk_cache_dir``, or None when not used."""
+    if not wants_trunk_cache(method, params):
+        return None
+    bb = method.net.backbone
+    key = settings_key(method.net, params.model.img_size, bb.info.mean, bb.info.std,
+                       compute_tag(device, params.train.amp), params.model.kwargs)
+    return TrunkCache(params.train.trunk_cache_dir, key)
