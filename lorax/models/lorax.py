@@ -20,6 +20,17 @@ from lorax.models.adapters import LoraAdapterSet
 from lorax.models.backbones import Backbone
 
 
+CPU_GROUP_ROWS = 4096
+
+
+def adapter_groups(names: list[str], rows_per_adapter: int, max_rows: int | None) -> list[list[str]]:
+    """``names`` split into consecutive groups of at most ``max_rows`` rows (at least one adapter per group)."""
+    if max_rows is None or len(names) * rows_per_adapter <= max_rows:
+        return [names]
+    size = max(1, max_rows // max(1, rows_per_adapter))
+    return [names[i:i + size] for i in range(0, len(names), size)]
+
+
 class LoRAXNet(nn.Module):
     def __init__(self, backbone: Backbone, adapter_cfg: AdapterConfig) -> None:
         super().__init__()
@@ -45,6 +56,9 @@ class LoRAXNet(nn.Module):
         self.head: nn.Linear | None = None
         self.div_head: nn.Linear | None = None
         self.one_pass = True
+        # Rows (images x tokens) of one grouped pass on CPU: a larger group spills the per-layer activations out of
+        # the cache and runs slower per image than the loop (measured: benchmarks/RESULTS.md). None = one group.
+        self.cpu_group_rows: int | None = CPU_GROUP_ROWS
 
     # -- structure ---------------------------------------------------------------------------------------------
     @property
@@ -100,10 +114,18 @@ class LoRAXNet(nn.Module):
         b = x.shape[0]
         try:
             if one_pass and len(names) > 1:
-                route.mode, route.names = "grouped", names
-                rep = tokens.repeat(len(names), *([1] * (tokens.dim() - 1)))
-                out = bb.pool(bb.run_blocks(rep, self.branch_block))
-                return out.view(len(names), b, -1)
+                limit = self.cpu_group_rows if tokens.device.type == "cpu" else None
+                rows = tokens.shape[:-1].numel()  # images x tokens entering the adapted blocks
+                outs = []
+                for group in adapter_groups(names, rows, limit):
+                    if len(group) == 1:
+                        route.mode, route.name = "single", group[0]
+                        outs.append(bb.pool(bb.run_blocks(tokens, self.branch_block)))
+                        continue
+                    route.mode, route.names = "grouped", group
+                    rep = tokens.repeat(len(group), *([1] * (tokens.dim() - 1)))
+                    outs.append(bb.pool(bb.run_blocks(rep, self.branch_block)))
+                return torch.cat(outs).view(len(names), b, -1)
             outs = []
             for n in names:
                 route.mode, route.name = "single", n
