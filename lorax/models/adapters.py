@@ -7,7 +7,8 @@ its naming). Its forward applies the *active* adapter(s) to the whole batch, whi
 
 * ``single``: one named adapter for the whole batch (the sequential reference; also used for one task's pass);
 * ``grouped``: the batch holds G copies of the images, slice g goes through adapter ``names[g]``; all slices are
-  computed with two batched matmuls (``bmm``), so every adapter's embedding comes out of one pass.
+  computed with two batched matmuls (``bmm``, then ``baddbmm`` accumulating onto the frozen output), so every
+  adapter's embedding comes out of one pass.
 
 Dropout acts only on the adapter being trained (the last name of the group, in training mode): frozen adapters are
 deterministic, which is also what makes their embeddings cacheable.

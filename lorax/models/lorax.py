@@ -6,8 +6,8 @@ A 3-way diversity head sees only the newest adapter's embedding (old class -> 0,
 Only the newest adapter and the two heads train.
 
 The published implementation runs the full backbone once per adapter. Here blocks before the first adapted one
-run once per image (the shared trunk) and, with ``one_pass``, all adapters share one batched pass after it;
-``one_pass=False`` keeps the sequential loop as the reference the fast path is tested against.
+run once per image (the shared trunk) and, with ``one_pass``, all adapters share one batched pass after it (on CPU
+in groups of at most ``cpu_group_rows`` rows, so the activations stay in cache); ``one_pass=False`` keeps the sequential loop as the reference the fast path is tested against.
 """
 
 from __future__ import annotations
