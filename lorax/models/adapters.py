@@ -7,7 +7,8 @@ its naming). Its forward applies the *active* adapter(s) to the whole batch, whi
 
 * ``single``: one named adapter for the whole batch (the sequential reference; also used for one task's pass);
 * ``grouped``: the batch holds G copies of the images, slice g goes through adapter ``names[g]``; all slices are
-  computed with two batched matmuls (``bmm``), so every adapter's embedding comes out of one pass.
+  computed with two batched matmuls (``bmm``, then ``baddbmm`` accumulating onto the frozen output), so every
+  adapter's embedding comes out of one pass.
 
 Dropout acts only on the adapter being trained (the last name of the group, in training mode): frozen adapters are
 deterministic, which is also what makes their embeddings cacheable.
@@ -41,33 +42,39 @@ def _p(layer: LoraLinear, name: str) -> float:
     return getattr(drop, "p", 0.0)
 
 
-def _stacked(layer: LoraLinear, names: list[str], like: torch.Tensor):
-    """The group's A^T (G, in, r) and B^T (G, r, out) in ``like``'s dtype, and the scaling.
+def _stacked(layer: LoraLinear, names: list[str], a_dtype: torch.dtype, b_dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's A^T (G, in, r) and scaling * B^T (G, r, out), in the dtypes of the input and the output.
 
-    Stacking copies every adapter's weights on every call; when no weight of the group needs a gradient (inference,
-    exemplar features, the feature cache) the stack is kept on the layer and reused until a weight changes (its
-    version counter moves: optimizer steps, ``load_state_dict``). Equal scalings (one config per set) stay a Python
-    float, so no small host-to-device copy is made per layer and call.
+    The scaling is folded into B, so the low-rank product adds onto the base output in one kernel (no separate
+    multiply and add over G x tokens x out). Stacking copies every adapter's weights on every call; when no weight
+    of the group needs a gradient (inference, exemplar features, the feature cache) the stack is kept on the layer
+    and reused until a weight changes (its version counter moves: optimizer steps, ``load_state_dict``).
     """
     wa = [layer.lora_A[n].weight for n in names]
     wb = [layer.lora_B[n].weight for n in names]
     scales = [layer.scaling[n] for n in names]
-    if len(set(scales)) == 1:
-        scale = scales[0]
-    else:
-        scale = torch.tensor(scales, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.stack(wa).transpose(1, 2).to(a_dtype)
+        b = torch.stack(wb).transpose(1, 2)
+        if len(set(scales)) == 1:
+            b = b * scales[0]
+        else:
+            b = b * torch.tensor(scales, dtype=b.dtype, device=b.device).view(-1, 1, 1)
+        return a, b.to(b_dtype)
+
     if torch.is_grad_enabled() and any(w.requires_grad for w in wa + wb):
-        return torch.stack(wa).transpose(1, 2).to(like.dtype), torch.stack(wb).transpose(1, 2).to(like.dtype), scale
-    key = (tuple(names), like.dtype, torch.is_inference_mode_enabled(),
+        return build()
+    key = (tuple(names), a_dtype, b_dtype, torch.is_inference_mode_enabled(),
            tuple((w.data_ptr(), w._version) for w in wa + wb))
     cached = layer.__dict__.get("_lorax_stacked")
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            a = torch.stack(wa).transpose(1, 2).to(like.dtype).contiguous()
-            b = torch.stack(wb).transpose(1, 2).to(like.dtype).contiguous()
-        cached = (key, a, b)
+            a, b = build()
+        cached = (key, a.contiguous(), b.contiguous())
         layer.__dict__["_lorax_stacked"] = cached
-    return cached[1], cached[2], scale
+    return cached[1], cached[2]
 
 
 def _dropout_on(layer: LoraLinear, route: Route) -> bool:
@@ -75,6 +82,24 @@ def _dropout_on(layer: LoraLinear, route: Route) -> bool:
     name = route.name if route.mode == "single" else (route.names[-1] if route.names else None)
     return bool(route.dropout and name is not None and name == route.train_name and name in layer.lora_A
                 and _p(layer, name))
+
+
+def _add_low_rank(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``result + scale * h @ b`` as one GEMM that accumulates onto the frozen base output.
+
+    ``h`` (G, T, r) and ``b`` (G, r, out) go through ``baddbmm``; 2-D ones through ``addmm``. The base output is
+    fresh and its producer (the frozen Linear) does not keep it for backward, so without autograd the sum is written
+    into it in place; with autograd the out-of-place kernel is used (one read of ``result``, one write).
+    """
+    out_features = result.shape[-1]
+    h = h.to(result.dtype)
+    b = b.to(result.dtype)
+    batched = h.dim() == 3
+    flat = result.view(h.shape[0], -1, out_features) if batched else result.view(-1, out_features)
+    if not (torch.is_grad_enabled() and (result.requires_grad or h.requires_grad or b.requires_grad)):
+        (flat.baddbmm_ if batched else flat.addmm_)(h, b, alpha=scale)
+        return result
+    return (torch.baddbmm if batched else torch.addmm)(flat, h, b, alpha=scale).view(result.shape)
 
 
 def _routed_forward(layer: LoraLinear, route: Route):
@@ -87,17 +112,23 @@ def _routed_forward(layer: LoraLinear, route: Route):
             h = x
             if route.dropout and name == route.train_name:
                 h = nn.functional.dropout(h, layer.lora_dropout[name].p, True) if _p(layer, name) else h
-            return result + layer.lora_B[name](layer.lora_A[name](h)) * layer.scaling[name]
+            a = layer.lora_A[name](h)
+            return _add_low_rank(result.contiguous(), a.reshape(-1, a.shape[-1]), layer.lora_B[name].weight.t(),
+                                 layer.scaling[name])
         if route.mode == "grouped":
             names = route.names
             g = len(names)
             xs = x.reshape(g, -1, x.shape[-1])
+            a, b = _stacked(layer, names, xs.dtype, result.dtype)  # (G, in, r), scaling * B^T (G, r, out)
             if route.dropout and route.train_name == names[-1] and _p(layer, names[-1]):
+                # dropout on the trained adapter's slice only: its low-rank input is computed apart (no copy of
+                # the whole group's tokens)
                 p = layer.lora_dropout[names[-1]].p
-                xs = torch.cat([xs[:-1], nn.functional.dropout(xs[-1:], p, True)], 0)
-            a, b, scale = _stacked(layer, names, xs)  # (G, in, r), (G, r, out), scalar or (G, 1, 1)
-            delta = torch.bmm(torch.bmm(xs, a), b) * scale
-            return result + delta.reshape(result.shape).to(result.dtype)
+                last = nn.functional.dropout(xs[-1:], p, True) @ a[-1:]
+                h = torch.cat([torch.bmm(xs[:-1], a[:-1]), last], 0) if g > 1 else last
+            else:
+                h = torch.bmm(xs, a)  # (G, T, r)
+            return _add_low_rank(result.contiguous(), h, b)
         return result
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -6,8 +6,8 @@ A 3-way diversity head sees only the newest adapter's embedding (old class -> 0,
 Only the newest adapter and the two heads train.
 
 The published implementation runs the full backbone once per adapter. Here blocks before the first adapted one
-run once per image (the shared trunk) and, with ``one_pass``, all adapters share one batched pass after it;
-``one_pass=False`` keeps the sequential loop as the reference the fast path is tested against.
+run once per image (the shared trunk) and, with ``one_pass``, all adapters share one batched pass after it (on CPU
+in groups of at most ``cpu_group_rows`` rows, so the activations stay in cache); ``one_pass=False`` keeps the sequential loop as the reference the fast path is tested against.
 """
 
 from __future__ import annotations
@@ -18,6 +18,17 @@ from torch import nn
 from lorax.config import AdapterConfig
 from lorax.models.adapters import LoraAdapterSet
 from lorax.models.backbones import Backbone
+
+
+CPU_GROUP_ROWS = 4096
+
+
+def adapter_groups(names: list[str], rows_per_adapter: int, max_rows: int | None) -> list[list[str]]:
+    """``names`` split into consecutive groups of at most ``max_rows`` rows (at least one adapter per group)."""
+    if max_rows is None or len(names) * rows_per_adapter <= max_rows:
+        return [names]
+    size = max(1, max_rows // max(1, rows_per_adapter))
+    return [names[i:i + size] for i in range(0, len(names), size)]
 
 
 class LoRAXNet(nn.Module):
@@ -45,6 +56,9 @@ class LoRAXNet(nn.Module):
         self.head: nn.Linear | None = None
         self.div_head: nn.Linear | None = None
         self.one_pass = True
+        # Rows (images x tokens) of one grouped pass on CPU: a larger group spills the per-layer activations out of
+        # the cache and runs slower per image than the loop (measured: benchmarks/RESULTS.md). None = one group.
+        self.cpu_group_rows: int | None = CPU_GROUP_ROWS
 
     # -- structure ---------------------------------------------------------------------------------------------
     @property
@@ -118,11 +132,20 @@ class LoRAXNet(nn.Module):
         shared = [trunk[:, -n + 2 * i: trunk.shape[1] - n + 2 * i + 2].reshape(b, -1) for i in range(n // 2)]
         try:
             if one_pass and len(names) > 1:
-                route.mode, route.names = "grouped", names
-                rep = tokens.repeat(len(names), *([1] * (tokens.dim() - 1)))
-                levels = [s.repeat(len(names), 1) for s in shared]
-                out = bb.features(bb.run_blocks(rep, self.branch_block, levels=levels), levels)
-                return out.view(len(names), b, -1)
+                limit = self.cpu_group_rows if tokens.device.type == "cpu" else None
+                rows = tokens.shape[:-1].numel()  # images x tokens entering the adapted blocks
+                outs = []
+                for group in adapter_groups(names, rows, limit):
+                    if len(group) == 1:
+                        route.mode, route.name = "single", group[0]
+                        levels = list(shared)
+                        outs.append(bb.features(bb.run_blocks(tokens, self.branch_block, levels=levels), levels))
+                        continue
+                    route.mode, route.names = "grouped", group
+                    rep = tokens.repeat(len(group), *([1] * (tokens.dim() - 1)))
+                    levels = [s.repeat(len(group), 1) for s in shared]
+                    outs.append(bb.features(bb.run_blocks(rep, self.branch_block, levels=levels), levels))
+                return torch.cat(outs).view(len(names), b, -1)
             outs = []
             for name in names:
                 route.mode, route.name = "single", name

@@ -91,6 +91,26 @@ def test_one_pass_equals_sequential_loop_and_balance_loss():
     assert n_layers <= bal_seq.item() <= 3 * n_layers  # each layer's loss is in [1, N]
 
 
+def test_one_pass_split_into_groups_equals_the_loop():
+    """MoLE adapters through a grouped pass split into smaller groups (CPU row limit): same embeddings and balance
+    loss as the loop."""
+    net = _net()
+    for i, t in enumerate(["a", "b", "c"]):
+        net.add_task(t)
+        _perturb(net, t, i)
+    net.eval()
+    x = torch.randn(4, 3, 16, 16)
+    net.cpu_group_rows = 2 * net.trunk(x).shape[:-1].numel()  # groups [a, b] and [c]
+    with torch.no_grad():
+        seq = net.embeddings(x, one_pass=False)
+        bal_seq = net.adapters.balance_loss()
+        fast = net.embeddings(x, one_pass=True)
+        bal_fast = net.adapters.balance_loss()
+    torch.testing.assert_close(fast, seq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bal_fast, bal_seq)
+    assert (seq[1] - seq[2]).abs().max() > 1e-3
+
+
 def test_old_adapters_frozen_and_state_round_trip(tmp_path):
     from lorax.continual.state import load_state, save_state
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from lorax.models.backbones import create_backbone
-from lorax.models.lorax import LoRAXNet
+from lorax.models.adapters import _add_low_rank
+from lorax.models.lorax import LoRAXNet, adapter_groups
 from tests.conftest import tiny_params
 
 
 def _net(**ov) -> LoRAXNet:
-    p = tiny_params(adapter__dropout=0.0, **ov)
+    p = tiny_params(**{"adapter__dropout": 0.0, **ov})
     net = LoRAXNet(create_backbone(p.model), p.adapter)
     g = torch.Generator().manual_seed(0)
     for t in ("a", "b", "c"):
@@ -97,3 +98,94 @@ def test_batch_of_identical_rows_is_computed_once_with_the_same_result():
         if mode == "grouped":  # slice g went through adapter g
             assert (outs[0][0] - outs[0][n - 1]).abs().max() > 1e-4
     route.mode, route.name, route.names = "off", None, []
+
+
+def test_adapter_groups_split_by_rows():
+    assert adapter_groups(["a", "b", "c"], 100, None) == [["a", "b", "c"]]
+    assert adapter_groups(["a", "b", "c"], 100, 300) == [["a", "b", "c"]]
+    assert adapter_groups(["a", "b", "c", "d", "e"], 100, 250) == [["a", "b"], ["c", "d"], ["e"]]
+    assert adapter_groups(["a", "b"], 100, 50) == [["a"], ["b"]]  # one adapter per group at least
+
+
+def test_grouped_pass_split_into_groups_equals_the_loop():
+    """On CPU a large group runs in several smaller grouped passes (a group of one takes the single route): same
+    embeddings as one group and as the loop, and every adapter really ran (no group dropped or repeated)."""
+    net = _net().eval()
+    x = torch.randn(3, 3, 16, 16)
+    rows = net.trunk(x).shape[:-1].numel()
+    with torch.inference_mode():
+        seq = net.embeddings(x, one_pass=False)
+        net.cpu_group_rows = None
+        whole = net.embeddings(x, one_pass=True)
+        net.cpu_group_rows = 2 * rows  # groups [a, b] and [c]
+        split = net.embeddings(x, one_pass=True)
+        net.cpu_group_rows = rows  # three single passes
+        singles = net.embeddings(x, one_pass=True)
+    for out in (whole, split, singles):
+        torch.testing.assert_close(out, seq, rtol=1e-5, atol=1e-5)
+    assert min((seq[i] - seq[j]).abs().max() for i, j in ((0, 1), (1, 2), (0, 2))) > 1e-4
+
+
+def test_split_groups_training_gradients_equal_the_loop():
+    net = _net()
+    net.train()
+    x = torch.randn(3, 3, 16, 16)
+    net.cpu_group_rows = 2 * net.trunk(x).shape[:-1].numel()
+    grads = []
+    for one_pass in (True, False):
+        for p in net.trainable_parameters():
+            p.grad = None
+        logits, div = net.classify(net.embeddings(x, one_pass=one_pass))
+        (logits.square().mean() + div.square().mean()).backward()
+        grads.append([p.grad.clone() for p in net.adapters.parameters("c")])
+    assert all(g.abs().max() > 0 for g in grads[0][1::2])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_on_the_trained_adapter_only_same_as_the_loop():
+    """Training with adapter dropout: the grouped pass drops only the trained (last) adapter's input, with the same
+    masks as its own pass in the loop (same RNG draws), so embeddings and its gradients match the loop; the frozen
+    adapters stay deterministic."""
+    net = _net(adapter__dropout=0.5)
+    net.cpu_group_rows = None
+    net.train()
+    x = torch.randn(2, 3, 16, 16)
+    outs, grads = [], []
+    for one_pass in (True, False):
+        for p in net.trainable_parameters():
+            p.grad = None
+        torch.manual_seed(7)
+        emb = net.embeddings(x, one_pass=one_pass)
+        emb.square().sum().backward()
+        outs.append(emb.detach())
+        grads.append([p.grad.clone() for p in net.adapters.parameters("c")])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    net.eval()
+    with torch.no_grad():
+        clean = net.embeddings(x)
+    torch.testing.assert_close(outs[0][:2], clean[:2], rtol=1e-5, atol=1e-5)  # frozen adapters: no dropout
+    assert (outs[0][2] - clean[2]).abs().max() > 1e-4  # the trained one was dropped out
+
+
+def test_low_rank_add_in_place_only_without_autograd():
+    """The base output takes the low-rank sum in place without autograd; with autograd a new tensor is returned and
+    the gradient is that of ``result + scale * h @ b``."""
+    result, h, b = torch.randn(2, 5, 6), torch.randn(2, 5, 3), torch.randn(2, 3, 6)
+    want = result + 0.5 * torch.bmm(h, b)
+    with torch.no_grad():
+        r = result.clone()
+        out = _add_low_rank(r, h, b, 0.5)
+    assert out.data_ptr() == r.data_ptr()
+    torch.testing.assert_close(out, want)
+    hg = h.clone().requires_grad_(True)
+    r = result.clone()
+    out = _add_low_rank(r, hg, b, 0.5)
+    torch.testing.assert_close(r, result)  # untouched
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    torch.testing.assert_close(hg.grad, 0.5 * b.sum(-1).unsqueeze(1).expand(2, 5, 3))
+    flat = _add_low_rank(result.reshape(10, 6).clone(), h.reshape(10, 3), b[0], 2.0)  # single route: addmm
+    torch.testing.assert_close(flat, result.reshape(10, 6) + 2.0 * h.reshape(10, 3) @ b[0])
