@@ -59,14 +59,19 @@ def build_net(backbone: str, img_size: int, kwargs: dict, blocks: str, last_k: i
 
     logging.getLogger("lorax.models.backbones").setLevel(logging.ERROR)  # random-init warning: expected here
     bb = create_backbone(ModelConfig(backbone=backbone, img_size=img_size, kwargs=kwargs, pretrained=pretrained))
-    net = LoRAXNet(bb, AdapterConfig(r=r, alpha=0.25 * r, blocks=blocks, last_k=last_k))
+    net = add_random_adapters(LoRAXNet(bb, AdapterConfig(r=r, alpha=0.25 * r, blocks=blocks, last_k=last_k)), tasks)
+    return net.to(device).eval()
+
+
+def add_random_adapters(net: LoRAXNet, tasks: int) -> LoRAXNet:
+    """``tasks`` adapters whose B matrices are non-zero (a fresh LoRA's zero B would let a kernel skip work)."""
     g = torch.Generator().manual_seed(0)
     for t in range(tasks):
         net.add_task(f"t{t}")
         with torch.no_grad():
             for p in net.adapters.parameters(f"t{t}"):
                 p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return net.to(device).eval()
+    return net
 
 
 def _sync(device: torch.device) -> None:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import emit_json
+from benchmarks.superfeature import add_random_adapters
 from lorax.config import AdapterConfig, ModelConfig
 from lorax.continual.trunk_cache import TrunkCache, view_ids
 from lorax.models.backbones import create_backbone
@@ -46,14 +47,7 @@ MODES = ("floor", "step_all", "step_last_k", "step_cached", "pass_all", "pass_ca
 
 def build_net(cfg: ModelConfig, blocks: str, last_k: int, tasks: int, r: int) -> LoRAXNet:
     bb = create_backbone(cfg)
-    net = LoRAXNet(bb, AdapterConfig(r=r, alpha=0.25 * r, blocks=blocks, last_k=last_k))
-    g = torch.Generator().manual_seed(0)
-    for t in range(tasks):
-        net.add_task(f"t{t}")
-        with torch.no_grad():
-            for p in net.adapters.parameters(f"t{t}"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return net
+    return add_random_adapters(LoRAXNet(bb, AdapterConfig(r=r, alpha=0.25 * r, blocks=blocks, last_k=last_k)), tasks)
 
 
 def measure(args: argparse.Namespace) -> dict:
