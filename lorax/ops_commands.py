@@ -69,21 +69,13 @@ def _stream_add(args: argparse.Namespace) -> int:
 SHARE_FILES = ("dvc.lock", "params.yaml", "reports/registry", "reports/metrics.json", "reports/plots")
 
 
-def _git_untracked(root: Path, paths: tuple[str, ...]) -> list[str]:
-    """Those of ``paths`` that exist but git does not track (nothing when ``root`` is not a git work tree)."""
+def _untracked_by_git(root: Path, path: str) -> bool:
+    """``path`` exists in the git work tree ``root`` but git does not track it (False outside a git work tree)."""
     git = shutil.which("git")
-    existing = [p for p in paths if (root / p).exists()]
-    if git is None or not existing or not (root / ".git").exists():
-        return []
-    res = subprocess.run([git, "ls-files", "--error-unmatch", *existing], cwd=root, capture_output=True, text=True)
-    if res.returncode == 0:
-        return []
-    out = []
-    for p in existing:
-        one = subprocess.run([git, "ls-files", "--error-unmatch", p], cwd=root, capture_output=True, text=True)
-        if one.returncode != 0:
-            out.append(p)
-    return out
+    if git is None or not (root / path).exists() or not (root / ".git").exists():
+        return False
+    res = subprocess.run([git, "ls-files", "--error-unmatch", path], cwd=root, capture_output=True, text=True)
+    return res.returncode != 0
 
 
 def share_hint(root: Path) -> str:
@@ -122,8 +114,7 @@ def dvc_preview(root: str | Path, task: str | None = None) -> str:
             lines.append(f"besides {task}'s stages, {len(others)} other stage(s) are out of date ({', '.join(others[:6])}"
                          f"{' ...' if len(others) > 6 else ''}): a setting, a dataset or an output changed since "
                          "dvc.lock was written")
-    untracked = _git_untracked(root, ("dvc.lock",))
-    if untracked:
+    if _untracked_by_git(root, "dvc.lock"):
         lines.append("dvc.lock is not committed: a clone of this project would run every stage again; commit it "
                      f"with the outputs DVC leaves to git: git add {' '.join(SHARE_FILES)}")
     lines.append("run them with `dvc repro`")
