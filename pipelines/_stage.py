@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,9 @@ def run_stage(name: str, step: Callable[..., Any], *, task: bool = True, trackin
             from lorax.tracking.tracker import Tracker
 
             call.append(Tracker(params, args.root))
+        t0 = time.time()
         step(*call)
+        record_times(label, t0)
     except (ConfigError, TrackingUnavailable, FileNotFoundError, ValueError) as e:
         print(f"stage {label}: error: {e}", file=sys.stderr)
         return 2
@@ -62,6 +65,30 @@ def run_stage(name: str, step: Callable[..., Any], *, task: bool = True, trackin
         print(f"stage {label}: interrupted; re-run `dvc repro` to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def process_start() -> float:
+    """When this process started (epoch seconds; Linux /proc), so start-up cost is measured from exec, not import."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def record_times(label: str, step_start: float) -> None:
+    """``LORAX_STAGE_TIMES=FILE``: append one JSON line per stage (start-up before the step, the step's own work),
+    the measurement behind docs/results.md's start-up share of ``dvc repro``."""
+    path = os.environ.get("LORAX_STAGE_TIMES")
+    if not path:
+        return
+    import json
+
+    now = time.time()
+    with open(path, "a") as f:
+        f.write(json.dumps({"stage": label, "startup_s": round(step_start - process_start(), 3),
+                            "step_s": round(now - step_start, 3), "end": round(now, 3)}) + "\n")
 
 
 def exit_now(code: int) -> None:
