@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from lorax.config import ConfigError, Params, load_params, params_to_dict, parse_params
+from lorax.utils.io import read_json, write_json
+from lorax.continual.state import state_hash
 
 log = logging.getLogger(__name__)
 
@@ -113,33 +115,6 @@ class Layout:
         """Lock files live outside the project (DVC hashes state/ and reports/); one folder per project root."""
         key = hashlib.sha1(str(self.project).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / "lorax-locks" / key
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_json(path: str | Path, missing: str | None = None) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; {missing or 'run the step that writes it first'}")
-    return json.loads(path.read_text())
-
-
-def state_id(state_dir: str | Path) -> str:
-    """Content hash of a state directory (every file; ``state.json`` carries the save time, so a retrained
-    state never shares an id with an older one)."""
-    root = Path(state_dir)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def _state_info(state_dir: Path) -> dict[str, Any]:
@@ -309,7 +284,7 @@ def evaluate_step(params: Params, layout: Layout, task: str) -> dict[str, Any]:
     i = _index(params, task)
     tasks = params.tasks[: i + 1]
     state, out = layout.state(task), layout.eval(task)
-    sid = state_id(state) if state.is_dir() else None
+    sid = state_hash(state) if state.is_dir() else None
     if out.is_file() and sid is not None and read_json(out).get("state_id") == sid:
         log.info("task %s: evaluation %s is current; skipped", task, out)
         calibrate_openset(params, layout, task)  # a no-op when current
@@ -386,7 +361,7 @@ def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[st
     state = layout.state(task)
     info = _state_info(state)
     ev = read_json(layout.eval(task), f"evaluate task {task} first")
-    sid = state_id(state)
+    sid = state_hash(state)
     if ev.get("state_id") != sid:
         raise ValueError(f"{layout.eval(task)} evaluates another state than {state}; re-run the evaluate step")
     calibrate_openset(params, layout, task)

@@ -40,6 +40,7 @@ from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 from lorax import ops  # noqa: E402
 from lorax.config import Params, load_params  # noqa: E402
 from lorax.ops_commands import parse_every  # noqa: E402
+from lorax.continual.state import state_hash
 
 GPU_TAG = "gpu"
 TASK_LOCK_WAIT_S = 6 * 3600.0  # a second run for the same new task waits for the first, then finds it done
@@ -117,7 +118,7 @@ def base_task(params: Params, layout: ops.Layout, champion: dict[str, Any] | Non
         return str(ops.init_step(params, layout, _tracker(params, layout)))
     tasks = champion["tasks"]
     last = layout.state(tasks[-1])
-    if not (last.is_dir() and ops.state_id(last) == champion["state_id"]):
+    if not (last.is_dir() and state_hash(last) == champion["state_id"]):
         import shutil
         import tempfile
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from lorax.utils.io import atomic_path
 
 if TYPE_CHECKING:
     from lorax.config import Params
@@ -109,11 +109,9 @@ class EmbeddingStore:
 
         folder = self.root / key
         folder.mkdir(parents=True, exist_ok=True)
-        name = uuid.uuid4().hex
-        tmp = folder / f"{name}.tmp"
-        save_file({"ids": np.ascontiguousarray(ids, dtype=np.uint8), "emb": np.ascontiguousarray(emb, np.float32)},
-                  str(tmp))
-        os.replace(tmp, folder / f"{name}.safetensors")
+        with atomic_path(folder / f"{uuid.uuid4().hex}.safetensors") as tmp:
+            save_file({"ids": np.ascontiguousarray(ids, dtype=np.uint8),
+                       "emb": np.ascontiguousarray(emb, np.float32)}, str(tmp))
         entries = self._entries(key)
         for i, e in zip(ids, emb, strict=True):
             entries[i.tobytes()] = np.asarray(e, dtype=np.float32)

@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from lorax.utils.io import atomic_path
 
 __all__ = [
     "ExemplarMemory",
@@ -186,10 +187,8 @@ class ExemplarMemory:
     def save(self, path: str | Path) -> Path:
         """Write the table as parquet (atomic replace)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        self._rows.to_parquet(tmp, index=False)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            self._rows.to_parquet(tmp, index=False)
         return path
 
     @classmethod

@@ -17,9 +17,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lorax.config import Params, params_to_dict, parse_params
 
@@ -42,6 +40,20 @@ def read_info(state_dir: str | Path) -> dict[str, Any]:
     if info.get("format") != FORMAT:
         raise ValueError(f"{p}: state format {info.get('format')} not supported (expected {FORMAT})")
     return info
+
+
+def state_hash(state_dir: str | Path) -> str:
+    """Content hash of a state directory, every file (``state.json`` carries the save time, so a retrained state
+    never shares a hash with an older one). The one identity of a model: evaluations, open-set calibrations and
+    registered versions name the state they belong to by it."""
+    import hashlib
+
+    root = Path(state_dir)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def save_state(method, out_dir: str | Path, params: Params, extra: dict[str, Any] | None = None,

@@ -21,6 +21,7 @@ from lorax.continual import metrics as M
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.state import is_state, load_state, read_info
 from lorax.data.manifest import load_stream_manifests
+from lorax.utils.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,6 @@ def eval_path(out: Path, task: str) -> Path:
     return out / "eval" / f"{task}.json"
 
 
-def write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-    return path
 
 
 def run_task_steps(

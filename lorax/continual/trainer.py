@@ -41,6 +41,7 @@ from lorax.continual.trunk_cache import (
 )
 from lorax.data.dataset import ManifestDataset, Resample, SeededSampler
 from lorax.data.manifest import abs_paths, check_no_val_in_training, verify_files
+from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -314,20 +315,19 @@ def train_task(
             continue
         if callback is not None:
             callback(epoch + 1, row)
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "task": task,
-                "epoch": epoch,
-                "n_params": len(trainable),
-                "params": [p.detach().cpu() for p in trainable],
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": json.dumps(history_rows),
-            },
-            ckpt.with_suffix(".tmp"),
-        )
-        ckpt.with_suffix(".tmp").replace(ckpt)
+        with atomic_path(ckpt) as tmp:
+            torch.save(
+                {
+                    "task": task,
+                    "epoch": epoch,
+                    "n_params": len(trainable),
+                    "params": [p.detach().cpu() for p in trainable],
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": json.dumps(history_rows),
+                },
+                tmp,
+            )
 
     method.to("cpu").eval()
     info = {

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import struct
 import uuid
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +209,10 @@ class TrunkCache:
         if np.isfinite(t).all() and not np.isfinite(half).all():
             half = t.astype(np.float32)  # rare: a token beyond float16's range; keep it exact rather than inf
         ids = np.ascontiguousarray(ids, dtype=np.uint8)
-        name = uuid.uuid4().hex
-        tmp = self.dir / f"{name}.tmp"
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            save_file({"ids": ids, "tokens": np.ascontiguousarray(half)}, str(tmp),
-                      metadata={"sha256": _checksum(ids, half), "format": str(FORMAT)})
-            os.replace(tmp, self.dir / f"{name}.safetensors")
+            with atomic_path(self.dir / f"{uuid.uuid4().hex}.safetensors") as tmp:
+                save_file({"ids": ids, "tokens": np.ascontiguousarray(half)}, str(tmp),
+                          metadata={"sha256": _checksum(ids, half), "format": str(FORMAT)})
         except OSError as e:
             raise ValueError(f"train.trunk_cache_dir: cannot write the trunk cache under {self.dir.parent} "
                              f"({e.strerror or e}); point it at a writable folder or set train.trunk_cache: false"

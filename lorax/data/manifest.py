@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorax.data.images import BadImage, DataError, read_bytes
+from lorax.utils.io import atomic_path
 
 MANIFEST_COLUMNS = [
     "root",
@@ -209,13 +210,11 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"manifest for {path} lacks columns {missing}")
-    tmp = path.with_suffix(".parquet.tmp")
-    df[MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]].to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        df[MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]].to_parquet(tmp, index=False)
     return path
 
 

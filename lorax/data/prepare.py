@@ -49,6 +49,7 @@ from lorax.data.manifest import (
     read_manifest,
     write_manifest,
 )
+from lorax.utils.io import write_text
 
 __all__ = ["DataError", "PrepareResult", "prepare_task", "prepare_tasks", "quarantine_path", "VAL_SHARE"]
 
@@ -117,11 +118,6 @@ def _auto_workers(n_files: int) -> int:
     return 1 if n_files < 2000 else max(1, min(8, (os.cpu_count() or 1)))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _write_quarantine(path: Path, bad: dict[str, str]) -> None:
@@ -130,7 +126,7 @@ def _write_quarantine(path: Path, bad: dict[str, str]) -> None:
     w.writerow(["file", "reason"])
     for f in sorted(bad):
         w.writerow([f, bad[f]])
-    _atomic_write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def _hash_split(df: pd.DataFrame) -> pd.Series:

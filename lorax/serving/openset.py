@@ -20,7 +20,6 @@ files, so a calibration of another state is never used).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file, save_file
+from lorax.continual.state import state_hash
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,6 @@ def openset_dir(state_dir: str | Path) -> Path:
     """Where a state's calibration lives: a sibling ``<state_dir>.openset`` folder."""
     state_dir = Path(state_dir)
     return state_dir.parent / f"{state_dir.name}.openset"
-
-
-def state_fingerprint(state_dir: str | Path) -> str:
-    """Hash of ``state.json`` and the tensors: the calibration belongs to exactly this model."""
-    root = Path(state_dir)
-    h = hashlib.sha256()
-    files = [root / "state.json", *sorted((root / "tensors").rglob("*.safetensors"))]
-    for f in files:
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -264,7 +253,7 @@ def calibrate(predictor, manifests: dict[str, pd.DataFrame], max_per_class: int 
 def store_calibration(stats: OpenSetStats, state_dir: str | Path, manifests_dir: str | Path,
                       out_dir: str | Path | None = None) -> Path:
     """Stamp the calibration with the state's fingerprint and write it (default ``<state_dir>.openset``)."""
-    stats.meta.update(state_fingerprint=state_fingerprint(state_dir), manifests=str(Path(manifests_dir).resolve()))
+    stats.meta.update(state_fingerprint=state_hash(state_dir), manifests=str(Path(manifests_dir).resolve()))
     out = stats.save(out_dir or openset_dir(state_dir))
     log.info("open-set calibration of %s: threshold %.3f (%.0fth percentile of %d val scores) -> %s", state_dir,
              stats.threshold, 100 * stats.meta["quantile"], stats.meta["n_val"], out)
@@ -318,7 +307,7 @@ def load_openset(state_dir: str | Path, path: str | Path | None = None) -> OpenS
         return None
     stats = OpenSetStats.load(path)
     fp = stats.meta.get("state_fingerprint")
-    if fp and fp != state_fingerprint(state_dir):
+    if fp and fp != state_hash(state_dir):
         log.warning("%s: open-set calibration %s was made for another state (retrained since?); ignoring it; "
                     "re-run `lorax calibrate %s`", state_dir, path, state_dir)
         return None

@@ -39,6 +39,7 @@ from lorax.continual import metrics as M
 from lorax.continual.metrics import class_names
 from lorax.data.dataset import crop_boxes, to_tensor
 from lorax.data.images import BadImage, DataError, crop_image, open_image, special_kind, to_rgb_array
+from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -393,16 +394,14 @@ def check_output_path(out: str | Path) -> Path:
 def write_table(table: pd.DataFrame, out: str | Path) -> Path:
     """CSV, JSON (a list of records, NaN as null) or parquet by the file ending; written atomically."""
     out = check_output_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     suffix = out.suffix.lower()
-    if suffix == ".csv":
-        table.to_csv(tmp, index=False)
-    elif suffix == ".json":
-        tmp.write_text(json.dumps(records(table), indent=1))
-    else:
-        table.to_parquet(tmp, index=False)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        if suffix == ".csv":
+            table.to_csv(tmp, index=False)
+        elif suffix == ".json":
+            tmp.write_text(json.dumps(records(table), indent=1))
+        else:
+            table.to_parquet(tmp, index=False)
     return out
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from lorax.cli import main
 from lorax.serving.predict import COLUMNS
+from lorax.continual.state import state_hash
 
 MODEL = "models:/lorax-attributor@champion"
 SERVER_START_S = 180  # bounded wait for the server to answer /ping
@@ -33,7 +34,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def registry(stream, tmp_path_factory):
     """The stream's last state registered (with its open-set calibration) as champion in a sqlite store."""
-    from lorax import ops
     from lorax.tracking import registry as reg
     from lorax.tracking.tracker import Tracker
 
@@ -47,7 +47,7 @@ def registry(stream, tmp_path_factory):
     ev = json.loads((stream.out / "eval" / f"{params.tasks[-1]}.json").read_text())
     rec = reg.register(tracker, task=params.tasks[-1], tasks=params.tasks, state_dir=stream.state,
                        memory_path=stream.out / "memory" / f"{params.tasks[-1]}.parquet", eval_result=ev,
-                       run_id=run_id, state_id=ops.state_id(stream.state))
+                       run_id=run_id, state_id=state_hash(stream.state))
     assert "champion" in rec["aliases"]
     return uri
 
