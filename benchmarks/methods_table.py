@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from lorax.config import load_params
-from lorax.continual.commands import parse_overrides
-from lorax.continual.stream import run_stream
+from pipelines.cli.train import parse_overrides
+from pipelines.stream import run_stream
 from lorax.registry import METHODS
 import lorax.continual.methods  # noqa: F401  (registers the methods)
 

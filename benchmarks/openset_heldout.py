@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lorax.config import load_params
-from lorax.continual.commands import parse_overrides
+from pipelines.cli.train import parse_overrides
 
 KNOWN = ["deconv", "nnconv", "bilinconv"]
 HELD = ["pixshuf", "deconv3", "bicubconv"]
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from lorax.continual.stream import run_stream
+    from pipelines.stream import run_stream
     from lorax.data.manifest import load_stream_manifests, read_manifest
     from lorax.data.prepare import prepare_tasks
     from lorax.data.zoo import synth_tasks

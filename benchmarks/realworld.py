@@ -1,7 +1,7 @@
 """The real-image protocol of issue 14, one table: ``python -m benchmarks.realworld``.
 
 The six-task stream of ``../shared/data/realworld`` (biggan, stylegan2, ldif, glid3, dmin, disco) with
-``params.realworld.yaml``, through the library (:func:`lorax.continual.stream.run_stream`), for each method
+``params.realworld.yaml``, through the library (:func:`pipelines.stream.run_stream`), for each method
 (``continual.method``: lorax, joint, finetune, probe) and, for LoRAX, each exemplar budget (``--memory``; the other
 methods use the first). Every run is evaluated as is and under the resampling control (``eval.resample_control``,
 Lanczos 256 -> 240 px before cropping; switched on here if the settings file has it off), so a model that learned
@@ -78,11 +78,11 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 def run_one(params_path: str, overrides: dict[str, Any], manifests: Path, out: Path) -> dict[str, Any]:
     """One stream through the library; wall seconds recorded once (a reused run keeps its first time)."""
     from lorax.config import load_params
-    from lorax.continual.commands import prepare_missing
-    from lorax.continual.stream import run_stream
+    from pipelines.layout import Layout
+    from pipelines.stream import prepare_missing, run_stream
 
     params = load_params(params_path, overrides)
-    prepare_missing(params, manifests)
+    prepare_missing(params, Layout.run(params, out, manifests))
     wall = out / "wall.json"
     t0 = time.time()
     metrics = run_stream(params, manifests, out)
@@ -93,7 +93,7 @@ def run_one(params_path: str, overrides: dict[str, Any], manifests: Path, out: P
 
 def main(argv: list[str] | None = None) -> int:
     from lorax.config import load_params
-    from lorax.continual.commands import parse_overrides
+    from pipelines.cli.train import parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.realworld.yaml")

@@ -1,6 +1,6 @@
 """Shared driver of the DVC stage scripts (``python -m pipelines.<stage> [TASK]``).
 
-A stage script only parses its arguments and calls one step of :mod:`lorax.ops`; a settings, data or tracking
+A stage script only parses its arguments and calls one step of :mod:`pipelines.steps` (or :mod:`pipelines.publish`); a settings, data or tracking
 problem ends the stage with exit status 2 and a one-paragraph message instead of a traceback.
 """
 
@@ -42,8 +42,8 @@ def run_stage(name: str, step: Callable[..., Any], *, task: bool = True, trackin
     label = f"{name}@{args.task}" if task else name
 
     from lorax.config import ConfigError, load_params
-    from lorax.ops import Layout
-    from lorax.tracking.uri import TrackingUnavailable
+    from pipelines.layout import Layout
+    from pipelines.tracking.uri import TrackingUnavailable
 
     try:
         params = load_params(Path(args.root) / args.params)
@@ -52,7 +52,7 @@ def run_stage(name: str, step: Callable[..., Any], *, task: bool = True, trackin
         if task:
             call.append(args.task)
         if tracking:
-            from lorax.tracking.tracker import Tracker
+            from pipelines.tracking.tracker import Tracker
 
             call.append(Tracker(params, args.root))
         t0 = time.time()

@@ -1,4 +1,4 @@
-"""Prefect 3 flows: the second driver of the steps in :mod:`lorax.ops` (DVC is the first).
+"""Prefect 3 flows: the second driver of the steps in :mod:`pipelines.steps` and :mod:`pipelines.publish` (DVC is the first).
 
 * :func:`continual_flow` trains the whole stream of params.yaml (init, then per task synth -> prepare -> train ->
   select -> evaluate -> register, then the report).
@@ -9,7 +9,7 @@
 
 Where they work: the continual flow trains params.yaml's stream, the chain DVC trains, in the project's folders
 (either driver finishes what the other started). The new-generator and watch flows grow the champion's chain, which
-need not be params.yaml's, so they work in ``flows/`` (:meth:`lorax.ops.Layout.flows`, the same tree inside) and
+need not be params.yaml's, so they work in ``flows/`` (:meth:`lorax.Layout.flows`, the same tree inside) and
 never change an output of the DVC pipeline; images, the MLflow store and the embedding store are shared.
 
 Tasks exchange paths (and small dicts), never tensors. Training, selection and evaluation carry the ``gpu`` tag
@@ -31,16 +31,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lorax")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lorax,pipelines")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
-from lorax import ops  # noqa: E402
+from pipelines import publish, steps  # noqa: E402
+from pipelines.layout import INIT, Layout  # noqa: E402
+from pipelines.locks import file_lock  # noqa: E402
+from pipelines.stream_edit import stream_params  # noqa: E402
 from lorax.config import Params, load_params  # noqa: E402
-from lorax.ops_commands import parse_every  # noqa: E402
-from lorax.continual.state import state_hash
+from pipelines.cli.stream import parse_every  # noqa: E402
+from lorax.continual.state import state_hash  # noqa: E402
 
 GPU_TAG = "gpu"
 TASK_LOCK_WAIT_S = 6 * 3600.0  # a second run for the same new task waits for the first, then finds it done
@@ -49,73 +52,73 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 log = logging.getLogger(__name__)
 
 
-def _layout(params: Params, root: str) -> ops.Layout:
+def _layout(params: Params, root: str) -> Layout:
     """The project's layout, DVC's: the continual flow trains params.yaml's stream, the chain DVC trains."""
-    return ops.Layout.from_params(params, root)
+    return Layout.from_params(params, root)
 
 
-def _tracker(params: Params, layout: ops.Layout):
-    from lorax.tracking.tracker import Tracker
+def _tracker(params: Params, layout: Layout):
+    from pipelines.tracking.tracker import Tracker
 
     return Tracker(params, layout.project)
 
 
 # ------------------------------------------------------------------------------------------------ tasks
 @task(name="init", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def init_task(params: Params, layout: ops.Layout) -> str:
-    return str(ops.init_step(params, layout, _tracker(params, layout)))
+def init_task(params: Params, layout: Layout) -> str:
+    return str(steps.init_step(params, layout, _tracker(params, layout)))
 
 
 @task(name="synth", task_run_name="synth-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def synth_task(params: Params, layout: ops.Layout, name: str) -> str:
-    return str(ops.synth_step(params, layout, name))
+def synth_task(params: Params, layout: Layout, name: str) -> str:
+    return str(steps.synth_step(params, layout, name))
 
 
 @task(name="prepare", task_run_name="prepare-{name}", cache_policy=NO_CACHE)
-def prepare_task(params: Params, layout: ops.Layout, name: str) -> dict[str, Any]:
-    res = ops.prepare_step(params, layout, name)
+def prepare_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+    res = steps.prepare_step(params, layout, name)
     return {"manifest": str(res.manifest), "quarantine": str(res.quarantine), "bad": len(res.bad),
             "summary": res.summary()}
 
 
 @task(name="train", task_run_name="train-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=5)
-def train_task(params: Params, layout: ops.Layout, name: str) -> str:
-    return str(ops.train_step(params, layout, name, _tracker(params, layout)))
+def train_task(params: Params, layout: Layout, name: str) -> str:
+    return str(steps.train_step(params, layout, name, _tracker(params, layout)))
 
 
 @task(name="select", task_run_name="select-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=2)
-def select_task(params: Params, layout: ops.Layout, name: str) -> str:
-    return str(ops.select_step(params, layout, name))
+def select_task(params: Params, layout: Layout, name: str) -> str:
+    return str(steps.select_step(params, layout, name))
 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=2)
-def evaluate_task(params: Params, layout: ops.Layout, name: str) -> str:
-    ops.evaluate_step(params, layout, name)
+def evaluate_task(params: Params, layout: Layout, name: str) -> str:
+    steps.evaluate_step(params, layout, name)
     return str(layout.eval(name))
 
 
 @task(name="register", task_run_name="register-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def register_task(params: Params, layout: ops.Layout, name: str) -> dict[str, Any]:
-    rec = ops.register_step(params, layout, name, _tracker(params, layout))
+def register_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+    rec = publish.register_step(params, layout, name, _tracker(params, layout))
     return {k: rec[k] for k in ("version", "tasks", "aaf", "gate", "gate_reason", "aliases")}
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(params: Params, layout: ops.Layout) -> str:
-    ops.report_step(params, layout, _tracker(params, layout))
+def report_task(params: Params, layout: Layout) -> str:
+    publish.report_step(params, layout, _tracker(params, layout))
     return str(layout.metrics)
 
 
 @task(name="champion-base", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def base_task(params: Params, layout: ops.Layout, champion: dict[str, Any] | None) -> str:
+def base_task(params: Params, layout: Layout, champion: dict[str, Any] | None) -> str:
     """Make the champion's state, memory and manifests the local predecessor of the new task."""
-    from lorax.tracking.registry import download_version
+    from pipelines.tracking.model_registry import download_version
 
     if not champion:
-        return str(ops.init_step(params, layout, _tracker(params, layout)))
+        return str(steps.init_step(params, layout, _tracker(params, layout)))
     tasks = champion["tasks"]
     last = layout.state(tasks[-1])
     if not (last.is_dir() and state_hash(last) == champion["state_id"]):
@@ -133,7 +136,7 @@ def base_task(params: Params, layout: ops.Layout, champion: dict[str, Any] | Non
                 shutil.copyfile(memory, layout.memory(tasks[-1]))
     for t in tasks:  # evaluation needs every seen task's validation rows
         if not layout.manifest(t).is_file():
-            ops.prepare_step(params, layout, t)
+            steps.prepare_step(params, layout, t)
     return str(last)
 
 
@@ -162,15 +165,15 @@ def continual_flow(params_path: str = "params.yaml", root: str = ".", overrides:
 def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = ".",
                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Learn task folder ``name`` (under data.root) on top of the champion and register the result."""
-    from lorax.tracking import registry
+    from pipelines.tracking import model_registry as registry
 
     logger = get_run_logger()
-    if not _NAME.fullmatch(name) or name == ops.INIT:
+    if not _NAME.fullmatch(name) or name == INIT:
         raise ValueError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init')")
     params0 = load_params(Path(root) / params_path, overrides)
-    layout = ops.Layout.flows(params0, root)  # the champion's chain: outside DVC's outputs
+    layout = Layout.flows(params0, root)  # the champion's chain: outside DVC's outputs
     tracker = _tracker(params0, layout)
-    with ops.file_lock(layout.locks / f"task-{name}.lock", blocking=True, timeout=TASK_LOCK_WAIT_S) as held:
+    with file_lock(layout.locks / f"task-{name}.lock", blocking=True, timeout=TASK_LOCK_WAIT_S) as held:
         if not held:
             raise TimeoutError(f"task {name}: another run held its lock for {TASK_LOCK_WAIT_S:.0f}s")
         model = params0.tracking.registered_model
@@ -179,7 +182,7 @@ def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = 
         if name in base:
             logger.info("%s is already learned by the champion v%s; nothing to do", name, champ["version"])
             return {"task": name, "skipped": "in champion", "version": champ["version"]}
-        params = ops.stream_params(params0, base + [name])
+        params = stream_params(params0, base + [name])
         logger.info("learning %s on top of %s in %s", name,
                     f"champion v{champ['version']} ({base})" if champ else "nothing (no champion yet)", layout.root)
         base_task(params, layout, champ)
@@ -199,7 +202,7 @@ def new_tasks(params: Params, root: str, champion_tasks: list[str], versions: li
     n = len(champion_tasks)
     tried = {t for v in versions if v["tasks"][:n] == champion_tasks for t in v["tasks"][n:]}
     found = list_tasks(_layout(params, root).data_root)
-    return [t for t in found if t not in champion_tasks and t not in tried and _NAME.fullmatch(t) and t != ops.INIT]
+    return [t for t in found if t not in champion_tasks and t not in tried and _NAME.fullmatch(t) and t != INIT]
 
 
 @task(name="scan-inbox", cache_policy=NO_CACHE, tags=[GPU_TAG])
@@ -228,14 +231,14 @@ def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dic
 
     With ``inbox`` (a folder of unlabelled images), the champion then scans it and reports candidate new
     generators (``lorax scan``)."""
-    from lorax.tracking import registry
+    from pipelines.tracking import model_registry as registry
 
     logger = get_run_logger()
     params = load_params(Path(root) / params_path, overrides)
-    layout = ops.Layout.flows(params, root)
+    layout = Layout.flows(params, root)
     tracker = _tracker(params, layout)
     model = params.tracking.registered_model
-    with ops.file_lock(layout.locks / "watch.lock") as held:
+    with file_lock(layout.locks / "watch.lock") as held:
         if not held:
             logger.info("another watch run is in progress for %s; this one does nothing", Path(root).resolve())
             return {"skipped": "another watch run holds the lock", "trained": []}

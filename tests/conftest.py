@@ -126,7 +126,7 @@ class Stream:
 
 @pytest.fixture(scope="session")
 def stream(tmp_path_factory) -> Stream:
-    from lorax.continual.stream import run_stream
+    from pipelines.stream import run_stream
     from lorax.data.prepare import prepare_tasks
     from lorax.data.zoo import synth_tasks
     from lorax.serving.openset import calibrate_state

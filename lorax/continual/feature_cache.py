@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lorax.continual.ddp import DistContext
+from lorax.continual.distributed import DistContext
 from lorax.data.dataset import ManifestDataset
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorax.config import Params
-from lorax.continual import ddp
+from lorax.continual import distributed
 from lorax.continual import metrics as M
 from lorax.continual.embedding_store import EmbeddingStore, adapter_key, image_ids
 from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cache
@@ -111,12 +111,12 @@ def _dataset(df: pd.DataFrame, method: Method, params: Params, train: bool, seed
 
 
 def _loader(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int, batch_size: int | None = None,
-            ctx: ddp.DistContext | None = None, cache: FrozenFeatureCache | None = None,
+            ctx: distributed.DistContext | None = None, cache: FrozenFeatureCache | None = None,
             device: torch.device | None = None, n_crops: int = 1,
             resample: Resample | None = None) -> torch.utils.data.DataLoader:
     """Batches of ``(images, class_ids, rows)`` (``cache``: cache slots instead of rows); same batches and crops
     as ``make_loader(seed=seed)``, whatever ``num_workers``; under DDP this rank's share of each global batch."""
-    ctx = ctx or ddp.DistContext()
+    ctx = ctx or distributed.DistContext()
     ds = _dataset(df, method, params, train, seed, n_crops, resample)
     gen = torch.Generator().manual_seed(seed)
     if cache is not None:
@@ -126,7 +126,7 @@ def _loader(df: pd.DataFrame, method: Method, params: Params, train: bool, seed:
     bs = batch_size or (params.train.batch_size if train else params.eval.batch_size)
     workers = params.train.num_workers
     return torch.utils.data.DataLoader(
-        ds, batch_sampler=ddp.ShardedBatchSampler(sampler, bs, ctx.rank, ctx.world), num_workers=workers,
+        ds, batch_sampler=distributed.ShardedBatchSampler(sampler, bs, ctx.rank, ctx.world), num_workers=workers,
         generator=gen, persistent_workers=workers > 0, pin_memory=device is not None and device.type == "cuda",
     )
 
@@ -155,7 +155,7 @@ def training_rows(method: Method, task_df: pd.DataFrame, memory: ExemplarMemory 
 
 def _training_tokens(trunk: TrunkCache, method: Method, rows: pd.DataFrame, base: ManifestDataset,
                      slots: FrozenFeatureCache, params: Params, device: torch.device,
-                     ctx: ddp.DistContext) -> TokenSlotDataset:
+                     ctx: distributed.DistContext) -> TokenSlotDataset:
     """The slots' trunk tokens: the missing ones computed (ranks split them) and stored; rows whose every crop was
     found are not decoded, so their files are checked against the manifest here."""
     ids = train_ids(base, rows, slots.seeds)
@@ -179,7 +179,7 @@ def _training_tokens(trunk: TrunkCache, method: Method, rows: pd.DataFrame, base
     return TokenSlotDataset(trunk, ids, rows["class_id"].to_numpy(dtype=np.int64))
 
 
-def _epoch_loader(rows: pd.DataFrame, method: Method, params: Params, seed: int, ctx: ddp.DistContext,
+def _epoch_loader(rows: pd.DataFrame, method: Method, params: Params, seed: int, ctx: distributed.DistContext,
                   cache: FrozenFeatureCache | None, tokens: TokenSlotDataset | None,
                   device: torch.device) -> torch.utils.data.DataLoader:
     """One epoch's batches: cached trunk tokens per slot, or images (fixed crops per slot with ``cache``)."""
@@ -188,7 +188,7 @@ def _epoch_loader(rows: pd.DataFrame, method: Method, params: Params, seed: int,
     gen = torch.Generator().manual_seed(seed)
     workers = params.train.num_workers
     return torch.utils.data.DataLoader(
-        tokens, batch_sampler=ddp.ShardedBatchSampler(cache.sampler(gen), params.train.batch_size, ctx.rank,
+        tokens, batch_sampler=distributed.ShardedBatchSampler(cache.sampler(gen), params.train.batch_size, ctx.rank,
                                                       ctx.world),
         num_workers=workers, generator=gen, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
 
@@ -215,7 +215,7 @@ def train_task(
     """
     out_dir = Path(out_dir)
     task = str(task_manifest["task"].iloc[0])
-    ctx = ddp.context()  # torchrun: one process per device, each a share of every batch
+    ctx = distributed.context()  # torchrun: one process per device, each a share of every batch
     device = ctx.device or resolve_device(params.train.device)
     t0 = time.time()
     if previous_state is not None:

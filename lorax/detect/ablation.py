@@ -457,7 +457,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from lorax.config import load_params
-    from lorax.continual.commands import parse_overrides
+    from pipelines.cli.train import parse_overrides
 
     params = load_params(args.params, parse_overrides(args.set))
     tables = ablation_grid(params, groups=_csv(args.groups), methods=_csv(args.methods), where=_csv(args.where),
@@ -474,7 +474,7 @@ def run_command(args: argparse.Namespace) -> int:
         extra[name.strip()] = Path(folder.strip())
     tracker = None
     if args.track:
-        from lorax.tracking.tracker import Tracker
+        from pipelines.tracking.tracker import Tracker
 
         tracker = Tracker(params)
     train_tasks = _csv(args.train_tasks)

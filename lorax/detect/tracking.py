@@ -6,7 +6,7 @@ run), per-epoch figures (loss, bce, balance, router share, val AP) as step metri
 (``map``, ``mean_acc``, ``threshold``, ``ap.<generator>``, ``acc.<generator>``, ``<set>.map`` for test-only sets),
 the robustness curves as ``robust_blur_map`` / ``robust_jpeg_map`` over the perturbation strength, and artifacts:
 ``metrics.json``, ``robustness.png``, the per-generator and robustness tables, the ``detector.safetensors``
-checkpoint. Only :class:`~lorax.tracking.tracker.Tracker` calls are used, so any tracking store the stream uses works.
+checkpoint. Only :class:`~pipelines.tracking.tracker.Tracker` calls are used, so any tracking store the stream uses works.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _safe(name: str) -> str:
 
 def detect_experiment(params: Params) -> str:
     """The detector runs' experiment: the scenario's experiment name + ``-detect``."""
-    from lorax.tracking.tracker import experiment_name
+    from pipelines.tracking.tracker import experiment_name
 
     return f"{experiment_name(params)}-detect"
 
@@ -102,8 +102,8 @@ def tracked_run_detect(
     if tracker is None:
         return run_detect(params, manifests_dir, out_dir, method=method, train_tasks=train_tasks,
                           extra_eval=extra_eval)
-    from lorax.tracking.env import environment_tags
-    from lorax.tracking.tracker import run_params
+    from pipelines.tracking.env import environment_tags
+    from pipelines.tracking.tracker import run_params
 
     resolved = detect_params(params)
     if tracker.experiment != detect_experiment(params):  # this tracker now logs to the detector experiment

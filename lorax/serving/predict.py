@@ -438,7 +438,7 @@ def from_model_folder(folder: str | Path, source: str = "") -> ResolvedModel:
     arts = (spec.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}
     if "state" not in arts:
         raise ServingError(f"{source or folder}: an MLflow model without a lorax state artifact; it was not "
-                           "saved by lorax (lorax.serving.pyfunc.save_attributor)")
+                           "saved by lorax (pipelines.serving.pyfunc.save_attributor)")
     state = folder / arts["state"]["path"]
     openset = folder / arts["openset"]["path"] if "openset" in arts else None
     return ResolvedModel(state, openset, source or str(folder))
@@ -478,7 +478,7 @@ def cache_root() -> Path:
 
 
 def _registry_uri(params_path: str | Path | None, model: str) -> str:
-    from lorax.tracking.uri import TrackingUnavailable, check_reachable
+    from pipelines.tracking.uri import TrackingUnavailable, check_reachable
 
     cfg = tracking_config(params_path)
     root = Path(params_path).resolve().parent if params_path is not None and Path(params_path).is_file() else Path(".")

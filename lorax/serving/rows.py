@@ -1,6 +1,6 @@
 """One value of a scoring request -> image bytes or that row's error, without trusting the caller.
 
-The served model (:mod:`lorax.serving.pyfunc`) answers whoever can reach its port, so a value it receives is data,
+The served model (:mod:`pipelines.serving.pyfunc`) answers whoever can reach its port, so a value it receives is data,
 never an instruction to read the server's files: bytes and base64 text of an image always work; a file path is read
 only when the operator allowed a root folder (:data:`ENV_ROOT`, or ``image_root`` saved with the model; the caller
 cannot set it), and only when it resolves (``..``, symlinks) to a regular file inside that root. With no root a path

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from lorax.config import set_by_path
-from lorax.continual.ddp import DistContext, ShardedBatchSampler
+from lorax.continual.distributed import DistContext, ShardedBatchSampler
 from lorax.continual.methods import build_method
 from lorax.continual.trainer import _loader
 from lorax.data.dataset import SeededSampler, make_loader
@@ -98,7 +98,7 @@ def test_two_gloo_processes_match_one_process(zoo):
     import pandas as pd
 
     from lorax.continual.state import read_info
-    from lorax.continual.stream import run_stream
+    from pipelines.stream import run_stream
 
     root, params = zoo
     one = run_stream(params, params.data.manifests, root / "one")

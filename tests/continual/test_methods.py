@@ -16,7 +16,7 @@ from lorax.continual import trainer
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.methods import build_method
 from lorax.continual.state import load_state, load_tensor_groups
-from lorax.continual.stream import run_stream, state_dir
+from pipelines.stream import run_stream
 from lorax.continual.trainer import training_rows
 from lorax.models.backbones import create_backbone
 from lorax.registry import METHODS
@@ -170,7 +170,7 @@ def test_training_rows(zoo, name):
 
 def test_der_adds_a_frozen_backbone_per_task(zoo):
     params, out, _ = _stream(zoo, "der")
-    s0, s1 = (state_dir(out, t) for t in params.tasks)
+    s0, s1 = ((out / "state" / t) for t in params.tasks)
     g0, g1 = load_tensor_groups(s0), load_tensor_groups(s1)
     assert sorted(k for k in g1 if k.startswith("backbones/")) == [f"backbones/{t}" for t in params.tasks]
     old = f"backbones/{params.tasks[0]}"
@@ -184,5 +184,5 @@ def test_der_adds_a_frozen_backbone_per_task(zoo):
 @pytest.mark.parametrize("name", ["finetune", "joint"])
 def test_full_backbone_methods_save_their_trained_backbone(zoo, name):
     params, out, _ = _stream(zoo, name)
-    g0, g1 = (load_tensor_groups(state_dir(out, t)) for t in params.tasks)
+    g0, g1 = (load_tensor_groups((out / "state" / t)) for t in params.tasks)
     assert any(not torch.equal(v, g1["backbone"][k]) for k, v in g0["backbone"].items())

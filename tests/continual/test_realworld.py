@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from lorax.cli import main
+from pipelines.cli import main
 from lorax.config import load_params
 from tests.conftest import PARAMS_YAML, REALWORLD, REPO, TINY_OVERRIDES
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorax.cli import main
+from pipelines.cli import main
 from lorax.config import params_to_dict
 from tests.conftest import tiny_params
 

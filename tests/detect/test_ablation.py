@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lorax.cli import main
+from pipelines.cli import main
 from lorax.detect.ablation import Variant, ablation_grid, parse_blocks, parse_rank_set, run_ablation
 from lorax.detect.runner import detect_params
 from tests.conftest import PARAMS_YAML, REPO, tiny_cli_sets, tiny_params
@@ -132,8 +132,8 @@ def test_detect_step_logs_one_mlflow_run(zoo: Path, tmp_path: Path, monkeypatch:
     from mlflow import MlflowClient
 
     from lorax.detect.tracking import detect_step
-    from lorax.ops import Layout
-    from lorax.tracking.tracker import Tracker
+    from pipelines.layout import Layout
+    from pipelines.tracking.tracker import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "project"

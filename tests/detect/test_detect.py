@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lorax.cli import main
+from pipelines.cli import main
 from lorax.data.manifest import read_manifest
 from lorax.detect.detector import build_detector, load_detector
 from lorax.models.backbones import create_backbone

@@ -285,7 +285,7 @@ def test_open_clip_visual_extraction(tmp_path: Path) -> None:
 
 
 def test_cli_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lorax.cli import main
+    from pipelines.cli import main
 
     d = tmp_path / "ckpts"
     d.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorax.ops_commands import parse_every
+from pipelines.cli.stream import parse_every
 from tests.pipelines.conftest import REPO
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lorax.ops import append_to_stream
-from lorax.ops_commands import SHARE_FILES
+from pipelines.stream_edit import append_to_stream
+from pipelines.cli.stream import SHARE_FILES
 from tests.pipelines.conftest import BIN, dvc, dvc_project, stages_ran, tool_env
 
 pytestmark = pytest.mark.slow
@@ -50,8 +50,8 @@ def test_first_run(repo: Path) -> None:
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     # the keys of `lorax train`'s metrics.json
     from lorax.config import load_params
-    from lorax.continual.stream import summarize_stream
-    from lorax.ops import Layout
+    from lorax.continual.summary import summarize_stream
+    from pipelines.layout import Layout
 
     params = load_params(repo / "params.yaml")
     lay = Layout.from_params(params, repo)

@@ -27,8 +27,8 @@ def project(tmp_path_factory) -> Path:
 
 
 def _versions(root: Path) -> list[dict]:
-    from lorax.tracking.registry import list_versions
-    from lorax.tracking.tracker import Tracker
+    from pipelines.tracking.model_registry import list_versions
+    from pipelines.tracking.tracker import Tracker
 
     params = load_params(root / "params.yaml")
     return list_versions(Tracker(params, root).client, params.tracking.registered_model)
@@ -117,8 +117,8 @@ def test_two_watch_runs_learn_each_new_folder_once(prefect_api, project: Path) -
 
 def test_new_generator_flow_skips_a_task_the_champion_knows(prefect_api, project: Path) -> None:
     from pipelines.flows import new_generator_flow
-    from lorax.tracking.registry import champion
-    from lorax.tracking.tracker import Tracker
+    from pipelines.tracking.model_registry import champion
+    from pipelines.tracking.tracker import Tracker
 
     params = load_params(project / "params.yaml")
     champ = champion(Tracker(params, project).client, params.tracking.registered_model)

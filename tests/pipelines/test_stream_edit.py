@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lorax.cli import main
+from pipelines.cli import main
 from lorax.config import ConfigError, load_params
-from lorax.ops import append_to_stream
+from pipelines.stream_edit import append_to_stream
 from tests.pipelines.conftest import REPO
 
 

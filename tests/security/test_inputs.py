@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lorax.cli import main
+from pipelines.cli import main
 from lorax.data.images import BadImage, open_image
 from lorax.serving.predict import Refused, collect_inputs
 from lorax.serving.scan import scan_inbox
@@ -90,7 +90,7 @@ def test_fifos_by_name_and_in_a_folder_do_not_hang(stream, tmp_path: Path) -> No
     fifo = tmp_path / "named.png"
     os.mkfifo(fifo)
     out = tmp_path / "p.csv"
-    res = subprocess.run([sys.executable, "-m", "lorax.cli", "predict", str(fifo), str(inbox), "--model",
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", str(fifo), str(inbox), "--model",
                           str(stream.state), "--out", str(out), "--no-openset"], capture_output=True, text=True,
                          cwd=tmp_path, env=tool_env(), timeout=HANG_S, check=False)
     assert res.returncode == 0, res.stderr

@@ -257,7 +257,7 @@ def test_open_set_calibration_checks_every_image(predictor, tmp_path: Path) -> N
 
 def test_lorax_train_prints_one_line_naming_the_row(zoo, tmp_path: Path, capsys) -> None:
     """What a user of `lorax train` sees for an edited manifest: exit 2 and one line, no traceback."""
-    from lorax.cli import main
+    from pipelines.cli import main
 
     params, df = zoo
     params_file = tmp_path / "params.yaml"

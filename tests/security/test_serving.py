@@ -145,7 +145,7 @@ def test_saved_root_env_override_and_mixed_batch_in_process(stream, tree, tmp_pa
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    from lorax.serving.pyfunc import save_attributor
+    from pipelines.serving.pyfunc import save_attributor
 
     image = stream.val_images("deconv")[0]
     shutil.copy(image, tree["root"] / "val.png")

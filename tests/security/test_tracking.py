@@ -21,7 +21,7 @@ from typing import ClassVar
 import pytest
 
 from lorax.config import TrackingConfig, load_params
-from lorax.tracking.uri import PROBE, TrackingUnavailable, check_reachable
+from pipelines.tracking.uri import PROBE, TrackingUnavailable, check_reachable
 from tests.pipelines.conftest import BIN, tool_env, write_project
 
 SERVER_START_S = 120  # bounded wait for a real server to answer

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.covariance import LedoitWolf
 
-from lorax.cli import main
+from pipelines.cli import main
 from lorax.serving.openset import (
     CalibrationError,
     OpenSetStats,

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lorax.cli import main
+from pipelines.cli import main
 from lorax.serving.predict import COLUMNS, Predictor, ServingError, collect_inputs, write_table
 
 

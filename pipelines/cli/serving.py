@@ -161,7 +161,7 @@ def _find_metrics(state: Path) -> dict:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from lorax.serving.card import write_model_card
+    from pipelines.serving.card import write_model_card
 
     state = Path(args.state)
     if args.metrics:

@@ -21,9 +21,9 @@ def _list(args: argparse.Namespace) -> int:
     import sys
 
     from lorax.config import load_params
-    from lorax.tracking.registry import list_versions
-    from lorax.tracking.tracker import Tracker
-    from lorax.tracking.uri import TrackingUnavailable
+    from pipelines.tracking.model_registry import list_versions
+    from pipelines.tracking.tracker import Tracker
+    from pipelines.tracking.uri import TrackingUnavailable
 
     params = load_params(Path(args.root) / args.params)
     try:

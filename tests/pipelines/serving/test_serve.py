@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lorax.cli import main
+from pipelines.cli import main
 from lorax.serving.predict import COLUMNS
 from lorax.continual.state import state_hash
 
@@ -34,8 +34,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def registry(stream, tmp_path_factory):
     """The stream's last state registered (with its open-set calibration) as champion in a sqlite store."""
-    from lorax.tracking import registry as reg
-    from lorax.tracking.tracker import Tracker
+    from pipelines.tracking import model_registry as reg
+    from pipelines.tracking.tracker import Tracker
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -162,7 +162,7 @@ def test_saving_the_model_prints_no_signature_warning_and_it_loads(stream, tmp_p
 
     import mlflow.pyfunc
 
-    from lorax.serving.pyfunc import save_attributor
+    from pipelines.serving.pyfunc import save_attributor
 
     records: list[str] = []
 

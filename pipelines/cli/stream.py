@@ -1,6 +1,6 @@
 """``lorax stream add``, ``lorax schedule`` and ``lorax demo``: the operational entry points.
 
-The library does not import DVC or Prefect; ``demo`` and ``schedule`` run them as subprocesses
+Nothing here imports DVC or Prefect; ``demo`` and ``schedule`` run them as subprocesses
 (``dvc repro``, ``python -m pipelines.flows serve``) with this interpreter's ``bin/`` first on PATH, so the DVC
 stages' ``python`` is the project's.
 """
@@ -54,7 +54,7 @@ def _tool(name: str) -> str:
 
 
 def _stream_add(args: argparse.Namespace) -> int:
-    from lorax.ops import append_to_stream
+    from pipelines.stream_edit import append_to_stream
 
     if bool(args.name) == bool(args.next):
         raise ValueError("give a task name or --next (not both)")
@@ -169,13 +169,13 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\n`dvc repro` finished in {minutes:.1f} min\n")
     metrics_path = root / "reports" / "metrics.json"
     if metrics_path.is_file():
-        from lorax.continual.stream import format_matrix
+        from lorax.continual.summary import format_matrix
 
         print(format_matrix(json.loads(metrics_path.read_text())))
         print()
-    subprocess.call([sys.executable, "-m", "lorax.cli", "models", "list"], env=env)
+    subprocess.call([sys.executable, "-m", "pipelines.cli", "models", "list"], env=env)
     from lorax.config import load_params
-    from lorax.tracking.uri import resolve_tracking_uri
+    from pipelines.tracking.uri import resolve_tracking_uri
 
     uri = resolve_tracking_uri(load_params("params.yaml").tracking, root)
     if uri == f"sqlite:///{root / 'mlflow.db'}":

@@ -37,7 +37,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _detect(args: argparse.Namespace) -> int:
     from lorax.config import load_params
-    from lorax.continual.commands import parse_overrides
+    from pipelines.cli.train import parse_overrides
     from lorax.detect.runner import run_detect
 
     overrides = parse_overrides(args.set)
@@ -58,8 +58,8 @@ def _detect(args: argparse.Namespace) -> int:
     manifests = Path(args.manifests or params.data.manifests)
     if args.track:
         from lorax.detect.tracking import tracked_run_detect
-        from lorax.tracking.tracker import Tracker
-        from lorax.tracking.uri import TrackingUnavailable
+        from pipelines.tracking.tracker import Tracker
+        from pipelines.tracking.uri import TrackingUnavailable
 
         try:
             tracker = Tracker(params)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lorax.config import Params, flatten, params_to_dict
-from lorax.tracking.env import environment_tags
-from lorax.tracking.uri import TrackingUnavailable, artifact_location, check_reachable
+from pipelines.tracking.env import environment_tags
+from pipelines.tracking.uri import TrackingUnavailable, artifact_location, check_reachable
 
 log = logging.getLogger(__name__)
 

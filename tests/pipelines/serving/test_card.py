@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorax.cli import main
-from lorax.serving.card import write_model_card
+from pipelines.cli import main
+from pipelines.serving.card import write_model_card
 
 
 def _metrics(stream) -> dict:

@@ -1,6 +1,6 @@
 """The model registry: a version of ``lorax-attributor`` after every task, and the ``champion`` alias behind a gate.
 
-Each version is a pyfunc model (:mod:`lorax.serving.pyfunc`) logged in the task's run, tagged with the scenario,
+Each version is a pyfunc model (:mod:`pipelines.serving.pyfunc`) logged in the task's run, tagged with the scenario,
 its tasks, its accuracies and the result of the quality gate. ``champion`` moves to a new version only when the
 gate passes against the current champion:
 
@@ -137,7 +137,7 @@ def register(
     state_id: str,
 ) -> dict[str, Any]:
     """Log the pyfunc model in ``run_id``, register it as a new version, run the gate, move ``champion``."""
-    from lorax.serving.pyfunc import save_attributor
+    from pipelines.serving.pyfunc import save_attributor
 
     client, cfg = tracker.client, tracker.params.tracking
     name = cfg.registered_model
@@ -187,7 +187,7 @@ def _write_card(state_dir: str | Path, eval_result: dict[str, Any], tasks: list[
 
     A card that cannot be drawn (e.g. evaluations of earlier tasks missing) is logged, never a failed registration.
     """
-    from lorax.serving.card import write_model_card
+    from pipelines.serving.card import write_model_card
 
     try:
         write_model_card(state_dir, {**eval_result, "tasks": tasks}, out)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lorax.config import TrackingConfig
-from lorax.tracking.uri import TrackingUnavailable, check_reachable, resolve_tracking_uri
+from pipelines.tracking.uri import TrackingUnavailable, check_reachable, resolve_tracking_uri
 from tests.pipelines.conftest import tool_env, write_project
 
 

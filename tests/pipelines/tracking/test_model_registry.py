@@ -11,11 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lorax import ops
-from lorax.cli import main
+from pipelines import publish, steps
+from pipelines.layout import Layout
+from pipelines.cli import main
 from lorax.config import GateConfig, load_params
-from lorax.tracking import registry
-from lorax.tracking.registry import quality_gate
+from pipelines.tracking import model_registry as registry
+from pipelines.tracking.model_registry import quality_gate
 from tests.pipelines.conftest import write_project
 
 GATE = GateConfig(aaf_tolerance=2.0, max_task_drop=10.0)
@@ -36,24 +37,24 @@ def test_gate_rules() -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """Two tiny tasks trained through the pipeline steps, tracked in a sqlite store in the project."""
-    from lorax.tracking.tracker import Tracker
+    from pipelines.tracking.tracker import Tracker
 
     root = write_project(tmp_path_factory.mktemp("registry"), ["deconv", "nnconv"], train__epochs=2)
     params = load_params(root / "params.yaml")
-    layout = ops.Layout.from_params(params, root)
+    layout = Layout.from_params(params, root)
     tracker = Tracker(params, root)
-    ops.init_step(params, layout, tracker)
+    steps.init_step(params, layout, tracker)
     for t in params.tasks:
-        ops.synth_step(params, layout, t)
-        ops.prepare_step(params, layout, t)
-        ops.train_step(params, layout, t, tracker)
-        ops.select_step(params, layout, t)
-        ops.evaluate_step(params, layout, t)
+        steps.synth_step(params, layout, t)
+        steps.prepare_step(params, layout, t)
+        steps.train_step(params, layout, t, tracker)
+        steps.select_step(params, layout, t)
+        steps.evaluate_step(params, layout, t)
     return root, params, layout, tracker
 
 
 def _tracker_for(project, model: str):
-    from lorax.tracking.tracker import Tracker
+    from pipelines.tracking.tracker import Tracker
 
     root, params, *_ = project
     p = params.model_copy(deep=True)
@@ -104,7 +105,7 @@ def test_versions_gate_and_champion(project) -> None:
 def test_register_step_and_models_list_json(project, capsys, monkeypatch) -> None:
     root, params, layout, tracker = project
     for t in params.tasks:
-        rec = ops.register_step(params, layout, t, tracker)
+        rec = publish.register_step(params, layout, t, tracker)
         assert json.loads(layout.registry(t).read_text())["version"] == rec["version"]
     run = tracker.client.get_run(rec["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["lorax.model_version"] == str(rec["version"])
@@ -132,7 +133,7 @@ def test_each_version_carries_its_model_card_and_openset_calibration(project, tm
 
     root, params, layout, tracker = project
     for t in params.tasks:
-        rec = ops.register_step(params, layout, t, tracker)
+        rec = publish.register_step(params, layout, t, tracker)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=rec["source"], dst_path=str(tmp_path)))
     md = (local / "card" / "model_card.md").read_text()
     assert f"after task `{params.tasks[-1]}` ({len(params.tasks)} tasks)" in md

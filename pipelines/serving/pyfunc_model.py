@@ -1,4 +1,4 @@
-"""MLflow models-from-code entry point of the registered attributor (see lorax/serving/pyfunc.py).
+"""MLflow models-from-code entry point of the registered attributor (see pipelines/serving/pyfunc.py).
 
 Inside ``mlflow models serve`` this also keeps Python tracebacks out of responses: MLflow's scoring server puts
 one (with server paths) in the 400 it answers to a body it cannot parse (CSV, parquet) before the model is called,
@@ -9,7 +9,7 @@ import sys
 
 from mlflow.models import set_model
 
-from lorax.serving.pyfunc import LoraxAttributor
+from pipelines.serving.pyfunc import LoraxAttributor
 
 
 def _no_tracebacks_in_responses() -> None:

@@ -1,4 +1,5 @@
-"""The ``lorax`` command. Each area of the library adds its own sub-commands (``add_commands``)."""
+"""The ``lorax`` command: one driver of the library and of the pipeline's steps. Each module of this package adds
+the sub-commands of one area (``add_commands``); ``python -m pipelines.cli`` is the same command."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from lorax.config import ConfigError
 
 # Modules that contribute sub-commands; each defines ``add_commands(subparsers)``.
 COMMAND_MODULES = [
-    "lorax.data.commands",
-    "lorax.continual.commands",
-    "lorax.models.commands",
-    "lorax.tracking.commands",
-    "lorax.detect.commands",
-    "lorax.serving.commands",
-    "lorax.ops_commands",
+    "pipelines.cli.data",
+    "pipelines.cli.train",
+    "pipelines.cli.weights",
+    "pipelines.cli.models",
+    "pipelines.cli.detect",
+    "pipelines.cli.serving",
+    "pipelines.cli.stream",
 ]
 
 
@@ -26,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # area not built yet
-                continue
-            raise
-        mod.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 

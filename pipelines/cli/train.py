@@ -1,0 +1,64 @@
+"""``lorax train``: a whole stream from manifests in one process, the steps of the pipeline without tracking."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorax.config import Params
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the stream of params.yaml from manifests (one process) and report metrics")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--manifests", help="manifest folder (default: data.manifests)")
+    p.add_argument("--out", required=True, help="output folder: state/, memory/, eval/, metrics.json, plots/")
+    p.add_argument("--method", help="continual method (default: continual.method): lorax, finetune, der, joint, probe")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. -S train.epochs=2 (YAML value)")
+    p.set_defaults(func=_train)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"-S {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def check_method(params: Params) -> None:
+    """Fail before any work on an unknown continual method, listing the known ones."""
+    from lorax.config import ConfigError
+    from lorax.continual.methods import METHODS  # registers the methods
+
+    if params.continual.method not in METHODS:
+        raise ConfigError(f"continual.method (--method): unknown method {params.continual.method!r}; "
+                          f"allowed: {', '.join(METHODS.names())}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lorax.config import load_params
+    from lorax.continual.summary import format_matrix
+    from pipelines.layout import Layout
+    from pipelines.stream import prepare_missing, run_stream
+
+    overrides = parse_overrides(args.set)
+    if args.method:
+        overrides["continual.method"] = args.method
+    params = load_params(args.params, overrides)
+    check_method(params)
+    manifests = Path(args.manifests or params.data.manifests)
+    prepare_missing(params, Layout.run(params, args.out, manifests))
+    metrics = run_stream(params, manifests, Path(args.out))
+    print(format_matrix(metrics))
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    print(json.dumps({k: metrics[k] for k in ("aa", "aaf", "bwt", "forgetting", "binary_acc")}))
+    return 0

@@ -1,0 +1,84 @@
+"""Editing the stream: append a task to params.yaml's ``stream`` (``lorax stream add``) and the stream of a flow
+that grows the registered champion."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lorax.config import ConfigError, Params, load_params, params_to_dict, parse_params
+from pipelines.layout import INIT
+
+
+def append_to_stream(params_path: str | Path, name: str | None = None, *, root: str | Path = ".") -> str:
+    """Append task ``name`` (``None``: the next zoo generator not yet in the stream) to params.yaml's stream.
+
+    The file is edited as text so its comments and layout stay; the result is validated and the file is left
+    unchanged if it does not load. Returns the name added.
+    """
+    path = Path(params_path)
+    params = load_params(path)
+    tasks = params.tasks
+    if name is None:
+        left = [g for g in params.zoo.order if g not in tasks]
+        if not left:
+            raise ConfigError(f"{path}: every zoo generator ({params.zoo.order}) is already in the stream")
+        name = left[0]
+    if name in tasks:
+        raise ConfigError(f"{path}: task {name!r} is already in the stream ({tasks})")
+    if name == INIT or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+        raise ConfigError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init')")
+    if params.data.source == "builtin" and name not in params.zoo.order:
+        raise ConfigError(
+            f"{name!r} is not a zoo generator and data.source is builtin; zoo generators not in the stream yet: "
+            f"{[g for g in params.zoo.order if g not in tasks] or 'none'}. To add a folder of your own, set "
+            f"data.source: folder and data.root to the dataset"
+        )
+    if params.data.source == "folder":
+        folder = Path(root) / params.data.root / name
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: no such task folder under data.root; add the images first")
+    lines = path.read_text().splitlines(keepends=True)
+    try:
+        start = next(k for k, ln in enumerate(lines) if re.match(r"^stream\s*:\s*(#.*)?$", ln))
+    except StopIteration:
+        raise ConfigError(f"{path}: no block 'stream:' at the top level; add one with the first task") from None
+    last, indent = None, None
+    for k in range(start + 1, len(lines)):
+        ln = lines[k]
+        if ln.strip() == "" or ln.lstrip().startswith("#"):
+            continue
+        if not ln[0].isspace():
+            break
+        if indent is None:
+            indent = ln[: len(ln) - len(ln.lstrip())]
+        last = k  # the block's last line (a nested line of the last task in block style too)
+    if last is None:
+        raise ConfigError(f"{path}: the stream block is empty")
+    new_line = f"{indent}{name}: {{prev: {tasks[-1]}}}\n"
+    if not lines[last].endswith("\n"):
+        lines[last] += "\n"
+    lines.insert(last + 1, new_line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    try:
+        check = load_params(tmp)
+    except ConfigError as e:
+        tmp.unlink()
+        raise ConfigError(f"adding {name!r} would make {path} invalid; left unchanged:\n{e}") from None
+    if check.tasks != tasks + [name]:
+        tmp.unlink()
+        raise ConfigError(f"{path}: could not append {name!r} to the stream block (got {check.tasks}); edit it by hand")
+    tmp.replace(path)
+    return name
+
+
+def stream_params(params: Params, tasks: list[str]) -> Params:
+    """``params`` with the stream replaced by the chain ``tasks`` (for flows that grow the champion's stream).
+
+    Tasks that are not zoo generators are read from data.root as folders (data.source: folder)."""
+    raw = params_to_dict(params)
+    raw["stream"] = {t: {"prev": INIT if k == 0 else tasks[k - 1]} for k, t in enumerate(tasks)}
+    if raw["data"]["source"] == "builtin" and any(t not in params.zoo.order for t in tasks):
+        raw["data"]["source"] = "folder"
+    return parse_params(raw, "stream of the champion + new task")
