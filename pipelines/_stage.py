@@ -79,16 +79,25 @@ def process_start() -> float:
 
 def record_times(label: str, step_start: float) -> None:
     """``LORAX_STAGE_TIMES=FILE``: append one JSON line per stage (start-up before the step, the step's own work),
-    the measurement behind docs/results.md's start-up share of ``dvc repro``."""
-    path = os.environ.get("LORAX_STAGE_TIMES")
-    if not path:
-        return
+    the measurement behind docs/results.md's start-up share of ``dvc repro``. ``LORAX_STAGE_MODULES=FILE``: the
+    project's source files the stage loaded, which tests/pipelines/test_dvc.py checks against its declared deps."""
     import json
 
     now = time.time()
-    with open(path, "a") as f:
-        f.write(json.dumps({"stage": label, "startup_s": round(step_start - process_start(), 3),
-                            "step_s": round(now - step_start, 3), "end": round(now, 3)}) + "\n")
+    if path := os.environ.get("LORAX_STAGE_TIMES"):
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": label, "startup_s": round(step_start - process_start(), 3),
+                                "step_s": round(now - step_start, 3), "end": round(now, 3)}) + "\n")
+    if path := os.environ.get("LORAX_STAGE_MODULES"):
+        root = Path.cwd().resolve()
+        files = set()
+        for mod in list(sys.modules.values()):
+            f = getattr(mod, "__file__", None)
+            if f and mod.__name__.split(".")[0] in ("lorax", "pipelines"):
+                p = Path(f).resolve()
+                files.add(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p))
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": label, "files": sorted(files)}) + "\n")
 
 
 def exit_now(code: int) -> None:

@@ -47,14 +47,18 @@ def write_project(root: Path, stream: list[str], **overrides: Any) -> Path:
 
 
 def dvc_project(root: Path, stream: list[str], **overrides: Any) -> Path:
-    """``write_project`` + the repo's dvc.yaml and plot templates in a fresh git repo with DVC initialised."""
+    """``write_project`` + the repo's dvc.yaml, its code (the stages declare it as dependencies, and run it) and plot
+    templates in a fresh git repo with DVC initialised; the code is committed, as in the project's own repo."""
     write_project(root, stream, **overrides)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(REPO / "pipelines" / "plots", root / "pipelines" / "plots")
+    for pkg in ("lorax", "pipelines"):
+        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     env = tool_env()
     subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
+    subprocess.run(["git", "add", "lorax", "pipelines", ".gitignore", ".dvcignore"], cwd=root, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "code"], cwd=root, check=True, env=env)
     subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True, env=env)
     subprocess.run([str(BIN / "dvc"), "config", "core.analytics", "false"], cwd=root, check=True, env=env)
     return root

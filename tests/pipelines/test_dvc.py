@@ -44,9 +44,37 @@ def repo(tmp_path_factory) -> Path:
     return dvc_project(tmp_path_factory.mktemp("dvc") / "project", ["deconv"], train__epochs=3)
 
 
-def test_first_run(repo: Path) -> None:
-    res = dvc(repo, "repro")
+# Loaded by a stage but deliberately not among its deps (dvc.yaml's header says why): package markers, the file and
+# settings plumbing every stage shares, and tracking/registry code outside register (where runs are logged does not
+# change a model, as for the tracking settings).
+UNDECLARED_OK = ("__init__.py", "lorax/config.py", "lorax/utils/io.py", "lorax/registry.py", "pipelines/layout.py",
+                 "pipelines/tracking/", "pipelines/serving/")
+
+
+def declared_code(stage: str) -> list[str]:
+    import yaml
+
+    stages = yaml.safe_load((Path(__file__).parents[2] / "dvc.yaml").read_text())["stages"]
+    spec = stages[stage.split("@")[0]]
+    deps = (spec.get("do") or spec).get("deps", [])
+    return [d for d in deps if isinstance(d, str) and d.split("/")[0] in ("lorax", "pipelines")]
+
+
+def test_first_run(repo: Path, tmp_path: Path) -> None:
+    loaded = tmp_path / "modules.jsonl"
+    res = dvc(repo, "repro", LORAX_STAGE_MODULES=str(loaded))
     assert stages_ran(res.stdout) == ["init", *(f"{s}@deconv" for s in STAGES), "report"]
+    # every project source file a stage loaded is one of its declared deps (or a file deliberately left out)
+    for line in loaded.read_text().splitlines():
+        rec = json.loads(line)
+        deps = declared_code(rec["stage"])
+        assert f"pipelines/{rec['stage'].split('@')[0].replace('select', 'select_exemplars')}.py" in deps
+        missing = [f for f in rec["files"] if f.split("/")[0] in ("lorax", "pipelines")
+                   and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
+                   and not any(f.endswith(ok) if ok.endswith(".py") and "/" not in ok else f.startswith(ok)
+                               for ok in UNDECLARED_OK)]
+        assert not missing, f"{rec['stage']} loads {missing} but dvc.yaml does not declare them"
+    assert len(loaded.read_text().splitlines()) == 2 + len(STAGES)
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     # the keys of `lorax train`'s metrics.json
     from lorax.config import load_params
@@ -118,6 +146,26 @@ def test_killed_training_resumes_and_leaves_earlier_tasks_alone(repo: Path) -> N
     runs = c.search_runs(c.search_experiments()[0].experiment_id, "tags.`lorax.task` = 'bilinconv'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert {m.step for m in c.get_metric_history(runs[0].info.run_id, "loss")} == {1, 2, 3}
+
+
+def test_a_code_change_reruns_what_it_affects(repo: Path) -> None:
+    """Editing the trainer makes every training stale (and what follows it), never the data stages; editing the
+    report's summary code makes only the report stale."""
+    def stale_after_editing(rel: str) -> set[str]:
+        path = repo / rel
+        text = path.read_text()
+        path.write_text(text + "\n# edited\n")
+        try:
+            return set(json.loads(dvc(repo, "status", "--json").stdout))
+        finally:
+            path.write_text(text)
+
+    tasks = ("deconv", "nnconv", "bilinconv")
+    trainer = stale_after_editing("lorax/continual/trainer.py")
+    assert {f"train@{t}" for t in tasks} <= trainer
+    assert not {s for s in trainer if s.startswith(("synth@", "prepare@"))}
+    assert stale_after_editing("lorax/continual/summary.py") == {"report"}
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
 
 
 def test_exp_run_with_a_changed_setting(repo: Path) -> None:

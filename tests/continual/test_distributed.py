@@ -88,13 +88,13 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from lorax.continual import ddp
+    from pipelines import ddp
 
     assert ddp.main(argv) == 0
 
 
 def test_two_gloo_processes_match_one_process(zoo):
-    """`torchrun --nproc_per_node 2 -m lorax.continual.ddp` (gloo, CPU) against `lorax train` in one process."""
+    """`torchrun --nproc_per_node 2 -m pipelines.ddp` (gloo, CPU) against `lorax train` in one process."""
     import pandas as pd
 
     from lorax.continual.state import read_info
@@ -126,3 +126,13 @@ def test_two_gloo_processes_match_one_process(zoo):
         mem1 = pd.read_parquet(root / "one" / "memory" / f"{task}.parquet")
         mem2 = pd.read_parquet(root / "two" / "memory" / f"{task}.parquet")
         assert len(mem1) and mem1["path"].tolist() == mem2["path"].tolist()
+
+
+def test_the_old_torchrun_spelling_still_runs_the_entry_point():
+    """``-m lorax.continual.ddp`` (docs before the split) reaches pipelines.ddp's argument parser."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "lorax.continual.ddp", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "torchrun --nproc_per_node N -m pipelines.ddp" in res.stdout
