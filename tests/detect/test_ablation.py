@@ -123,7 +123,8 @@ def test_cli(zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
 
 
 def test_detect_model_is_the_detectors_own_backbone():
-    p = tiny_params(None, detect__model={"backbone": "vit_tiny_patch16_224", "img_size": 16, "kwargs": {}})
+    p = tiny_params(None, detect__model={"backbone": "vit_tiny_patch16_224", "pretrained": None, "img_size": 16,
+                                      "kwargs": {}})
     assert detect_params(p).model.backbone == "vit_tiny_patch16_224" and p.model.backbone == "convit_tiny"
     assert detect_params(tiny_params()).model == tiny_params().model  # null: the model section
 

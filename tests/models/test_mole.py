@@ -15,12 +15,12 @@ from lorax.models.mole import MoLELinear, MoLEMultiheadAttention, apply_mole, ba
 DISPATCH = ["dense", "sparse"]
 
 TINY = {
-    "vit": ModelConfig(backbone="vit_tiny_patch16_224", img_size=16,
+    "vit": ModelConfig(backbone="vit_tiny_patch16_224", img_size=16, pretrained=None,
                        kwargs={"depth": 4, "patch_size": 8, "embed_dim": 32, "num_heads": 2}),
-    "convit": ModelConfig(backbone="convit_tiny", img_size=16,
+    "convit": ModelConfig(backbone="convit_tiny", img_size=16, pretrained=None,
                           kwargs={"depth": 4, "local_up_to_layer": 2, "patch_size": 8, "num_heads": 2,
                                   "embed_dim": 32}),
-    "clip": ModelConfig(backbone="open_clip:ViT-B-32", img_size=16,
+    "clip": ModelConfig(backbone="open_clip:ViT-B-32", img_size=16, pretrained=None,
                         kwargs={"layers": 4, "width": 32, "head_width": 16, "patch_size": 8}),
 }
 
