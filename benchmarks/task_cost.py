@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from lorax.continual.memory import ExemplarMemory
     from lorax.continual.state import load_state
-    from lorax.continual.trainer import select_exemplars, train_task
+    from lorax.continual.trainer import train_task
+    from lorax.continual.selection import select_exemplars
     from lorax.data.manifest import load_stream_manifests
     from lorax.data.prepare import prepare_tasks
 

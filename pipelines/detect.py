@@ -1,8 +1,8 @@
 """DVC stage ``detect`` (``pipelines/detection/dvc.yaml``): train the real/fake detector on ``detect.train_tasks``,
 evaluate it on the project's other manifests, log one MLflow run. ``python -m pipelines.detect``"""
 
-from lorax.detect.tracking import detect_step
 from pipelines._stage import exit_now, run_stage
+from pipelines.detection import detect_step
 
 if __name__ == "__main__":
     exit_now(run_stage("detect", detect_step, task=False, tracking=True))

@@ -178,7 +178,7 @@ def select_step(params: Params, layout: Layout, task: str) -> Path:
         return out
     from lorax.continual.memory import ExemplarMemory
     from lorax.continual.state import load_state
-    from lorax.continual.trainer import select_exemplars
+    from lorax.continual.selection import select_exemplars
 
     method, _ = load_state(state, params=params)
     prev_mem = layout.memory(params.stream[task].prev)
@@ -204,7 +204,7 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
             calibrate_openset(params, layout, task)  # a no-op when current
         return _add_missing_controls(params, layout, task, read_json(out))
     from lorax.continual.state import load_state
-    from lorax.continual.trainer import evaluate_controls, predict_logits, score_val, val_rows
+    from lorax.continual.evaluation import evaluate_controls, predict_logits, score_val, val_rows
 
     info = _state_info(state)
     if info.get("tasks") != tasks:
@@ -234,7 +234,7 @@ def _add_missing_controls(params: Params, layout: Layout, task: str, result: dic
     if params.eval.resample_control is None or "resampled" in (result.get("control") or {}):
         return result
     from lorax.continual.state import load_state
-    from lorax.continual.trainer import evaluate_controls, val_rows
+    from lorax.continual.evaluation import evaluate_controls, val_rows
 
     i = _index(params, task)
     method, _ = load_state(layout.state(task), params=params)
@@ -262,7 +262,7 @@ def calibrate_openset(params: Params, layout: Layout, task: str,
         return out
     if loaded is None:
         return openset.calibrate_state(state, layout.manifests, out, device=params.train.device)
-    from lorax.continual.trainer import predict_logits
+    from lorax.continual.evaluation import predict_logits
 
     method, manifests, val_feats, store = loaded
     tasks = list(method.tasks)

@@ -1,4 +1,5 @@
-"""Train one task on top of the previous state; evaluate; select exemplars.
+"""Train one task on top of the previous state (evaluation: :mod:`lorax.continual.evaluation`; exemplar selection:
+:mod:`lorax.continual.selection`).
 
 ``train_task(previous_state, task_manifest, memory, params, out_dir) -> out_dir`` is the unit that the one-process
 stream (``lorax train``), the DVC stages and the Prefect flows all call. It checkpoints every epoch into
@@ -14,7 +15,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +25,20 @@ from tqdm.auto import tqdm
 
 from lorax.config import Params
 from lorax.continual import distributed
-from lorax.continual import metrics as M
-from lorax.continual.embedding_store import EmbeddingStore, adapter_key, image_ids
+from lorax.continual.batches import autocast, dataset_for, loader_for, resolve_device, to_device
 from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cache
-from lorax.continual.memory import ExemplarMemory, per_class_budget
-from lorax.continual.methods import Method, build_method, count_trainable, logits_and_features
+from lorax.continual.memory import ExemplarMemory
+from lorax.continual.methods import Method, build_method, count_trainable
 from lorax.continual.state import load_state, save_state
 from lorax.continual.trunk_cache import (
     TokenSlotDataset,
     TrunkCache,
     content_seeds,
-    eval_ids,
     open_trunk_cache,
     train_ids,
 )
-from lorax.data.dataset import ManifestDataset, Resample, SeededSampler
-from lorax.data.manifest import abs_paths, check_no_val_in_training, verify_files
+from lorax.data.dataset import ManifestDataset
+from lorax.data.manifest import check_no_val_in_training, verify_files
 from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -50,20 +48,6 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged; the previous state is untouched."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {name!r} asked for but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
-
-
-def _autocast(params: Params, device: torch.device):
-    if params.train.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def learning_rate(params: Params, task_index: int) -> float:
@@ -82,60 +66,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _norm(method: Method) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    bb = getattr(method, "net", method)
-    bb = getattr(bb, "backbone", None) or method.backbones[0]
-    return bb.info.mean, bb.info.std
-
-
-def _dataset(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int,
-             n_crops: int = 1, resample: Resample | None = None) -> ManifestDataset:
-    """The rows as a dataset (``n_crops``: eval crops stacked per row; ``resample``: the shortcut control); pixels
-    from the uint8 decode cache when ``train.decode_cache`` is on and they fit (never resampled ones)."""
-    mean, std = _norm(method)
-    links = params.data.follow_links
-    kw = dict(train=train, crop=params.model.img_size, mean=mean, std=std, seed=seed, n_crops=n_crops,
-              follow_links=links)
-    if resample is not None:
-        return ManifestDataset(df, resample=resample, **kw)
-    if params.train.decode_cache:
-        from lorax.data.cache import CachedManifestDataset, open_decode_cache
-
-        t = params.train
-        cache = open_decode_cache(df, t.decode_cache_dir, t.decode_cache_max_mb, follow_links=links)
-        if cache is not None:
-            return CachedManifestDataset(df, cache, **kw)
-    return ManifestDataset(df, **kw)
-
-
-def _loader(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int, batch_size: int | None = None,
-            ctx: distributed.DistContext | None = None, cache: FrozenFeatureCache | None = None,
-            device: torch.device | None = None, n_crops: int = 1,
-            resample: Resample | None = None) -> torch.utils.data.DataLoader:
-    """Batches of ``(images, class_ids, rows)`` (``cache``: cache slots instead of rows); same batches and crops
-    as ``make_loader(seed=seed)``, whatever ``num_workers``; under DDP this rank's share of each global batch."""
-    ctx = ctx or distributed.DistContext()
-    ds = _dataset(df, method, params, train, seed, n_crops, resample)
-    gen = torch.Generator().manual_seed(seed)
-    if cache is not None:
-        ds, sampler = cache.dataset(ds), cache.sampler(gen)
-    else:
-        sampler = SeededSampler(len(ds), shuffle=train, generator=gen)
-    bs = batch_size or (params.train.batch_size if train else params.eval.batch_size)
-    workers = params.train.num_workers
-    return torch.utils.data.DataLoader(
-        ds, batch_sampler=distributed.ShardedBatchSampler(sampler, bs, ctx.rank, ctx.world), num_workers=workers,
-        generator=gen, persistent_workers=workers > 0, pin_memory=device is not None and device.type == "cuda",
-    )
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without a sync; channels-last images on CUDA (faster patch-embedding convolutions)."""
-    if device.type == "cuda" and x.dim() == 4:
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True)
 
 
 def training_rows(method: Method, task_df: pd.DataFrame, memory: ExemplarMemory | None,
@@ -169,7 +99,7 @@ def _training_tokens(trunk: TrunkCache, method: Method, rows: pd.DataFrame, base
         loader = torch.utils.data.DataLoader(slots.dataset(base), batch_size=params.eval.batch_size, sampler=mine,
                                              num_workers=params.train.num_workers)
         t0 = time.time()
-        trunk.fill(method.net, loader, ids, device, _autocast(params, device), desc="trunk cache")
+        trunk.fill(method.net, loader, ids, device, autocast(params, device), desc="trunk cache")
         ctx.barrier()
         trunk.refresh()  # the other ranks' shards
         log.info("trunk cache: %d of %d crops computed (%.1f s), %d reused", len(todo), len(ids),
@@ -184,7 +114,7 @@ def _epoch_loader(rows: pd.DataFrame, method: Method, params: Params, seed: int,
                   device: torch.device) -> torch.utils.data.DataLoader:
     """One epoch's batches: cached trunk tokens per slot, or images (fixed crops per slot with ``cache``)."""
     if tokens is None:
-        return _loader(rows, method, params, train=True, seed=seed, ctx=ctx, cache=cache, device=device)
+        return loader_for(rows, method, params, train=True, seed=seed, ctx=ctx, cache=cache, device=device)
     gen = torch.Generator().manual_seed(seed)
     workers = params.train.num_workers
     return torch.utils.data.DataLoader(
@@ -241,12 +171,12 @@ def train_task(
     if old_cached or content:  # K fixed crops per row for the whole task
         k = params.train.feature_cache_crops
         slots = FrozenFeatureCache(len(rows), k, seed, content_seeds(rows, k) if content else None)
-        base = _dataset(rows, method, params, True, seed)
+        base = dataset_for(rows, method, params, True, seed)
         if trunk is not None:
             tokens = _training_tokens(trunk, method, rows, base, slots, params, device, ctx)
         if old_cached:
             slots.build(method.net, tokens if tokens is not None else base, params.eval.batch_size, device,
-                        _autocast(params, device), ctx, params.train.num_workers, from_trunk=tokens is not None)
+                        autocast(params, device), ctx, params.train.num_workers, from_trunk=tokens is not None)
         cache = slots
     loader = _epoch_loader(rows, method, params, seed, ctx, cache, tokens, device)
     trainable = method.trainable_parameters()
@@ -282,9 +212,9 @@ def train_task(
         bar = tqdm(loader, desc=f"{task} epoch {epoch + 1}/{params.train.epochs}", leave=False,
                    disable=None if ctx.is_main else True)
         for step, (x, y, key) in enumerate(bar):
-            x, y = _to_device(x, device), y.to(device, non_blocking=True)
+            x, y = to_device(x, device), y.to(device, non_blocking=True)
             old_emb = cache.lookup(key, device) if cache is not None and cache.emb is not None else None
-            with _autocast(params, device):
+            with autocast(params, device):
                 out = model(x, old_emb, from_trunk=True) if tokens is not None else (
                     model(x) if old_emb is None else model(x, old_emb))
                 loss = method.loss(out, y)
@@ -360,200 +290,3 @@ def _backbone_param_count(method: Method) -> int:
     adapters = getattr(getattr(method, "net", None), "adapters", None)
     skip = {id(p) for t in method.tasks for p in adapters.parameters(t)} if adapters is not None else set()
     return sum(p.numel() for p in _frozen_backbone(method).parameters() if id(p) not in skip)
-
-
-@torch.no_grad()
-def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: torch.device | None = None,
-                   features: bool = False, desc: str = "eval",
-                   store: EmbeddingStore | None = None,
-                   resample: Resample | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Logits (and optionally the super-features) of every row of ``df`` with eval transforms: the centre crop, or
-    the average over ``eval.crops`` fixed crops (the crop policy of :class:`lorax.serving.predict.Predictor`).
-    ``resample``: (scale, filter), every image resized before cropping (the shortcut control).
-
-    ``store``: LoRAX reads the frozen adapters' embeddings it already has there and computes only the missing
-    (image, adapter) pairs, which it adds (:mod:`lorax.continual.embedding_store`); rows it has every embedding of
-    are not decoded, but their files are still checked against the manifest
-    (:func:`~lorax.data.manifest.verify_files`)."""
-    device = device or resolve_device(params.train.device)
-    method.to(device).eval()
-    if store is not None and uses_embedding_store(method):
-        emb = _stored_embeddings(method, df, params, device, store, desc, resample)  # (N, T, D)
-        logits = [method.net.classify(e.permute(1, 0, 2).to(device))[0].float().cpu()
-                  for e in torch.split(emb, params.eval.batch_size)]
-        out = torch.cat(logits).numpy() if logits else np.zeros((0, method.n_classes), np.float32)
-        return out, (emb.reshape(len(emb), -1).numpy() if features else None)
-    n_crops = params.eval.crops
-    loader = _loader(df, method, params, train=False, seed=0, device=device, n_crops=n_crops, resample=resample)
-    logits, feats = [], []
-    for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        x = _to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
-        with _autocast(params, device):
-            if features:  # one backbone pass for both (exemplar selection, the open-set calibration)
-                out, f = logits_and_features(method, x)
-                feats.append(_crop_mean(f.float(), n_crops))
-            else:
-                out = method(x)[0]
-            logits.append(_crop_mean(out.float(), n_crops))
-    # one device -> host copy at the end: no per-batch sync
-    return torch.cat(logits).cpu().numpy(), (torch.cat(feats).cpu().numpy() if features else None)
-
-
-def uses_embedding_store(method: Method) -> bool:
-    """LoRAX: its per-task adapters are frozen after their task, so their embeddings can be kept."""
-    net = getattr(method, "net", None)
-    return method.name == "lorax" and hasattr(net, "embeddings") and hasattr(net, "classify")
-
-
-def adapter_keys(method: Method, params: Params, resample: Resample | None = None) -> list[str]:
-    """The store key of every task's adapter (its tensors, the backbone and adapter settings, the eval view)."""
-    from lorax.config import params_to_dict
-
-    d = params_to_dict(params)
-    mean, std = _norm(method)
-    view = {"model": d["model"], "adapter": d["adapter"], "crops": params.eval.crops, "mean": mean, "std": std}
-    if resample is not None:  # only then: the as-is keys stay those of earlier runs
-        view["resample"] = list(resample)
-    if params.train.trunk_cache and method.net.branch_block > 0:  # embeddings from fp16 trunk tokens: kept apart
-        view["trunk_tokens"] = "fp16"
-    return [adapter_key(method.net.adapters.state_dict(t), view) for t in method.tasks]
-
-
-def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device: torch.device,
-                       store: EmbeddingStore, desc: str, resample: Resample | None = None) -> torch.Tensor:
-    """(N, T, D) embeddings of ``df``'s rows by every task's adapter: the stored ones read, the rest computed in
-    one pass per group of rows missing the same adapters (old images: the newest adapter only), then stored."""
-    ids, keys = image_ids(df), adapter_keys(method, params, resample)
-    n, t, n_crops = len(df), len(keys), params.eval.crops
-    emb = np.zeros((n, t, method.net.embed_dim), dtype=np.float32)
-    missing = np.ones((n, t), dtype=bool)
-    for j, key in enumerate(keys):
-        found, vals = store.lookup(key, ids)
-        if vals is not None:
-            emb[found, j] = vals[found]
-            missing[found, j] = False
-    verify_files(df.iloc[np.flatnonzero(~missing.any(1))], params.data.follow_links)  # the others: in the loaders
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for r in np.flatnonzero(missing.any(1)):
-        groups.setdefault(tuple(np.flatnonzero(missing[r]).tolist()), []).append(int(r))
-    # the trunk cache holds the as-is crops of the files: a resampled control view is computed
-    trunk = open_trunk_cache(method, params, device) if groups and resample is None else None
-    for cols, rows in groups.items():
-        names = [method.tasks[j] for j in cols]
-        if trunk is not None:
-            got = _trunk_embeddings(method, df.iloc[rows], names, params, device, trunk, desc)
-        else:
-            loader = _loader(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops,
-                             resample=resample)
-            parts = []
-            for x, _, _ in tqdm(loader, desc=f"{desc}: {len(names)} of {t} adapters", leave=False, disable=None):
-                x = _to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
-                with _autocast(params, device):
-                    e = method.net.embeddings(x, names)  # (G, B * crops, D)
-                parts.append(_crop_mean(e.float().permute(1, 0, 2), n_crops).cpu())
-            got = torch.cat(parts).numpy()  # (rows, G, D)
-        emb[np.ix_(rows, list(cols))] = got
-        for g, j in enumerate(cols):
-            store.add(keys[j], ids[rows], got[:, g])
-    return torch.from_numpy(emb)
-
-
-def _trunk_embeddings(method: Method, df: pd.DataFrame, names: list[str], params: Params, device: torch.device,
-                      trunk: TrunkCache, desc: str) -> np.ndarray:
-    """(rows, len(names), D) embeddings of the eval crops from cached trunk tokens (the missing ones computed and
-    stored first; rows with every crop cached are not decoded, so their files are checked here)."""
-    n_crops = params.eval.crops
-    ids = eval_ids(df, params.model.img_size, n_crops)
-    missing = ~trunk.found(ids)
-    need = missing.reshape(-1, n_crops).any(1)
-    verify_files(df[~need], params.data.follow_links)
-    if need.any():
-        sub = np.flatnonzero(need)
-        loader = _loader(df.iloc[sub], method, params, train=False, seed=0, device=device, n_crops=n_crops)
-        trunk.fill(method.net, _reindexed(loader, sub), ids, device, _autocast(params, device),
-                   desc=f"{desc}: trunk cache")
-    parts, bs = [], params.eval.batch_size
-    for start in tqdm(range(0, len(df), bs), desc=f"{desc}: {len(names)} adapters from the trunk cache",
-                      leave=False, disable=None):
-        tok = trunk.get(ids[start * n_crops:(start + bs) * n_crops]).to(device, non_blocking=True)
-        with _autocast(params, device):
-            e = method.net.branch(tok, names)  # (G, B * crops, D)
-        parts.append(_crop_mean(e.float().permute(1, 0, 2), n_crops).cpu())
-    return torch.cat(parts).numpy()
-
-
-def _reindexed(loader, rows: np.ndarray):
-    """``loader``'s batches with positions in the loader's frame mapped back to ``rows``' frame."""
-    for x, y, index in loader:
-        yield x, y, torch.from_numpy(rows[index.numpy()])
-
-
-def _crop_mean(t: torch.Tensor, n_crops: int) -> torch.Tensor:
-    return t.view(-1, n_crops, *t.shape[1:]).mean(1) if n_crops > 1 else t
-
-
-def val_rows(manifests: list[pd.DataFrame]) -> pd.DataFrame:
-    """The val rows of the seen tasks, in task order: what one column of the accuracy matrix is measured on."""
-    return pd.concat([m[m["split"] == "val"] for m in manifests], ignore_index=True)
-
-
-def score_val(val: pd.DataFrame, logits: np.ndarray, tasks: list[str]) -> tuple[dict, pd.DataFrame]:
-    """Metrics dict (one column of R) and the per-image table of ``val_rows``' logits."""
-    targets = val["class_id"].to_numpy()
-    task_ids = val["task_index"].to_numpy()
-    result = M.evaluate_logits(logits, targets, task_ids, len(tasks))
-    table = M.prediction_table([str(p) for p in abs_paths(val)], logits, targets, task_ids, task_names=tasks)
-    return result, table
-
-
-def evaluate_controls(method: Method, val: pd.DataFrame, params: Params, device: torch.device | None = None,
-                      store: EmbeddingStore | None = None) -> dict[str, dict]:
-    """The shortcut controls of one evaluation: ``{"resampled": metrics}`` of the same rows, every image resized
-    by ``eval.resample_control`` before cropping; ``{}`` when it is off. Stored in the eval json as ``control``."""
-    rc = params.eval.resample_control
-    if rc is None:
-        return {}
-    logits, _ = predict_logits(method, val, params, device, desc="eval (resampled)", store=store,
-                               resample=(rc.scale, rc.filter))
-    result, _ = score_val(val, logits, method.tasks)
-    result.pop("confusion", None)
-    return {"resampled": {**result, "scale": rc.scale, "filter": rc.filter}}
-
-
-def evaluate_task_list(method: Method, manifests: list[pd.DataFrame], params: Params,
-                       device: torch.device | None = None,
-                       store: EmbeddingStore | None = None) -> tuple[dict, pd.DataFrame]:
-    """Evaluate on the val rows of the seen tasks: metrics dict (one column of R; with ``control`` when
-    ``eval.resample_control`` is set) and a per-image table."""
-    val = val_rows(manifests)
-    logits, _ = predict_logits(method, val, params, device, store=store)
-    result, table = score_val(val, logits, method.tasks)
-    control = evaluate_controls(method, val, params, device, store)
-    if control:
-        result["control"] = control
-    return result, table
-
-
-def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: ExemplarMemory | None,
-                     params: Params, device: torch.device | None = None,
-                     store: EmbeddingStore | None = None) -> ExemplarMemory:
-    """Memory after this task: old classes shrunk to the new per-class budget, new classes selected.
-
-    Selection uses eval transforms (no augmentation) on all of the task's train rows at once, so it is
-    deterministic and global: the same in every process.
-    """
-    memory = ExemplarMemory(memory.rows()) if memory is not None else ExemplarMemory()
-    n_classes = method.n_classes
-    c = params.continual
-    budget = per_class_budget(c.memory_size, n_classes, c.memory_mode, c.memory_per_class)
-    memory.shrink(budget)
-    if budget == 0:
-        return memory
-    rows = task_manifest[task_manifest["split"] == "train"].reset_index(drop=True)
-    feats = None
-    if c.selection != "random":
-        _, feats = predict_logits(method, rows, params, device, features=True, desc="exemplars", store=store)
-    else:
-        feats = np.zeros((len(rows), 1), dtype=np.float32)
-    memory.add_classes(rows, feats, method=c.selection, budget=budget, seed=params.seed)
-    return memory

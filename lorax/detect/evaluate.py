@@ -1,4 +1,5 @@
-"""Detector scoring: fake probabilities, the fitted threshold, per-generator AP/accuracy, robustness curves, plots.
+"""Detector scoring: fake probabilities, the fitted threshold, per-generator AP/accuracy, robustness curves, plots
+and tables.
 
 Conventions (UnivFD / CLIP-MoLE): fake is the positive class; AP and accuracies are percentages (0..100). The
 decision threshold is fitted once, on the validation split of the *training* generators, by maximising accuracy
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,8 +28,10 @@ __all__ = [
     "generator_metrics",
     "jpeg_fn",
     "mean_of",
+    "per_generator_table",
     "plot_robustness",
     "predict_scores",
+    "robustness_table",
 ]
 
 Perturb = Callable[[np.ndarray], np.ndarray]
@@ -152,3 +156,20 @@ def plot_robustness(robustness: Mapping[str, Mapping[str, float | None]], clean_
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def robustness_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """Long table ``perturbation, level, map`` (level 0 = clean), for DVC plots and the MLflow table view."""
+    rows = [{"perturbation": "none", "level": 0.0, "map": metrics.get("map")}]
+    for kind, curve in (metrics.get("robustness") or {}).items():
+        rows += [{"perturbation": kind, "level": float(k), "map": v} for k, v in curve.items()]
+    return pd.DataFrame(rows)
+
+
+def per_generator_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per generator and set (``unseen``, ``seen``, each test-only set) with its figures."""
+    rows = [{"generator": g, "set": "unseen", **m} for g, m in (metrics.get("per_generator") or {}).items()]
+    rows += [{"generator": g, "set": "seen", **m} for g, m in (metrics.get("seen") or {}).items()]
+    for name, res in (metrics.get("extra") or {}).items():
+        rows += [{"generator": g, "set": name, **m} for g, m in (res.get("per_generator") or {}).items()]
+    return pd.DataFrame(rows)

@@ -37,7 +37,7 @@ from lorax.registry import DETECTORS
 
 __all__ = ["EpochCallback", "detect_params", "evaluate_sets", "list_manifests", "run_detect", "train_detector"]
 
-from lorax.continual.trainer import resolve_device  # noqa: E402  (one device policy for every trainer)
+from lorax.continual.batches import resolve_device  # noqa: E402  (one device policy for every trainer)
 
 log = logging.getLogger(__name__)
 

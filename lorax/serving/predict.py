@@ -221,7 +221,7 @@ class Predictor:
 
     def __init__(self, method: Any, info: dict[str, Any], device: str | torch.device = "cpu",
                  crops: int | None = None, batch_size: int | None = None, openset: Any = None) -> None:
-        from lorax.continual.trainer import _norm
+        from lorax.continual.batches import image_norm
 
         self.method = method.eval()
         self.info = info
@@ -238,7 +238,7 @@ class Predictor:
         if self.batch_size < 1:
             raise ServingError(f"--batch-size: must be >= 1, got {self.batch_size}")
         self.amp = bool(params.get("train", {}).get("amp", False)) and self.device.type == "cuda"
-        self.mean, self.std = _norm(method)
+        self.mean, self.std = image_norm(method)
         self.openset = openset
 
     @classmethod
@@ -246,7 +246,7 @@ class Predictor:
                    batch_size: int | None = None, openset: Any = "auto") -> Predictor:
         """Load ``state_dir``; ``openset="auto"`` uses the state's saved calibration when there is one."""
         from lorax.continual.state import load_state
-        from lorax.continual.trainer import resolve_device
+        from lorax.continual.batches import resolve_device
 
         dev = resolve_device(device)
         method, info = load_state(state_dir, device=dev)

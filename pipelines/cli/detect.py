@@ -30,7 +30,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="log the run to MLflow (experiment <tracking.experiment>-detect, tracking.uri)")
     p.set_defaults(func=_detect)
 
-    from lorax.detect.ablation import add_commands as add_ablation
+    from benchmarks.detect_ablation import add_commands as add_ablation
 
     add_ablation(sub)  # lorax detect-ablation
 
@@ -57,9 +57,9 @@ def _detect(args: argparse.Namespace) -> int:
     params = load_params(args.params, overrides)  # validates method, ranks, ... naming the key
     manifests = Path(args.manifests or params.data.manifests)
     if args.track:
-        from lorax.detect.tracking import tracked_run_detect
         from pipelines.tracking.tracker import Tracker
         from pipelines.tracking.uri import TrackingUnavailable
+        from pipelines.detection import tracked_run_detect
 
         try:
             tracker = Tracker(params)

@@ -13,7 +13,7 @@ import yaml
 from lorax.config import set_by_path
 from lorax.continual.distributed import DistContext, ShardedBatchSampler
 from lorax.continual.methods import build_method
-from lorax.continual.trainer import _loader
+from lorax.continual.batches import loader_for
 from lorax.data.dataset import SeededSampler, make_loader
 from tests.conftest import PARAMS_YAML, TINY_OVERRIDES, tiny_params
 
@@ -42,7 +42,7 @@ def test_one_rank_batches_equal_make_loader(zoo):
     method = build_method(params, ["deconv"])
     ref = make_loader(rows, train=True, crop=params.model.img_size, mean=(0.5,) * 3, std=(0.5,) * 3, batch_size=9,
                       seed=123)
-    got = _loader(rows, method, params, train=True, seed=123)
+    got = loader_for(rows, method, params, train=True, seed=123)
     pairs = list(zip(ref, got, strict=True))
     assert len(pairs) == 3  # 24 rows: 9 + 9 + 6
     for (xa, ya, ra), (xb, yb, rb) in pairs:

@@ -11,7 +11,8 @@ import torch
 
 from lorax.continual.embedding_store import EmbeddingStore, image_ids
 from lorax.continual.state import load_state
-from lorax.continual.trainer import predict_logits, train_task, val_rows
+from lorax.continual.trainer import train_task
+from lorax.continual.evaluation import predict_logits, val_rows
 from tests.conftest import tiny_params
 
 FIRST, SECOND = "deconv", "nnconv"

@@ -10,7 +10,7 @@ import torch
 
 from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cache
 from lorax.continual.methods import build_method
-from lorax.continual.trainer import _dataset, _loader
+from lorax.continual.batches import dataset_for, loader_for
 from tests.conftest import tiny_params
 
 
@@ -50,10 +50,10 @@ def test_cached_logits_equal_uncached_on_the_same_crops(zoo, mode):
     method = _method(params)
     rows = _rows(manifests)
     cache = FrozenFeatureCache(len(rows), crops=3, seed=7)
-    cache.build(method.net, _dataset(rows, method, params, True, 0), 16, torch.device("cpu"),
+    cache.build(method.net, dataset_for(rows, method, params, True, 0), 16, torch.device("cpu"),
                 torch.autocast("cpu", enabled=False))
     assert cache.emb.shape == (len(rows) * 3, 2, method.net.embed_dim)
-    loader = _loader(rows, method, params, train=True, seed=5, cache=cache)
+    loader = loader_for(rows, method, params, train=True, seed=5, cache=cache)
     method.train(mode == "train")
     x, y, slots = next(iter(loader))
     with torch.no_grad():
@@ -72,12 +72,12 @@ def test_crops_are_fixed_per_task_and_every_row_is_seen_each_epoch(zoo):
     rows = _rows(manifests)
     k = 2
     cache = FrozenFeatureCache(len(rows), crops=k, seed=3)
-    base = _dataset(rows, method, params, True, 0)
+    base = dataset_for(rows, method, params, True, 0)
     ds = cache.dataset(base)
     fixed = {s: ds[s][0] for s in range(cache.n_slots)}
     picks = []
     for epoch_seed in (11, 12, 13):
-        loader = _loader(rows, method, params, train=True, seed=epoch_seed, cache=cache)
+        loader = loader_for(rows, method, params, train=True, seed=epoch_seed, cache=cache)
         slots = []
         for x, _, s in loader:
             for img, slot in zip(x, s.tolist(), strict=True):
@@ -86,7 +86,7 @@ def test_crops_are_fixed_per_task_and_every_row_is_seen_each_epoch(zoo):
         assert sorted(sl // k for sl in slots) == list(range(len(rows)))  # each row once per epoch
         picks.append(slots)
     assert picks[0] != picks[1]  # order and crop choice change with the epoch
-    again = [s for _, _, b in _loader(rows, method, params, train=True, seed=11, cache=cache) for s in b.tolist()]
+    again = [s for _, _, b in loader_for(rows, method, params, train=True, seed=11, cache=cache) for s in b.tolist()]
     assert again == picks[0]  # and are reproducible
     # the crops differ between the K slots of a row (random boxes / flips)
     assert any(not torch.equal(fixed[r * k], fixed[r * k + 1]) for r in range(len(rows)))

@@ -125,7 +125,7 @@ def test_control_scores_resampled_pixels(real_subset):
     """The control's logits are those of resampled images, not the as-is ones (nor stored embeddings of them)."""
     from lorax.continual.embedding_store import EmbeddingStore
     from lorax.continual.state import load_state
-    from lorax.continual.trainer import adapter_keys, predict_logits, val_rows
+    from lorax.continual.evaluation import adapter_keys, predict_logits, val_rows
     from lorax.data.manifest import load_stream_manifests
 
     tmp, _ = real_subset

@@ -10,7 +10,8 @@ import torch
 
 from lorax.continual import trainer
 from lorax.continual.state import is_state, load_state, read_info
-from lorax.continual.trainer import NonFiniteLossError, select_exemplars, train_task
+from lorax.continual.trainer import NonFiniteLossError, train_task
+from lorax.continual.selection import select_exemplars
 from lorax.models.backbones import create_backbone
 from tests.conftest import tiny_params
 

@@ -12,7 +12,7 @@ import torch
 
 from lorax.continual.feature_cache import FrozenFeatureCache
 from lorax.continual.methods import build_method
-from lorax.continual.trainer import _dataset, _loader
+from lorax.continual.batches import dataset_for, loader_for
 from lorax.continual.trunk_cache import (
     TrunkCache,
     content_seeds,
@@ -68,7 +68,7 @@ def _train_rows(manifests, task="deconv") -> pd.DataFrame:
 
 
 def _fill_train(trunk, method, params, rows, seeds):
-    base = _dataset(rows, method, params, True, 0)
+    base = dataset_for(rows, method, params, True, 0)
     ids = train_ids(base, rows, seeds)
     todo = np.flatnonzero(~trunk.found(ids)).tolist()
     slots = FrozenFeatureCache(len(rows), seeds.shape[1], 0, seeds)
@@ -89,7 +89,7 @@ def test_cached_step_logits_equal_the_uncached_forward(zoo, tmp_path, levels):
     seeds = content_seeds(rows, 2)
     base, slots, ids, computed = _fill_train(trunk, method, params, rows, seeds)
     assert computed == len(ids) == 2 * len(rows)
-    loader = _loader(rows, method, params, train=True, seed=5, cache=slots)
+    loader = loader_for(rows, method, params, train=True, seed=5, cache=slots)
     x, y, slot = next(iter(loader))
     tok = trunk.get(ids[slot.numpy()])
     assert tok.shape == (len(x), *method.net.trunk(x[:1]).shape[1:])
@@ -133,7 +133,7 @@ def test_hits_misses_and_content_addressing(zoo, tmp_path):
     # a changed image (another sha256) is a miss; so is another crop box
     changed = rows.copy()
     changed.loc[0, "sha256"] = "0" * 64
-    base = _dataset(rows, method, params, True, 0)
+    base = dataset_for(rows, method, params, True, 0)
     assert not trunk.found(train_ids(base, changed.iloc[:1], seeds[:1])).any()
     assert trunk.found(train_ids(base, rows.iloc[:1], seeds[:1])).all()
     other_seeds = content_seeds(rows, 4)[:, 2:]  # crops 2, 3: other boxes / flips
@@ -178,7 +178,7 @@ def test_crops_are_deterministic_per_image_content(zoo, tmp_path):
     assert torch.equal(content_seeds(rows, 2), seeds[:, :2])  # crop k does not depend on K
     assert len(set(seeds.reshape(-1).tolist())) == seeds.numel()  # distinct crops per image and index
     # the ids (from the manifest's size) describe the crops the dataset really cuts: equal ids, equal pixels
-    base = _dataset(rows, method, params, True, 0)
+    base = dataset_for(rows, method, params, True, 0)
     ids = train_ids(base, rows, seeds)
     ds = FrozenFeatureCache(len(rows), 3, 0, seeds).dataset(base)
     for r in range(len(rows)):
@@ -225,7 +225,9 @@ def test_not_used_without_a_trunk_or_when_off(zoo, tmp_path):
 def _run(manifests, params, out: Path):
     """Two tasks as `lorax train` runs them (train, select, evaluate): the accuracy matrix columns."""
     from lorax.continual.embedding_store import EmbeddingStore
-    from lorax.continual.trainer import evaluate_task_list, select_exemplars, train_task
+    from lorax.continual.trainer import train_task
+    from lorax.continual.evaluation import evaluate_task_list
+    from lorax.continual.selection import select_exemplars
 
     store = EmbeddingStore(out / "emb")
     memory, prev, cols = None, None, []
@@ -268,7 +270,7 @@ def test_two_tasks_with_the_trunk_cache_match_the_run_without(zoo, tmp_path):
 
 def test_eval_embeddings_from_the_cache_equal_uncached(zoo, tmp_path):
     from lorax.continual.embedding_store import EmbeddingStore
-    from lorax.continual.trainer import predict_logits
+    from lorax.continual.evaluation import predict_logits
 
     root, manifests = zoo
     params = _params(tmp_path, eval__crops=2)
@@ -283,7 +285,7 @@ def test_eval_embeddings_from_the_cache_equal_uncached(zoo, tmp_path):
     trunk = open_trunk_cache(method, params, CPU)
     assert trunk.found(eval_ids(val, params.model.img_size, 2)).all()
     # embeddings from fp16 tokens are stored apart from exact ones: a run's results never depend on which ran first
-    from lorax.continual.trainer import adapter_keys
+    from lorax.continual.evaluation import adapter_keys
 
     assert set(adapter_keys(method, params)).isdisjoint(adapter_keys(method, params_off))
     # a changed file is refused even when every crop is cached (the rows are not decoded)

@@ -101,21 +101,21 @@ def test_workers_map_the_shard_themselves(manifest: pd.DataFrame, tmp_path: Path
 def test_trainer_loader_reads_the_cache(manifest: pd.DataFrame, tmp_path: Path):
     """train.decode_cache on: the trainer's loader gives the same batches, and the pixels come from the shards."""
     from lorax.continual.methods import build_method
-    from lorax.continual.trainer import _loader
+    from lorax.continual.batches import loader_for
     from tests.conftest import tiny_params
 
     off = tiny_params(tmp_path)
     on = tiny_params(tmp_path, train__decode_cache=True, train__decode_cache_dir=str(tmp_path / "dc"))
     method = build_method(off, ["deconv"])
     for train in (True, False):
-        a = list(_loader(manifest, method, off, train=train, seed=4, batch_size=5))
-        b = list(_loader(manifest, method, on, train=train, seed=4, batch_size=5))
+        a = list(loader_for(manifest, method, off, train=train, seed=4, batch_size=5))
+        b = list(loader_for(manifest, method, on, train=train, seed=4, batch_size=5))
         assert len(a) == len(b) == 3
         for (xa, ya, ra), (xb, yb, rb) in zip(a, b, strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ra, rb)
     assert len(list((tmp_path / "dc").glob("*/pixels.u8"))) == 2  # train and val shards
-    ds = _loader(manifest, method, on, train=False, seed=0).dataset
+    ds = loader_for(manifest, method, on, train=False, seed=0).dataset
     assert ds.__class__.__name__ == "CachedManifestDataset"
     tiny = tiny_params(tmp_path, train__decode_cache=True, train__decode_cache_dir=str(tmp_path / "dc2"),
                        train__decode_cache_max_mb=0.001)
-    assert _loader(manifest, method, tiny, train=False, seed=0).dataset.__class__.__name__ == "ManifestDataset"
+    assert loader_for(manifest, method, tiny, train=False, seed=0).dataset.__class__.__name__ == "ManifestDataset"

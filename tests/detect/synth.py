@@ -3,6 +3,8 @@
 Real images are smooth colour fields with mild noise; each "generator" makes fakes by nearest-neighbour upsampling a
 smaller image and stamping a periodic pattern on it (its fingerprint): period 2 checkerboards for ``checker_a`` and
 ``checker_b`` (different strength and phase: an easy transfer), vertical stripes of period 4 for ``stripes``.
+``TINY_DETECT`` / ``CLI_TINY_DETECT``: one-epoch detector settings (as ``tiny_params`` overrides / CLI ``-S``) for
+the tests that only need a detector run to exist (the ablation grid, the detect stage).
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ import pandas as pd
 from PIL import Image
 
 from lorax.data.manifest import write_manifest
+from tests.conftest import tiny_cli_sets
 
 GENERATORS = {"checker_a": ("checker", 28.0, 0), "checker_b": ("checker", 20.0, 1), "stripes": ("stripes", 24.0, 0)}
+TINY_DETECT = {"detect__train_tasks": ["checker_a"], "detect__blocks": 1, "detect__epochs": 1, "detect__batch_size": 16,
+               "detect__blur_sigmas": [2], "detect__jpeg_qualities": [50]}
+CLI_TINY_DETECT = ["-S", "detect.blocks=1", "-S", "detect.epochs=1", "-S", "detect.batch_size=16", *tiny_cli_sets()]
 
 
 def _real(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from lorax.data.manifest import read_manifest
 from lorax.detect.detector import build_detector, load_detector
 from lorax.models.backbones import create_backbone
 from lorax.detect.evaluate import predict_scores
-from lorax.detect.runner import run_detect
+from lorax.detect.runner import detect_params, run_detect
 from lorax.registry import DETECTORS
 from tests.conftest import PARAMS_YAML, tiny_cli_sets, tiny_params
 from tests.detect.synth import make_zoo
@@ -120,3 +120,9 @@ def test_bad_input_errors(zoo: Path, tmp_path: Path) -> None:
         run_detect(tiny_params(None, **{**DETECT, "detect__blocks": 5}), zoo, tmp_path, method="shared")
     with pytest.raises(FileNotFoundError, match="manifest folder"):
         run_detect(params, tmp_path / "nope", tmp_path)
+
+
+def test_detect_model_is_the_detectors_own_backbone():
+    p = tiny_params(None, detect__model={"backbone": "vit_tiny_patch16_224", "img_size": 16, "kwargs": {}})
+    assert detect_params(p).model.backbone == "vit_tiny_patch16_224" and p.model.backbone == "convit_tiny"
+    assert detect_params(tiny_params()).model == tiny_params().model  # null: the model section

@@ -64,7 +64,9 @@ def _run(stage: str, df: pd.DataFrame, params: Params, tmp_path: Path):
     """One consumer of a manifest: training, exemplar selection or evaluation (an untrained LoRAX for the last two:
     the checks come before any model output)."""
     from lorax.continual.methods import build_method
-    from lorax.continual.trainer import evaluate_task_list, select_exemplars, train_task
+    from lorax.continual.trainer import train_task
+    from lorax.continual.evaluation import evaluate_task_list
+    from lorax.continual.selection import select_exemplars
 
     if stage == "train":
         return train_task(None, df, None, params, tmp_path / "state")
@@ -187,7 +189,7 @@ def test_rows_served_from_the_embedding_store_are_still_checked(zoo, tmp_path: P
     """Every embedding of the val rows is stored after one evaluation; a file changed since must not reuse them."""
     from lorax.continual.embedding_store import EmbeddingStore
     from lorax.continual.methods import build_method
-    from lorax.continual.trainer import evaluate_task_list
+    from lorax.continual.evaluation import evaluate_task_list
 
     params, df = zoo
     method = build_method(params)
@@ -205,7 +207,7 @@ def test_rows_served_from_the_embedding_store_are_still_checked(zoo, tmp_path: P
 def test_edited_pixel_hash_cannot_pull_another_images_embedding(zoo, tmp_path: Path) -> None:
     from lorax.continual.embedding_store import EmbeddingStore
     from lorax.continual.methods import build_method
-    from lorax.continual.trainer import predict_logits
+    from lorax.continual.evaluation import predict_logits
 
     params, df = zoo
     method = build_method(params)

@@ -33,7 +33,7 @@ def _png_header_only(path: Path, w: int, h: int) -> Path:
 
 def test_same_logits_as_training_evaluation(stream, predictor) -> None:
     from lorax.config import parse_params
-    from lorax.continual.trainer import predict_logits
+    from lorax.continual.evaluation import predict_logits
     from lorax.data.manifest import abs_paths, read_manifest
 
     df = read_manifest(stream.manifests / "deconv.parquet")

@@ -1,25 +1,19 @@
-"""The ablation command (grid, runs, tables, resume), detector runs in MLflow, the detect pipeline stage and its
-DVC file (a separate pipeline that plain `dvc repro` never runs)."""
+"""benchmarks.detect_ablation: the grid (one factor at a time), its runs, tables and resume, the
+``lorax detect-ablation`` command."""
 
 from __future__ import annotations
 
 import json
-import re
-import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
+from benchmarks.detect_ablation import Variant, ablation_grid, parse_blocks, parse_rank_set, run_ablation
 from pipelines.cli import main
-from lorax.detect.ablation import Variant, ablation_grid, parse_blocks, parse_rank_set, run_ablation
-from lorax.detect.runner import detect_params
-from tests.conftest import PARAMS_YAML, REPO, tiny_cli_sets, tiny_params
+from tests.conftest import PARAMS_YAML, tiny_params
+from tests.detect.synth import CLI_TINY_DETECT as CLI_TINY
+from tests.detect.synth import TINY_DETECT as TINY
 from tests.detect.synth import make_zoo
-
-TINY = {"detect__train_tasks": ["checker_a"], "detect__blocks": 1, "detect__epochs": 1, "detect__batch_size": 16,
-        "detect__blur_sigmas": [2], "detect__jpeg_qualities": [50]}
-CLI_TINY = ["-S", "detect.blocks=1", "-S", "detect.epochs=1", "-S", "detect.batch_size=16", *tiny_cli_sets()]
 
 
 @pytest.fixture(scope="module")
@@ -115,75 +109,8 @@ def test_cli(zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     printed = capsys.readouterr().out
     assert "| linear probe |" in printed
     command = json.loads((out / "ablation.json").read_text())["command"]
-    assert command.startswith("python -m lorax.detect.ablation --manifests") and "--methods probe" in command
+    assert command.startswith("python -m benchmarks.detect_ablation --manifests") and "--methods probe" in command
     assert "--where-methods" not in command  # defaults are left out
     assert main([*argv, "--seeds", "a,b"]) == 2
     assert main([*argv, "--groups", "ranks", "--ranks", "8"]) == 2
     assert main([*argv, "--train-tasks", "nope"]) == 2
-
-
-def test_detect_model_is_the_detectors_own_backbone():
-    p = tiny_params(None, detect__model={"backbone": "vit_tiny_patch16_224", "pretrained": None, "img_size": 16,
-                                      "kwargs": {}})
-    assert detect_params(p).model.backbone == "vit_tiny_patch16_224" and p.model.backbone == "convit_tiny"
-    assert detect_params(tiny_params()).model == tiny_params().model  # null: the model section
-
-
-def test_detect_step_logs_one_mlflow_run(zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from mlflow import MlflowClient
-
-    from lorax.detect.tracking import detect_step
-    from pipelines.layout import Layout
-    from pipelines.tracking.tracker import Tracker
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    root = tmp_path / "project"
-    (root / "data").mkdir(parents=True)
-    shutil.copytree(zoo, root / "data" / "manifests")
-    params = tiny_params(None, **TINY, data__manifests="data/manifests", tracking__uri=None)
-    tracker = Tracker(params, root)
-    metrics = detect_step(params, Layout.from_params(params, root), tracker)
-    rep = root / "reports" / "detect"
-    for f in ("metrics.json", "robustness.png", "robustness.csv", "per_generator.csv", "detector.safetensors",
-              "scores.parquet"):
-        assert (rep / f).is_file(), f
-    rob = pd.read_csv(rep / "robustness.csv")
-    assert list(rob["perturbation"]) == ["none", "blur", "jpeg"] and list(rob["level"]) == [0, 2, 50]
-
-    client = MlflowClient(tracker.uri)
-    exp = client.get_experiment_by_name("lorax-zoo-5-detect")
-    (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
-    assert run.data.tags["lorax.kind"] == "detect" and run.data.tags["lorax.train_tasks"] == "checker_a"
-    assert run.data.params["detect.method"] == "mole" and run.data.params["detect.epochs"] == "1"
-    assert run.data.metrics["map"] == pytest.approx(metrics["map"])
-    assert run.data.metrics["ap.stripes"] == pytest.approx(metrics["per_generator"]["stripes"]["ap"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "robust_jpeg_map")] == [50]
-    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "plots", "checkpoint", "tables"} <= arts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/detector.safetensors"]
-
-    # `lorax detect --track` logs one more run to the same store
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
-    argv = ["detect", "--method", "probe", "--train-tasks", "checker_a", "--manifests", str(zoo), "--out",
-            str(tmp_path / "cli"), "--params", str(PARAMS_YAML), "--track", *CLI_TINY]
-    assert main(argv) == 0
-    runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["lorax.method"] for r in runs) == ["mole", "probe"]
-
-
-def test_detection_dvc_file_is_a_separate_pipeline(tmp_path: Path):
-    """`dvc repro` of the stream never runs detect; the detect pipeline's upstream is the stream's prepare stages."""
-    from tests.pipelines.conftest import dvc, dvc_project
-
-    root = dvc_project(tmp_path / "proj", ["deconv", "nnconv"])
-    (root / "pipelines" / "detection").mkdir(parents=True)
-    shutil.copy(REPO / "pipelines" / "detection" / "dvc.yaml", root / "pipelines" / "detection" / "dvc.yaml")
-    default = dvc(root, "stage", "list", "--name-only").stdout.split()  # what plain `dvc repro` runs
-    assert "report" in default and not any("detect" in s for s in default)
-    assert "pipelines/detection/dvc.yaml:detect" in dvc(root, "stage", "list", "--all", "--name-only").stdout.split()
-    dag = dvc(root, "dag", "--md", "pipelines/detection/dvc.yaml:detect").stdout
-    upstream = set(re.findall(r'"([^"]+)"', dag))
-    assert upstream == {"pipelines/detection/dvc.yaml:detect", "synth@deconv", "prepare@deconv", "synth@nnconv",
-                        "prepare@nnconv"}  # built on the stream's manifests, never on its training

@@ -1,4 +1,5 @@
-"""Detector runs in MLflow and the pipeline's ``detect`` step (``pipelines/detection/dvc.yaml``, ``pipelines/detect.py``).
+"""The pipeline's ``detect`` step and detector runs in MLflow (``pipelines/detection/dvc.yaml`` runs
+``python -m pipelines.detect``, whose step is :func:`detect_step`).
 
 One MLflow run per detector training, in the experiment ``<tracking.experiment>-detect`` (the scenario's LoRAX runs
 stay in their own experiment): the resolved settings as params (``detect.method`` and ``detect.train_tasks`` as
@@ -7,6 +8,7 @@ run), per-epoch figures (loss, bce, balance, router share, val AP) as step metri
 the robustness curves as ``robust_blur_map`` / ``robust_jpeg_map`` over the perturbation strength, and artifacts:
 ``metrics.json``, ``robustness.png``, the per-generator and robustness tables, the ``detector.safetensors``
 checkpoint. Only :class:`~pipelines.tracking.tracker.Tracker` calls are used, so any tracking store the stream uses works.
+Training and scoring are the library's (:func:`lorax.detect.runner.run_detect`, :mod:`lorax.detect.evaluate`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from lorax.config import Params
+from lorax.detect.evaluate import per_generator_table, robustness_table
 from lorax.detect.runner import detect_params, run_detect
 
-__all__ = ["DETECT_DIR", "detect_experiment", "detect_step", "log_detect_metrics", "robustness_table",
-           "tracked_run_detect"]
+__all__ = ["DETECT_DIR", "detect_experiment", "detect_step", "log_detect_metrics", "tracked_run_detect"]
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +41,6 @@ def detect_experiment(params: Params) -> str:
     from pipelines.tracking.tracker import experiment_name
 
     return f"{experiment_name(params)}-detect"
-
-
-def robustness_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
-    """Long table ``perturbation, level, map`` (level 0 = clean), for DVC plots and the MLflow table view."""
-    rows = [{"perturbation": "none", "level": 0.0, "map": metrics.get("map")}]
-    for kind, curve in (metrics.get("robustness") or {}).items():
-        rows += [{"perturbation": kind, "level": float(k), "map": v} for k, v in curve.items()]
-    return pd.DataFrame(rows)
-
-
-def per_generator_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
-    rows = [{"generator": g, "set": "unseen", **m} for g, m in (metrics.get("per_generator") or {}).items()]
-    rows += [{"generator": g, "set": "seen", **m} for g, m in (metrics.get("seen") or {}).items()]
-    for name, res in (metrics.get("extra") or {}).items():
-        rows += [{"generator": g, "set": name, **m} for g, m in (res.get("per_generator") or {}).items()]
-    return pd.DataFrame(rows)
 
 
 def log_detect_metrics(tracker, run_id: str, metrics: Mapping[str, Any]) -> None:

@@ -1,0 +1,136 @@
+"""The house rules of the code base, checked on the source (imports inside functions included):
+
+* ``lorax/`` is the library: it imports nothing from MLflow, Prefect, DVC, ``pipelines`` or ``benchmarks``;
+* no import circle anywhere in ``lorax/`` and ``pipelines/``;
+* no module over ~350 lines without a reason written at its top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FORBIDDEN_IN_LIBRARY = ("mlflow", "prefect", "dvc", "pipelines", "benchmarks")
+# Entry-point shims: a module that only runs another one under ``python -m`` (no import, never imported itself).
+ENTRY_SHIMS = {"lorax/continual/ddp.py": "pipelines.ddp"}
+MAX_LINES = 350
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in ("lorax", "pipelines") for p in (REPO / pkg).rglob("*.py")}
+
+
+def imports(path: Path, name: str) -> set[str]:
+    """Every module ``path`` imports (absolute names; relative imports resolved), at any depth of the file."""
+    out: set[str] = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = package.split(".")
+                pkg = pkg[: len(pkg) - node.level + 1]
+                base = ".".join(pkg + ([node.module] if node.module else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def project_graph() -> dict[str, set[str]]:
+    mods = modules()
+
+    def owner(name: str) -> str | None:
+        while name:
+            if name in mods:
+                return name
+            name = name.rpartition(".")[0]
+        return None
+
+    graph = {}
+    for name, path in mods.items():
+        graph[name] = {o for i in imports(path, name) if (o := owner(i)) and o != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_library_imports_no_orchestration() -> None:
+    bad = []
+    for name, path in modules().items():
+        if name.split(".")[0] != "lorax":
+            continue
+        bad += [f"{path.relative_to(REPO)}: {i}" for i in sorted(imports(path, name))
+                if i.split(".")[0] in FORBIDDEN_IN_LIBRARY]
+    assert bad == []
+
+
+def test_entry_shims_only_forward() -> None:
+    """The old ``-m lorax.continual.ddp`` spelling runs pipelines.ddp by name, holds no code, and nothing imports it."""
+    graph = project_graph()
+    for rel, target in ENTRY_SHIMS.items():
+        tree = ast.parse((REPO / rel).read_text())
+        body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+        assert len(body) == 1 and isinstance(body[0], ast.If) and "__main__" in ast.unparse(body[0].test)
+        assert repr(target) in ast.unparse(body[0])
+        shim = module_name(REPO / rel)
+        assert not [m for m, deps in graph.items() if shim in deps]
+
+
+def test_no_import_circles() -> None:
+    assert cycles(project_graph()) == []
+
+
+def test_the_checker_sees_circles() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_long_modules_say_why() -> None:
+    """A module over MAX_LINES lines says at its top why it is one module (a line with "one module" or "long")."""
+    long = []
+    for path in modules().values():
+        lines = path.read_text().splitlines()
+        head = " ".join(lines[:15]).lower()
+        if len(lines) > MAX_LINES and not ("one module" in head or "long" in head):
+            long.append(f"{path.relative_to(REPO)} ({len(lines)} lines)")
+    assert long == []
