@@ -34,7 +34,7 @@ import torch
 
 from benchmarks import emit_json
 from lorax.config import AdapterConfig, ModelConfig
-from lorax.models.backbones import create_backbone
+from lorax.models.backbone_factory import create_backbone
 from lorax.models.lorax import LoRAXNet
 
 MODES = ("floor", "sequential", "one_pass", "shared_trunk")

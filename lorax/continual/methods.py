@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorax.config import Params
-from lorax.models.backbones import Backbone, create_backbone
+from lorax.models.backbone_factory import create_backbone
+from lorax.models.backbones import Backbone
 from lorax.models.lorax import LoRAXNet, diversity_targets
 from lorax.registry import METHODS
 

@@ -11,7 +11,7 @@ import torch
 from lorax.continual import trainer
 from lorax.continual.state import is_state, load_state, read_info
 from lorax.continual.trainer import NonFiniteLossError, select_exemplars, train_task
-from lorax.models.backbones import create_backbone
+from lorax.models.backbone_factory import create_backbone
 from tests.conftest import tiny_params
 
 FIRST, SECOND = "deconv", "nnconv"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lorax.models.backbones import create_backbone
 from lorax.models.adapters import _add_low_rank
+from lorax.models.backbone_factory import create_backbone
 from lorax.models.lorax import LoRAXNet, adapter_groups
 from tests.conftest import tiny_params
 
