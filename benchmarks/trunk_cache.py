@@ -39,7 +39,7 @@ from benchmarks.superfeature import add_random_adapters
 from lorax.config import AdapterConfig, ModelConfig
 from lorax.continual.trunk_cache import TrunkCache, view_ids
 from lorax.models.backbone_factory import create_backbone
-from lorax.models.lorax import LoRAXNet
+from lorax.models.lorax_net import LoRAXNet
 
 MODES = ("floor", "step_all", "step_last_k", "step_cached", "pass_all", "pass_cached")
 

@@ -24,7 +24,7 @@ from torch import nn
 from lorax.config import Params
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.backbones import Backbone
-from lorax.models.lorax import LoRAXNet, diversity_targets
+from lorax.models.lorax_net import LoRAXNet, diversity_targets
 from lorax.registry import METHODS
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorax.models.backbone_factory import create_backbone
-from lorax.models.lorax import LoRAXNet, diversity_targets
+from lorax.models.lorax_net import LoRAXNet, diversity_targets
 from tests.conftest import tiny_params
 
 
