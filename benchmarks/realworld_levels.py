@@ -42,7 +42,7 @@ def extract(data: Path, params_path: str) -> tuple[np.ndarray, object]:
 
     from lorax.config import load_params
     from lorax.data.dataset import crop_boxes, normalization
-    from lorax.models.backbones import create_backbone
+    from lorax.models.backbone_factory import create_backbone
 
     params = load_params(params_path, {"model.feature_levels": list(LEVELS[:-1])})
     df = pd.read_csv(data / "manifest.csv")

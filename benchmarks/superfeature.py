@@ -34,8 +34,8 @@ import torch
 
 from benchmarks import emit_json
 from lorax.config import AdapterConfig, ModelConfig
-from lorax.models.backbones import create_backbone
-from lorax.models.lorax import LoRAXNet
+from lorax.models.backbone_factory import create_backbone
+from lorax.models.lorax_net import LoRAXNet
 
 MODES = ("floor", "sequential", "one_pass", "shared_trunk")
 PRESETS = {

@@ -38,8 +38,8 @@ from benchmarks import emit_json
 from benchmarks.superfeature import add_random_adapters
 from lorax.config import AdapterConfig, ModelConfig
 from lorax.continual.trunk_cache import TrunkCache, view_ids
-from lorax.models.backbones import create_backbone
-from lorax.models.lorax import LoRAXNet
+from lorax.models.backbone_factory import create_backbone
+from lorax.models.lorax_net import LoRAXNet
 
 MODES = ("floor", "step_all", "step_last_k", "step_cached", "pass_all", "pass_cached")
 

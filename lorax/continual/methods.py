@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorax.config import Params
-from lorax.models.backbones import Backbone, create_backbone
-from lorax.models.lorax import LoRAXNet, diversity_targets
+from lorax.models.backbone_factory import create_backbone
+from lorax.models.backbones import Backbone
+from lorax.models.lorax_net import LoRAXNet, diversity_targets
 from lorax.registry import METHODS
 
 

@@ -3,7 +3,8 @@
 LoRAX needs the pooled embedding of an image; the performance work needs the trunk split by block (compute the
 blocks before the first adapted one once, branch after), and CLIP-MoLE needs the block list to adapt the last k.
 timm ViTs, timm ConViTs (whose class token joins after the local GPSA blocks) and open_clip's CLIP visual tower
-differ in exactly those places, so each gets a small :class:`Backbone` subclass.
+differ in exactly those places, so each gets a small :class:`Backbone` subclass. ``build_backbone`` makes one from
+a local checkpoint (or none); turning ``model.pretrained`` into that file is ``lorax.models.backbone_factory``'s job.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from lorax.config import ModelConfig
+from lorax.models.weights.load import extract_open_clip_visual, load_backbone_weights, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
-PRETEXT = "pretext"  # model.pretrained value: the built-in pretext-trained backbone (lorax/models/pretext.py)
 
 
 @dataclass(frozen=True)
@@ -215,11 +216,12 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def create_backbone(cfg: ModelConfig) -> Backbone:
-    """Build the frozen backbone named in ``cfg`` (head removed), loading local weights when given.
+def build_backbone(cfg: ModelConfig, checkpoint: Path | None = None) -> Backbone:
+    """Build the frozen backbone named in ``cfg`` (head removed) with the weights of the local file ``checkpoint``.
 
-    Random initialisation is seeded by ``cfg.init_seed`` so every process builds the same backbone, and it is
-    announced loudly: features of a random backbone are far weaker than pretrained ones.
+    ``lorax.models.backbone_factory.create_backbone`` turns ``model.pretrained`` into that file. Without one the
+    backbone is randomly initialised, seeded by ``cfg.init_seed`` so every process builds the same backbone, and
+    that is announced loudly: features of a random backbone are far weaker than pretrained ones.
     """
     name = cfg.backbone
     with torch.random.fork_rng(devices=[]):
@@ -228,20 +230,12 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
             model, family = _create_open_clip(name.split(":", 1)[1], cfg), "clip"
         else:
             model, family = _create_timm(name, cfg), ("convit" if name.startswith("convit") else "vit")
-    path = None
-    if cfg.pretrained == PRETEXT:
-        from lorax.models.pretext import pretext_checkpoint
-
-        path = pretext_checkpoint(cfg)
-    if cfg.pretrained:
-        from lorax.models import weights
-
-        path = path or weights.resolve_checkpoint(cfg.pretrained, name)
-        sd = weights.read_state_dict(path)
+    if checkpoint is not None:
+        sd = read_state_dict(checkpoint)
         if family == "clip":
-            sd = weights.extract_open_clip_visual(sd)
-        weights.load_backbone_weights(model, sd, source=str(path))
-        log.info("backbone %s: loaded weights from %s", name, path)
+            sd = extract_open_clip_visual(sd)
+        load_backbone_weights(model, sd, source=str(checkpoint))
+        log.info("backbone %s: loaded weights from %s", name, checkpoint)
     else:
         log.warning(
             "backbone %s: NO PRETRAINED WEIGHTS (model.pretrained is null) - randomly initialised with seed %d; "
@@ -249,15 +243,15 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
             name,
             cfg.init_seed,
         )
-    mean, std = _normalization(cfg, family, path)
+    mean, std = _normalization(cfg, family, checkpoint)
     cls = {"clip": OpenClipVisual, "convit": TimmConViT, "vit": TimmViT}[family]
     if family == "clip":
         embed_dim = model.output_dim if model.proj is not None else model.transformer.width
     else:
         embed_dim = model.num_features
-    info = BackboneInfo(name, embed_dim, 0, bool(cfg.pretrained), mean, std)
+    info = BackboneInfo(name, embed_dim, 0, checkpoint is not None, mean, std)
     bb = cls(model, info)
-    bb.info = BackboneInfo(name, embed_dim, bb.depth, bool(cfg.pretrained), mean, std)
+    bb.info = BackboneInfo(name, embed_dim, bb.depth, checkpoint is not None, mean, std)
     bb.set_levels(list(cfg.feature_levels))
     _freeze(bb)
     return bb

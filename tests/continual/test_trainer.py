@@ -10,9 +10,9 @@ import torch
 
 from lorax.continual import trainer
 from lorax.continual.state import is_state, load_state, read_info
-from lorax.continual.trainer import NonFiniteLossError, train_task
 from lorax.continual.selection import select_exemplars
-from lorax.models.backbones import create_backbone
+from lorax.continual.trainer import NonFiniteLossError, train_task
+from lorax.models.backbone_factory import create_backbone
 from tests.conftest import tiny_params
 
 FIRST, SECOND = "deconv", "nnconv"

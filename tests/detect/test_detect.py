@@ -13,9 +13,9 @@ import torch
 from pipelines.cli import main
 from lorax.data.manifest import read_manifest
 from lorax.detect.detector import build_detector, load_detector
-from lorax.models.backbones import create_backbone
 from lorax.detect.evaluate import predict_scores
 from lorax.detect.runner import detect_params, run_detect
+from lorax.models.backbone_factory import create_backbone
 from lorax.registry import DETECTORS
 from tests.conftest import PARAMS_YAML, tiny_cli_sets, tiny_params
 from tests.detect.synth import make_zoo

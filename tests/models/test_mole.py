@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lorax.config import ModelConfig
-from lorax.models.backbones import create_backbone
+from lorax.models.backbone_factory import create_backbone
 from lorax.models.mole import MoLELinear, MoLEMultiheadAttention, apply_mole, balance_loss, mole_state_dict
 
 DISPATCH = ["dense", "sparse"]

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lorax.continual.methods import build_method
-from lorax.models.backbones import create_backbone
-from lorax.models.lorax import LoRAXNet
+from lorax.models.backbone_factory import create_backbone
+from lorax.models.lorax_net import LoRAXNet
 from lorax.models.mole import MoLELinear
 from lorax.models.mole_adapters import MoleAdapterLinear, MoleAdapterSet
 from tests.conftest import tiny_params

