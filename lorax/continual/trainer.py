@@ -39,6 +39,7 @@ from lorax.continual.trunk_cache import (
 )
 from lorax.data.dataset import ManifestDataset
 from lorax.data.manifest import check_no_val_in_training, verify_files
+from lorax.models.backbone_factory import weights_record
 from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ def train_task(
         "epochs": history_rows,
         "backbone_params": _backbone_param_count(method),
         "backbone_pretrained": bool(params.model.pretrained),
+        "backbone_weights": weights_record(params.model),
         **(extra_info or {}),
     }
     if ctx.is_main:
