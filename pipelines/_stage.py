@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# third-party packages whose import costs seconds: which of them a stage loads (LORAX_STAGE_MODULES)
+HEAVY = ("torch", "timm", "peft", "transformers", "open_clip", "mlflow", "prefect", "matplotlib", "sklearn", "dvc")
 QUIET = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "filelock", "git")
 
 
@@ -96,8 +98,9 @@ def record_times(label: str, step_start: float) -> None:
             if f and mod.__name__.split(".")[0] in ("lorax", "pipelines"):
                 p = Path(f).resolve()
                 files.add(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p))
+        heavy = [m for m in HEAVY if m in sys.modules]
         with open(path, "a") as f:
-            f.write(json.dumps({"stage": label, "files": sorted(files)}) + "\n")
+            f.write(json.dumps({"stage": label, "files": sorted(files), "heavy": heavy}) + "\n")
 
 
 def exit_now(code: int) -> None:
