@@ -29,6 +29,30 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class ImportClock:
+    """Seconds spent in ``import`` statements (outermost ones only), so that the imports a step makes lazily count
+    as start-up, not as the step's work. Installed only while ``LORAX_STAGE_TIMES`` is set."""
+
+    def __init__(self) -> None:
+        import builtins
+
+        self.seconds, self._depth, self._real = 0.0, 0, builtins.__import__
+        builtins.__import__ = self._import
+
+    def _import(self, *args: Any, **kwargs: Any) -> Any:
+        if self._depth:
+            return self._real(*args, **kwargs)
+        self._depth, t0 = 1, time.perf_counter()
+        try:
+            return self._real(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self._depth = 0
+
+
+IMPORTS = ImportClock() if os.environ.get("LORAX_STAGE_TIMES") else None
+
+
 def run_stage(name: str, step: Callable[..., Any], *, task: bool = True, tracking: bool = False,
               argv: list[str] | None = None) -> int:
     """Parse ``[TASK] [--params P] [--root R]``, load the settings and call ``step(params, layout[, task][, tracker])``."""
@@ -57,9 +81,9 @@ def run_stage(name: str, step: Callable[..., Any], *, task: bool = True, trackin
             from pipelines.tracking.tracker import Tracker
 
             call.append(Tracker(params, args.root))
-        t0 = time.time()
+        t0, imports0 = time.time(), IMPORTS.seconds if IMPORTS else 0.0
         step(*call)
-        record_times(label, t0)
+        record_times(label, t0, (IMPORTS.seconds - imports0) if IMPORTS else 0.0)
     except (ConfigError, TrackingUnavailable, FileNotFoundError, ValueError) as e:
         print(f"stage {label}: error: {e}", file=sys.stderr)
         return 2
@@ -79,7 +103,7 @@ def process_start() -> float:
         return time.time()
 
 
-def record_times(label: str, step_start: float) -> None:
+def record_times(label: str, step_start: float, step_imports: float = 0.0) -> None:
     """``LORAX_STAGE_TIMES=FILE``: append one JSON line per stage (start-up before the step, the step's own work),
     the measurement behind docs/results.md's start-up share of ``dvc repro``. ``LORAX_STAGE_MODULES=FILE``: the
     project's source files the stage loaded, which tests/pipelines/test_dvc.py checks against its declared deps."""
@@ -89,7 +113,8 @@ def record_times(label: str, step_start: float) -> None:
     if path := os.environ.get("LORAX_STAGE_TIMES"):
         with open(path, "a") as f:
             f.write(json.dumps({"stage": label, "startup_s": round(step_start - process_start(), 3),
-                                "step_s": round(now - step_start, 3), "end": round(now, 3)}) + "\n")
+                                "step_s": round(now - step_start, 3), "step_imports_s": round(step_imports, 3),
+                                "end": round(now, 3)}) + "\n")
     if path := os.environ.get("LORAX_STAGE_MODULES"):
         root = Path.cwd().resolve()
         files = set()
