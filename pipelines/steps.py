@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from lorax.config import ConfigError, Params
-from lorax.continual.state import state_hash
 from lorax.utils.io import read_json, write_json
 from pipelines.layout import INIT, RUN_FILE, Layout
 
@@ -194,6 +193,8 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
     """Accuracy on the validation images of every task seen so far (one column of the accuracy matrix), and the
     state's open-set calibration (``openset``; ``lorax train`` does not calibrate), from one pass of the model over
     those images."""
+    from lorax.continual.state import state_hash
+
     i = _index(params, task)
     tasks = params.tasks[: i + 1]
     state, out = layout.state(task), layout.eval(task)

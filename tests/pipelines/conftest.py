@@ -52,7 +52,8 @@ def dvc_project(root: Path, stream: list[str], **overrides: Any) -> Path:
     write_project(root, stream, **overrides)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     for pkg in ("lorax", "pipelines"):
-        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # (not pipelines/detection/: the detector's pipeline, which a test adds when it wants it)
+        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "detection"))
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     env = tool_env()
