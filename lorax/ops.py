@@ -334,13 +334,14 @@ def calibrate_openset(params: Params, layout: Layout, task: str,
     evaluation pass, its embedding store), so only the calibration's train sample goes through the model here. Without it (a caller
     outside the evaluate step), the state is loaded and calibrated through the Predictor."""
     from lorax.serving import openset
+    from lorax.serving.calibration import calibrate_state
 
     state = layout.state(task)
     out = openset.openset_dir(state)
     if openset.current_openset(state, out) is not None:
         return out
     if loaded is None:
-        return openset.calibrate_state(state, layout.manifests, out, device=params.train.device)
+        return calibrate_state(state, layout.manifests, out, device=params.train.device)
     from lorax.continual.trainer import predict_logits
 
     method, manifests, val_feats, store = loaded
