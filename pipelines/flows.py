@@ -211,8 +211,8 @@ def scan_inbox_task(params: Params, root: str, params_path: str, inbox: str) -> 
     candidate task folders (CDDB layout) under ``reports/scan/<time>/`` for a person to confirm."""
     import time
 
-    from lorax.serving.predict import load_predictor
     from lorax.serving.scan import scan_inbox
+    from pipelines.serving.download import load_predictor
 
     predictor = load_predictor(f"models:/{params.tracking.registered_model}@champion", Path(root) / params_path,
                                device=params.train.device)

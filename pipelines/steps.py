@@ -262,7 +262,9 @@ def calibrate_openset(params: Params, layout: Layout, task: str,
     if openset.current_openset(state, out) is not None:
         return out
     if loaded is None:
-        return openset.calibrate_state(state, layout.manifests, out, device=params.train.device)
+        from lorax.serving.calibration import calibrate_state
+
+        return calibrate_state(state, layout.manifests, out, device=params.train.device)
     from lorax.continual.evaluation import predict_logits
 
     method, manifests, val_feats, store = loaded

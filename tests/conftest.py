@@ -129,7 +129,7 @@ def stream(tmp_path_factory) -> Stream:
     from pipelines.stream import run_stream
     from lorax.data.prepare import prepare_tasks
     from lorax.data.zoo import synth_tasks
-    from lorax.serving.openset import calibrate_state
+    from lorax.serving.calibration import calibrate_state
 
     root = tmp_path_factory.mktemp("serving")
     params = tiny_params(root)
@@ -146,3 +146,27 @@ def predictor(stream):
     from lorax.serving.predict import Predictor
 
     return Predictor.from_state(stream.state, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def registry(stream, tmp_path_factory):
+    """The stream's last state registered (with its open-set calibration) as champion in a sqlite store."""
+    import json
+
+    from lorax.continual.state import state_hash
+    from pipelines.tracking import model_registry as reg
+    from pipelines.tracking.tracker import Tracker
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    params = stream.params.model_copy(deep=True)
+    params.tracking.uri = uri
+    tracker = Tracker(params, root)
+    parent = tracker.start_stream(params.tasks)
+    run_id = tracker.start_task(parent, params.tasks[-1], len(params.tasks) - 1)
+    ev = json.loads((stream.out / "eval" / f"{params.tasks[-1]}.json").read_text())
+    rec = reg.register(tracker, task=params.tasks[-1], tasks=params.tasks, state_dir=stream.state,
+                       memory_path=stream.out / "memory" / f"{params.tasks[-1]}.parquet", eval_result=ev,
+                       run_id=run_id, state_id=state_hash(stream.state))
+    assert "champion" in rec["aliases"]
+    return uri

@@ -260,27 +260,6 @@ def store_calibration(stats: OpenSetStats, state_dir: str | Path, manifests_dir:
     return out
 
 
-def calibrate_state(state_dir: str | Path, manifests_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                    device: str = "auto", require_fake: bool = False, predictor: Any = None) -> Path:
-    """Calibrate ``state_dir`` on its tasks' manifests and store the result (default ``<state_dir>.openset``).
-
-    ``manifests_dir`` defaults to the ``data.manifests`` the state was trained with; ``predictor``: the state already
-    loaded, else it is loaded here.
-    """
-    from lorax.continual.state import read_info
-    from lorax.data.manifest import load_stream_manifests
-    from lorax.serving.predict import Predictor
-
-    info = read_info(state_dir)
-    mdir = Path(manifests_dir or info["params"]["data"]["manifests"])
-    check_manifests(mdir, info["tasks"])
-    predictor = predictor or Predictor.from_state(state_dir, device=device, openset=None)
-    links = bool(info["params"]["data"].get("follow_links", False))  # the data setting the state was trained with
-    stats = calibrate(predictor, load_stream_manifests(mdir, info["tasks"]), require_fake=require_fake,
-                      follow_links=links)
-    return store_calibration(stats, state_dir, mdir, out_dir)
-
-
 def check_manifests(manifests_dir: Path, tasks: list[str]) -> None:
     missing = [t for t in tasks if not (Path(manifests_dir) / f"{t}.parquet").is_file()]
     if missing:

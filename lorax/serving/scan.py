@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from lorax.serving.predict import Predictor, ServingError, collect_inputs
+from lorax.serving.errors import ServingError
+from lorax.serving.inputs import collect_inputs
+from lorax.serving.predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *
                max_groups: int = MAX_GROUPS, overwrite: bool = False, follow_links: bool = False) -> dict[str, Any]:
     """Predict every image under ``inbox``, group the flagged ones, write candidate task folders into ``out``.
 
-    The inbox is read by :func:`lorax.serving.predict.collect_inputs` (same rules as ``lorax predict``: skipped
+    The inbox is read by :func:`lorax.serving.inputs.collect_inputs` (same rules as ``lorax predict``: skipped
     entries are error rows in ``predictions.csv``; symlinks leaving an inbox folder only with ``follow_links``).
 
     Returns the summary written to ``out/scan.json``.

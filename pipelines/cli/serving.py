@@ -78,7 +78,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _predictor(args: argparse.Namespace):
-    from lorax.serving.predict import load_predictor
+    from pipelines.serving.download import load_predictor
 
     return load_predictor(args.model, args.params, device=args.device, crops=args.crops,
                           batch_size=args.batch_size, manifests=args.manifests,
@@ -91,7 +91,9 @@ def _fail(e: Exception) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from lorax.serving.predict import ServingError, check_output_path, collect_inputs, write_table
+    from lorax.serving.errors import ServingError
+    from lorax.serving.inputs import collect_inputs
+    from lorax.serving.predict import check_output_path, write_table
 
     try:
         out = check_output_path(args.out)
@@ -114,7 +116,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from lorax.serving.predict import ServingError, collect_inputs
+    from lorax.serving.errors import ServingError
+    from lorax.serving.inputs import collect_inputs
     from lorax.serving.scan import scan_inbox
 
     if args.min_group < 1 or args.max_groups < 2:
@@ -137,7 +140,8 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from lorax.serving.openset import OpenSetStats, calibrate_state
+    from lorax.serving.calibration import calibrate_state
+    from lorax.serving.openset import OpenSetStats
 
     out = calibrate_state(args.state, args.manifests, args.out, device=args.device, require_fake=args.require_fake)
     stats = OpenSetStats.load(out)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipelines.cli import main
 from lorax.data.images import BadImage, open_image
-from lorax.serving.predict import Refused, collect_inputs
+from lorax.serving.inputs import Refused, collect_inputs
 from lorax.serving.scan import scan_inbox
 from tests.conftest import PARAMS_YAML
 from tests.pipelines.conftest import tool_env

@@ -24,7 +24,7 @@ from PIL import Image
 
 from lorax.serving.predict import COLUMNS
 from lorax.serving.rows import ENV_ROOT, PATHS_REFUSED, RootError, image_root, parse_value
-from tests.pipelines.serving.test_serve import MODEL, registry, start_server, stop_server, wait_up  # noqa: F401 (fixture)
+from tests.pipelines.serving.test_serve import MODEL, start_server, stop_server, wait_up
 
 
 def _png(size: int = 20) -> bytes:
@@ -174,7 +174,7 @@ def test_saved_root_env_override_and_mixed_batch_in_process(stream, tree, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def servers(stream, registry, tmp_path_factory):  # noqa: F811 (the imported registry fixture)
+def servers(stream, registry, tmp_path_factory):
     """(port without a root, port with one, files): both servers started together, once."""
     work = tmp_path_factory.mktemp("security-serve")
     root = work / "inbox"

@@ -12,6 +12,7 @@ import pytest
 from sklearn.covariance import LedoitWolf
 
 from pipelines.cli import main
+from lorax.serving.errors import ServingError
 from lorax.serving.openset import (
     CalibrationError,
     OpenSetStats,
@@ -20,7 +21,7 @@ from lorax.serving.openset import (
     openset_dir,
     set_threshold,
 )
-from lorax.serving.predict import Predictor, ServingError
+from lorax.serving.predict import Predictor
 from lorax.serving.scan import cluster, scan_inbox
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import zlib
 from pathlib import Path
@@ -14,7 +13,9 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main
-from lorax.serving.predict import COLUMNS, Predictor, ServingError, collect_inputs, write_table
+from lorax.serving.errors import ServingError
+from lorax.serving.inputs import collect_inputs
+from lorax.serving.predict import COLUMNS, Predictor, write_table
 
 
 def _rgb(h: int = 24, w: int = 24, seed: int = 0) -> np.ndarray:
@@ -187,17 +188,11 @@ def test_cli_predict(stream, tmp_path: Path, capsys) -> None:
     assert pd.read_csv(tmp_path / "bad.csv")["error"].iloc[0].startswith("not an image")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_predict_nothing_to_do(stream, tmp_path: Path, capsys, monkeypatch) -> None:
     img = str(stream.val_images("deconv")[0])
     (tmp_path / "empty").mkdir()
     out = str(tmp_path / "p.csv")
-    monkeypatch.chdir(tmp_path)  # no params.yaml here: the registry comes from MLFLOW_TRACKING_URI or the default
+    monkeypatch.chdir(tmp_path)
 
     assert main(["predict", str(tmp_path / "empty"), "--model", str(stream.state), "--out", out]) == 2
     assert "no images to predict" in capsys.readouterr().err
@@ -207,15 +202,4 @@ def test_cli_predict_nothing_to_do(stream, tmp_path: Path, capsys, monkeypatch) 
     assert "not a lorax state" in capsys.readouterr().err
     assert main(["predict", img, "--model", str(stream.state), "--out", str(tmp_path / "p.txt")]) == 2
     assert "unknown format .txt" in capsys.readouterr().err
-
-    port = _closed_port()  # a registry that is down
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    assert main(["predict", img, "--model", "models:/lorax-attributor@champion", "--out", out]) == 2
-    err = capsys.readouterr().err
-    assert "registry is not available" in err and f"127.0.0.1:{port}" in err and "not reachable" in err
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")  # no store at all
-    assert main(["predict", img, "--model", "models:/lorax-attributor@champion", "--out", out]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "none.db").exists()
     assert not Path(out).exists()

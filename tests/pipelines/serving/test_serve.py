@@ -19,7 +19,6 @@ import pytest
 
 from pipelines.cli import main
 from lorax.serving.predict import COLUMNS
-from lorax.continual.state import state_hash
 
 MODEL = "models:/lorax-attributor@champion"
 SERVER_START_S = 180  # bounded wait for the server to answer /ping
@@ -29,27 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def registry(stream, tmp_path_factory):
-    """The stream's last state registered (with its open-set calibration) as champion in a sqlite store."""
-    from pipelines.tracking import model_registry as reg
-    from pipelines.tracking.tracker import Tracker
-
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    params = stream.params.model_copy(deep=True)
-    params.tracking.uri = uri
-    tracker = Tracker(params, root)
-    parent = tracker.start_stream(params.tasks)
-    run_id = tracker.start_task(parent, params.tasks[-1], len(params.tasks) - 1)
-    ev = json.loads((stream.out / "eval" / f"{params.tasks[-1]}.json").read_text())
-    rec = reg.register(tracker, task=params.tasks[-1], tasks=params.tasks, state_dir=stream.state,
-                       memory_path=stream.out / "memory" / f"{params.tasks[-1]}.parquet", eval_result=ev,
-                       run_id=run_id, state_id=state_hash(stream.state))
-    assert "champion" in rec["aliases"]
-    return uri
 
 
 def _images(stream, tmp_path: Path) -> list[Path]:
@@ -140,19 +118,6 @@ def test_served_model_answers_like_lorax_predict(stream, registry, tmp_path: Pat
             else:
                 assert a == b, col
     assert got[classes][:4].sum(axis=1).to_numpy() == pytest.approx([1.0] * 4, abs=1e-5)
-
-
-def test_model_uri_not_in_the_registry(stream, registry, tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
-    monkeypatch.setenv("LORAX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    img = str(stream.val_images("deconv")[0])
-    for uri in ("models:/no-such-model@champion", "models:/lorax-attributor@no-such-alias",
-                "models:/lorax-attributor/99"):
-        assert main(["predict", img, "--model", uri, "--out", str(tmp_path / "p.csv")]) == 2
-        err = capsys.readouterr().err
-        assert "not found in the registry" in err and "Registered models: lorax-attributor" in err, err
-    assert not (tmp_path / "p.csv").exists()
 
 
 def test_saving_the_model_prints_no_signature_warning_and_it_loads(stream, tmp_path: Path) -> None:

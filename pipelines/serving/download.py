@@ -1,0 +1,133 @@
+"""A ``--model`` that names a registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...``):
+resolved in the MLflow registry and its artifacts downloaded once into a local cache; then a Predictor.
+
+The registry is the one of ``tracking.uri`` in ``params_path`` / ``MLFLOW_TRACKING_URI`` / the project's sqlite
+store. A registered version is downloaded once into ``$LORAX_CACHE_DIR/models`` (default ``~/.cache/lorax``), keyed
+by registry and version. Local models (state folders, model folders, ``lorax train`` outputs) are handled by the
+library (:mod:`lorax.serving.load`) without MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from lorax.serving.errors import ServingError
+from lorax.serving.load import ResolvedModel, from_model_folder, is_model_uri, predictor_for, resolve_local
+from lorax.serving.predict import Predictor
+
+
+def tracking_config(params_path: str | Path | None):
+    """The ``tracking`` section of ``params_path`` when that file exists, else the defaults."""
+    import yaml
+
+    from lorax.config import TrackingConfig
+
+    if params_path is not None and Path(params_path).is_file():
+        raw = yaml.safe_load(Path(params_path).read_text()) or {}
+        return TrackingConfig(**(raw.get("tracking") or {}))
+    return TrackingConfig()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAX_CACHE_DIR") or Path.home() / ".cache" / "lorax") / "models"
+
+
+def _registry_uri(params_path: str | Path | None, model: str) -> str:
+    from pipelines.tracking.uri import TrackingUnavailable, check_reachable
+
+    cfg = tracking_config(params_path)
+    root = Path(params_path).resolve().parent if params_path is not None and Path(params_path).is_file() else Path(".")
+    try:
+        uri = check_reachable(cfg, root)
+    except TrackingUnavailable as e:
+        raise ServingError(f"--model {model}: the model registry is not available. {e}") from None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise ServingError(f"--model {model}: the registry store {db} does not exist (from {uri}); point "
+                               "MLFLOW_TRACKING_URI or tracking.uri at the store the model was registered in, or "
+                               "give a state folder instead")
+    if uri.startswith(("http://", "https://")):  # a registry that dies mid-call fails in seconds
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    return uri
+
+
+def _registered_version(client, model: str, uri: str):
+    """The ModelVersion that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names; None for other forms."""
+    from mlflow.exceptions import MlflowException
+
+    ref = model[len("models:/"):]
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = ref.rpartition("/")
+        if name and version.isdigit():
+            return client.get_model_version(name, version)
+        return None
+    except MlflowException as e:
+        try:
+            known = sorted(m.name for m in client.search_registered_models(max_results=50))
+        except MlflowException:
+            known = []
+        raise ServingError(
+            f"--model {model}: not found in the registry {uri} ({e.message.splitlines()[0]}). Registered models: "
+            f"{', '.join(known) or 'none'}; use models:/NAME@ALIAS (e.g. models:/lorax-attributor@champion) or "
+            f"models:/NAME/VERSION"
+        ) from None
+
+
+def resolve_model(model: str, params_path: str | Path | None = "params.yaml") -> ResolvedModel:
+    """A ``--model`` argument -> a local state directory (downloading registered models into a cache).
+
+    Local: a state folder, an MLflow model folder, or a ``lorax train`` output folder (its last task; see
+    :func:`lorax.serving.load.resolve_local`).
+    URIs (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...``): the registry of ``tracking.uri`` in
+    ``params_path`` / ``MLFLOW_TRACKING_URI`` / the project's sqlite store. A registered version is downloaded
+    once into ``$LORAX_CACHE_DIR/models`` (default ``~/.cache/lorax``), keyed by registry and version.
+    """
+    import hashlib
+
+    if not is_model_uri(model):
+        return resolve_local(model)
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = _registry_uri(params_path, model)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    mv = _registered_version(client, model, uri) if model.startswith("models:/") else None
+    target = f"models:/{mv.name}/{mv.version}" if mv is not None else model
+    key = hashlib.sha1(f"{uri}\n{target}\n{mv.source if mv is not None else ''}".encode()).hexdigest()[:16]
+    dest = cache_root() / key
+    if mv is None or not (dest / "model" / "MLmodel").is_file():
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=str(tmp / "dl")))
+        except (MlflowException, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ServingError(f"--model {model}: cannot download it from {uri}: {str(e).splitlines()[0]}") from None
+        if not (local / "MLmodel").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ServingError(f"--model {model}: the downloaded artifact has no MLmodel file; not a model")
+        shutil.move(str(local), str(tmp / "model"))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    label = f"{model} (version {mv.version})" if mv is not None else model
+    return from_model_folder(dest / "model", label)
+
+
+def load_predictor(model: str, params_path: str | Path | None = "params.yaml", *, device: str = "auto",
+                   crops: int | None = None, batch_size: int | None = None, manifests: str | Path | None = None,
+                   openset: bool = True) -> Predictor:
+    """A ``--model`` argument (state folder, model folder or ``models:/...`` URI) ready to predict, with its
+    open-set calibration (:func:`lorax.serving.load.model_openset`) unless ``openset`` is False."""
+    return predictor_for(resolve_model(model, params_path), device=device, crops=crops, batch_size=batch_size,
+                         manifests=manifests, openset=openset)
