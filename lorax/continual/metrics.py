@@ -1,4 +1,5 @@
-"""Continual-attribution metrics (LoRAX / DyTox conventions).
+"""Continual-attribution metrics (LoRAX / DyTox conventions). (Over 350 lines: every figure of the protocol,
+defined once and side by side, so that the definitions can be read and checked together.)
 
 Class layout: task ``i`` owns class ``2i`` (its real images) and ``2i+1`` (its fakes).
 
@@ -236,7 +237,7 @@ def binary_decision(fake_score: np.ndarray, is_fake: np.ndarray, folds: int = 2)
     fitted on the others, so no image is scored by a threshold fitted on it. ``binary_ap``: pooled, threshold-free
     AP (fakes positive); NaN when only one class is present.
     """
-    from lorax.detect.evaluate import fit_threshold  # torch and sklearn: only when scoring
+    from lorax.utils.binary import fit_threshold
 
     score = np.asarray(fake_score, dtype=np.float64).reshape(-1)
     y = np.asarray(is_fake).reshape(-1).astype(np.int64)

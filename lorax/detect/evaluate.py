@@ -20,6 +20,7 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from lorax.data.dataset import make_loader
+from lorax.utils.binary import fit_threshold
 from lorax.detect.augment import gaussian_blur, jpeg, perturb_batch
 
 __all__ = [
@@ -65,28 +66,6 @@ def predict_scores(
             logits = det(x.to(device, non_blocking=True))
         out[rows.numpy()] = torch.sigmoid(logits.float()).cpu().numpy()
     return out
-
-
-def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold t (fake iff score >= t) of highest accuracy on ``(scores, labels)``.
-
-    Candidates are the midpoints between consecutive distinct scores and the two ends; among equally accurate ones
-    the middle of the best run is taken, which keeps the threshold away from the scores it separates.
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(int)
-    if scores.size == 0:
-        raise ValueError("fit_threshold: no validation images of the training generators to fit the threshold on")
-    if scores.shape != labels.shape:
-        raise ValueError(f"fit_threshold: {scores.size} scores but {labels.size} labels")
-    uniq = np.unique(scores)
-    cands = np.concatenate([[uniq[0]], (uniq[:-1] + uniq[1:]) / 2, [np.nextafter(uniq[-1], np.inf)]])
-    # accuracy of each candidate: fakes at or above it + reals below it
-    real_sorted, fake_sorted = np.sort(scores[labels == 0]), np.sort(scores[labels == 1])
-    reals_below = np.searchsorted(real_sorted, cands, side="left")
-    fakes_above = fake_sorted.size - np.searchsorted(fake_sorted, cands, side="left")
-    acc = (reals_below + fakes_above) / scores.size
-    best = np.flatnonzero(acc == acc.max())
-    return float(cands[best[len(best) // 2]])
 
 
 def _percent(x: np.ndarray) -> float | None:

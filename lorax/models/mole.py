@@ -35,7 +35,7 @@ so those linears are wrapped directly. open_clip blocks use ``nn.MultiheadAttent
 self-attention-only equivalent whose ``in_proj`` (q, k and v together, one router) and ``out_proj`` are MoLE layers
 over the same frozen weights. ConViT's ``pos_proj`` (3 -> heads, positional) is never wrapped.
 
-Why one file of ~400 lines (40 of them this docstring): it is one mechanism, the MoLE linear, the attention module
+(Over 350 lines: ~400, 40 of them this docstring.) Why one file: it is one mechanism, the MoLE linear, the attention module
 made of MoLE linears, and the small functions that apply, collect, save and time them; the design notes above
 cover all of it. ``mole_adapters`` (LoRAX's MoLE adapter set) builds on it.
 """
