@@ -149,8 +149,8 @@ def test_killed_training_resumes_and_leaves_earlier_tasks_alone(repo: Path) -> N
 
 
 def test_a_code_change_reruns_what_it_affects(repo: Path) -> None:
-    """Editing the trainer makes every training stale (and what follows it), never the data stages; editing the
-    report's summary code makes only the report stale."""
+    """Editing the trainer makes every training stale, never the data stages; editing the stream summary (the
+    report's figures, also in the registered versions' model cards) makes only register and report stale."""
     def stale_after_editing(rel: str) -> set[str]:
         path = repo / rel
         text = path.read_text()
@@ -164,7 +164,8 @@ def test_a_code_change_reruns_what_it_affects(repo: Path) -> None:
     trainer = stale_after_editing("lorax/continual/trainer.py")
     assert {f"train@{t}" for t in tasks} <= trainer
     assert not {s for s in trainer if s.startswith(("synth@", "prepare@"))}
-    assert stale_after_editing("lorax/continual/summary.py") == {"report"}
+    assert stale_after_editing("lorax/continual/summary.py") == {f"register@{t}" for t in tasks} | {"report"}
+    assert stale_after_editing("lorax/data/prepare.py") == {f"prepare@{t}" for t in tasks}
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
 
 
