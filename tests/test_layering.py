@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN_IN_LIBRARY = ("mlflow", "prefect", "dvc", "pipelines", "benchmarks")
 # Entry-point shims: a module that only runs another one under ``python -m`` (no import, never imported itself).
-ENTRY_SHIMS = {"lorax/continual/ddp.py": "pipelines.ddp"}
+ENTRY_SHIMS = {"lorax/continual/ddp.py": "pipelines.ddp", "lorax/cli.py": "pipelines.cli"}
 MAX_LINES = 350
 
 
@@ -106,7 +106,8 @@ def test_library_imports_no_orchestration() -> None:
 
 
 def test_entry_shims_only_forward() -> None:
-    """The old ``-m lorax.continual.ddp`` spelling runs pipelines.ddp by name, holds no code, and nothing imports it."""
+    """The old ``-m lorax.continual.ddp`` and ``-m lorax.cli`` spellings run their pipelines module by name, hold no
+    code, and nothing imports them; and they still work."""
     graph = project_graph()
     for rel, target in ENTRY_SHIMS.items():
         tree = ast.parse((REPO / rel).read_text())
@@ -134,3 +135,12 @@ def test_long_modules_say_why() -> None:
         if len(lines) > MAX_LINES and f"over {MAX_LINES} lines:" not in doc:
             long.append(f"{path.relative_to(REPO)} ({len(lines)} lines)")
     assert long == []
+
+
+def test_old_command_spelling_runs_the_command() -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "lorax.cli", "stream", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert res.returncode == 0 and "add" in res.stdout
