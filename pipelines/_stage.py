@@ -53,10 +53,26 @@ class ImportClock:
 IMPORTS = ImportClock() if os.environ.get("LORAX_STAGE_TIMES") else None
 
 
-def run_stage(name: str, step: Callable[..., Any], *, task: bool = True, tracking: bool = False,
+def run_stage(name: str, step: str | Callable[..., Any], *, task: bool = True, tracking: bool = False,
               argv: list[str] | None = None) -> int:
-    """Parse ``[TASK] [--params P] [--root R]``, load the settings and call ``step(params, layout[, task][, tracker])``."""
+    """Parse ``[TASK] [--params P] [--root R]``, load the settings and call ``step(params, layout[, task][, tracker])``.
+
+    ``step``: the function, or ``"module:function"`` (imported only here: a stage started as ``python -m`` first
+    hands itself to the warm stage server, :mod:`pipelines.warm`, before importing anything heavy)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if argv is None and main_spec is not None and main_spec.name.startswith("pipelines."):
+        from pipelines import warm
+
+        if warm.enabled():
+            code = warm.run_warm(main_spec.name, sys.argv[1:])
+            if code is not None:
+                return code
+    if isinstance(step, str):
+        import importlib
+
+        module, _, func = step.partition(":")
+        step = getattr(importlib.import_module(module), func)
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=step.__doc__)
     if task:
         parser.add_argument("task", help="task (generator) name, a key of params.yaml stream")
@@ -114,7 +130,7 @@ def record_times(label: str, step_start: float, step_imports: float = 0.0) -> No
         with open(path, "a") as f:
             f.write(json.dumps({"stage": label, "startup_s": round(step_start - process_start(), 3),
                                 "step_s": round(now - step_start, 3), "step_imports_s": round(step_imports, 3),
-                                "end": round(now, 3)}) + "\n")
+                                "warm": bool(os.environ.get("LORAX_WARM_CHILD")), "end": round(now, 3)}) + "\n")
     if path := os.environ.get("LORAX_STAGE_MODULES"):
         root = Path.cwd().resolve()
         files = set()

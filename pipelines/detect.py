@@ -2,7 +2,6 @@
 evaluate it on the project's other manifests, log one MLflow run. ``python -m pipelines.detect``"""
 
 from pipelines._stage import exit_now, run_stage
-from pipelines.detection import detect_step
 
 if __name__ == "__main__":
-    exit_now(run_stage("detect", detect_step, task=False, tracking=True))
+    exit_now(run_stage("detect", "pipelines.detection:detect_step", task=False, tracking=True))

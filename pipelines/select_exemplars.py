@@ -3,8 +3,7 @@
 (Not ``pipelines/select.py``: run as a script that name would shadow the standard library's ``select``.)
 """
 
-from pipelines import steps
 from pipelines._stage import exit_now, run_stage
 
 if __name__ == "__main__":
-    exit_now(run_stage("select", steps.select_step))
+    exit_now(run_stage("select", "pipelines.steps:select_step"))

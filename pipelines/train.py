@@ -1,7 +1,6 @@
 """DVC stage ``train@TASK``: train one task on its predecessor's state. ``python -m pipelines.train TASK``"""
 
-from pipelines import steps
 from pipelines._stage import exit_now, run_stage
 
 if __name__ == "__main__":
-    exit_now(run_stage("train", steps.train_step, tracking=True))
+    exit_now(run_stage("train", "pipelines.steps:train_step", tracking=True))
