@@ -11,13 +11,15 @@ as before and starts one in the background for the stages that follow.
 
 Why it is safe to reuse: the server is keyed by the interpreter and every source file of ``lorax/`` and
 ``pipelines/`` (path, size, mtime), so an edited file starts a new server (the old one exits when idle); it runs
-no torch operation and no thread before forking (the children start from freshly imported modules); it serves only
-its own user (the socket's folder is private and every peer's uid is checked). ``LORAX_WARM=0`` switches it off.
+no torch operation and starts no Python thread before forking (children start from freshly imported modules, as
+DataLoader workers forked after ``import torch`` do); it serves only
+its own user (the socket's folder is private and every peer's uid is checked). The environment that libraries read
+when they load (thread counts, devices, hub and tracking settings) is part of the key too. ``LORAX_WARM=0``
+switches it off.
 """
 
 from __future__ import annotations
 
-import array
 import hashlib
 import json
 import os
@@ -44,9 +46,17 @@ def enabled() -> bool:
     return os.environ.get("LORAX_WARM", "1") != "0" and not os.environ.get(CHILD_ENV) and sys.platform == "linux"
 
 
+# environment read when libraries load (thread pools, devices, hub and tracking settings): part of the key
+IMPORT_ENV = ("OMP_", "MKL_", "OPENBLAS_", "CUDA_", "TORCH", "PYTORCH_", "NCCL_", "HF_", "TRANSFORMERS_", "MLFLOW_",
+              "PYTHON", "LD_", "PREFECT_")
+
+
 def source_key(root: Path) -> str:
-    """The interpreter and every source file of the project's code: a server serves exactly this version."""
+    """The interpreter, the environment libraries read when they load, and every source file of the project's
+    code: a server serves exactly this version."""
     h = hashlib.sha256(f"{sys.executable}\0{root}\0".encode())
+    for k in sorted(k for k in os.environ if k.startswith(IMPORT_ENV)):
+        h.update(f"{k}={os.environ[k]}\0".encode())
     for pkg in ("lorax", "pipelines"):
         for f in sorted((root / pkg).rglob("*.py")):
             st = f.stat()
