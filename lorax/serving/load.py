@@ -1,18 +1,16 @@
-"""A local ``--model`` made ready to predict: a state folder, an MLflow model folder or a ``lorax train`` output
-folder -> a :class:`~lorax.serving.predict.Predictor` with its open-set calibration.
+"""A resolved model (its state folder, and the open-set folder it carries) made ready to predict: a
+:class:`~lorax.serving.predict.Predictor` with its open-set calibration.
 
-Registry URIs (``models:/...``) are downloaded into a local MLflow model folder by
-:mod:`pipelines.serving.download`, which then uses :func:`from_model_folder` and :func:`predictor_for` from here.
+What a ``--model`` argument names (a state folder, an MLflow model folder, a ``lorax train`` output folder, a
+registry URI) is resolved by :mod:`pipelines.serving.download`, which knows those layouts.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorax.serving.errors import ServingError
 from lorax.serving.predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -25,55 +23,6 @@ class ResolvedModel:
     state_dir: Path
     openset_dir: Path | None
     source: str
-
-
-def is_model_uri(model: str) -> bool:
-    """``models:/``, ``runs:/`` and other scheme URIs go to MLflow; anything else is a local path."""
-    import re
-
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", model)) and not Path(model).exists()
-
-
-def from_model_folder(folder: str | Path, source: str = "") -> ResolvedModel:
-    """An MLflow pyfunc model folder (``MLmodel`` + artifacts) -> its state and open-set artifacts."""
-    import yaml
-
-    folder = Path(folder)
-    spec = yaml.safe_load((folder / "MLmodel").read_text())
-    arts = (spec.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}
-    if "state" not in arts:
-        raise ServingError(f"{source or folder}: an MLflow model without a lorax state artifact; it was not "
-                           "saved by lorax (pipelines.serving.pyfunc.save_attributor)")
-    state = folder / arts["state"]["path"]
-    openset = folder / arts["openset"]["path"] if "openset" in arts else None
-    return ResolvedModel(state, openset, source or str(folder))
-
-
-def _local_model(path: Path) -> ResolvedModel:
-    from lorax.continual.state import is_state
-
-    if is_state(path):
-        return ResolvedModel(path, None, str(path))
-    if (path / "MLmodel").is_file():
-        return from_model_folder(path)
-    states = sorted(p.name for p in (path / "state").glob("*") if is_state(p)) if (path / "state").is_dir() else []
-    if states and (path / "metrics.json").is_file():  # a `lorax train` output folder: its last task
-        tasks = json.loads((path / "metrics.json").read_text()).get("tasks") or []
-        if tasks and is_state(path / "state" / tasks[-1]):
-            return ResolvedModel(path / "state" / tasks[-1], None, str(path))
-    hint = f"; states found: {', '.join(str(path / 'state' / s) for s in states)}" if states else ""
-    raise ServingError(f"--model {path}: not a lorax state (no state.json) nor an MLflow model (no MLmodel){hint}. "
-                       "Give a state folder (OUT/state/<task>) or a model URI (models:/lorax-attributor@champion)")
-
-
-def resolve_local(model: str) -> ResolvedModel:
-    """A ``--model`` argument that is not a model URI: a state folder, an MLflow model folder, or a ``lorax train``
-    output folder (its last task)."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ServingError(f"--model {model}: no such folder, and not a model URI; give a state folder "
-                           "(OUT/state/<task>) or models:/lorax-attributor@champion")
-    return _local_model(path)
 
 
 def model_openset(resolved: ResolvedModel, manifests: str | Path | None = None, device: str = "auto"):

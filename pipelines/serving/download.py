@@ -1,20 +1,22 @@
-"""A ``--model`` that names a registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...``):
-resolved in the MLflow registry and its artifacts downloaded once into a local cache; then a Predictor.
+"""What a ``--model`` argument names, made local: a registered model (``models:/NAME@ALIAS``,
+``models:/NAME/VERSION``, ``runs:/...``) resolved in the MLflow registry and its artifacts downloaded once into a
+local cache; or a local state folder, MLflow model folder or ``lorax train`` output folder (:func:`resolve_local`).
+Then a Predictor (:mod:`lorax.serving.load`).
 
 The registry is the one of ``tracking.uri`` in ``params_path`` / ``MLFLOW_TRACKING_URI`` / the project's sqlite
 store. A registered version is downloaded once into ``$LORAX_CACHE_DIR/models`` (default ``~/.cache/lorax``), keyed
-by registry and version. Local models (state folders, model folders, ``lorax train`` outputs) are handled by the
-library (:mod:`lorax.serving.load`) without MLflow.
+by registry and version. Local models need no MLflow.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 from lorax.serving.errors import ServingError
-from lorax.serving.load import ResolvedModel, from_model_folder, is_model_uri, predictor_for, resolve_local
+from lorax.serving.load import ResolvedModel, predictor_for
 from lorax.serving.predict import Predictor
 
 
@@ -84,7 +86,7 @@ def resolve_model(model: str, params_path: str | Path | None = "params.yaml") ->
     """A ``--model`` argument -> a local state directory (downloading registered models into a cache).
 
     Local: a state folder, an MLflow model folder, or a ``lorax train`` output folder (its last task; see
-    :func:`lorax.serving.load.resolve_local`).
+    :func:`resolve_local`).
     URIs (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...``): the registry of ``tracking.uri`` in
     ``params_path`` / ``MLFLOW_TRACKING_URI`` / the project's sqlite store. A registered version is downloaded
     once into ``$LORAX_CACHE_DIR/models`` (default ``~/.cache/lorax``), keyed by registry and version.
@@ -131,3 +133,53 @@ def load_predictor(model: str, params_path: str | Path | None = "params.yaml", *
     open-set calibration (:func:`lorax.serving.load.model_openset`) unless ``openset`` is False."""
     return predictor_for(resolve_model(model, params_path), device=device, crops=crops, batch_size=batch_size,
                          manifests=manifests, openset=openset)
+
+
+# ------------------------------------------------------------------------------------------------ local models
+def is_model_uri(model: str) -> bool:
+    """``models:/``, ``runs:/`` and other scheme URIs go to MLflow; anything else is a local path."""
+    import re
+
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", model)) and not Path(model).exists()
+
+
+def from_model_folder(folder: str | Path, source: str = "") -> ResolvedModel:
+    """An MLflow pyfunc model folder (``MLmodel`` + artifacts) -> its state and open-set artifacts."""
+    import yaml
+
+    folder = Path(folder)
+    spec = yaml.safe_load((folder / "MLmodel").read_text())
+    arts = (spec.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}
+    if "state" not in arts:
+        raise ServingError(f"{source or folder}: an MLflow model without a lorax state artifact; it was not "
+                           "saved by lorax (pipelines.serving.pyfunc.save_attributor)")
+    state = folder / arts["state"]["path"]
+    openset = folder / arts["openset"]["path"] if "openset" in arts else None
+    return ResolvedModel(state, openset, source or str(folder))
+
+
+def _local_model(path: Path) -> ResolvedModel:
+    from lorax.continual.state import is_state
+
+    if is_state(path):
+        return ResolvedModel(path, None, str(path))
+    if (path / "MLmodel").is_file():
+        return from_model_folder(path)
+    states = sorted(p.name for p in (path / "state").glob("*") if is_state(p)) if (path / "state").is_dir() else []
+    if states and (path / "metrics.json").is_file():  # a `lorax train` output folder: its last task
+        tasks = json.loads((path / "metrics.json").read_text()).get("tasks") or []
+        if tasks and is_state(path / "state" / tasks[-1]):
+            return ResolvedModel(path / "state" / tasks[-1], None, str(path))
+    hint = f"; states found: {', '.join(str(path / 'state' / s) for s in states)}" if states else ""
+    raise ServingError(f"--model {path}: not a lorax state (no state.json) nor an MLflow model (no MLmodel){hint}. "
+                       "Give a state folder (OUT/state/<task>) or a model URI (models:/lorax-attributor@champion)")
+
+
+def resolve_local(model: str) -> ResolvedModel:
+    """A ``--model`` argument that is not a model URI: a state folder, an MLflow model folder, or a ``lorax train``
+    output folder (its last task)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ServingError(f"--model {model}: no such folder, and not a model URI; give a state folder "
+                           "(OUT/state/<task>) or models:/lorax-attributor@champion")
+    return _local_model(path)
