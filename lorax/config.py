@@ -129,6 +129,11 @@ class ContinualConfig(_Section):
     memory_per_class: int = Field(20, ge=0)
     selection: Literal["herding", "random", "closest"] = "herding"
     diversity_weight: float = Field(0.1, ge=0.0)
+    # after each task, refit the class head on the standardised super-features of the task's train rows + memory
+    # (lorax/continual/head.py): linear = off (the AdamW-trained head) | refit (logistic regression) | ncm
+    head: Literal["linear", "refit", "ncm"] = "linear"
+    head_c: float = Field(1.0, gt=0)  # refit: inverse L2 strength (C * sum CE + |W|^2 / 2, scikit-learn's C)
+    head_max_iter: int = Field(300, ge=1)  # refit: L-BFGS iterations
 
 
 class TrainConfig(_Section):

@@ -62,7 +62,8 @@ def run_task_steps(
     if not is_state(state_out) or read_info(state_out).get("tasks") != tasks[: i + 1]:
         memory = ExemplarMemory.load(prev_memory) if prev_memory is not None and prev_memory.is_file() else None
         history = [manifests[t] for t in tasks[:i]]
-        train_task(prev_state, manifests[task], memory, params, state_out, history=history, callback=callback)
+        train_task(prev_state, manifests[task], memory, params, state_out, history=history, callback=callback,
+                   store=store)
     method = None
     if not memory_out.is_file():
         method, _ = load_state(state_out, params=params)

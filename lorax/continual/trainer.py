@@ -207,11 +207,14 @@ def train_task(
     history: list[pd.DataFrame] | None = None,
     callback: EpochCallback | None = None,
     extra_info: dict[str, Any] | None = None,
+    store: EmbeddingStore | None = None,
 ) -> Path:
     """Add the task in ``task_manifest`` to the model in ``previous_state`` (None: first task) and train it.
 
     ``memory`` holds the exemplars of the earlier classes (replayed with this task's data); ``history`` the earlier
     tasks' manifests (only the joint oracle trains on them). Returns ``out_dir``, a complete state.
+    ``continual.head`` refit | ncm: the class head is then refit on those rows (:func:`refit_class_head`);
+    ``store``: where that refit reads and keeps LoRAX's embeddings.
     """
     out_dir = Path(out_dir)
     task = str(task_manifest["task"].iloc[0])
@@ -329,6 +332,9 @@ def train_task(
                 tmp,
             )
 
+    head_info = {}
+    if params.continual.head != "linear" and ctx.is_main:
+        head_info = refit_class_head(method, rows, params, device, store)
     method.to("cpu").eval()
     info = {
         "task": task,
@@ -338,6 +344,7 @@ def train_task(
         "epochs": history_rows,
         "backbone_params": _backbone_param_count(method),
         "backbone_pretrained": bool(params.model.pretrained),
+        **head_info,
         **(extra_info or {}),
     }
     if ctx.is_main:
@@ -345,6 +352,36 @@ def train_task(
         shutil.rmtree(ckpt.parent, ignore_errors=True)
     ctx.barrier()  # the other ranks read the state rank 0 wrote
     return out_dir
+
+
+def _class_head(method: Method) -> torch.nn.Linear:
+    head = getattr(getattr(method, "net", None), "head", None) or getattr(method, "head", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"continual.head: method {method.name!r} has no linear class head to refit")
+    return head
+
+
+def refit_class_head(method: Method, rows: pd.DataFrame, params: Params, device: torch.device,
+                     store: EmbeddingStore | None = None) -> dict[str, Any]:
+    """Replace the class head by one refit (``continual.head``: refit | ncm; :mod:`lorax.continual.head`) on the
+    eval-view features (``eval.crops`` averaged) of ``rows`` (this task's train rows + the replayed exemplars).
+    Returns the state info's ``head`` entry."""
+    from lorax.continual.head import refit_head
+
+    c = params.continual
+    t0 = time.time()
+    head = _class_head(method)
+    _, feats = predict_logits(method, rows, params, device, features=True, desc="head refit", store=store)
+    x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+    if x.shape[1] != head.in_features:
+        raise ValueError(f"continual.head: features of width {x.shape[1]} do not feed a head of {head.in_features}")
+    w, b = refit_head(x, torch.tensor(rows["class_id"].to_numpy(np.int64)), head.out_features, c.head,
+                      c.head_c, c.head_max_iter)
+    with torch.no_grad():
+        head.weight.copy_(w.to(head.weight.device))
+        head.bias.copy_(b.to(head.bias.device))
+    log.info("head refit (%s) on %d rows x %d features: %.1f s", c.head, len(rows), x.shape[1], time.time() - t0)
+    return {"head": {"kind": c.head, "c": c.head_c, "rows": len(rows), "seconds": round(time.time() - t0, 2)}}
 
 
 def _frozen_backbone(method: Method) -> torch.nn.Module:
