@@ -179,6 +179,13 @@ class ContinualConfig(_Section):
     selection: Literal["herding", "random", "closest"] = Field(
         "herding", description="how exemplars are chosen: herding (iCaRL) | random | closest (to the class mean)")
     diversity_weight: float = Field(0.1, ge=0.0, description="w in loss = CE(head) + w * CE(diversity head)")
+    head: Literal["linear", "refit", "ncm"] = Field(
+        "linear", description="the class head after each task: linear (the AdamW-trained head as is) | refit (refit "
+        "as a logistic regression on the standardised super-features of the task's train rows + memory; "
+        "lorax/continual/head.py) | ncm (nearest class mean)")
+    head_c: float = Field(1.0, gt=0, description="refit: inverse L2 strength C (C * sum CE + |W|^2 / 2, "
+                          "scikit-learn's C)")
+    head_max_iter: int = Field(300, ge=1, description="refit: L-BFGS iterations")
 
 
 class TrainConfig(_Section):

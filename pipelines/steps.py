@@ -154,7 +154,8 @@ def train_step(params: Params, layout: Layout, task: str, tracker=None) -> Path:
                 "tracking_uri": tracker.uri if tracker else ids.get("tracking_uri")}
     try:
         train_task(prev_state, manifests[task], memory, params, out, history=[manifests[t] for t in tasks[:i]],
-                   callback=tracker.epoch_callback(run_id) if run_id else None, extra_info={"tracking": tracking})
+                   callback=tracker.epoch_callback(run_id) if run_id else None, extra_info={"tracking": tracking},
+                   store=embedding_store(params, layout))
     except BaseException as e:
         if run_id:
             with contextlib.suppress(Exception):

@@ -41,6 +41,8 @@ from lorax.data.dataset import ManifestDataset
 from lorax.data.manifest import check_no_val_in_training, verify_files
 from lorax.models.backbone_factory import weights_record
 from lorax.utils.io import atomic_path
+from lorax.continual.head import refit_class_head
+from lorax.continual.embedding_store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +140,14 @@ def train_task(
     history: list[pd.DataFrame] | None = None,
     callback: EpochCallback | None = None,
     extra_info: dict[str, Any] | None = None,
+    store: EmbeddingStore | None = None,
 ) -> Path:
     """Add the task in ``task_manifest`` to the model in ``previous_state`` (None: first task) and train it.
 
     ``memory`` holds the exemplars of the earlier classes (replayed with this task's data); ``history`` the earlier
     tasks' manifests (only the joint oracle trains on them). Returns ``out_dir``, a complete state.
+    ``continual.head`` refit | ncm: the class head is then refit on those rows (:func:`refit_class_head`);
+    ``store``: where that refit reads and keeps LoRAX's embeddings.
     """
     out_dir = Path(out_dir)
     task = str(task_manifest["task"].iloc[0])
@@ -260,6 +265,9 @@ def train_task(
                 tmp,
             )
 
+    head_info = {}
+    if params.continual.head != "linear" and ctx.is_main:
+        head_info = refit_class_head(method, rows, params, device, store)
     method.to("cpu").eval()
     info = {
         "task": task,
@@ -270,6 +278,7 @@ def train_task(
         "backbone_params": _backbone_param_count(method),
         "backbone_pretrained": bool(params.model.pretrained),
         "backbone_weights": weights_record(params.model),
+        **head_info,
         **(extra_info or {}),
     }
     if ctx.is_main:

@@ -1,0 +1,126 @@
+"""A convex head refit on stored features (``continual.head``: ``refit`` | ``ncm``; ``linear`` = off).
+
+After a task's adapter (and the AdamW head) are trained, the class head can be refit in closed form / by convex
+optimisation on the super-features of the rows it was trained on (this task's train rows + the exemplar memory),
+standardised with those rows' mean and std:
+
+* ``refit``: multinomial logistic regression, L2 penalty ``0.5 * |W|^2`` against ``C * sum(cross-entropy)``
+  (scikit-learn's objective; the bias is not penalised), solved by L-BFGS in float64.
+* ``ncm``: nearest class mean in the standardised space (logits ``z . m_c - |m_c|^2 / 2``).
+
+The standardisation is folded into the returned weights, ``W' = W / std``, ``b' = b - W' . mean``, so the result is
+an ordinary ``nn.Linear`` on the raw super-feature: it replaces the trained head in the state and evaluation,
+prediction and serving read it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lorax.config import Params
+    from lorax.continual.embedding_store import EmbeddingStore
+    from lorax.continual.methods import Method
+
+log = logging.getLogger(__name__)
+
+HEADS = ("linear", "refit", "ncm")
+
+
+def standardizer(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mean and std of ``x`` (std floored at ``eps``: constant columns stay 0 after standardising)."""
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False).clamp_min(eps)
+    return mean, std
+
+
+def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
+                 max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on (already standardised) ``z``: min C * sum CE + 0.5 |W|^2 (no bias penalty).
+    Returns ``(W (K, D), b (K))`` in float64; deterministic (full-batch L-BFGS from zero)."""
+    z = z.double()
+    n, d = z.shape
+    w = torch.zeros(n_classes, d, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
+                            history_size=20, line_search_fn="strong_wolfe")
+    scale = 1.0 / (C * n)  # the objective divided by C * n: same minimiser, better-conditioned numbers
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + 0.5 * scale * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def fit_ncm(z: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest class mean on ``z``: ``W = means``, ``b = -|means|^2 / 2`` (classes without rows: never chosen)."""
+    z = z.double()
+    w = torch.zeros(n_classes, z.shape[1], dtype=torch.float64)
+    b = torch.full((n_classes,), -1e9, dtype=torch.float64)
+    for c in range(n_classes):
+        sel = y == c
+        if sel.any():
+            w[c] = z[sel].mean(0)
+            b[c] = -0.5 * (w[c] * w[c]).sum()
+    return w, b
+
+
+def refit_head(features: torch.Tensor, y: torch.Tensor, n_classes: int, kind: str = "refit", C: float = 1.0,
+               max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight (K, D), bias (K))`` in float32 of a linear head on the RAW ``features`` (N, D): fitted on the
+    standardised features, the standardisation folded in."""
+    if kind not in ("refit", "ncm"):
+        raise ValueError(f"continual.head: {kind!r} is not a refit head (refit | ncm)")
+    x = features.double().cpu()
+    y = torch.as_tensor(y, dtype=torch.long).cpu()
+    missing = sorted(set(range(n_classes)) - set(y.unique().tolist()))
+    if missing:
+        log.warning("head refit: classes %s have no rows (no exemplar memory?): they are never predicted", missing)
+    mean, std = standardizer(x)
+    z = (x - mean) / std
+    w, b = fit_ncm(z, y, n_classes) if kind == "ncm" else fit_logistic(z, y, n_classes, C, max_iter)
+    w_raw = w / std
+    b_raw = b - w_raw @ mean
+    return w_raw.float(), b_raw.float()
+
+
+def _class_head(method: Method) -> torch.nn.Linear:
+    head = getattr(getattr(method, "net", None), "head", None) or getattr(method, "head", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"continual.head: method {method.name!r} has no linear class head to refit")
+    return head
+
+
+def refit_class_head(method: Method, rows: pd.DataFrame, params: Params, device: torch.device,
+                     store: EmbeddingStore | None = None) -> dict[str, Any]:
+    """Replace the class head by one refit (``continual.head``: refit | ncm; :mod:`lorax.continual.head`) on the
+    eval-view features (``eval.crops`` averaged) of ``rows`` (this task's train rows + the replayed exemplars).
+    Returns the state info's ``head`` entry."""
+    c = params.continual
+    t0 = time.time()
+    head = _class_head(method)
+    from lorax.continual.evaluation import predict_logits  # the model stack: only when a head is refit
+
+    _, feats = predict_logits(method, rows, params, device, features=True, desc="head refit", store=store)
+    x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+    if x.shape[1] != head.in_features:
+        raise ValueError(f"continual.head: features of width {x.shape[1]} do not feed a head of {head.in_features}")
+    w, b = refit_head(x, torch.tensor(rows["class_id"].to_numpy(np.int64)), head.out_features, c.head,
+                      c.head_c, c.head_max_iter)
+    with torch.no_grad():
+        head.weight.copy_(w.to(head.weight.device))
+        head.bias.copy_(b.to(head.bias.device))
+    log.info("head refit (%s) on %d rows x %d features: %.1f s", c.head, len(rows), x.shape[1], time.time() - t0)
+    return {"head": {"kind": c.head, "c": c.head_c, "rows": len(rows), "seconds": round(time.time() - t0, 2)}}

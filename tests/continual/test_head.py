@@ -1,0 +1,101 @@
+"""The refit class head (``continual.head``: refit | ncm): the solver, and train_task saving it in the state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorax.continual import trainer
+from lorax.continual.head import refit_head, standardizer
+from lorax.continual.state import load_state, read_info
+from lorax.continual.evaluation import predict_logits
+from lorax.continual.trainer import train_task, training_rows
+from tests.conftest import tiny_params
+
+
+def _toy(seed: int = 0, n: int = 60, d: int = 40, k: int = 4):
+    """Linearly separable classes hidden in one of ``d`` columns, the others large, offset noise: features on the
+    scale of raw super-features, where an unstandardised head has to learn the scale first."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % k
+    x = 50.0 + 20.0 * torch.randn(n, d, generator=g)
+    x[:, 3] = 0.01 * y.float() + 0.001 * torch.rand(n, generator=g)  # the class, in a tiny-variance column
+    return x, y
+
+
+@pytest.mark.parametrize("kind", ["refit", "ncm"])
+def test_refit_head_separates_what_an_untrained_head_does_not(kind):
+    x, y = _toy()
+    w, b = refit_head(x, y, 4, kind, C=10.0)
+    if kind == "refit":
+        assert ((x @ w.T + b).argmax(1) == y).float().mean() == 1.0
+    else:  # nearest class mean in the standardised space: the 39 noise columns blur it, it still beats chance well
+        assert ((x @ w.T + b).argmax(1) == y).float().mean() > 0.5
+    torch.manual_seed(0)
+    untrained = torch.nn.Linear(x.shape[1], 4)
+    assert (untrained(x).argmax(1) == y).float().mean() < 0.5
+
+
+def test_folded_standardisation_is_the_standardised_fit():
+    """The returned head on raw features = the logistic regression on standardised features."""
+    from lorax.continual.head import fit_logistic
+
+    x, y = _toy(1)
+    w, b = refit_head(x, y, 4, "refit", C=1.0)
+    mean, std = standardizer(x.double())
+    ws, bs = fit_logistic((x.double() - mean) / std, y, 4, C=1.0)
+    torch.testing.assert_close(x.double() @ w.double().T + b.double(), ((x.double() - mean) / std) @ ws.T + bs,
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_refit_head_classes_without_rows_are_never_predicted():
+    x, y = _toy(2)
+    w, b = refit_head(x[y < 2], y[y < 2], 4, "ncm")
+    assert set((x @ w.T + b).argmax(1).tolist()) <= {0, 1}
+
+
+@pytest.fixture(scope="module")
+def first_task(tmp_path_factory):
+    from lorax.data.manifest import load_stream_manifests
+    from lorax.data.prepare import prepare_tasks
+    from lorax.data.zoo import synth_tasks
+
+    root = tmp_path_factory.mktemp("head")
+    params = tiny_params(root)
+    synth_tasks(params.tasks, params.data.root, params.zoo)
+    prepare_tasks(params.data.root, params.tasks, params.data.manifests, params.data, params.model.img_size)
+    manifests = load_stream_manifests(params.data.manifests, params.tasks)
+    return root, params, manifests
+
+
+def test_train_task_refits_the_head_and_the_state_keeps_it(first_task, monkeypatch):
+    root, base, manifests = first_task
+    task_df = manifests[base.tasks[0]]
+    linear = train_task(None, task_df, None, base, root / "linear")
+    params = tiny_params(root, continual__head="refit", continual__head_c=10.0)
+    seen: list = []
+    real = trainer.save_state
+    monkeypatch.setattr(trainer, "save_state", lambda m, *a, **k: (seen.append(m), real(m, *a, **k))[1])
+    refit = train_task(None, task_df, None, params, root / "refit")
+    assert read_info(refit)["head"]["kind"] == "refit"
+    assert "head" not in read_info(linear)  # off by default: the zoo's states are unchanged
+
+    rows = training_rows(seen[0], task_df, None)
+    y = rows["class_id"].to_numpy()
+    m_lin, _ = load_state(linear, params=base)
+    m_ref, _ = load_state(refit, params=params)
+    # same seeds, same adapter: only the head differs
+    for k, v in m_lin.net.adapters.state_dict(base.tasks[0]).items():
+        torch.testing.assert_close(v, m_ref.net.adapters.state_dict(base.tasks[0])[k])
+    # the state round-trips the refit head: the loaded one is the one train_task fitted
+    torch.testing.assert_close(m_ref.net.head.weight, seen[0].net.head.weight)
+    torch.testing.assert_close(m_ref.net.head.bias, seen[0].net.head.bias)
+    # ... and it is the refit of the rows' features (evaluation reads it through the ordinary head)
+    logits, feats = predict_logits(m_ref, rows, params, torch.device("cpu"), features=True)
+    w, b = refit_head(torch.from_numpy(feats), torch.from_numpy(y), 2, "refit", C=10.0)
+    torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(feats) @ w.T + b, rtol=1e-3, atol=1e-3)
+    acc_ref = float((logits.argmax(1) == y).mean())
+    acc_lin = float((predict_logits(m_lin, rows, base, torch.device("cpu"))[0].argmax(1) == y).mean())
+    assert acc_ref == 1.0 and acc_ref >= acc_lin, (acc_ref, acc_lin)
+    assert not np.allclose(m_ref.net.head.weight.detach().numpy(), m_lin.net.head.weight.detach().numpy())
