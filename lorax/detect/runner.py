@@ -34,6 +34,7 @@ from lorax.detect import evaluate as E
 from lorax.detect.augment import BlurJpeg, augment_batch
 from lorax.detect.detector import Detector, build_detector, save_detector
 from lorax.registry import DETECTORS
+from lorax.utils.io import write_text
 
 __all__ = ["EpochCallback", "detect_params", "evaluate_sets", "list_manifests", "run_detect", "train_detector"]
 
@@ -295,7 +296,7 @@ def run_detect(
     pd.concat(score_tables, ignore_index=True).to_parquet(out / "scores.parquet", index=False)
     E.plot_robustness(metrics["robustness"], metrics["map"], out / "robustness.png",
                       title=f"{method} on {params.model.backbone}, trained on {'+'.join(train_tasks)}")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")  # strict JSON: no NaN
     log.info("detect %s: mAP %s, mean acc %s over %d unseen generators; threshold %.4f; %s", method,
              _fmt(metrics["map"]), _fmt(metrics["mean_acc"]), len(eval_tasks), threshold, out / "metrics.json")
     return metrics

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from lorax.config import ModelConfig
 from lorax.models.backbones import build_backbone
 from lorax.models.weights.cache import weights_cache_dir
-from lorax.utils.io import atomic_path
+from lorax.utils.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,11 @@ def pretrain_backbone(cfg: ModelConfig, out: str | Path, n_images: int = 4000, e
     sd = {k: v.detach().contiguous() for k, v in bb.model.state_dict().items()}
     with atomic_path(out) as tmp:
         save_file(sd, str(tmp))
-    sidecar.write_text(json.dumps({
+    write_json(sidecar, {
         "key": key, "backbone": cfg.backbone, "mean": list(bb.info.mean), "std": list(bb.info.std), "img_size": cfg.img_size, "kwargs": cfg.kwargs, "ops": OPS,
         "n_images": n_images, "epochs": epochs, "seed": seed, "train_acc_ema": round(acc, 4),
         "seconds": round(time.time() - t0, 1),
         "what": "pretext pretraining on classical low-level operations (lorax.models.pretext); no zoo generator",
-    }, indent=2))
+    })
     log.info("pretext backbone: %s (train acc ~%.2f, %.0f s)", out, acc, time.time() - t0)
     return out

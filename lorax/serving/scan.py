@@ -16,7 +16,6 @@ stream as a new task.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from lorax.serving.errors import ServingError
 from lorax.serving.inputs import collect_inputs
 from lorax.serving.predict import Predictor
+from lorax.utils.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *
             summary["candidates"].append({"name": name, "n_images": len(members),
                                           "mean_unknown_score": float(np.mean([m["unknown_score"] for m in members])),
                                           "members": members})
-    (out / SCAN_FILE).write_text(json.dumps(summary, indent=2))
+    write_json(out / SCAN_FILE, summary)
     log.info("scan: %d images, %d unreadable, %d flagged, %d candidate group(s) -> %s", len(table),
              summary["n_errors"], len(flagged), len(summary["candidates"]), out)
     return summary
@@ -254,5 +254,5 @@ def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[
             "purity_of_that_group": best[0] / best[1] if best[1] else 0.0,
         }
         log.info("held-out %s: %s", g, report["generators"][g])
-    (out / "heldout.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "heldout.json", report)
     return report
