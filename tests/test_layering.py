@@ -14,9 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN_IN_LIBRARY = ("mlflow", "prefect", "dvc", "pipelines", "benchmarks")
 # Entry-point shims: a module that only runs another one under ``python -m`` (no import, never imported itself).
 ENTRY_SHIMS = {"lorax/continual/ddp.py": "pipelines.ddp", "lorax/cli.py": "pipelines.cli"}
-# Legacy re-exports: a file format outside the repo names the old module (registered MLflow versions import
-# ``lorax.serving.pyfunc``); the module only re-exports from pipelines and nothing imports it.
-LEGACY_REEXPORTS = {"lorax/serving/pyfunc.py": "pipelines.serving.pyfunc"}
 MAX_LINES = 350
 
 
@@ -101,7 +98,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_library_imports_no_orchestration() -> None:
     bad = []
     for name, path in modules().items():
-        if name.split(".")[0] != "lorax" or path.relative_to(REPO).as_posix() in LEGACY_REEXPORTS:
+        if name.split(".")[0] != "lorax":
             continue
         bad += [f"{path.relative_to(REPO)}: {i}" for i in sorted(imports(path, name))
                 if i.split(".")[0] in FORBIDDEN_IN_LIBRARY]
@@ -147,12 +144,3 @@ def test_old_command_spelling_runs_the_command() -> None:
     res = subprocess.run([sys.executable, "-m", "lorax.cli", "stream", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert res.returncode == 0 and "add" in res.stdout
-
-
-def test_legacy_reexports_only_reexport() -> None:
-    graph = project_graph()
-    for rel, target in LEGACY_REEXPORTS.items():
-        tree = ast.parse((REPO / rel).read_text())
-        body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
-        assert len(body) == 1 and isinstance(body[0], ast.ImportFrom) and body[0].module == target
-        assert not [m for m, deps in graph.items() if module_name(REPO / rel) in deps]
