@@ -20,6 +20,7 @@ switches it off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -197,7 +198,7 @@ def serve(path: Path) -> int:
             for pid, conn in list(children.items()):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
-                    with _quiet():
+                    with contextlib.suppress(OSError):
                         _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
                     sel.unregister(conn)
                     conn.close()
@@ -207,20 +208,12 @@ def serve(path: Path) -> int:
                 break
     finally:
         for pid in children:
-            with _quiet():
+            with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
-        with _quiet():  # our socket only: a newer server may have bound the path since
+        with contextlib.suppress(OSError):  # our socket only: a newer server may have bound the path since
             if path.stat().st_ino == os.fstat(listener.fileno()).st_ino:
                 path.unlink()
     return 0
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def _client_message(conn: socket.socket, pid: int) -> None:
@@ -229,7 +222,7 @@ def _client_message(conn: socket.socket, pid: int) -> None:
         msg = _recv(conn)
     except OSError:
         msg = None
-    with _quiet():
+    with contextlib.suppress(OSError):
         if msg is None:
             os.killpg(pid, signal.SIGKILL)
         elif "signal" in msg:
@@ -284,7 +277,7 @@ def _fork_stage(conn: socket.socket, listener: socket.socket, others: list[socke
         traceback.print_exc()
         code = 1
     for stream in (sys.stdout, sys.stderr):
-        with _quiet():
+        with contextlib.suppress(OSError):
             stream.flush()
     os._exit(code)
 
