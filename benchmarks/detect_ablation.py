@@ -240,6 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from lorax.config import load_params
+    from pipelines.cli.detect import parse_eval_extra
     from pipelines.cli.train import parse_overrides
 
     params = load_params(args.params, parse_overrides(args.set))
@@ -249,12 +250,7 @@ def run_command(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in _csv(args.seeds)]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    extra = {}
-    for item in args.eval_extra:
-        name, sep, folder = item.partition("=")
-        if not sep or not name.strip() or not folder.strip():
-            raise ValueError(f"--eval-extra {item!r}: expected NAME=DIR, e.g. realworld=data/realworld_manifests")
-        extra[name.strip()] = Path(folder.strip())
+    extra = parse_eval_extra(args.eval_extra)
     tracker = None
     if args.track:
         from pipelines.tracking.tracker import Tracker

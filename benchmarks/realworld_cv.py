@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.realworld_levels import LEVELS, TASKS, extract, multi_real_accuracy
+from lorax.utils.io import write_json
 
 T = len(TASKS)
 GRID = [  # (name, kind, C at the last task, samples)
@@ -86,8 +87,8 @@ def run_features(run: Path):
 
     from lorax.config import parse_params
     from lorax.continual.embedding_store import EmbeddingStore, image_ids
-    from lorax.continual.state import load_state, read_info
     from lorax.continual.evaluation import adapter_keys
+    from lorax.continual.state import load_state, read_info
 
     info = read_info(run / "state" / TASKS[-1])
     tasks = info["tasks"]
@@ -155,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             mem = "500 (all rows)" if memory is None else str(memory)
             rows.append({"head": name, "memory": mem, "pooled_acc": round(acc, 3), "binary_ap": round(ap_, 3)})
             print(f"memory {mem:15s} {name:40s} pooled multi-real acc {acc:.3f}  binary AP {ap_:.3f}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "images": len(df), "seconds": round(time.time() - t0)},
-                                         indent=1) + "\n")
+    write_json(args.out, {"rows": rows, "images": len(df), "seconds": round(time.time() - t0)})
     return 0
 
 

@@ -14,11 +14,12 @@ its own generator) and binary AP.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+
+from lorax.utils.io import write_json
 
 TASKS = ["biggan", "stylegan2", "ldif", "glid3", "dmin", "disco"]
 LEVELS = (4, 8, 12)
@@ -68,8 +69,9 @@ def extract(data: Path, params_path: str) -> tuple[np.ndarray, object]:
 
 
 def multi_real_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
-    ok = np.where(y % 2 == 0, pred % 2 == 0, pred == y)
-    return float(ok.mean())
+    from lorax.continual.metrics import multi_real_correct
+
+    return float(multi_real_correct(pred, y).mean())
 
 
 def cross_validate(F: np.ndarray, df, blocks: tuple[int, ...], parts: str, crops: str, balanced: bool,
@@ -110,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         acc, ap_ = cross_validate(F, df, blocks, parts, crops, balanced)
         rows.append({"features": name, "pooled_acc": round(acc, 3), "binary_ap": round(ap_, 3)})
         print(f"{name:48s} pooled multi-real acc {acc:.3f}  binary AP {ap_:.3f}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "images": len(df), "seconds": round(time.time() - t0)},
-                                         indent=1) + "\n")
+    write_json(args.out, {"rows": rows, "images": len(df), "seconds": round(time.time() - t0)})
     return 0
 
 

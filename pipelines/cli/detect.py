@@ -35,6 +35,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_ablation(sub)  # lorax detect-ablation
 
 
+def parse_eval_extra(items: list[str]) -> dict[str, Path]:
+    """``--eval-extra NAME=DIR`` (repeatable): test-only manifest folders, by name."""
+    extra = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ValueError(f"--eval-extra {item!r}: expected NAME=DIR, e.g. realworld=data/realworld_manifests")
+        extra[name.strip()] = Path(folder.strip())
+    return extra
+
+
 def _detect(args: argparse.Namespace) -> int:
     from lorax.config import load_params
     from pipelines.cli.train import parse_overrides
@@ -48,12 +59,7 @@ def _detect(args: argparse.Namespace) -> int:
         if not tasks:
             raise ValueError("--train-tasks: give at least one generator name, e.g. --train-tasks deconv")
         overrides["detect.train_tasks"] = tasks
-    extra = {}
-    for item in args.eval_extra:
-        name, sep, folder = item.partition("=")
-        if not sep or not name.strip() or not folder.strip():
-            raise ValueError(f"--eval-extra {item!r}: expected NAME=DIR, e.g. realworld=data/realworld_manifests")
-        extra[name.strip()] = Path(folder.strip())
+    extra = parse_eval_extra(args.eval_extra)
     params = load_params(args.params, overrides)  # validates method, ranks, ... naming the key
     manifests = Path(args.manifests or params.data.manifests)
     if args.track:
