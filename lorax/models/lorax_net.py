@@ -100,21 +100,40 @@ class LoRAXNet(nn.Module):
         return self
 
     # -- forward -----------------------------------------------------------------------------------------------
-    def _shared_levels(self) -> int:
-        """Feature levels among the trunk's blocks (the same for every adapter)."""
-        return sum(1 for i in self.backbone.levels if i < self.branch_block)
+    def _shared_widths(self) -> list[int]:
+        """Widths of the features every adapter shares (the same for every task): the pixel features (spectrum),
+        then two token features per feature level among the trunk's blocks."""
+        bb = self.backbone
+        levels = sum(1 for i in bb.levels if i < self.branch_block)
+        return ([bb.spectrum_dim] if bb.spectrum_dim else []) + [2 * bb.embed_dim] * levels
+
+    def _shared_rows(self) -> int:
+        """Token rows that carry the shared features at the end of :meth:`trunk`'s output."""
+        return -(-sum(self._shared_widths()) // self.backbone.embed_dim)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """What the adapted blocks need from the blocks no adapter touches (identical for every task): their output
-        tokens (B, L, D), followed by two rows per feature level among them (its first and mean token features), so
-        one tensor carries both (the trunk cache stores it as is)."""
+        """What the adapted blocks need from what no adapter touches (identical for every task): the trunk blocks'
+        output tokens (B, L, D), followed by the shared features (:meth:`_shared_widths`) laid out, zero-padded,
+        in rows of width D, so one tensor carries both (the trunk cache stores it as is)."""
         bb = self.backbone
-        shared: list[torch.Tensor] = []
+        shared = bb.pixel_features(x)
         tokens = bb.run_blocks(bb.stem(x), 0, self.branch_block, levels=shared)
         if not shared:
             return tokens
         b, d = tokens.shape[0], tokens.shape[-1]
-        return torch.cat([tokens, torch.stack(shared, 1).view(b, 2 * len(shared), d)], 1)
+        flat = torch.cat(shared, 1).to(tokens.dtype)
+        flat = torch.nn.functional.pad(flat, (0, self._shared_rows() * d - flat.shape[1]))
+        return torch.cat([tokens, flat.view(b, -1, d)], 1)
+
+    def _split_trunk(self, trunk: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`trunk`'s output -> (tokens, the shared features)."""
+        n = self._shared_rows()
+        if not n:
+            return trunk, []
+        b = trunk.shape[0]
+        flat = trunk[:, trunk.shape[1] - n:].reshape(b, -1)
+        return trunk[:, : trunk.shape[1] - n], list(flat.split(self._shared_widths() + [flat.shape[1] - sum(
+            self._shared_widths())], 1)[:-1])
 
     def embeddings(self, x: torch.Tensor, names: list[str] | None = None, one_pass: bool | None = None) -> torch.Tensor:
         """Embeddings of ``names`` (default: every task) as a (len(names), B, D) tensor."""
@@ -126,9 +145,8 @@ class LoRAXNet(nn.Module):
         names = list(self.tasks if names is None else names)
         one_pass = self.one_pass if one_pass is None else one_pass
         bb, route = self.backbone, self.adapters.route
-        b, n = trunk.shape[0], 2 * self._shared_levels()
-        tokens = trunk[:, : trunk.shape[1] - n] if n else trunk
-        shared = [trunk[:, -n + 2 * i: trunk.shape[1] - n + 2 * i + 2].reshape(b, -1) for i in range(n // 2)]
+        b = trunk.shape[0]
+        tokens, shared = self._split_trunk(trunk)
         try:
             if one_pass and len(names) > 1:
                 limit = self.cpu_group_rows if tokens.device.type == "cpu" else None

@@ -28,7 +28,7 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
     out = set()
     for k, v in d.items():
         out.add(prefix + k)
-        if isinstance(v, dict) and k not in ("stream", "kwargs", "resample_control"):
+        if isinstance(v, dict) and k not in ("stream", "kwargs", "resample_control", "spectrum"):
             out |= _keys(v, f"{prefix}{k}.")
     return out
 
@@ -37,6 +37,7 @@ def tiny_sets(tasks: list[str]) -> list[str]:
     """-S arguments: the tests' tiny model and a two-task stream of ``tasks`` (last_k fits its 2 blocks)."""
     sets = {k: v for k, v in TINY_OVERRIDES.items() if not k.startswith(("stream", "zoo."))}
     sets["adapter.last_k"] = 1
+    sets["model.spectrum"] = {"grid": 4, "sigma": 1.0}  # the profile's spectrum, on the tiny model's 16 px crops
     sets["stream"] = {tasks[0]: {"prev": "init"}, tasks[1]: {"prev": tasks[0]}}
     out = []
     for k, v in sets.items():
@@ -50,7 +51,7 @@ def test_profile_is_a_complete_valid_params_file():
     assert _keys(raw) == _keys(base)  # every setting of params.yaml is there: nothing falls back to a code default
     assert params.data.source == "folder" and params.model.img_size == 224
     assert params.tasks == ["biggan", "stylegan2", "ldif", "glid3", "dmin", "disco"]
-    assert params.adapter.blocks == "last_k" and params.eval.crops > 1
+    assert params.adapter.blocks == "last_k" and params.eval.crops > 1 and params.model.spectrum is not None
     rc = params.eval.resample_control
     assert rc is not None and round(256 * rc.scale) == 240 and rc.filter == "lanczos"
     assert load_params(PARAMS_YAML).eval.resample_control is None  # the zoo default stays as it was
@@ -83,6 +84,7 @@ def test_train_runs_the_profile_on_a_fresh_cddb_folder(tmp_path, capsys):
     assert CONTROL_KEYS <= set(metrics) and CONTROL_KEYS <= set(metrics["control"]["resampled"])
     state = json.loads((tmp_path / "out" / "state" / "b" / "state.json").read_text())
     assert state["params"]["eval"]["crops"] == 4 and state["params"]["adapter"]["blocks"] == "last_k"
+    assert state["params"]["model"]["spectrum"]["grid"] == 4
 
 
 def test_missing_task_folder_is_one_line(tmp_path, capsys):
@@ -131,7 +133,7 @@ def test_control_scores_resampled_pixels(real_subset):
     tmp, _ = real_subset
     params = load_params(PROFILE, {"stream": {"biggan": {"prev": "init"}, "stylegan2": {"prev": "biggan"}},
                                    **{k: v for k, v in TINY_OVERRIDES.items() if not k.startswith(("stream", "zoo."))},
-                                   "adapter.last_k": 1})
+                                   "adapter.last_k": 1, "model.spectrum": {"grid": 4, "sigma": 1.0}})
     method, _ = load_state(tmp / "out" / "state" / "stylegan2", params=params)
     val = val_rows(list(load_stream_manifests(tmp / "m", params.tasks).values()))
     store = EmbeddingStore.from_params(params, tmp / "out")

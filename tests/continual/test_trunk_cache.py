@@ -78,10 +78,11 @@ def _fill_train(trunk, method, params, rows, seeds):
     return base, slots, ids, len(todo)
 
 
-@pytest.mark.parametrize("levels", [[], [1, 3]])  # feature levels below the branch travel with the cached tokens
-def test_cached_step_logits_equal_the_uncached_forward(zoo, tmp_path, levels):
+# feature levels below the branch and the residual spectrum travel with the cached tokens
+@pytest.mark.parametrize("levels,spectrum", [([], None), ([1, 3], None), ([1], {"grid": 4, "sigma": 1.0})])
+def test_cached_step_logits_equal_the_uncached_forward(zoo, tmp_path, levels, spectrum):
     root, manifests = zoo
-    params = _params(tmp_path, model__feature_levels=levels)
+    params = _params(tmp_path, model__feature_levels=levels, model__spectrum=spectrum)
     method = _method(params)
     assert method.net.branch_block == 2
     trunk = open_trunk_cache(method, params, CPU)
