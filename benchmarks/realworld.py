@@ -43,6 +43,9 @@ QUICK: dict[str, Any] = {
     "train.warmup_epochs": 0,
     "eval.batch_size": 32,
 }
+# the probe's backbone is frozen and its head is refit in closed form (continual.head: refit): gradient epochs would
+# train a head that the refit then replaces, so it trains none
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"probe": {"train.epochs": 0}}
 COLUMNS = [("pooled_acc", "pooled acc"), ("aaf", "AAF"), ("aa", "AA"), ("bwt", "BWT"),
            ("binary_acc_fitted", "binary acc"), ("binary_ap", "binary AP")]
 
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, method, size in runs(args.methods, args.memory):
             ov = {**base, "continual.method": method, "continual.memory_size": size}
+            if load_params(args.params, ov).continual.head != "linear":
+                ov = {**METHOD_OVERRIDES.get(method, {}), **ov}
             if load_params(args.params, ov).eval.resample_control is None:  # the protocol reports both
                 ov["eval.resample_control"] = CONTROL
             rows[name] = run_one(args.params, ov, manifests, out / name)

@@ -209,7 +209,8 @@ class ContinualConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(8, ge=1, description="epochs per task")
+    epochs: int = Field(8, ge=0, description="epochs per task (0: no gradient training; with continual.head refit "
+                        "the head is then only fitted in closed form, e.g. the frozen probe)")
     batch_size: int = Field(32, ge=1, description="training batch size (global, across DDP ranks)")
     lr_first: float = Field(1e-3, gt=0, description="learning rate of the first task (paper: 1e-4, scaled by "
                             "batch/512 when lr_scale_batch)")

@@ -40,6 +40,11 @@ def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: tor
                   for e in torch.split(emb, params.eval.batch_size)]
         out = torch.cat(logits).numpy() if logits else np.zeros((0, method.n_classes), np.float32)
         return out, (emb.reshape(len(emb), -1).numpy() if features else None)
+    if store is not None and frozen_features(method):
+        feats_all = _stored_frozen_features(method, df, params, device, store, desc, resample)  # (N, D)
+        out = torch.cat([method.head(f.to(device)).float().cpu() for f in torch.split(feats_all, params.eval.batch_size)]
+                        ) if len(df) else torch.zeros((0, method.n_classes))
+        return out.numpy(), (feats_all.numpy() if features else None)
     n_crops = params.eval.crops
     loader = loader_for(df, method, params, train=False, seed=0, device=device, n_crops=n_crops, resample=resample)
     logits, feats = [], []
@@ -62,8 +67,14 @@ def uses_embedding_store(method: Method) -> bool:
     return method.name == "lorax" and hasattr(net, "embeddings") and hasattr(net, "classify")
 
 
-def adapter_keys(method: Method, params: Params, resample: Resample | None = None) -> list[str]:
-    """The store key of every task's adapter (its tensors, the backbone and adapter settings, the eval view)."""
+def frozen_features(method: Method) -> bool:
+    """The probe: a frozen backbone under a linear head, so its features of an image never change (kept once)."""
+    return method.name == "probe" and not method.backbone_parameters() and isinstance(
+        getattr(method, "head", None), torch.nn.Linear)
+
+
+def _view(method: Method, params: Params, resample: Resample | None) -> dict:
+    """What an embedding depends on besides the adapter and the pixels: backbone settings, the eval view."""
     from lorax.config import params_to_dict
 
     d = params_to_dict(params)
@@ -71,6 +82,38 @@ def adapter_keys(method: Method, params: Params, resample: Resample | None = Non
     view = {"model": d["model"], "adapter": d["adapter"], "crops": params.eval.crops, "mean": mean, "std": std}
     if resample is not None:  # only then: the as-is keys stay those of earlier runs
         view["resample"] = list(resample)
+    return view
+
+
+def _stored_frozen_features(method: Method, df: pd.DataFrame, params: Params, device: torch.device,
+                            store: EmbeddingStore, desc: str, resample: Resample | None = None) -> torch.Tensor:
+    """(N, D) frozen-backbone features of ``df``'s eval views (``eval.crops`` averaged): stored ones read, the
+    rest computed once and stored (key: the backbone's settings and the view; no adapter)."""
+    view = {k: v for k, v in _view(method, params, resample).items() if k != "adapter"}
+    key, ids = adapter_key({}, {**view, "frozen": method.name}), image_ids(df)
+    found, vals = store.lookup(key, ids)
+    out = np.zeros((len(df), method.backbone.feature_dim), dtype=np.float32)
+    if vals is not None:
+        out[found] = vals[found]
+    verify_files(df[found], params.data.follow_links)  # the others: in the loaders
+    rows = np.flatnonzero(~found)
+    if len(rows):
+        n_crops = params.eval.crops
+        loader = loader_for(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops,
+                            resample=resample)
+        parts = []
+        for x, _, _ in tqdm(loader, desc=f"{desc}: frozen features", leave=False, disable=None):
+            x = to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
+            with autocast(params, device):
+                parts.append(_crop_mean(method.features(x).float(), n_crops).cpu())
+        out[rows] = torch.cat(parts).numpy()
+        store.add(key, ids[rows], out[rows])
+    return torch.from_numpy(out)
+
+
+def adapter_keys(method: Method, params: Params, resample: Resample | None = None) -> list[str]:
+    """The store key of every task's adapter (its tensors, the backbone and adapter settings, the eval view)."""
+    view = _view(method, params, resample)
     if params.train.trunk_cache and method.net.branch_block > 0:  # embeddings from fp16 trunk tokens: kept apart
         view["trunk_tokens"] = "fp16"
     return [adapter_key(method.net.adapters.state_dict(t), view) for t in method.tasks]
@@ -93,12 +136,11 @@ def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device:
     groups: dict[tuple[int, ...], list[int]] = {}
     for r in np.flatnonzero(missing.any(1)):
         groups.setdefault(tuple(np.flatnonzero(missing[r]).tolist()), []).append(int(r))
-    # the trunk cache holds the as-is crops of the files: a resampled control view is computed
-    trunk = open_trunk_cache(method, params, device) if groups and resample is None else None
+    trunk = open_trunk_cache(method, params, device) if groups else None  # also the control's resampled crops
     for cols, rows in groups.items():
         names = [method.tasks[j] for j in cols]
         if trunk is not None:
-            got = _trunk_embeddings(method, df.iloc[rows], names, params, device, trunk, desc)
+            got = _trunk_embeddings(method, df.iloc[rows], names, params, device, trunk, desc, resample)
         else:
             loader = loader_for(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops,
                              resample=resample)
@@ -116,17 +158,19 @@ def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device:
 
 
 def _trunk_embeddings(method: Method, df: pd.DataFrame, names: list[str], params: Params, device: torch.device,
-                      trunk: TrunkCache, desc: str) -> np.ndarray:
-    """(rows, len(names), D) embeddings of the eval crops from cached trunk tokens (the missing ones computed and
-    stored first; rows with every crop cached are not decoded, so their files are checked here)."""
+                      trunk: TrunkCache, desc: str, resample: Resample | None = None) -> np.ndarray:
+    """(rows, len(names), D) embeddings of the eval crops (``resample``: of the resized image) from cached trunk
+    tokens (the missing ones computed and stored first; rows with every crop cached are not decoded, so their files
+    are checked here)."""
     n_crops = params.eval.crops
-    ids = eval_ids(df, params.model.img_size, n_crops)
+    ids = eval_ids(df, params.model.img_size, n_crops, resample)
     missing = ~trunk.found(ids)
     need = missing.reshape(-1, n_crops).any(1)
     verify_files(df[~need], params.data.follow_links)
     if need.any():
         sub = np.flatnonzero(need)
-        loader = loader_for(df.iloc[sub], method, params, train=False, seed=0, device=device, n_crops=n_crops)
+        loader = loader_for(df.iloc[sub], method, params, train=False, seed=0, device=device, n_crops=n_crops,
+                            resample=resample)
         trunk.fill(method.net, _reindexed(loader, sub), ids, device, autocast(params, device),
                    desc=f"{desc}: trunk cache")
     parts, bs = [], params.eval.batch_size

@@ -52,8 +52,9 @@ def _trunk_tensors_hash(net: Any) -> str:
     if net.branch_block not in memo:
         skip = tuple(bb.block_prefix(i) for i in range(net.branch_block, bb.depth))
         h = hashlib.sha256()
-        tensors = list(bb.model.named_parameters()) + list(bb.model.named_buffers())
-        for name, t in sorted(tensors, key=lambda nt: nt[0]):
+        # parameters and persistent buffers: a non-persistent buffer may be filled lazily by the first forward
+        # (ConViT's rel_indices), which made the key depend on whether the model had run yet
+        for name, t in sorted(bb.model.state_dict(keep_vars=True).items(), key=lambda nt: nt[0]):
             if name.startswith(skip):
                 continue
             t = t.detach().cpu().contiguous()
@@ -115,12 +116,18 @@ def train_ids(ds: Any, df: pd.DataFrame, seeds: torch.Tensor) -> np.ndarray:
     return view_ids(s_sha, s_size, s_box, s_flip)
 
 
-def eval_ids(df: pd.DataFrame, crop: int, n_crops: int) -> np.ndarray:
-    """Ids of the eval crops (:func:`lorax.data.dataset.crop_boxes`), ``row * n_crops + j``."""
+def eval_ids(df: pd.DataFrame, crop: int, n_crops: int, resample: tuple[float, str] | None = None) -> np.ndarray:
+    """Ids of the eval crops (:func:`lorax.data.dataset.crop_boxes`), ``row * n_crops + j``. ``resample``: the crops
+    of the image resized first (the shortcut control): its own content id (file hash + scale + filter), the size
+    :func:`lorax.data.dataset.resample_array` gives."""
     from lorax.data.dataset import crop_boxes
 
     s_sha, s_size, s_box = [], [], []
     for sha, w, h in zip(_hex(df), df["width"].astype(int), df["height"].astype(int), strict=True):
+        if resample is not None:
+            scale, filt = resample
+            w, h = max(1, round(w * scale)), max(1, round(h * scale))
+            sha = hashlib.sha256(f"{sha}|resample|{float(scale)!r}|{filt}".encode()).hexdigest()
         for box in crop_boxes(w, h, crop, n_crops):
             s_sha.append(sha), s_size.append((w, h)), s_box.append(box)
     return view_ids(s_sha, s_size, s_box, [False] * len(s_sha))

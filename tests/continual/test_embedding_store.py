@@ -126,3 +126,31 @@ def test_run_stream_uses_the_store_and_matches_a_run_without_it(stream, tmp_path
     assert not (tmp_path / "without" / params.eval.embedding_cache_dir).exists()
     np.testing.assert_allclose(np.array(with_store["acc_matrix"], dtype=float),
                                np.array(without["acc_matrix"], dtype=float), atol=1e-6)
+
+
+def test_probe_keeps_its_frozen_features_once_and_trains_no_epoch(stream, tmp_path) -> None:
+    """The probe (frozen backbone): its eval-view features go to the store once (the refit head and the evaluation
+    read them back, same logits as a full pass), and ``train.epochs: 0`` leaves the head to the closed-form refit."""
+    from lorax.continual.evaluation import frozen_features
+
+    params, manifests, _, _ = stream
+    p = tiny_params(tmp_path, continual__method="probe", continual__head="refit", train__epochs=0)
+    state = train_task(None, manifests[FIRST], None, p, tmp_path / "probe")
+    method, info = load_state(state, params=p)
+    assert frozen_features(method) and info["epochs"] == [] and info["head"]["kind"] == "refit"
+    store = EmbeddingStore(tmp_path / "emb")
+    val = val_rows([manifests[FIRST]])
+    plain, _ = predict_logits(method, val, p)
+    calls = []
+    real = method.features
+    method.features = lambda x: calls.append(len(x)) or real(x)
+    first, f1 = predict_logits(method, val, p, store=store, features=True)
+    n_first = sum(calls)
+    again, f2 = predict_logits(method, val, p, store=store, features=True)
+    assert n_first == len(val) * p.eval.crops and sum(calls) == n_first  # the second call computed nothing
+    np.testing.assert_allclose(first, plain, atol=1e-5)
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(f2, f1)
+    train = manifests[FIRST][manifests[FIRST]["split"] == "train"]
+    fit, _ = predict_logits(method, train, p, store=store)
+    assert (fit.argmax(1) == train["class_id"].to_numpy()).mean() == 1.0  # the refit head, not left at its init

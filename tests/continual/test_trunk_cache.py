@@ -152,6 +152,13 @@ def test_hits_misses_and_content_addressing(zoo, tmp_path):
     bb = method.net.backbone
     assert settings_key(method.net, 16, bb.info.mean, bb.info.std, compute_tag(torch.device("cuda"), True),
                         DEEP) != trunk.dir.name
+    # ... but not whether the model ran yet (ConViT fills a non-persistent buffer at its first forward)
+    ran = _method(params)
+    with torch.no_grad():
+        ran.net.embeddings(torch.zeros(1, 3, 16, 16))
+    assert open_trunk_cache(ran, params, CPU).dir == trunk.dir
+    p = _params(tmp_path, model__spectrum={"grid": 4, "sigma": 1.0})  # the spectrum rides in the trunk's rows
+    assert open_trunk_cache(_method(p), p, CPU).dir != trunk.dir
 
 
 def test_every_part_of_a_crop_changes_its_id():
