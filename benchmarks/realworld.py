@@ -12,8 +12,14 @@ BWT (percent), binary accuracy at the threshold cross-fitted on the val images o
 "as is / resampled", and wall seconds. A finished run is reused on a re-run (its wall time as first measured).
 
     python -m benchmarks.realworld --out outputs/realworld                 # the whole protocol (224 px: slow on CPU)
+    python -m benchmarks.realworld --methods lorax probe --out outputs/realworld   # the rows 2 CPU cores finish
     python -m benchmarks.realworld --quick --out /tmp/rw_quick             # 2 tasks, tiny random model: plumbing only
     python -m benchmarks.realworld --methods lorax --memory 500 -S train.epochs=4
+
+``joint`` and ``finetune`` train the whole backbone at 224 px (no frozen trunk to cache, every step back-propagates
+through all 12 blocks): on 2 CPU cores that is hours per row (docs/results.md); run them where a GPU is.
+``probe`` trains no epoch when the head is refit (``METHOD_OVERRIDES``): its head is the closed-form refit on the
+frozen features, which the embedding store keeps once per image.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ QUICK: dict[str, Any] = {
     "model.backbone": "convit_tiny",
     "model.pretrained": None,
     "model.img_size": 32,
+    "model.spectrum": {"grid": 8, "sigma": 1.0},
+    "model.feature_levels": [1],
     "model.kwargs": {"depth": 2, "local_up_to_layer": 1, "patch_size": 8, "num_heads": 2, "embed_dim": 32},
     "adapter.r": 4,
     "adapter.alpha": 1.0,
@@ -114,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     base: dict[str, Any] = {"stream": stream_of(tasks), **(QUICK if args.quick else {})}
     if args.data:
         base["data.root"] = args.data
-    base.update(parse_overrides(args.set))
+    user = parse_overrides(args.set)  # -S wins over the presets and the per-method settings
     rows: dict[str, dict[str, Any]] = {}
     try:
         for name, method, size in runs(args.methods, args.memory):
-            ov = {**base, "continual.method": method, "continual.memory_size": size}
+            ov = {**base, "continual.method": method, "continual.memory_size": size, **user}
             if load_params(args.params, ov).continual.head != "linear":
-                ov = {**METHOD_OVERRIDES.get(method, {}), **ov}
+                ov = {**base, **METHOD_OVERRIDES.get(method, {}), "continual.method": method,
+                      "continual.memory_size": size, **user}
             if load_params(args.params, ov).eval.resample_control is None:  # the protocol reports both
                 ov["eval.resample_control"] = CONTROL
             rows[name] = run_one(args.params, ov, manifests, out / name)

@@ -1,0 +1,25 @@
+"""benchmarks.realworld --quick: the protocol's plumbing (LoRAX and the probe, both evaluations, one table)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.realworld import main
+from tests.continual.test_realworld import _cddb
+
+
+def test_quick_protocol_writes_one_table_with_lorax_and_the_probe(tmp_path) -> None:
+    root = _cddb(tmp_path / "data", ["biggan", "stylegan2"], n=3, size=48)
+    out = tmp_path / "out"
+    assert main(["--quick", "--data", str(root), "--out", str(out), "--methods", "lorax", "probe", "--memory", "8",
+                 "-S", f"train.trunk_cache_dir={tmp_path / 'trunk'}"]) == 0
+    rows = json.loads((out / "realworld.json").read_text())
+    assert list(rows) == ["lorax-m8", "probe"]
+    for m in rows.values():
+        assert m["tasks"] == ["biggan", "stylegan2"] and 0 <= m["pooled_acc"] <= 100
+        assert "pooled_acc" in m["control"]["resampled"] and m["wall_s"] > 0
+    probe = json.loads((out / "probe" / "state" / "stylegan2" / "state.json").read_text())
+    assert probe["epochs"] == [] and probe["head"]["kind"] == "refit"  # no gradient epoch: the head is the refit
+    assert probe["params"]["train"]["epochs"] == 0
+    table = (out / "realworld.md").read_text()
+    assert "| lorax-m8 |" in table and "| probe |" in table
