@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+
 from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lorax.continual.embedding_store import EmbeddingStore, image_ids
+from lorax.continual.evaluation import predict_logits, val_rows
 from lorax.continual.state import load_state
 from lorax.continual.trainer import train_task
-from lorax.continual.evaluation import predict_logits, val_rows
 from tests.conftest import tiny_params
 
 FIRST, SECOND = "deconv", "nnconv"
@@ -133,7 +133,7 @@ def test_probe_keeps_its_frozen_features_once_and_trains_no_epoch(stream, tmp_pa
     read them back, same logits as a full pass), and ``train.epochs: 0`` leaves the head to the closed-form refit."""
     from lorax.continual.evaluation import frozen_features
 
-    params, manifests, _, _ = stream
+    _, manifests, _, _ = stream
     p = tiny_params(tmp_path, continual__method="probe", continual__head="refit", train__epochs=0)
     state = train_task(None, manifests[FIRST], None, p, tmp_path / "probe")
     method, info = load_state(state, params=p)

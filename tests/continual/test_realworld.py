@@ -16,8 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pipelines.cli import main
 from lorax.config import load_params
+from pipelines.cli import main
 from tests.conftest import PARAMS_YAML, REALWORLD, REPO, TINY_OVERRIDES
 
 PROFILE = REPO / "params.realworld.yaml"
@@ -127,8 +127,8 @@ def test_control_on_a_real_subset_reports_both(real_subset):
 def test_control_scores_resampled_pixels(real_subset):
     """The control's logits are those of resampled images, not the as-is ones (nor stored embeddings of them)."""
     from lorax.continual.embedding_store import EmbeddingStore
-    from lorax.continual.state import load_state
     from lorax.continual.evaluation import adapter_keys, predict_logits, val_rows
+    from lorax.continual.state import load_state
     from lorax.continual.trunk_cache import eval_ids, open_trunk_cache
     from lorax.data.manifest import load_stream_manifests
 

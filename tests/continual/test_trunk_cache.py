@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from lorax.continual.batches import dataset_for, loader_for
 from lorax.continual.feature_cache import FrozenFeatureCache
 from lorax.continual.methods import build_method
-from lorax.continual.batches import dataset_for, loader_for
 from lorax.continual.trunk_cache import (
     TrunkCache,
     content_seeds,
@@ -233,9 +233,9 @@ def test_not_used_without_a_trunk_or_when_off(zoo, tmp_path):
 def _run(manifests, params, out: Path):
     """Two tasks as `lorax train` runs them (train, select, evaluate): the accuracy matrix columns."""
     from lorax.continual.embedding_store import EmbeddingStore
-    from lorax.continual.trainer import train_task
     from lorax.continual.evaluation import evaluate_task_list
     from lorax.continual.selection import select_exemplars
+    from lorax.continual.trainer import train_task
 
     store = EmbeddingStore(out / "emb")
     memory, prev, cols = None, None, []
