@@ -398,6 +398,9 @@ class Params(_Section):
         depth = self.model.kwargs.get("depth")
         if self.adapter.blocks == "last_k" and depth is not None and self.adapter.last_k > int(depth):
             raise ValueError(f"adapter.last_k: {self.adapter.last_k} exceeds model depth {depth}")
+        if self.train.epochs == 0 and self.continual.head == "linear":
+            raise ValueError("train.epochs: 0 trains nothing, and continual.head linear would leave the head at its "
+                             "random init; use >= 1, or continual.head refit (the head fitted in closed form)")
         return self
 
 
