@@ -93,7 +93,7 @@ def test_train_task_refits_the_head_and_the_state_keeps_it(first_task, monkeypat
     torch.testing.assert_close(m_ref.net.head.bias, seen[0].net.head.bias)
     # ... and it is the refit of the rows' features (evaluation reads it through the ordinary head)
     logits, feats = predict_logits(m_ref, rows, params, torch.device("cpu"), features=True)
-    w, b = refit_head(torch.from_numpy(feats), torch.from_numpy(y), 2, "refit", C=10.0)
+    w, b = refit_head(torch.tensor(feats), torch.tensor(y), 2, "refit", C=10.0)  # copies: pandas gives read-only arrays
     torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(feats) @ w.T + b, rtol=1e-3, atol=1e-3)
     acc_ref = float((logits.argmax(1) == y).mean())
     acc_lin = float((predict_logits(m_lin, rows, base, torch.device("cpu"))[0].argmax(1) == y).mean())
