@@ -42,9 +42,9 @@ def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: tor
         return out, (emb.reshape(len(emb), -1).numpy() if features else None)
     if store is not None and frozen_features(method):
         feats_all = _stored_frozen_features(method, df, params, device, store, desc, resample)  # (N, D)
-        out = torch.cat([method.head(f.to(device)).float().cpu() for f in torch.split(feats_all, params.eval.batch_size)]
-                        ) if len(df) else torch.zeros((0, method.n_classes))
-        return out.numpy(), (feats_all.numpy() if features else None)
+        parts = [method.head(f.to(device)).float().cpu() for f in torch.split(feats_all, params.eval.batch_size)]
+        out = torch.cat(parts).numpy() if parts else np.zeros((0, method.n_classes), np.float32)
+        return out, (feats_all.numpy() if features else None)
     n_crops = params.eval.crops
     loader = loader_for(df, method, params, train=False, seed=0, device=device, n_crops=n_crops, resample=resample)
     logits, feats = [], []

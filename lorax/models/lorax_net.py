@@ -127,13 +127,11 @@ class LoRAXNet(nn.Module):
 
     def _split_trunk(self, trunk: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`trunk`'s output -> (tokens, the shared features)."""
-        n = self._shared_rows()
+        n, widths = self._shared_rows(), self._shared_widths()
         if not n:
             return trunk, []
-        b = trunk.shape[0]
-        flat = trunk[:, trunk.shape[1] - n:].reshape(b, -1)
-        return trunk[:, : trunk.shape[1] - n], list(flat.split(self._shared_widths() + [flat.shape[1] - sum(
-            self._shared_widths())], 1)[:-1])
+        flat = trunk[:, -n:].reshape(trunk.shape[0], -1)[:, : sum(widths)]  # the padding dropped
+        return trunk[:, :-n], list(flat.split(widths, 1))
 
     def embeddings(self, x: torch.Tensor, names: list[str] | None = None, one_pass: bool | None = None) -> torch.Tensor:
         """Embeddings of ``names`` (default: every task) as a (len(names), B, D) tensor."""
