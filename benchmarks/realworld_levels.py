@@ -35,23 +35,32 @@ CONFIGS = [  # (name, blocks, parts, crops, balanced)
 ]
 
 
-def extract(data: Path, params_path: str) -> tuple[np.ndarray, object]:
-    """(N, 5 crops, 3 levels, 2D) features of the train split's images, and the manifest rows."""
+def train_split_backbone(data: Path, params) -> tuple[object, object, np.ndarray, np.ndarray]:
+    """The train rows of ``data``'s manifest.csv, the frozen backbone of ``params`` and its normalisation (mean, std
+    shaped to broadcast over (3, H, W) crops in [0, 1])."""
     import pandas as pd
-    import torch
-    from PIL import Image
 
-    from lorax.config import load_params
-    from lorax.data.dataset import crop_boxes, normalization
+    from lorax.data.dataset import normalization
     from lorax.models.backbone_factory import create_backbone
 
-    params = load_params(params_path, {"model.feature_levels": list(LEVELS[:-1])})
     df = pd.read_csv(data / "manifest.csv")
     df = df[df["split"] == "train"].reset_index(drop=True)
     bb = create_backbone(params.model).eval()
     mean, std = normalization("auto", bb.info)
-    m = np.asarray(mean, dtype=np.float32)[:, None, None]
-    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    return (df, bb, np.asarray(mean, dtype=np.float32)[:, None, None],
+            np.asarray(std, dtype=np.float32)[:, None, None])
+
+
+def extract(data: Path, params_path: str) -> tuple[np.ndarray, object]:
+    """(N, 5 crops, 3 levels, 2D) features of the train split's images, and the manifest rows."""
+    import torch
+    from PIL import Image
+
+    from lorax.config import load_params
+    from lorax.data.dataset import crop_boxes
+
+    params = load_params(params_path, {"model.feature_levels": list(LEVELS[:-1])})
+    df, bb, m, s = train_split_backbone(data, params)
     crop = params.model.img_size
     out = []
     with torch.no_grad():

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.realworld_cv import T, memory_subset
-from benchmarks.realworld_levels import TASKS, multi_real_accuracy
+from benchmarks.realworld_levels import TASKS, multi_real_accuracy, train_split_backbone
 from lorax.utils.io import write_json
 
 CONTROL_SCALE = 0.9375  # 256 -> 240 px, eval.resample_control of the profile
@@ -29,23 +29,16 @@ CONTROL_SCALE = 0.9375  # 256 -> 240 px, eval.resample_control of the profile
 
 def extract(data: Path, params_path: str) -> tuple[np.ndarray, np.ndarray, object, int]:
     """(N, D) as-is and resampled crop-mean embeddings of the train split, its rows, and the spectrum's width."""
-    import pandas as pd
     import torch
     from PIL import Image
 
     from lorax.config import load_params
-    from lorax.data.dataset import crop_boxes, normalization, resample_array
-    from lorax.models.backbone_factory import create_backbone
+    from lorax.data.dataset import crop_boxes, resample_array
 
     params = load_params(params_path)
     if params.model.spectrum is None:
         raise SystemExit(f"{params_path}: model.spectrum is off; this compares it with and without")
-    df = pd.read_csv(data / "manifest.csv")
-    df = df[df["split"] == "train"].reset_index(drop=True)
-    bb = create_backbone(params.model).eval()
-    mean, std = normalization("auto", bb.info)
-    m = np.asarray(mean, dtype=np.float32)[:, None, None]
-    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    df, bb, m, s = train_split_backbone(data, params)
     crop = params.model.img_size
     out: list[list[np.ndarray]] = [[], []]
     with torch.no_grad():

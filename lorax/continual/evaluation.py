@@ -98,15 +98,8 @@ def _stored_frozen_features(method: Method, df: pd.DataFrame, params: Params, de
     verify_files(df[found], params.data.follow_links)  # the others: in the loaders
     rows = np.flatnonzero(~found)
     if len(rows):
-        n_crops = params.eval.crops
-        loader = loader_for(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops,
-                            resample=resample)
-        parts = []
-        for x, _, _ in tqdm(loader, desc=f"{desc}: frozen features", leave=False, disable=None):
-            x = to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
-            with autocast(params, device):
-                parts.append(_crop_mean(method.features(x).float(), n_crops).cpu())
-        out[rows] = torch.cat(parts).numpy()
+        out[rows] = _crop_means(method.features, df.iloc[rows], method, params, device, f"{desc}: frozen features",
+                                resample).numpy()
         store.add(key, ids[rows], out[rows])
     return torch.from_numpy(out)
 
@@ -124,7 +117,7 @@ def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device:
     """(N, T, D) embeddings of ``df``'s rows by every task's adapter: the stored ones read, the rest computed in
     one pass per group of rows missing the same adapters (old images: the newest adapter only), then stored."""
     ids, keys = image_ids(df), adapter_keys(method, params, resample)
-    n, t, n_crops = len(df), len(keys), params.eval.crops
+    n, t = len(df), len(keys)
     emb = np.zeros((n, t, method.net.embed_dim), dtype=np.float32)
     missing = np.ones((n, t), dtype=bool)
     for j, key in enumerate(keys):
@@ -141,16 +134,9 @@ def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device:
         names = [method.tasks[j] for j in cols]
         if trunk is not None:
             got = _trunk_embeddings(method, df.iloc[rows], names, params, device, trunk, desc, resample)
-        else:
-            loader = loader_for(df.iloc[rows], method, params, train=False, seed=0, device=device, n_crops=n_crops,
-                             resample=resample)
-            parts = []
-            for x, _, _ in tqdm(loader, desc=f"{desc}: {len(names)} of {t} adapters", leave=False, disable=None):
-                x = to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
-                with autocast(params, device):
-                    e = method.net.embeddings(x, names)  # (G, B * crops, D)
-                parts.append(_crop_mean(e.float().permute(1, 0, 2), n_crops).cpu())
-            got = torch.cat(parts).numpy()  # (rows, G, D)
+        else:  # (G, B * crops, D) embeddings -> (rows, G, D)
+            got = _crop_means(lambda x, names=names: method.net.embeddings(x, names).permute(1, 0, 2), df.iloc[rows],
+                              method, params, device, f"{desc}: {len(names)} of {t} adapters", resample).numpy()
         emb[np.ix_(rows, list(cols))] = got
         for g, j in enumerate(cols):
             store.add(keys[j], ids[rows], got[:, g])
@@ -181,6 +167,20 @@ def _trunk_embeddings(method: Method, df: pd.DataFrame, names: list[str], params
             e = method.net.branch(tok, names)  # (G, B * crops, D)
         parts.append(_crop_mean(e.float().permute(1, 0, 2), n_crops).cpu())
     return torch.cat(parts).numpy()
+
+
+def _crop_means(fn, df: pd.DataFrame, method: Method, params: Params, device: torch.device, desc: str,
+                resample: Resample | None = None) -> torch.Tensor:
+    """``fn`` (a batch of eval crops -> outputs, first dim B * crops) over ``df``'s eval views (``eval.crops``
+    per image, ``resample``: of the resized image), averaged over each image's crops, on the host."""
+    n_crops = params.eval.crops
+    loader = loader_for(df, method, params, train=False, seed=0, device=device, n_crops=n_crops, resample=resample)
+    parts = []
+    for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+        x = to_device(x.flatten(0, 1) if x.dim() == 5 else x, device)
+        with autocast(params, device):
+            parts.append(_crop_mean(fn(x).float(), n_crops).cpu())
+    return torch.cat(parts)
 
 
 def _reindexed(loader, rows: np.ndarray):
