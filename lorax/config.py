@@ -431,6 +431,9 @@ def _format_errors(err: ValidationError, source: str, overrides: dict[str, Any] 
             key, msg = (lead.group(1), msg[lead.end():]) if lead else ("", msg)
         elif e["type"] == "extra_forbidden":
             msg = "unknown key (remove it or check its spelling)"
+        elif isinstance(e.get("input"), dict) and (lead := re.match(r"([\w.]+): ", msg)):
+            # a cross-check of one section names the key inside it: no dump of the whole section
+            key, msg = f"{key}.{lead.group(1)}", msg[lead.end():]
         elif "input" in e and e["type"] != "missing":
             msg = f"{msg} (got {_show(e['input'])})"
         items.append((key, msg, _override_for(key, overrides or {})))

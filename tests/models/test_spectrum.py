@@ -45,8 +45,10 @@ def test_sees_an_upsampling_trace() -> None:
 def test_grid_must_divide_the_crop() -> None:
     from lorax.config import load_params
 
-    with pytest.raises(ValueError, match=r"spectrum.grid: 5 does not divide model.img_size 16"):
+    with pytest.raises(ValueError, match=r"spectrum.grid: 5 does not divide model.img_size 16") as err:
         load_params(REPO / "params.yaml", {"model.img_size": 16, "model.spectrum": {"grid": 5}})
+    msg = str(err.value)  # one line naming the key and the -S that set it, not a dump of the model section
+    assert "\n" not in msg and "model.spectrum.grid: 5" in msg and "-S model.spectrum" in msg and "'backbone'" not in msg
     with pytest.raises(ValueError, match="must divide"):
         ResidualSpectrum(MEAN, STD, grid=5)(torch.zeros(1, 3, 16, 16))
 
