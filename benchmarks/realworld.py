@@ -125,13 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     user = parse_overrides(args.set)  # -S wins over the presets and the per-method settings
     rows: dict[str, dict[str, Any]] = {}
     try:
+        common = load_params(args.params, {**base, **user})  # the head and the control do not depend on the run
+        control = {"eval.resample_control": CONTROL} if common.eval.resample_control is None else {}  # reports both
+        per_method = METHOD_OVERRIDES if common.continual.head != "linear" else {}
         for name, method, size in runs(args.methods, args.memory):
-            ov = {**base, "continual.method": method, "continual.memory_size": size, **user}
-            if load_params(args.params, ov).continual.head != "linear":
-                ov = {**base, **METHOD_OVERRIDES.get(method, {}), "continual.method": method,
-                      "continual.memory_size": size, **user}
-            if load_params(args.params, ov).eval.resample_control is None:  # the protocol reports both
-                ov["eval.resample_control"] = CONTROL
+            ov = {**base, **per_method.get(method, {}), "continual.method": method, "continual.memory_size": size,
+                  **user, **control}
             rows[name] = run_one(args.params, ov, manifests, out / name)
             m = rows[name]
             print(f"{name}: pooled {m['pooled_acc']:.1f} AAF {m['aaf']:.1f} BWT {m['bwt']:.1f} "

@@ -121,13 +121,13 @@ def eval_ids(df: pd.DataFrame, crop: int, n_crops: int, resample: tuple[float, s
     """Ids of the eval crops (:func:`lorax.data.dataset.crop_boxes`), ``row * n_crops + j``. ``resample``: the crops
     of the image resized first (the shortcut control): its own content id (file hash + scale + filter), the size
     :func:`lorax.data.dataset.resample_array` gives."""
-    from lorax.data.dataset import crop_boxes
+    from lorax.data.dataset import crop_boxes, resampled_size
 
     s_sha, s_size, s_box = [], [], []
     for sha, w, h in zip(_hex(df), df["width"].astype(int), df["height"].astype(int), strict=True):
         if resample is not None:
             scale, filt = resample
-            w, h = max(1, round(w * scale)), max(1, round(h * scale))
+            w, h = resampled_size(w, h, scale)
             sha = hashlib.sha256(f"{sha}|resample|{float(scale)!r}|{filt}".encode()).hexdigest()
         for box in crop_boxes(w, h, crop, n_crops):
             s_sha.append(sha), s_size.append((w, h)), s_box.append(box)

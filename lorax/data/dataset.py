@@ -53,12 +53,16 @@ _FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BIC
             "bilinear": Image.Resampling.BILINEAR}
 
 
+def resampled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """(width, height) of an image resized by ``scale``: sides rounded, at least 1 px."""
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def resample_array(arr: np.ndarray, scale: float, filter: str = "lanczos") -> np.ndarray:
-    """An HxWx3 uint8 image resized by ``scale`` (sides rounded): the resampling shortcut control, applied to the
-    decoded image before any crop, so a model that only learned "resampled means real" is caught."""
+    """An HxWx3 uint8 image resized by ``scale`` (:func:`resampled_size`): the resampling shortcut control, applied
+    to the decoded image before any crop, so a model that only learned "resampled means real" is caught."""
     h, w = arr.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(arr).resize(size, _FILTERS[filter]), dtype=np.uint8)
+    return np.asarray(Image.fromarray(arr).resize(resampled_size(w, h, scale), _FILTERS[filter]), dtype=np.uint8)
 
 
 def normalization(name: str, backbone_cfg: Any = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
