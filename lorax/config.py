@@ -206,6 +206,11 @@ class ContinualConfig(_Section):
     head_c: float = Field(1.0, gt=0, description="refit: inverse L2 strength C (C * sum CE + |W|^2 / 2, "
                           "scikit-learn's C)")
     head_max_iter: int = Field(300, ge=1, description="refit: L-BFGS iterations")
+    verdict: Literal["binary", "argmax"] = Field(
+        "binary", description="the real/fake decision: binary (a class-balanced logistic head on the super-feature, "
+        "fitted with the class head on the task's train rows + memory, its threshold cross-fitted there for best "
+        "balanced accuracy and stored with the model; lorax/continual/verdict.py) | argmax (the kind of the most "
+        "probable class)")
 
 
 class TrainConfig(_Section):

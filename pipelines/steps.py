@@ -216,7 +216,9 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
     val = val_rows([manifests[t] for t in tasks])
     store = embedding_store(params, layout)
     logits, val_feats = predict_logits(method, val, params, features=True, store=store)
-    result, table = score_val(val, logits, tasks)
+    verdict = getattr(method, "verdict", None)  # the stored real/fake decision (None: argmax)
+    fake = verdict.fake_probability(val_feats) if verdict is not None else None
+    result, table = score_val(val, logits, tasks, fake, verdict.threshold if verdict is not None else None)
     result.update(task=task, task_index=i, tasks=tasks, state_id=sid)
     control = evaluate_controls(method, val, params, store=store)  # eval.resample_control: {} when off
     if control:
@@ -225,9 +227,9 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
         calibrate_openset(params, layout, task, loaded=(method, manifests, val_feats, store))  # this pass's features
     write_json(out, result)
     table.to_csv(out.with_suffix(".predictions.csv"), index=False)
-    log.info("task %s: accuracy per task %s, mean %.2f, binary %.2f", task,
+    log.info("task %s: accuracy per task %s, mean %.2f, binary %.2f (real called real %.1f, balanced %.1f)", task,
              {t: round(a, 2) for t, a in zip(tasks, result["task_acc"], strict=True)}, result["mean_acc"],
-             result["binary_acc"])
+             result["binary_acc"], result["real_acc"], result["balanced_acc"])
     return result
 
 def _add_missing_controls(params: Params, layout: Layout, task: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -198,12 +198,28 @@ def val_rows(manifests: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([m[m["split"] == "val"] for m in manifests], ignore_index=True)
 
 
-def score_val(val: pd.DataFrame, logits: np.ndarray, tasks: list[str]) -> tuple[dict, pd.DataFrame]:
-    """Metrics dict (one column of R) and the per-image table of ``val_rows``' logits."""
+def predict_verdict(method: Method, df: pd.DataFrame, params: Params, device: torch.device | None = None,
+                    desc: str = "eval", store: EmbeddingStore | None = None, resample: Resample | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+    """Logits of ``df``'s rows and the model's verdict on them: ``(logits, fake probability, threshold)``, the last
+    two None when the method decides by argmax (no ``verdict``; :mod:`lorax.continual.verdict`)."""
+    verdict = getattr(method, "verdict", None)
+    logits, feats = predict_logits(method, df, params, device, features=verdict is not None, desc=desc, store=store,
+                                   resample=resample)
+    if verdict is None:
+        return logits, None, None
+    return logits, verdict.fake_probability(feats), verdict.threshold
+
+
+def score_val(val: pd.DataFrame, logits: np.ndarray, tasks: list[str], fake_score: np.ndarray | None = None,
+              threshold: float | None = None) -> tuple[dict, pd.DataFrame]:
+    """Metrics dict (one column of R) and the per-image table of ``val_rows``' logits (``fake_score`` /
+    ``threshold``: the verdict of :func:`predict_verdict`)."""
     targets = val["class_id"].to_numpy()
     task_ids = val["task_index"].to_numpy()
-    result = M.evaluate_logits(logits, targets, task_ids, len(tasks))
-    table = M.prediction_table([str(p) for p in abs_paths(val)], logits, targets, task_ids, task_names=tasks)
+    result = M.evaluate_logits(logits, targets, task_ids, len(tasks), fake_score, threshold)
+    table = M.prediction_table([str(p) for p in abs_paths(val)], logits, targets, task_ids, task_names=tasks,
+                               fake_score=fake_score, threshold=threshold)
     return result, table
 
 
@@ -214,9 +230,9 @@ def evaluate_controls(method: Method, val: pd.DataFrame, params: Params, device:
     rc = params.eval.resample_control
     if rc is None:
         return {}
-    logits, _ = predict_logits(method, val, params, device, desc="eval (resampled)", store=store,
-                               resample=(rc.scale, rc.filter))
-    result, _ = score_val(val, logits, method.tasks)
+    logits, fake, thr = predict_verdict(method, val, params, device, desc="eval (resampled)", store=store,
+                                        resample=(rc.scale, rc.filter))
+    result, _ = score_val(val, logits, method.tasks, fake, thr)
     result.pop("confusion", None)
     return {"resampled": {**result, "scale": rc.scale, "filter": rc.filter}}
 
@@ -227,8 +243,8 @@ def evaluate_task_list(method: Method, manifests: list[pd.DataFrame], params: Pa
     """Evaluate on the val rows of the seen tasks: metrics dict (one column of R; with ``control`` when
     ``eval.resample_control`` is set) and a per-image table."""
     val = val_rows(manifests)
-    logits, _ = predict_logits(method, val, params, device, store=store)
-    result, table = score_val(val, logits, method.tasks)
+    logits, fake, thr = predict_verdict(method, val, params, device, store=store)
+    result, table = score_val(val, logits, method.tasks, fake, thr)
     control = evaluate_controls(method, val, params, device, store)
     if control:
         result["control"] = control

@@ -103,17 +103,39 @@ def _class_head(method: Method) -> torch.nn.Linear:
     return head
 
 
-def refit_class_head(method: Method, rows: pd.DataFrame, params: Params, device: torch.device,
-                     store: EmbeddingStore | None = None) -> dict[str, Any]:
-    """Replace the class head by one refit (``continual.head``: refit | ncm; :mod:`lorax.continual.head`) on the
-    eval-view features (``eval.crops`` averaged) of ``rows`` (this task's train rows + the replayed exemplars).
-    Returns the state info's ``head`` entry."""
+def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.device,
+              store: EmbeddingStore | None = None) -> dict[str, Any]:
+    """After a task's training: refit the class head (``continual.head`` refit | ncm) and fit the real/fake verdict
+    (``continual.verdict: binary``; :mod:`lorax.continual.verdict`) on the eval-view super-features of ``rows``
+    (this task's train rows + the replayed exemplars), computed once for both. Sets ``method.verdict``; returns the
+    state info's ``head`` entry (the verdict's entry is written by :func:`~lorax.continual.state.save_state`)."""
+    c = params.continual
+    method.verdict = None
+    if c.head == "linear" and c.verdict == "argmax":
+        return {}
+    from lorax.continual.evaluation import predict_logits  # the model stack: only when a head is fitted
+
+    _, feats = predict_logits(method, rows, params, device, features=True, desc="head fit", store=store)
+    info = refit_class_head(method, rows, params, feats) if c.head != "linear" else {}
+    if c.verdict == "binary":
+        from lorax.continual.verdict import describe, fit_verdict
+
+        t0 = time.time()
+        groups = rows["group"].to_numpy() if "group" in rows.columns else None
+        method.verdict = fit_verdict(feats, rows["class_id"].to_numpy() % 2, groups)
+        method.verdict.info["seconds"] = round(time.time() - t0, 2)
+        v = method.verdict
+        log.info("%s (%.1f s)", describe({**v.info, "kind": "binary", "threshold": v.threshold}), time.time() - t0)
+    return info
+
+
+def refit_class_head(method: Method, rows: pd.DataFrame, params: Params, feats: np.ndarray) -> dict[str, Any]:
+    """Replace the class head by one refit (``continual.head``: refit | ncm; :mod:`lorax.continual.head`) on
+    ``feats``, the eval-view features (``eval.crops`` averaged) of ``rows`` (this task's train rows + the replayed
+    exemplars). Returns the state info's ``head`` entry."""
     c = params.continual
     t0 = time.time()
     head = _class_head(method)
-    from lorax.continual.evaluation import predict_logits  # the model stack: only when a head is refit
-
-    _, feats = predict_logits(method, rows, params, device, features=True, desc="head refit", store=store)
     x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
     if x.shape[1] != head.in_features:
         raise ValueError(f"continual.head: features of width {x.shape[1]} do not feed a head of {head.in_features}")

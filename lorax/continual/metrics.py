@@ -282,8 +282,14 @@ def _check_eval_inputs(logits: np.ndarray, targets: np.ndarray, task_ids: np.nda
     return logits, targets, task_ids
 
 
-def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarray, n_tasks_seen: int) -> dict:
+def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarray, n_tasks_seen: int,
+                    fake_score: np.ndarray | None = None, threshold: float | None = None) -> dict:
     """All metrics of one evaluation after training ``n_tasks_seen`` tasks.
+
+    ``fake_score`` / ``threshold``: the model's verdict (:mod:`lorax.continual.verdict`): its fake probability of
+    each image and the threshold stored with the model. Every decision (the predicted class, hence the accuracies)
+    then goes through :func:`lorax.continual.verdict.decide`; without them the fake probability is the fake classes'
+    total and the class is the argmax.
 
     Only the first ``2 * n_tasks_seen`` logits (the seen classes) are used, and images of tasks not seen yet
     (``task_id >= n_tasks_seen``) are ignored. Every seen task must have images (else ``ValueError``).
@@ -292,7 +298,11 @@ def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarra
     ``mean_acc`` (mean of task_acc), ``binary_acc`` (% over all images), ``binary_acc_per_task``,
     ``task_ap`` (list, %, NaN where undefined), ``mean_ap`` (nan-mean), ``confusion`` (list of lists,
     ``2*n_tasks_seen`` square, rows = target), ``n_images`` (per task), ``pooled_acc`` (multi-real % over all
-    images), and :func:`binary_decision`'s ``binary_acc_fitted``, ``binary_threshold``, ``binary_ap``.
+    images), ``pooled_acc_argmax`` (the same with the plain argmax, for comparison), the verdict's ``real_acc`` (%
+    of real images called real), ``fake_acc`` and ``balanced_acc`` (their mean) of the decision
+    (``verdict_threshold``: the stored threshold; None when the argmax decides), and :func:`binary_decision`'s
+    ``binary_acc_fitted`` (threshold cross-fitted on these val images: a reference, not the deployed decision),
+    ``binary_threshold`` (fitted on them), ``binary_ap``.
     """
     logits, targets, task_ids = _check_eval_inputs(logits, targets, task_ids, n_tasks_seen)
     keep = task_ids < n_tasks_seen
@@ -301,19 +311,33 @@ def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarra
     empty = [t for t, n in enumerate(n_images) if n == 0]
     if empty:
         raise ValueError(f"evaluate_logits: seen task(s) {empty} have no images; check the validation manifests")
+    from lorax.continual.verdict import decide
+
     probs = softmax(logits)
-    pred = probs.argmax(axis=1)
+    if fake_score is None:
+        fake_p = fake_probability(probs)
+    else:
+        fake_p = np.asarray(fake_score, dtype=np.float64).reshape(-1)[keep]
+    pred = decide(probs, fake_p, threshold)
     correct = multi_real_correct(pred, targets)
     task_acc = [float(100.0 * correct[task_ids == t].mean()) for t in range(n_tasks_seen)]
     bin_ok = pred % 2 == targets % 2
-    fake_p = fake_probability(probs)
+    is_fake = targets % 2 == 1
+    called_fake = pred % 2 == 1  # the decision itself (the verdict's threshold, or the argmax's kind)
+    real_acc = float(100.0 * (~called_fake[~is_fake]).mean()) if (~is_fake).any() else float("nan")
+    fake_acc = float(100.0 * called_fake[is_fake].mean()) if is_fake.any() else float("nan")
     task_ap = per_task_ap(fake_p, targets, n_tasks_seen)
     finite_ap = [a for a in task_ap if np.isfinite(a)]
     return {
         "task_acc": task_acc,
         "mean_acc": float(np.mean(task_acc)),
         "pooled_acc": float(100.0 * correct.mean()),
+        "pooled_acc_argmax": float(100.0 * multi_real_correct(probs.argmax(axis=1), targets).mean()),
         **binary_decision(fake_p, targets % 2),
+        "verdict_threshold": None if threshold is None else float(threshold),
+        "real_acc": real_acc,
+        "fake_acc": fake_acc,
+        "balanced_acc": float(np.nanmean([real_acc, fake_acc])),
         "binary_acc": float(100.0 * bin_ok.mean()),
         "binary_acc_per_task": [float(100.0 * bin_ok[task_ids == t].mean()) for t in range(n_tasks_seen)],
         "task_ap": task_ap,
@@ -330,25 +354,34 @@ def prediction_table(
     task_ids: np.ndarray,
     task_names: Sequence[str] | None = None,
     top_k: int = 3,
+    fake_score: np.ndarray | None = None,
+    threshold: float | None = None,
 ) -> pd.DataFrame:
-    """One row per image: path, task, target, pred, correct (multi-real), fake_prob, top-k classes/probs.
+    """One row per image: path, task, target, pred, correct (multi-real), verdict (real | fake), fake_prob, top-k
+    classes/probs.
 
     Uses all logit columns (the head's classes). With ``task_names`` a ``task_name`` column is added.
+    ``fake_score`` / ``threshold``: the model's verdict, as in :func:`evaluate_logits` (``pred`` and ``verdict``
+    follow it; ``fake_prob`` is its fake probability).
     """
     logits = np.asarray(logits)
     n_tasks = logits.shape[1] // 2 if logits.ndim == 2 else 0
     logits, targets, task_ids = _check_eval_inputs(logits, targets, task_ids, max(n_tasks, 1))
     if len(paths) != len(logits):
         raise ValueError(f"{len(paths)} paths for {len(logits)} rows of logits")
+    from lorax.continual.verdict import decide
+
     probs = softmax(logits)
-    pred = probs.argmax(axis=1)
+    fake_p = fake_probability(probs) if fake_score is None else np.asarray(fake_score, dtype=np.float64).reshape(-1)
+    pred = decide(probs, fake_p, threshold)
     table = {
         "path": list(paths),
         "task": task_ids,
         "target": targets,
         "pred": pred.astype(np.int64),
         "correct": multi_real_correct(pred, targets),
-        "fake_prob": fake_probability(probs),
+        "verdict": np.where(pred % 2 == 1, "fake", "real"),
+        "fake_prob": fake_p,
     }
     if task_names is not None:
         if task_ids.size and task_ids.max() >= len(task_names):

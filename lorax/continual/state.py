@@ -72,6 +72,9 @@ def save_state(method, out_dir: str | Path, params: Params, extra: dict[str, Any
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"group": group})
     if memory is not None:
         memory.save(tmp / "memory.parquet")
+    verdict = getattr(method, "verdict", None)  # the real/fake head (lorax.continual.verdict), when fitted
+    if verdict is not None:
+        extra = {**(extra or {}), "verdict": verdict.save(tmp)}
     info = {
         "format": FORMAT,
         "method": method.name,
@@ -108,4 +111,7 @@ def load_state(state_dir: str | Path, device: str | torch.device = "cpu", params
     params.continual.method = info["method"]
     method = build_method(params, info["tasks"])
     method.load_tensor_groups(load_tensor_groups(state_dir))
+    from lorax.continual.verdict import Verdict
+
+    method.verdict = Verdict.load(state_dir, info.get("verdict"))
     return method.to(device), info

@@ -41,7 +41,7 @@ from lorax.data.dataset import ManifestDataset
 from lorax.data.manifest import check_no_val_in_training, verify_files
 from lorax.models.backbone_factory import weights_record
 from lorax.utils.io import atomic_path
-from lorax.continual.head import refit_class_head
+from lorax.continual.head import fit_heads
 from lorax.continual.embedding_store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,9 @@ def train_task(
 
     ``memory`` holds the exemplars of the earlier classes (replayed with this task's data); ``history`` the earlier
     tasks' manifests (only the joint oracle trains on them). Returns ``out_dir``, a complete state.
-    ``continual.head`` refit | ncm: the class head is then refit on those rows (:func:`refit_class_head`);
-    ``store``: where that refit reads and keeps LoRAX's embeddings.
+    Then :func:`~lorax.continual.head.fit_heads` refits the class head on those rows (``continual.head`` refit |
+    ncm) and fits the real/fake verdict (``continual.verdict``); ``store``: where it reads and keeps LoRAX's
+    embeddings.
     """
     out_dir = Path(out_dir)
     task = str(task_manifest["task"].iloc[0])
@@ -265,9 +266,7 @@ def train_task(
                 tmp,
             )
 
-    head_info = {}
-    if params.continual.head != "linear" and ctx.is_main:
-        head_info = refit_class_head(method, rows, params, device, store)
+    head_info = fit_heads(method, rows, params, device, store) if ctx.is_main else {}
     method.to("cpu").eval()
     info = {
         "task": task,

@@ -9,7 +9,7 @@ by the dimension (about 1 for a typical known image); the threshold is the 95th 
 known validation images, so about 5% of known images are flagged by construction.
 
 An image is flagged (``unknown_flag``) when its score is above the threshold and it looks fake
-(``fake_probability >= 0.5``) when ``require_fake`` is set in the calibration; see ``docs/results.md`` for how
+(the verdict is fake, :mod:`lorax.continual.verdict`) when ``require_fake`` is set in the calibration; see ``docs/results.md`` for how
 the choice was measured.
 
 Calibration is computed once per state and stored next to it, never inside it (the state directory's content
@@ -88,10 +88,11 @@ class OpenSetStats:
             return np.zeros(0)
         return self.distances(feats).min(axis=1)
 
-    def flag(self, score: np.ndarray, fake_probability: np.ndarray) -> np.ndarray:
+    def flag(self, score: np.ndarray, called_fake: np.ndarray) -> np.ndarray:
+        """Unknown when the score is above the threshold (and, with ``require_fake``, the verdict is fake)."""
         out = np.asarray(score) > self.threshold
         if self.meta.get("require_fake", False):
-            out &= np.asarray(fake_probability) >= 0.5
+            out &= np.asarray(called_fake, dtype=bool)
         return out
 
     # -- files ---------------------------------------------------------------------------------------------

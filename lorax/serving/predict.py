@@ -8,10 +8,15 @@ are averaged; an image smaller than the crop is an error row. A file that cannot
 
 Output columns (one row per input, in input order) are :data:`COLUMNS`:
 
-* ``verdict``: ``real`` or ``fake`` (the kind of the most probable class);
-* ``generator``: the task (generator) of the most probable class when the verdict is fake, else empty;
-* ``predicted_class`` / ``probability``: that class (``<task>/real|fake``) and its softmax probability;
-* ``fake_probability``: summed probability of all fake classes;
+* ``verdict``: ``real`` or ``fake``: ``fake_probability`` against the threshold stored with the model (the
+  state's verdict, :mod:`lorax.continual.verdict`; states without one: the kind of the most probable class);
+* ``generator``: when the verdict is fake, the task (generator) of the most probable fake class, else empty;
+* ``generator_probability``: that generator's share of the fake classes' probability (which fake it is, given
+  that it is fake), empty when the verdict is real;
+* ``predicted_class`` / ``probability``: the decided class (``<task>/fake``, or the most probable ``<task>/real``
+  when the verdict is real) and its softmax probability;
+* ``fake_probability``: the verdict's calibrated probability that the image is fake (states without a verdict:
+  summed probability of all fake classes);
 * ``top{1,2,3}_class`` / ``top{1,2,3}_prob``;
 * ``unknown_score`` / ``unknown_flag``: the open-set score (:mod:`lorax.serving.openset`) and whether it flags
   the image as a fake from no known generator; NaN / empty when the state has no open-set calibration.
@@ -46,13 +51,15 @@ log = logging.getLogger(__name__)
 
 TOP_K = 3
 COLUMNS = [
-    "path", "status", "error", "width", "height", "verdict", "generator", "predicted_class", "probability",
+    "path", "status", "error", "width", "height", "verdict", "generator", "generator_probability",
+    "predicted_class", "probability",
     "fake_probability", *[f"top{i}_{k}" for i in range(1, TOP_K + 1) for k in ("class", "prob")],
     "unknown_score", "unknown_flag",
 ]
 DTYPES = {
     "path": "string", "status": "string", "error": "string", "width": "Int64", "height": "Int64",
-    "verdict": "string", "generator": "string", "predicted_class": "string", "probability": "Float64",
+    "verdict": "string", "generator": "string", "generator_probability": "Float64", "predicted_class": "string",
+    "probability": "Float64",
     "fake_probability": "Float64", **{f"top{i}_class": "string" for i in range(1, TOP_K + 1)},
     **{f"top{i}_prob": "Float64" for i in range(1, TOP_K + 1)}, "unknown_score": "Float64", "unknown_flag": "boolean",
 }
@@ -96,6 +103,7 @@ class Predictor:
         self.amp = bool(params.get("train", {}).get("amp", False)) and self.device.type == "cuda"
         self.mean, self.std = image_norm(method)
         self.openset = openset
+        self.verdict = getattr(method, "verdict", None)  # the stored real/fake decision (None: argmax)
 
     @classmethod
     def from_state(cls, state_dir: str | Path, device: str = "auto", crops: int | None = None,
@@ -163,6 +171,7 @@ class Predictor:
         logits = np.full((n, n_cls), np.nan, dtype=np.float32)
         feats: np.ndarray | None = None
         scores = np.full(n, np.nan)
+        fake_p = np.full(n, np.nan)
         errors: list[str | None] = [None] * n
         sizes = np.full((n, 2), -1, dtype=np.int64)
         pending: list[tuple[int, torch.Tensor]] = []
@@ -174,6 +183,8 @@ class Predictor:
             lg, ft = self._run_batch([t for _, t in pending])
             rows = [i for i, _ in pending]
             logits[rows] = lg
+            if self.verdict is not None:
+                fake_p[rows] = self.verdict.fake_probability(ft)
             if self.openset is not None:
                 scores[rows] = self.openset.score(ft)
             if keep_features:
@@ -199,10 +210,10 @@ class Predictor:
         bar.close()
         if feats is None:
             feats = np.full((n, 0), np.nan, dtype=np.float32)
-        return Prediction(self._table(names, logits, scores, errors, sizes), logits, feats)
+        return Prediction(self._table(names, logits, fake_p, scores, errors, sizes), logits, feats)
 
-    def _table(self, names: list[str], logits: np.ndarray, scores: np.ndarray, errors: list[str | None],
-               sizes: np.ndarray) -> pd.DataFrame:
+    def _table(self, names: list[str], logits: np.ndarray, fake_score: np.ndarray, scores: np.ndarray,
+               errors: list[str | None], sizes: np.ndarray) -> pd.DataFrame:
         n = len(names)
         ok = np.array([e is None for e in errors], dtype=bool)
         cols: dict[str, list[Any]] = {c: [None] * n for c in COLUMNS}
@@ -213,18 +224,25 @@ class Predictor:
         cols["height"] = [int(h) if h >= 0 else None for h in sizes[:, 1]]
         rows = np.flatnonzero(ok)
         if len(rows):
+            from lorax.continual.verdict import decide
+
             probs = M.softmax(logits[rows])
-            pred = probs.argmax(axis=1)
-            fake_p = M.fake_probability(probs)
+            if self.verdict is None:
+                fake_p, threshold = M.fake_probability(probs), None
+            else:
+                fake_p, threshold = fake_score[rows], self.verdict.threshold
+            pred = decide(probs, fake_p, threshold)
+            fake_total = probs[:, 1::2].sum(axis=1)
             order = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K]
             score = flag = None
             if self.openset is not None:
                 score = scores[rows]
-                flag = self.openset.flag(score, fake_p)
+                flag = self.openset.flag(score, pred % 2 == 1)
             for j, i in enumerate(rows):
                 c = int(pred[j])
                 cols["verdict"][i] = "fake" if c % 2 else "real"
                 cols["generator"][i] = self.tasks[c // 2] if c % 2 else None
+                cols["generator_probability"][i] = float(probs[j, c] / fake_total[j]) if c % 2 else None
                 cols["predicted_class"][i] = self.classes[c]
                 cols["probability"][i] = float(probs[j, c])
                 cols["fake_probability"][i] = float(fake_p[j])

@@ -194,7 +194,7 @@ def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    from lorax.continual.metrics import fake_probability, softmax
+    from lorax.continual.metrics import softmax
     from lorax.data.manifest import abs_paths
     from lorax.serving.openset import calibrate
 
@@ -216,14 +216,15 @@ def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[
         m = lg.max(1, keepdims=True)
         return {"mahalanobis": res.table["unknown_score"].to_numpy(dtype=float)[ok],
                 "energy": -(m[:, 0] + np.log(np.exp(lg - m).sum(1))), "msp": -p.max(1),
-                "fake_p": fake_probability(p)}
+                "fake_p": res.table["fake_probability"].to_numpy(dtype=float)[ok],
+                "called_fake": (res.table["verdict"] == "fake").to_numpy(dtype=bool)[ok]}
 
     ks = scores(kp)
     thr = predictor.openset.threshold
     report: dict[str, Any] = {
         "tasks": list(predictor.tasks), "threshold": thr, "n_known_test": int(len(ks["mahalanobis"])),
         "known_flag_rate": float((ks["mahalanobis"] > thr).mean()),
-        "known_flag_rate_require_fake": float(((ks["mahalanobis"] > thr) & (ks["fake_p"] >= 0.5)).mean()),
+        "known_flag_rate_require_fake": float(((ks["mahalanobis"] > thr) & ks["called_fake"]).mean()),
         "generators": {},
     }
     for g, df in unknown.items():
@@ -246,8 +247,8 @@ def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[
         report["generators"][g] = {
             "n_fakes": int(len(us["mahalanobis"])), "auroc": auroc,
             "fake_flag_rate": float(flagged.mean()),
-            "fake_flag_rate_require_fake": float((flagged & (us["fake_p"] >= 0.5)).mean()),
-            "fake_called_fake": float((us["fake_p"] >= 0.5).mean()),
+            "fake_flag_rate_require_fake": float((flagged & us["called_fake"]).mean()),
+            "fake_called_fake": float(us["called_fake"].mean()),
             "real_flag_rate": float((ur["mahalanobis"] > thr).mean()),
             "scan_flagged": s["n_flagged"], "scan_groups": len(s["candidates"]),
             "share_in_one_group": best[0] / max(1, len(fake_paths)),

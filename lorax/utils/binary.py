@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold t (fake iff score >= t) of highest accuracy on ``(scores, labels)``.
+def fit_threshold(scores: np.ndarray, labels: np.ndarray, balanced: bool = False) -> float:
+    """The threshold t (fake iff score >= t) of highest accuracy on ``(scores, labels)``; ``balanced``: of highest
+    balanced accuracy (mean of the real and the fake recall), so a class with more images does not pull it.
 
     Candidates are the midpoints between consecutive distinct scores and the two ends; among equally accurate ones
     the middle of the best run is taken, which keeps the threshold away from the scores it separates.
@@ -23,6 +24,9 @@ def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     real_sorted, fake_sorted = np.sort(scores[labels == 0]), np.sort(scores[labels == 1])
     reals_below = np.searchsorted(real_sorted, cands, side="left")
     fakes_above = fake_sorted.size - np.searchsorted(fake_sorted, cands, side="left")
-    acc = (reals_below + fakes_above) / scores.size
+    if balanced and real_sorted.size and fake_sorted.size:
+        acc = reals_below / real_sorted.size + fakes_above / fake_sorted.size
+    else:
+        acc = (reals_below + fakes_above) / scores.size
     best = np.flatnonzero(acc == acc.max())
     return float(cands[best[len(best) // 2]])

@@ -63,7 +63,7 @@ def test_wide_features_are_projected_and_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(back.score(x), stats.score(x), rtol=1e-4)
     assert back.threshold == pytest.approx(stats.threshold) and back.meta["require_fake"] is True
     s = np.array([stats.threshold + 1, stats.threshold + 1, 0.0])
-    assert back.flag(s, np.array([0.9, 0.1, 0.9])).tolist() == [True, False, False]
+    assert back.flag(s, np.array([0.9, 0.1, 0.9]) >= 0.5).tolist() == [True, False, False]
     with pytest.raises(CalibrationError, match="width 5 do not match"):
         back.score(np.ones((1, 5)))
     with pytest.raises(CalibrationError, match=r"classes \[2\] have no train images"):

@@ -57,13 +57,22 @@ def test_output_fields(stream, predictor) -> None:
     probs /= probs.sum(1, keepdims=True)
     classes = ["deconv/real", "deconv/fake", "nnconv/real", "nnconv/fake"]
     assert predictor.classes == classes
+    verdict = predictor.verdict  # the state's stored real/fake decision: one definition for every consumer
+    assert verdict is not None and 0 < verdict.threshold < 1
+    fake_p = verdict.fake_probability(res.features)
     for i, row in t.iterrows():
-        c = int(np.argmax(probs[i]))
-        assert row["predicted_class"] == classes[c] == row["top1_class"]
-        assert row["verdict"] == ("fake" if c % 2 else "real")
-        assert (row["generator"] == classes[c].split("/")[0]) if c % 2 else pd.isna(row["generator"])
-        assert row["probability"] == pytest.approx(probs[i, c]) == pytest.approx(row["top1_prob"])
-        assert row["fake_probability"] == pytest.approx(probs[i, 1::2].sum())
+        fake = bool(fake_p[i] >= verdict.threshold)
+        c = int(np.argmax(np.where(np.arange(4) % 2 == int(fake), probs[i], -1)))  # best class of the verdict's kind
+        assert row["fake_probability"] == pytest.approx(fake_p[i])
+        assert row["verdict"] == ("fake" if fake else "real")
+        assert row["predicted_class"] == classes[c] and row["probability"] == pytest.approx(probs[i, c])
+        assert (row["generator"] == classes[c].split("/")[0]) if fake else pd.isna(row["generator"])
+        if fake:
+            assert row["generator_probability"] == pytest.approx(probs[i, c] / probs[i, 1::2].sum())
+        else:
+            assert pd.isna(row["generator_probability"])
+        assert row["top1_class"] == classes[int(np.argmax(probs[i]))]
+        assert row["top1_prob"] == pytest.approx(probs[i].max())
         assert row["top1_prob"] >= row["top2_prob"] >= row["top3_prob"]
         assert len({row["top1_class"], row["top2_class"], row["top3_class"]}) == 3
         assert np.isfinite(row["unknown_score"]) and row["unknown_flag"] in (True, False)
