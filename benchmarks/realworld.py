@@ -33,6 +33,12 @@ from pathlib import Path
 from typing import Any
 
 PROTOCOL_TASKS = ["biggan", "stylegan2", "ldif", "glid3", "dmin", "disco"]
+# --protocol: the task order and the data folder of each real-image protocol (ROOT relative to the checkout)
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "realworld": {"tasks": PROTOCOL_TASKS, "root": "../shared/data/realworld", "scenario": "realworld-6"},
+    "t2i": {"tasks": ["sd15", "sd21", "sdxl", "pixart512", "playground", "kandinsky3", "ddb"],
+            "root": "../shared/data/t2i", "scenario": "t2i-7"},
+}
 METHODS = ["lorax", "joint", "finetune", "probe"]
 CONTROL = {"scale": 0.9375, "filter": "lanczos"}  # 256 -> 240 px
 # --quick: the first two tasks and a tiny random ConViT on 32 px crops; checks the plumbing, not the figures
@@ -54,8 +60,9 @@ QUICK: dict[str, Any] = {
 # the probe's backbone is frozen and its head is refit in closed form (continual.head: refit): gradient epochs would
 # train a head that the refit then replaces, so it trains none
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"probe": {"train.epochs": 0}}
-COLUMNS = [("pooled_acc", "pooled acc"), ("aaf", "AAF"), ("aa", "AA"), ("bwt", "BWT"),
-           ("binary_acc_fitted", "binary acc"), ("binary_ap", "binary AP")]
+COLUMNS = [("pooled_acc", "pooled acc"), ("aaf", "AAF"), ("bwt", "BWT"), ("binary_ap", "binary AP"),
+           ("balanced_acc", "balanced acc"), ("real_acc", "real called real")]
+JPEG_CONTROL = [90, 60]
 
 
 def stream_of(tasks: list[str]) -> dict[str, dict[str, str]]:
@@ -71,19 +78,65 @@ def runs(methods: list[str], memory: list[int]) -> list[tuple[str, str, int]]:
     return out
 
 
-def _cell(m: dict[str, Any], key: str) -> str:
+def _controls(rows: dict[str, dict[str, Any]]) -> list[str]:
+    names = {c for m in rows.values() for c in (m.get("control") or {})}
+    return [c for c in ("resampled", *(f"jpeg{q}" for q in (90, 75, 60, 50, 30))) if c in names]
+
+
+def _cell(m: dict[str, Any], key: str, controls: list[str]) -> str:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{float(v):.1f}"
 
-    return f"{fmt(m.get(key))} / {fmt((m.get('control') or {}).get('resampled', {}).get(key))}"
+    return " / ".join([fmt(m.get(key)), *(fmt((m.get("control") or {}).get(c, {}).get(key)) for c in controls)])
 
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
-    head = "| run | " + " | ".join(f"{label} (as is / resampled)" for _, label in COLUMNS) + " | wall s |\n"
+    controls = _controls(rows)
+    views = " / ".join(["as is", *controls])
+    head = "| run | " + " | ".join(f"{label} ({views})" for _, label in COLUMNS) + " | wall s |\n"
     head += "|---|" + "---|" * (len(COLUMNS) + 1) + "\n"
     for name, m in rows.items():
-        head += f"| {name} | " + " | ".join(_cell(m, k) for k, _ in COLUMNS) + f" | {m['wall_s']:.0f} |\n"
+        head += f"| {name} | " + " | ".join(_cell(m, k, controls) for k, _ in COLUMNS) + f" | {m['wall_s']:.0f} |\n"
     return head
+
+
+def _groups(paths: list[str], root: Path) -> list[str]:
+    """The bootstrap unit of each evaluated image: the dataset manifest's ``group`` (t2i: the prompt, shared by the
+    generators that drew it) where ``root/manifest.csv`` has one, else the file."""
+    import pandas as pd
+
+    mf = root / "manifest.csv"
+    known: dict[str, str] = {}
+    if mf.is_file():
+        m = pd.read_csv(mf)
+        if "group" in m.columns:
+            known = {str((root / p).resolve()): str(g) for p, g in zip(m["path"], m["group"], strict=True)}
+    return [known.get(str(Path(p).resolve()), str(p)) for p in paths]
+
+
+def paired_bootstrap(a: Path, b: Path, root: Path, n: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Pooled multi-real accuracy of run ``a`` minus run ``b`` on the same images (their last evaluation's
+    predictions), with a 95% interval from resampling groups (:func:`_groups`) with replacement."""
+    import numpy as np
+    import pandas as pd
+
+    ta, tb = pd.read_csv(a), pd.read_csv(b)
+    if list(ta["path"]) != list(tb["path"]):
+        raise ValueError(f"{a} and {b} score different images; rerun both on the same manifests")
+    diff = ta["correct"].to_numpy(float) - tb["correct"].to_numpy(float)
+    codes, inv = np.unique(_groups(list(ta["path"]), root), return_inverse=True)
+    sums, counts = np.bincount(inv, diff, len(codes)), np.bincount(inv, minlength=len(codes)).astype(float)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(codes), (n, len(codes)))
+    boots = sums[pick].sum(1) / counts[pick].sum(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"diff": float(100 * diff.mean()), "lo": float(100 * lo), "hi": float(100 * hi), "groups": len(codes)}
+
+
+def last_predictions(run_dir: Path) -> Path:
+    """The per-image table of a run's last evaluation (``eval/<last task>.predictions.csv``)."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return run_dir / "eval" / f"{metrics['tasks'][-1]}.predictions.csv"
 
 
 def run_one(params_path: str, overrides: dict[str, Any], manifests: Path, out: Path) -> dict[str, Any]:
@@ -108,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.realworld.yaml")
-    ap.add_argument("--data", help="dataset root (default: data.root of --params)")
+    ap.add_argument("--protocol", default="realworld", choices=sorted(PROTOCOLS),
+                    help="task order and data folder: realworld (six generators) | t2i (seven, paired prompts)")
+    ap.add_argument("--floor", action="store_true", help="also time one frozen forward of every training and "
+                    "evaluation crop (the physical floor of a stream) in the same run")
+    ap.add_argument("--data", help="dataset root (default: the protocol's folder)")
     ap.add_argument("--manifests", help="manifest folder (default: OUT/manifests; prepared when missing)")
     ap.add_argument("--out", default="outputs/realworld")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -118,15 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     manifests = Path(args.manifests) if args.manifests else out / "manifests"
-    tasks = PROTOCOL_TASKS[:2] if args.quick else PROTOCOL_TASKS
-    base: dict[str, Any] = {"stream": stream_of(tasks), **(QUICK if args.quick else {})}
-    if args.data:
-        base["data.root"] = args.data
+    proto = PROTOCOLS[args.protocol]
+    tasks = proto["tasks"][:2] if args.quick else proto["tasks"]
+    base: dict[str, Any] = {"stream": stream_of(tasks), **(QUICK if args.quick else {}),
+                            "data.root": args.data or proto["root"], "tracking.scenario": proto["scenario"]}
     user = parse_overrides(args.set)  # -S wins over the presets and the per-method settings
     rows: dict[str, dict[str, Any]] = {}
     try:
         common = load_params(args.params, {**base, **user})  # the head and the control do not depend on the run
         control = {"eval.resample_control": CONTROL} if common.eval.resample_control is None else {}  # reports both
+        if common.eval.jpeg_control is None:
+            control["eval.jpeg_control"] = JPEG_CONTROL
         per_method = METHOD_OVERRIDES if common.continual.head != "linear" else {}
         for name, method, size in runs(args.methods, args.memory):
             ov = {**base, **per_method.get(method, {}), "continual.method": method, "continual.memory_size": size,
@@ -139,13 +198,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.realworld: error: {e}")
         return 2
     md = table(rows)
-    cmd = "python -m benchmarks.realworld " + " ".join(argv if argv is not None else sys.argv[1:])
-    note = (f"\nPercent. Binary acc: threshold on the fake probability cross-fitted on the seen tasks' val images "
-            f"(2 folds); AP threshold-free. {time.strftime('%Y-%m-%d')}, {platform.node()}, "
+    extra = {}
+    probe = next((n for n in rows if n == "probe"), None)
+    for name in rows:
+        if name.startswith("lorax") and probe is not None:
+            ci = paired_bootstrap(last_predictions(out / name), last_predictions(out / probe),
+                                  Path(base["data.root"]))
+            extra[f"{name} - probe"] = ci
+            md += (f"\n{name} minus probe, pooled accuracy: {ci['diff']:+.1f} points, 95% interval "
+                   f"[{ci['lo']:+.1f}, {ci['hi']:+.1f}] (bootstrap over {ci['groups']} groups)\n")
+    if args.floor:
+        from benchmarks.stream_floor import stream_floor
+
+        extra["floor"] = stream_floor(load_params(args.params, {**base, **user}), manifests)
+        md += (f"\nFloor (one frozen forward of every training and evaluation crop, same machine, same run): "
+               f"{extra['floor']['seconds']:.0f} s for {extra['floor']['crops']} crops\n")
+    cmd = f"python -m benchmarks.realworld " + " ".join(argv if argv is not None else sys.argv[1:])
+    note = (f"\nPercent, after the last task, on the val split. Views: as is, then each shortcut control. Balanced "
+            f"acc and real called real: the model's stored verdict (threshold cross-fitted on training rows + "
+            f"memory, never on val); AP threshold-free. {time.strftime('%Y-%m-%d')}, {platform.node()}, "
             f"{platform.processor() or platform.machine()}; `{cmd.strip()}`\n")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "realworld.md").write_text(md + note)
-    (out / "realworld.json").write_text(json.dumps(rows, indent=2))
+    (out / f"{args.protocol}.md").write_text(md + note)
+    (out / f"{args.protocol}.json").write_text(json.dumps({**rows, **extra}, indent=2))
     print(md + note)
     return 0
 

@@ -297,6 +297,17 @@ class EvalConfig(_Section):
     resample_control: ResampleControl | None = Field(
         None, description="null: off; else every evaluation is reported twice, as is and resampled (metrics "
         "control.resampled.*), e.g. {scale: 0.9375, filter: lanczos}")
+    jpeg_control: list[int] | None = Field(
+        None, description="null: off; else every evaluation is also reported with each image re-encoded as JPEG "
+        "of these qualities before cropping (metrics control.jpeg<Q>.*), e.g. [90, 60]: a model that learned the "
+        "compression history of a set is caught")
+
+    @field_validator("jpeg_control")
+    @classmethod
+    def _qualities(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(not 1 <= q <= 100 for q in v):
+            raise ValueError("JPEG qualities are 1..100, e.g. [90, 60]")
+        return v
 
 
 class GateConfig(_Section):

@@ -235,7 +235,10 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
 def _add_missing_controls(params: Params, layout: Layout, task: str, result: dict[str, Any]) -> dict[str, Any]:
     """A current evaluation made before ``eval.resample_control`` was switched on gets the control added (the rest
     is kept), so switching the control on never re-evaluates a finished stream."""
-    if params.eval.resample_control is None or "resampled" in (result.get("control") or {}):
+    from lorax.data.dataset import control_views
+
+    have = tuple(result.get("control") or {})
+    if not set(control_views(params.eval.resample_control, params.eval.jpeg_control)) - set(have):
         return result
     from lorax.continual.state import load_state
     from lorax.continual.evaluation import evaluate_controls, val_rows
@@ -244,7 +247,7 @@ def _add_missing_controls(params: Params, layout: Layout, task: str, result: dic
     method, _ = load_state(layout.state(task), params=params)
     manifests = _manifests(params, layout, i)
     val = val_rows([manifests[t] for t in params.tasks[: i + 1]])
-    control = evaluate_controls(method, val, params, store=embedding_store(params, layout))
+    control = evaluate_controls(method, val, params, store=embedding_store(params, layout), skip=have)
     result["control"] = {**(result.get("control") or {}), **control}
     write_json(layout.eval(task), result)
     return result

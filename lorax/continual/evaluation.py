@@ -15,7 +15,7 @@ from lorax.continual.batches import autocast, image_norm, loader_for, resolve_de
 from lorax.continual.embedding_store import EmbeddingStore, adapter_key, image_ids
 from lorax.continual.methods import Method, logits_and_features
 from lorax.continual.trunk_cache import TrunkCache, eval_ids, open_trunk_cache
-from lorax.data.dataset import Resample
+from lorax.data.dataset import Resample, control_views
 from lorax.data.manifest import abs_paths, verify_files
 
 
@@ -224,17 +224,21 @@ def score_val(val: pd.DataFrame, logits: np.ndarray, tasks: list[str], fake_scor
 
 
 def evaluate_controls(method: Method, val: pd.DataFrame, params: Params, device: torch.device | None = None,
-                      store: EmbeddingStore | None = None) -> dict[str, dict]:
-    """The shortcut controls of one evaluation: ``{"resampled": metrics}`` of the same rows, every image resized
-    by ``eval.resample_control`` before cropping; ``{}`` when it is off. Stored in the eval json as ``control``."""
-    rc = params.eval.resample_control
-    if rc is None:
-        return {}
-    logits, fake, thr = predict_verdict(method, val, params, device, desc="eval (resampled)", store=store,
-                                        resample=(rc.scale, rc.filter))
-    result, _ = score_val(val, logits, method.tasks, fake, thr)
-    result.pop("confusion", None)
-    return {"resampled": {**result, "scale": rc.scale, "filter": rc.filter}}
+                      store: EmbeddingStore | None = None, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """The shortcut controls of one evaluation, by name (:func:`lorax.data.dataset.control_views`): metrics of the
+    same rows with every image resized by ``eval.resample_control`` (``resampled``) or re-encoded as JPEG of each
+    ``eval.jpeg_control`` quality (``jpeg<Q>``) before cropping; ``{}`` when both are off; ``skip``: names already
+    measured. Stored in the eval json as ``control``."""
+    out = {}
+    for name, view in control_views(params.eval.resample_control, params.eval.jpeg_control).items():
+        if name in skip:
+            continue
+        logits, fake, thr = predict_verdict(method, val, params, device, desc=f"eval ({name})", store=store,
+                                            resample=view)
+        result, _ = score_val(val, logits, method.tasks, fake, thr)
+        result.pop("confusion", None)
+        out[name] = {**result, "scale": view[0], "filter": view[1]}
+    return out
 
 
 def evaluate_task_list(method: Method, manifests: list[pd.DataFrame], params: Params,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from lorax.continual import metrics as M
@@ -17,18 +18,20 @@ if TYPE_CHECKING:
 
 
 # figures of the last evaluation copied into metrics.json (as is, and under each control)
-LAST_EVAL_KEYS = ("pooled_acc", "binary_acc", "binary_acc_fitted", "binary_threshold", "binary_ap", "mean_ap")
+LAST_EVAL_KEYS = ("pooled_acc", "pooled_acc_argmax", "binary_acc", "balanced_acc", "real_acc", "fake_acc",
+                  "verdict_threshold", "binary_acc_fitted", "binary_threshold", "binary_ap", "mean_ap")
 
 
 def _stream_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
     """aa, aaf, bwt, forgetting (from the accuracy matrix), acc_matrix, and the last evaluation's LAST_EVAL_KEYS."""
     R = M.AccuracyMatrix([e["task_acc"] for e in evals])
-    last = {k: round(float(evals[-1][k]), 4) for k in LAST_EVAL_KEYS if evals[-1].get(k) is not None}
+    last = {k: round(float(evals[-1][k]), 4) for k in LAST_EVAL_KEYS
+            if evals[-1].get(k) is not None and np.isfinite(float(evals[-1][k]))}
     return {**{k: round(float(v), 4) for k, v in R.summary().items()}, **last, "acc_matrix": R.to_list()}
 
 
 def control_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"resampled": figures}`` when every evaluation of the stream carries that control (``eval.resample_control``)."""
+    """``{name: figures}`` of each control (``resampled``, ``jpeg<Q>``) that every evaluation of the stream carries."""
     names = set.intersection(*(set(e.get("control") or {}) for e in evals)) if evals else set()
     return {name: _stream_figures([e["control"][name] for e in evals]) for name in sorted(names)}
 
@@ -64,7 +67,8 @@ def format_matrix(metrics: dict[str, Any]) -> str:
         lines.append(f"{t:<{w}}" + "".join(f"{'' if v is None else f'{v:.1f}':>{w}}" for v in row))
     lines.append(
         f"{metrics['method']}: AA {metrics['aa']:.2f}  AAF {metrics['aaf']:.2f}  BWT {metrics['bwt']:.2f}  "
-        f"binary {metrics['binary_acc']:.2f}  trainable/task {metrics['trainable_params_per_task']}  "
+        f"binary {metrics['binary_acc']:.2f}  balanced {metrics.get('balanced_acc', float('nan')):.2f}  "
+        f"real called real {metrics.get('real_acc', float('nan')):.2f}  trainable/task {metrics['trainable_params_per_task']}  "
         f"backbone {metrics['backbone_params']}"
     )
     return "\n".join(lines)

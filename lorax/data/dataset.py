@@ -47,7 +47,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip.OPENAI_DATASET_STD
 _NORMS = {"half": (HALF, HALF), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
-Resample = tuple[float, str]  # (scale, filter): the shortcut control's resampling (eval.resample_control)
+Resample = tuple[float, str]  # (scale, filter): a control's view (eval.resample_control; filter jpegQ: eval.jpeg_control)
 
 _FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
             "bilinear": Image.Resampling.BILINEAR}
@@ -60,9 +60,29 @@ def resampled_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 def resample_array(arr: np.ndarray, scale: float, filter: str = "lanczos") -> np.ndarray:
     """An HxWx3 uint8 image resized by ``scale`` (:func:`resampled_size`): the resampling shortcut control, applied
-    to the decoded image before any crop, so a model that only learned "resampled means real" is caught."""
+    to the decoded image before any crop, so a model that only learned "resampled means real" is caught.
+    ``filter`` ``jpeg<Q>`` (scale 1) re-encodes the image as JPEG quality Q instead (the JPEG control)."""
+    if filter.startswith("jpeg"):
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=int(filter[4:]))
+        buf.seek(0)
+        with Image.open(buf) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
     h, w = arr.shape[:2]
     return np.asarray(Image.fromarray(arr).resize(resampled_size(w, h, scale), _FILTERS[filter]), dtype=np.uint8)
+
+
+def control_views(resample_control: Any, jpeg_control: Any) -> dict[str, Resample]:
+    """The evaluation's shortcut controls by name: ``resampled`` (eval.resample_control) and ``jpeg<Q>`` for each
+    quality of eval.jpeg_control, each the view every evaluated image is also scored under."""
+    views: dict[str, Resample] = {}
+    if resample_control is not None:
+        views["resampled"] = (float(resample_control.scale), str(resample_control.filter))
+    for q in jpeg_control or ():
+        views[f"jpeg{int(q)}"] = (1.0, f"jpeg{int(q)}")
+    return views
 
 
 def normalization(name: str, backbone_cfg: Any = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
