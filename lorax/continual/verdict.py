@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 VERDICTS = ("binary", "argmax")
-C_GRID = (0.01, 0.1, 1.0)
+C_GRID = (0.01, 0.1, 1.0, 10.0)
 WEIGHTS_FILE = "verdict.safetensors"
 INFO_KEY = "verdict"
 
