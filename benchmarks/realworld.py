@@ -100,31 +100,22 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return head
 
 
-def _groups(paths: list[str], root: Path) -> list[str]:
-    """The bootstrap unit of each evaluated image: the dataset manifest's ``group`` (t2i: the prompt, shared by the
-    generators that drew it) where ``root/manifest.csv`` has one, else the file."""
-    import pandas as pd
-
-    mf = root / "manifest.csv"
-    known: dict[str, str] = {}
-    if mf.is_file():
-        m = pd.read_csv(mf)
-        if "group" in m.columns:
-            known = {str((root / p).resolve()): str(g) for p, g in zip(m["path"], m["group"], strict=True)}
-    return [known.get(str(Path(p).resolve()), str(p)) for p in paths]
-
-
 def paired_bootstrap(a: Path, b: Path, root: Path, n: int = 2000, seed: int = 0) -> dict[str, float]:
     """Pooled multi-real accuracy of run ``a`` minus run ``b`` on the same images (their last evaluation's
-    predictions), with a 95% interval from resampling groups (:func:`_groups`) with replacement."""
+    predictions), with a 95% interval from resampling groups with replacement (the dataset's own ``group``, t2i: the
+    prompt, shared by the generators that drew it; :func:`lorax.data.groups.row_groups`)."""
     import numpy as np
     import pandas as pd
+
+    from lorax.data.groups import row_groups
 
     ta, tb = pd.read_csv(a), pd.read_csv(b)
     if list(ta["path"]) != list(tb["path"]):
         raise ValueError(f"{a} and {b} score different images; rerun both on the same manifests")
     diff = ta["correct"].to_numpy(float) - tb["correct"].to_numpy(float)
-    codes, inv = np.unique(_groups(list(ta["path"]), root), return_inverse=True)
+    rel = [str(Path(p).resolve().relative_to(root.resolve())) for p in ta["path"]]
+    codes, inv = np.unique(row_groups(pd.DataFrame({"root": str(root), "path": rel})).astype(str),
+                           return_inverse=True)
     sums, counts = np.bincount(inv, diff, len(codes)), np.bincount(inv, minlength=len(codes)).astype(float)
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(codes), (n, len(codes)))

@@ -121,7 +121,9 @@ def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.
         from lorax.continual.verdict import describe, fit_verdict
 
         t0 = time.time()
-        groups = rows["group"].to_numpy() if "group" in rows.columns else None
+        from lorax.data.groups import row_groups
+
+        groups = row_groups(rows)  # crops of one photo, one prompt's images: never split between folds
         method.verdict = fit_verdict(feats, rows["class_id"].to_numpy() % 2, groups)
         method.verdict.info["seconds"] = round(time.time() - t0, 2)
         v = method.verdict

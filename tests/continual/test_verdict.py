@@ -82,3 +82,18 @@ def test_save_and_load_roundtrip(tmp_path) -> None:
     assert back is not None and back.threshold == pytest.approx(v.threshold)
     np.testing.assert_allclose(back.fake_probability(x), v.fake_probability(x), rtol=1e-5)
     assert Verdict.load(tmp_path, None) is None and Verdict.load(tmp_path / "none", entry) is None
+
+
+def test_row_groups_from_the_datasets_manifest(tmp_path) -> None:
+    """Crops of one photo share the dataset's group (its manifest.csv); files it does not name are their own."""
+    import pandas as pd
+
+    from lorax.data.groups import row_groups
+
+    (tmp_path / "manifest.csv").write_text("path,group\na/train/0_real/x_0.png,photo:7\na/train/0_real/x_1.png,photo:7\n")
+    rows = pd.DataFrame({"root": str(tmp_path), "path": ["a/train/0_real/x_0.png", "a/train/0_real/x_1.png",
+                                                         "a/train/1_fake/y.png"]})
+    g = row_groups(rows)
+    assert g[0] == g[1] == "photo:7" and g[2] != g[0] and g[2].endswith("y.png")
+    no_file = pd.DataFrame({"root": str(tmp_path / "elsewhere"), "path": ["p.png", "q.png"]})
+    assert len(set(row_groups(no_file))) == 2
