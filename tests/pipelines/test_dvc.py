@@ -119,7 +119,7 @@ def test_added_generator_runs_only_its_stages(repo: Path) -> None:
 def test_killed_training_resumes_and_leaves_earlier_tasks_alone(repo: Path) -> None:
     before = {p.name: tree_hash(p) for p in (repo / "state").iterdir() if p.is_dir()}
     append_to_stream(repo / "params.yaml", "bilinconv", root=repo)
-    ckpt = repo / "state" / "bilinconv.partial" / "checkpoint.pt"
+    ckpt = repo / "state" / "bilinconv.resume" / "checkpoint.pt"
     proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=tool_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
