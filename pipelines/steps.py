@@ -123,7 +123,7 @@ def prepare_step(params: Params, layout: Layout, task: str, task_index: int | No
 def _manifests(params: Params, layout: Layout, upto: int) -> dict[str, Any]:
     from lorax.data.manifest import load_stream_manifests
 
-    return load_stream_manifests(layout.manifests, params.tasks[: upto + 1])
+    return load_stream_manifests(layout.manifests, params.tasks[: upto + 1], layout.data_root)
 
 
 def train_step(params: Params, layout: Layout, task: str, tracker=None, exclusive: bool = True) -> Path:
@@ -155,7 +155,7 @@ def _train_step(params: Params, layout: Layout, task: str, tracker=None) -> Path
                                 f"another stream; train {prev!r} first")
     manifests = _manifests(params, layout, i)
     prev_mem = layout.memory(prev)
-    memory = ExemplarMemory.load(prev_mem) if prev_mem.is_file() else None
+    memory = ExemplarMemory.load(prev_mem, layout.data_root) if prev_mem.is_file() else None
     ids = stream_run(layout, prev, required=tracker is not None)
     parent, run_id = ids.get("parent_run_id"), None
     if tracker is not None and parent:
@@ -196,10 +196,10 @@ def select_step(params: Params, layout: Layout, task: str) -> Path:
 
     method, _ = load_state(state, params=params)
     prev_mem = layout.memory(params.stream[task].prev)
-    memory = ExemplarMemory.load(prev_mem) if prev_mem.is_file() else None
+    memory = ExemplarMemory.load(prev_mem, layout.data_root) if prev_mem.is_file() else None
     mem = select_exemplars(method, _manifests(params, layout, i)[task], memory, params,
                            store=embedding_store(params, layout))
-    mem.save(out)
+    mem.save(out, layout.data_root)
     log.info("task %s: memory %d exemplars %s -> %s", task, len(mem), mem.class_counts(), out)
     return out
 

@@ -156,7 +156,8 @@ def check_reachable(cfg: TrackingConfig, root: str | Path = ".", timeout: float 
     "not reachable"; an answer that is not MLflow's JSON, e.g. another web service on that port, is "not an MLflow
     tracking server"), always :class:`TrackingUnavailable` with one line. sqlite: its folder must exist or be
     creatable, and the file must be a writable MLflow (or empty) sqlite database
-    (:func:`pipelines.tracking.errors.probe_sqlite`). Plain file stores are refused by MLflow 3, so they are refused
+    (:func:`pipelines.tracking.errors.probe_sqlite`); the project's own store, copied from another folder, is
+    re-pointed at its own artifacts (:func:`pipelines.tracking.relocate.relocate_store`). Plain file stores are refused by MLflow 3, so they are refused
     here with the fix.
     """
     uri = resolve_tracking_uri(cfg, root)
@@ -177,6 +178,9 @@ def check_reachable(cfg: TrackingConfig, root: str | Path = ".", timeout: float 
             problem = probe_sqlite(path, uri, where)
             if problem is not None:
                 raise TrackingUnavailable(problem)
+            from pipelines.tracking.relocate import relocate_store
+
+            relocate_store(path, root, cfg.artifact_root)  # a copied project's own store: its own artifacts
         return uri
     if parsed.scheme in ("", "file"):
         raise TrackingUnavailable(
