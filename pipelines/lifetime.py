@@ -56,10 +56,11 @@ def stop_on_signals() -> None:
 
 
 def _stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, start time in clock ticks) of ``pid`` from /proc; None when it is gone."""
+    """(parent pid, start time in clock ticks) of ``pid`` from /proc; None when it is gone (a zombie, killed but not
+    yet reaped by its own parent, is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[1]), fields[19]
+        return None if fields[0] in ("Z", "X") else (int(fields[1]), fields[19])
     except (OSError, IndexError, ValueError):
         return None
 
