@@ -107,7 +107,7 @@ def dvc_preview(root: str | Path, task: str | None = None) -> str:
         return f"`dvc status` failed ({why[-1] if why else f'exit {res.returncode}'}); run it to see what will re-run"
     lines = [f"`dvc status` shows {len(stages)} stage(s) to run: {', '.join(stages) or 'none'}"]
     if task is not None:
-        others = [s for s in stages if s != "report" and not s.endswith(f"@{task}")]
+        others = [s for s in stages if s not in ("check", "report") and not s.endswith(f"@{task}")]
         if not (root / "dvc.lock").is_file():
             lines.append("no dvc.lock yet: `dvc repro` runs every stage of the stream")
         elif others:
