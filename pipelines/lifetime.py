@@ -103,6 +103,15 @@ def die_with_starter(grace_s: float = STOP_GRACE_S) -> bool:
     return True
 
 
+def ends_with_parent() -> None:
+    """``preexec_fn`` of a child that must not outlive the command starting it (``lorax demo``'s ``dvc repro``):
+    SIGTERM when this process dies, ``kill -9`` included (Linux ``PR_SET_PDEATHSIG``)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def lock_path(locks: Path, state_dir: Path) -> Path:
     """The lock of one task's state folder (outside the project: DVC hashes state/; one per resolved folder, so a
     copied project has its own)."""

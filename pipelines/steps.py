@@ -177,6 +177,7 @@ def _train_step(params: Params, layout: Layout, task: str, tracker=None) -> Path
         raise
     if run_id:
         info = _state_info(out)
+        tracker.log_missing_epochs(run_id, info.get("epochs") or [])  # an epoch checkpointed, then killed
         tracker.log_metrics(run_id, {"train_seconds": info["seconds_per_task"][-1],
                                      "trainable_params": info["trainable_params_per_task"][-1]})
     return out

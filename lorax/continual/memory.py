@@ -187,11 +187,14 @@ class ExemplarMemory:
     def save(self, path: str | Path, data_root: str | Path | None = None) -> Path:
         """Write the table as parquet (atomic replace); rows under ``data_root`` are stored relative to it, as in
         the manifests they come from (:func:`lorax.data.manifest.unrooted`)."""
-        from lorax.data.manifest import unrooted
-
         path = Path(path)
+        rows = self._rows
+        if data_root is not None:
+            from lorax.data.manifest import unrooted
+
+            rows = unrooted(rows, data_root)
         with atomic_path(path) as tmp:
-            unrooted(self._rows, data_root).to_parquet(tmp, index=False)
+            rows.to_parquet(tmp, index=False)
         return path
 
     @classmethod

@@ -50,6 +50,7 @@ HERE = "."  # the ``root`` a stored row has when it lies under data.root
 ROOT_HINT = b"lorax.data_root"  # parquet metadata: data.root relative to the manifest's folder, for bare reads
 
 log = logging.getLogger(__name__)
+_NOTED: set[tuple[str, str]] = set()
 
 
 def unrooted(df: pd.DataFrame, data_root: str | Path | None) -> pd.DataFrame:
@@ -70,9 +71,14 @@ def rooted(df: pd.DataFrame, data_root: str | Path, source: object = "a manifest
     base = os.path.abspath(data_root)
     roots = df["root"].astype(str)
     old = sorted({r for r in roots if os.path.isabs(r)})
-    if old:
+    if old and (str(source), base) not in _NOTED:  # once per file and folder in a process
+        _NOTED.add((str(source), base))
         log.warning("%s names the absolute dataset root %s (an older format); its images are read under data.root %s "
                     "(re-run prepare to rewrite it)", source, old[0] if len(old) == 1 else old, base)
+    escaping = sorted({r for r in roots if not os.path.isabs(r) and ".." in r.replace(os.sep, "/").split("/")})
+    if escaping:
+        raise ManifestError(f"{source}: rows name the dataset root {escaping[0]!r}, outside data.root ('..'); "
+                            f"{PREPARE_AGAIN}")
     return df.assign(root=[base if os.path.isabs(r) else os.path.normpath(os.path.join(base, r)) for r in roots])
 
 

@@ -160,7 +160,9 @@ def _demo(args: argparse.Namespace) -> int:
     cmd = [dvc, "repro"] + (["--force"] if args.force else [])
     print(f"$ {' '.join(cmd)}", flush=True)
     t0 = time.time()
-    rc = subprocess.call(cmd, env=env)
+    from pipelines.lifetime import ends_with_parent
+
+    rc = subprocess.call(cmd, env=env, preexec_fn=ends_with_parent if sys.platform == "linux" else None)
     minutes = (time.time() - t0) / 60
     if rc != 0:
         print(f"\nlorax demo: `dvc repro` failed (exit {rc}) after {minutes:.1f} min; the messages above name the "

@@ -192,6 +192,16 @@ class Tracker:
 
         return cb
 
+    def log_missing_epochs(self, run_id: str, rows: list[dict[str, float]], metric: str = "loss") -> list[int]:
+        """Log the epochs of ``rows`` (the trained state's history) that the run lacks: a stage killed between an
+        epoch's checkpoint and its report resumes after that epoch, which then is never reported. Each step is
+        logged once (no duplicates); returns the epochs logged now."""
+        have = {m.step for m in self.client.get_metric_history(run_id, metric)}
+        missing = [row for row in rows if int(row.get("epoch", 0)) not in have]
+        for row in missing:
+            self.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        return [int(row["epoch"]) for row in missing]
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 

@@ -132,6 +132,12 @@ def test_an_older_manifest_with_an_absolute_root_reads_under_data_root(repo: Pat
     assert set(df["root"]) == {str(repo / "data" / "zoo")}
     notes = [r.getMessage() for r in caplog.records]
     assert len(notes) == 1 and "absolute dataset root /elsewhere" in notes[0] and "\n" not in notes[0]
+    from lorax.data.manifest import ManifestError
+
+    old["root"] = "../../etc"  # an edited manifest cannot name a folder above data.root
+    old.to_parquet(path, index=False)
+    with pytest.raises(ManifestError, match="outside data.root"):
+        read_manifest(path, repo / "data" / "zoo")
 
 
 def survivors(root: Path) -> list[str]:

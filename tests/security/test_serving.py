@@ -224,7 +224,11 @@ def test_server_refuses_paths_and_answers_every_row(servers) -> None:
     good = _b64(f["image"].read_bytes())
     values = ["/etc/passwd", str(f["outside"]), str(f["root"] / "missing.png"), good, "bad base64!",
               _b64(b"GIF89a but not really"), 7, None]
-    rows, text = _rows(plain, values, params={"image_root": "/"})  # a caller's params cannot allow paths
+    # a caller's params cannot allow paths: a param the model does not read is refused, in one line
+    code, text = _call(plain, json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]},
+                                          "params": {"image_root": "/"}}).encode())
+    assert code == 400 and "unknown request param(s) image_root" in json.loads(text)["message"]
+    rows, text = _rows(plain, values)
     assert [r["status"] for r in rows] == ["error", "error", "error", "ok", "error", "error", "error", "error"]
     assert [r["path"] for r in rows] == [f"row {i}" for i in range(len(values))]
     assert [r["error"] for r in rows[:3]] == [PATHS_REFUSED] * 3  # existing, real image or missing: one answer
