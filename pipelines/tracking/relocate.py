@@ -30,14 +30,15 @@ def _path(location: str) -> str:
 
 
 def made_in(con: sqlite3.Connection, artifact_root: str) -> str | None:
-    """The project folder the store was made in: the part of an experiment's artifact location before
-    ``/<artifact_root>/<experiment name>`` (or MLflow's ``/mlruns/0`` of the Default experiment)."""
+    """The project folder the store was made in: the part of the artifact location of the experiments lorax made
+    (``<project>/<artifact_root>/<experiment name>``) before that tail; None unless they all agree on one."""
+    found = set()
     for name, location in con.execute("SELECT name, artifact_location FROM experiments"):
         path = _path(location or "").rstrip("/")
-        for tail in (f"/{artifact_root.strip('/')}/{name}", "/mlruns/0"):
-            if path.endswith(tail) and os.path.isabs(path):
-                return path[: -len(tail)] or "/"
-    return None
+        tail = f"/{artifact_root.strip('/')}/{name}"
+        if path.endswith(tail) and os.path.isabs(path):
+            found.add(path[: -len(tail)] or "/")
+    return found.pop() if len(found) == 1 else None
 
 
 def relocate_store(db: str | Path, project: str | Path, artifact_root: str) -> str | None:

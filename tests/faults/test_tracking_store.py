@@ -111,3 +111,27 @@ def test_a_full_disk_met_later_is_one_line(tmp_path: Path) -> None:
     line = store_failure(err.value)
     assert line is not None and "\n" not in line and "no space left on the device" in line
     assert store_failure(KeyError("a bug")) is None  # anything else keeps its traceback
+
+
+def test_only_the_projects_own_copied_store_is_re_pointed(tmp_path: Path) -> None:
+    """A store made in another folder is re-pointed when it is this project's own file (a copied project), never
+    when it lives elsewhere (a store shared by several projects)."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.relocate import relocate_store
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    copy.mkdir()
+    db = original / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    client.create_experiment("lorax-zoo-5", artifact_location=(original / "mlartifacts" / "lorax-zoo-5").as_uri())
+    assert relocate_store(db, copy, "mlartifacts") is None  # not the copy's file: untouched
+    assert relocate_store(db, original, "mlartifacts") is None  # made here: nothing to do
+    shutil.copy(db, copy / "mlflow.db")
+    assert relocate_store(copy / "mlflow.db", copy, "mlartifacts") == str(original)
+    moved = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_experiment_by_name("lorax-zoo-5")
+    assert moved.artifact_location == (copy / "mlartifacts" / "lorax-zoo-5").as_uri()
+    assert client.get_experiment_by_name("lorax-zoo-5").artifact_location.startswith(original.as_uri())
