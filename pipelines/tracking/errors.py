@@ -9,6 +9,7 @@ that went away, a store made read-only meanwhile) into the line.
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -29,6 +30,10 @@ def probe_sqlite(path: str, uri: str, where: str) -> str | None:
     p = Path(path)
     if p.exists() and not p.is_file():
         return f"tracking store {uri} (from {where}): {path} is not a file; remove it or fix the URI"
+    if not p.exists():  # nothing to open yet (a reader must not create it): MLflow makes it in its folder
+        if not os.access(p.parent, os.W_OK | os.X_OK):
+            return f"tracking store {uri} (from {where}) cannot be created: {p.parent} is not writable; {FIX}"
+        return None
     query = uri.partition("?")[2]
     target = f"file:{path}{'?' + query if query else ''}"
     try:
