@@ -41,6 +41,8 @@ PRELOAD = ("torch", "timm", "peft", "mlflow", "pandas", "pyarrow.parquet", "PIL.
            "lorax.continual.selection", "lorax.serving.openset", "lorax.data.prepare", "lorax.data.zoo",
            "pipelines.steps", "pipelines.publish", "pipelines.tracking.tracker", "pipelines.tracking.model_registry",
            "pipelines.serving.pyfunc", "pipelines.serving.card")
+if "LORAX_WARM_PRELOAD" in os.environ:  # what a server imports before serving (comma-separated; tests: none)
+    PRELOAD = tuple(m for m in os.environ["LORAX_WARM_PRELOAD"].split(",") if m)
 CHILD_ENV = "LORAX_WARM_CHILD"  # set in a forked stage: it runs, never delegates again
 
 
