@@ -94,7 +94,9 @@ def run_features(run: Path):
     tasks = info["tasks"]
     params = parse_params(info["params"], str(run))  # the run's own settings (they make the store keys)
     method, _ = load_state(run / "state" / tasks[-1], params=params)
-    df = pd.concat([pd.read_parquet(run.parent / "manifests" / f"{t}.parquet") for t in tasks], ignore_index=True)
+    from lorax.data.manifest import read_manifest
+
+    df = pd.concat([read_manifest(run.parent / "manifests" / f"{t}.parquet") for t in tasks], ignore_index=True)
     df = df[df["split"] == "train"].reset_index(drop=True)
     store = EmbeddingStore.from_params(params, run)
     ids = image_ids(df)

@@ -61,9 +61,13 @@ def run_stage(name: str, step: str | Callable[..., Any], *, task: bool = True, t
     hands itself to the warm stage server, :mod:`pipelines.warm`, before importing anything heavy)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    from pipelines import lifetime
+
     if argv is None and main_spec is not None and main_spec.name.startswith("pipelines."):
         from pipelines import warm
 
+        if not os.environ.get(warm.CHILD_ENV):  # a warm stage lives as long as its client, which watches
+            lifetime.die_with_starter()
         if warm.enabled():
             code = warm.run_warm(main_spec.name, sys.argv[1:])
             if code is not None:
@@ -73,6 +77,8 @@ def run_stage(name: str, step: str | Callable[..., Any], *, task: bool = True, t
 
         module, _, func = step.partition(":")
         step = getattr(importlib.import_module(module), func)
+    if argv is None:  # a stage process (not a caller that passes its own arguments)
+        lifetime.stop_on_signals()
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=step.__doc__)
     if task:
         parser.add_argument("task", help="task (generator) name, a key of params.yaml stream")
@@ -100,12 +106,23 @@ def run_stage(name: str, step: str | Callable[..., Any], *, task: bool = True, t
         t0, imports0 = time.time(), IMPORTS.seconds if IMPORTS else 0.0
         step(*call)
         record_times(label, t0, (IMPORTS.seconds - imports0) if IMPORTS else 0.0)
-    except (ConfigError, TrackingUnavailable, FileNotFoundError, ValueError) as e:
+    except (ConfigError, TrackingUnavailable, FileNotFoundError, ValueError, lifetime.TaskBusy) as e:
         print(f"stage {label}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stage {label}: interrupted; re-run `dvc repro` to resume", file=sys.stderr)
         return 130
+    except lifetime.Stopped as e:
+        print(f"stage {label}: {e}; re-run `dvc repro` to resume", file=sys.stderr)
+        return 128 + e.signum
+    except Exception as e:
+        from pipelines.tracking.errors import store_failure
+
+        line = store_failure(e)
+        if line is None:
+            raise
+        print(f"stage {label}: error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

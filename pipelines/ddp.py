@@ -35,7 +35,8 @@ def run_stream_distributed(params: Params, manifests: str | Path, out: str | Pat
     ctx = init_from_env(params.train.device)
     layout = Layout.run(params, out, manifests)
     for task in params.tasks:
-        train_step(params, layout, task)  # every rank: its share of each batch; rank 0 writes the state
+        # every rank: its share of each batch; rank 0 writes the state and holds the task's lock
+        train_step(params, layout, task, exclusive=ctx.is_main)
         ctx.barrier()
         if ctx.is_main:
             select_step(params, layout, task)

@@ -29,7 +29,7 @@ from lorax.config import Params
 
 INIT = "init"  # the stream's root: state/init/stream.json, memory/init.parquet (empty)
 FLOWS_DIR = "flows"  # under the project root: the champion-growing flows' own state/, memory/, reports/, manifests
-RUN_FILE = "mlflow_run.json"  # in state/<task>.partial/: the task's run id while it trains (resume continues it)
+RUN_FILE = "mlflow_run.json"  # in state/<task>.resume/: the task's run id while it trains (resume continues it)
 
 
 @dataclass(frozen=True)

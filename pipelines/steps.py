@@ -6,7 +6,7 @@ This module holds the chain that makes a model: init -> synth -> prepare -> trai
 state's open-set calibration); :mod:`pipelines.publish` holds register and report, the steps that publish.
 Every step skips work whose output is already complete and current (a Prefect retry or a second ``lorax train``
 never redoes a finished step; an interrupted training resumes from its last epoch checkpoint in
-``state/<task>.partial/``). DVC removes a stage's outputs before running it, so under DVC the steps always run.
+``state/<task>.resume/``). DVC removes a stage's outputs before running it, so under DVC the steps always run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,10 @@ def embedding_store(params: Params, layout: Layout):
 
 
 def init_step(params: Params, layout: Layout, tracker=None) -> Path:
-    """Start a stream: its MLflow parent run (if tracking), the empty memory and the registry chain's root."""
+    """Start a stream: its MLflow parent run (if tracking), the empty memory and the registry chain's root.
+
+    The three outputs hold no time of their own (``created`` is the parent run's start), so what DVC restores from
+    its cache is what a re-run would write."""
     from lorax.continual.memory import ExemplarMemory
 
     existing = layout.stream_file
@@ -78,7 +80,7 @@ def init_step(params: Params, layout: Layout, tracker=None) -> Path:
         "experiment_id": tracker.experiment_id if tracker else None,
         "tracking_uri": tracker.uri if tracker else None,
         "method": params.continual.method,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "created": tracker.run_started(run_id) if run_id else None,
     })
     ExemplarMemory().save(layout.memory(INIT))
     write_json(layout.registry(INIT), {"task": INIT, "version": None})
@@ -121,11 +123,22 @@ def prepare_step(params: Params, layout: Layout, task: str, task_index: int | No
 def _manifests(params: Params, layout: Layout, upto: int) -> dict[str, Any]:
     from lorax.data.manifest import load_stream_manifests
 
-    return load_stream_manifests(layout.manifests, params.tasks[: upto + 1])
+    return load_stream_manifests(layout.manifests, params.tasks[: upto + 1], layout.data_root)
 
 
-def train_step(params: Params, layout: Layout, task: str, tracker=None) -> Path:
-    """Train one task on top of its predecessor's state; resumes an interrupted attempt (and its MLflow run)."""
+def train_step(params: Params, layout: Layout, task: str, tracker=None, exclusive: bool = True) -> Path:
+    """Train one task on top of its predecessor's state; resumes an interrupted attempt (and its MLflow run).
+
+    ``exclusive``: hold the task's lock while training (:func:`pipelines.lifetime.task_lock`: one trainer per
+    resume point); the data-parallel entry point passes it on rank 0 only, where the others train with it."""
+    from pipelines.lifetime import task_lock
+
+    out = layout.state(task)
+    with task_lock(layout.locks, out, task) if exclusive else contextlib.nullcontext():
+        return _train_step(params, layout, task, tracker)
+
+
+def _train_step(params: Params, layout: Layout, task: str, tracker=None) -> Path:
     i = _index(params, task)
     tasks, prev = params.tasks, params.stream[task].prev
     out = layout.state(task)
@@ -133,6 +146,7 @@ def train_step(params: Params, layout: Layout, task: str, tracker=None) -> Path:
         log.info("task %s: state %s is complete; skipped", task, out)
         return out
     from lorax.continual.memory import ExemplarMemory
+    from lorax.continual.state import resume_dir, resume_dirs
     from lorax.continual.trainer import train_task
 
     prev_state = None if prev == INIT else layout.state(prev)
@@ -141,15 +155,15 @@ def train_step(params: Params, layout: Layout, task: str, tracker=None) -> Path:
                                 f"another stream; train {prev!r} first")
     manifests = _manifests(params, layout, i)
     prev_mem = layout.memory(prev)
-    memory = ExemplarMemory.load(prev_mem) if prev_mem.is_file() else None
+    memory = ExemplarMemory.load(prev_mem, layout.data_root) if prev_mem.is_file() else None
     ids = stream_run(layout, prev, required=tracker is not None)
     parent, run_id = ids.get("parent_run_id"), None
-    partial = out.with_name(out.name + ".partial")
     if tracker is not None and parent:
         tracker.require_run(parent, str(layout.stream_file if prev == INIT else prev_state / "state.json"))
-        resume = json.loads((partial / RUN_FILE).read_text()).get("run_id") if (partial / RUN_FILE).is_file() else None
+        found = next((d / RUN_FILE for d in resume_dirs(out) if (d / RUN_FILE).is_file()), None)
+        resume = json.loads(found.read_text()).get("run_id") if found is not None else None
         run_id = tracker.start_task(parent, task, i, resume)
-        write_json(partial / RUN_FILE, {"run_id": run_id, "parent_run_id": parent})
+        write_json(resume_dir(out) / RUN_FILE, {"run_id": run_id, "parent_run_id": parent})
     tracking = {"parent_run_id": parent, "run_id": run_id, "experiment_id": ids.get("experiment_id"),
                 "tracking_uri": tracker.uri if tracker else ids.get("tracking_uri")}
     try:
@@ -159,10 +173,11 @@ def train_step(params: Params, layout: Layout, task: str, tracker=None) -> Path:
     except BaseException as e:
         if run_id:
             with contextlib.suppress(Exception):
-                tracker.finish(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                tracker.stopped(run_id, e)
         raise
     if run_id:
         info = _state_info(out)
+        tracker.log_missing_epochs(run_id, info.get("epochs") or [])  # an epoch checkpointed, then killed
         tracker.log_metrics(run_id, {"train_seconds": info["seconds_per_task"][-1],
                                      "trainable_params": info["trainable_params_per_task"][-1]})
     return out
@@ -182,10 +197,10 @@ def select_step(params: Params, layout: Layout, task: str) -> Path:
 
     method, _ = load_state(state, params=params)
     prev_mem = layout.memory(params.stream[task].prev)
-    memory = ExemplarMemory.load(prev_mem) if prev_mem.is_file() else None
+    memory = ExemplarMemory.load(prev_mem, layout.data_root) if prev_mem.is_file() else None
     mem = select_exemplars(method, _manifests(params, layout, i)[task], memory, params,
                            store=embedding_store(params, layout))
-    mem.save(out)
+    mem.save(out, layout.data_root)
     log.info("task %s: memory %d exemplars %s -> %s", task, len(mem), mem.class_counts(), out)
     return out
 

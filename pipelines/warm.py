@@ -10,7 +10,8 @@ that dies (``kill -9`` of ``dvc repro``) takes its child with it. No server yet:
 as before and starts one in the background for the stages that follow.
 
 Why it is safe to reuse: the server is keyed by the interpreter and every source file of ``lorax/`` and
-``pipelines/`` (path, size, mtime), so an edited file starts a new server (the old one exits when idle); it runs
+``pipelines/`` (path and content hash, so any edit, even one that keeps a file's size and mtime, starts a new server;
+the old one exits when idle and removes its socket); it runs
 no torch operation and starts no Python thread before forking (children start from freshly imported modules, as
 DataLoader workers forked after ``import torch`` do); it serves only
 its own user (the socket's folder is private and every peer's uid is checked). The environment that libraries read
@@ -34,12 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-IDLE_S = 90.0  # a server with no stage running exits after this long without a request
+IDLE_S = float(os.environ.get("LORAX_WARM_IDLE_S", 90.0))  # with no stage running, exit after this long idle
 PRELOAD = ("torch", "timm", "peft", "mlflow", "pandas", "pyarrow.parquet", "PIL.Image", "sklearn.linear_model",
            "matplotlib", "lorax.config", "lorax.continual.trainer", "lorax.continual.evaluation",
            "lorax.continual.selection", "lorax.serving.openset", "lorax.data.prepare", "lorax.data.zoo",
            "pipelines.steps", "pipelines.publish", "pipelines.tracking.tracker", "pipelines.tracking.model_registry",
            "pipelines.serving.pyfunc", "pipelines.serving.card")
+if "LORAX_WARM_PRELOAD" in os.environ:  # what a server imports before serving (comma-separated; tests: none)
+    PRELOAD = tuple(m for m in os.environ["LORAX_WARM_PRELOAD"].split(",") if m)
 CHILD_ENV = "LORAX_WARM_CHILD"  # set in a forked stage: it runs, never delegates again
 
 
@@ -60,8 +63,8 @@ def source_key(root: Path) -> str:
         h.update(f"{k}={os.environ[k]}\0".encode())
     for pkg in ("lorax", "pipelines"):
         for f in sorted((root / pkg).rglob("*.py")):
-            st = f.stat()
-            h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            h.update(f"{f.relative_to(root)}\0".encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())  # the content: ~10 ms for the whole tree
     return h.hexdigest()[:24]
 
 
@@ -160,6 +163,7 @@ def serve(path: Path) -> int:
     import threading
 
     lock = path.with_suffix(".starting")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop is an exit: the socket is removed (finally)
     try:
         for name in PRELOAD:
             try:
@@ -175,6 +179,7 @@ def serve(path: Path) -> int:
             listener.bind(str(path))
         finally:
             os.umask(old_umask)
+        bound = path.stat()  # the socket file this server made (a socket's fstat is not its file's inode)
         listener.listen(16)
     finally:
         lock.unlink(missing_ok=True)
@@ -211,8 +216,10 @@ def serve(path: Path) -> int:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):  # our socket only: a newer server may have bound the path since
-            if path.stat().st_ino == os.fstat(listener.fileno()).st_ino:
+            now = path.stat()
+            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
                 path.unlink()
+        listener.close()
     return 0
 
 
@@ -227,6 +234,14 @@ def _client_message(conn: socket.socket, pid: int) -> None:
             os.killpg(pid, signal.SIGKILL)
         elif "signal" in msg:
             os.killpg(pid, int(msg["signal"]))
+
+
+def _die_with_server() -> None:
+    """A stage forked by the server is killed with it (Linux ``PR_SET_PDEATHSIG``; the server is single-threaded)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _fork_stage(conn: socket.socket, listener: socket.socket, others: list[socket.socket]) -> int | None:
@@ -249,6 +264,7 @@ def _fork_stage(conn: socket.socket, listener: socket.socket, others: list[socke
         return pid
     # the child: becomes the stage process
     try:
+        _die_with_server()
         os.setpgid(0, 0)
         listener.close()
         conn.close()

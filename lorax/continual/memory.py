@@ -184,15 +184,24 @@ class ExemplarMemory:
         budget = _check_m(budget)
         self._rows = self._rows[self._rows["rank"] < budget].reset_index(drop=True)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the table as parquet (atomic replace)."""
+    def save(self, path: str | Path, data_root: str | Path | None = None) -> Path:
+        """Write the table as parquet (atomic replace); rows under ``data_root`` are stored relative to it, as in
+        the manifests they come from (:func:`lorax.data.manifest.unrooted`)."""
         path = Path(path)
+        rows = self._rows
+        if data_root is not None:
+            from lorax.data.manifest import unrooted
+
+            rows = unrooted(rows, data_root)
         with atomic_path(path) as tmp:
-            self._rows.to_parquet(tmp, index=False)
+            rows.to_parquet(tmp, index=False)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> ExemplarMemory:
+    def load(cls, path: str | Path, data_root: str | Path | None = None) -> ExemplarMemory:
+        """The saved table; with ``data_root``, its rows' roots are that folder (:func:`lorax.data.manifest.rooted`)."""
+        from lorax.data.manifest import rooted
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: exemplar memory not found (written by ExemplarMemory.save)")
@@ -200,4 +209,4 @@ class ExemplarMemory:
         missing = [c for c in ("class_id", "rank") if c not in rows.columns]
         if missing:
             raise ValueError(f"{path}: not an exemplar memory table, columns {missing} are missing")
-        return cls(rows)
+        return cls(rooted(rows, data_root, path) if data_root is not None else rows)

@@ -8,7 +8,12 @@ Layout of ``STATE_DIR``::
     rng.json                    seeds used, for the record
 
 The frozen pretrained backbone is never saved: ``state.json`` names it (and its weights file) and the random
-init is seeded. States are written to ``<dir>.partial`` and renamed, so a crash never leaves a half state.
+init is seeded. Beside ``STATE_DIR`` while its task trains, each with its own name so one never removes another:
+
+    STATE_DIR.resume/   the resume point: the last epoch checkpoint (and a driver's record of its run)
+    STATE_DIR.saving/   :func:`save_state` writes here, then renames it to ``STATE_DIR`` (no half state after a crash)
+
+(Older projects kept both in ``STATE_DIR.partial/``; :func:`resume_dirs` still lists it, so they resume.)
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ if TYPE_CHECKING:
 
 STATE_FILE = "state.json"
 FORMAT = 1
+RESUME = ".resume"  # suffix of the resume point's folder
+SAVING = ".saving"  # suffix of save_state's staging folder
+LEGACY_PARTIAL = ".partial"  # the one folder older versions used for both
+
+
+def resume_dir(state_dir: str | Path) -> Path:
+    """Where the task training into ``state_dir`` keeps its resume point (epoch checkpoint, run record)."""
+    state_dir = Path(state_dir)
+    return state_dir.with_name(state_dir.name + RESUME)
+
+
+def resume_dirs(state_dir: str | Path) -> list[Path]:
+    """The resume folder, then the older name it replaces: read a resume point from the first that has it."""
+    state_dir = Path(state_dir)
+    return [resume_dir(state_dir), state_dir.with_name(state_dir.name + LEGACY_PARTIAL)]
 
 
 def is_state(path: str | Path) -> bool:
@@ -58,11 +78,12 @@ def state_hash(state_dir: str | Path) -> str:
 
 def save_state(method, out_dir: str | Path, params: Params, extra: dict[str, Any] | None = None,
                memory=None) -> Path:
-    """Write ``method``'s learned tensors and metadata to ``out_dir`` atomically."""
+    """Write ``method``'s learned tensors and metadata to ``out_dir`` atomically, staged in ``<out_dir>.saving``
+    (a failed save leaves the resume point in ``<out_dir>.resume`` untouched)."""
     from safetensors.torch import save_file  # torch only where tensors are touched: read_info stays light
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tmp = out_dir.with_name(out_dir.name + SAVING)
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "tensors").mkdir(parents=True)

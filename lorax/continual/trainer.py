@@ -3,7 +3,7 @@
 
 ``train_task(previous_state, task_manifest, memory, params, out_dir) -> out_dir`` is the unit that the one-process
 stream (``lorax train``), the DVC stages and the Prefect flows all call. It checkpoints every epoch into
-``<out_dir>.partial/`` and resumes from there when re-run, and writes the final state atomically, so an interrupted
+``<out_dir>.resume/`` and resumes from there when re-run, and writes the final state atomically, so an interrupted
 task never damages the previous state.
 """
 
@@ -29,7 +29,7 @@ from lorax.continual.batches import autocast, dataset_for, loader_for, resolve_d
 from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cache
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.methods import Method, build_method, count_trainable
-from lorax.continual.state import load_state, save_state
+from lorax.continual.state import load_state, resume_dir, resume_dirs, save_state
 from lorax.continual.trunk_cache import (
     TokenSlotDataset,
     TrunkCache,
@@ -126,8 +126,12 @@ def _epoch_loader(rows: pd.DataFrame, method: Method, params: Params, seed: int,
         num_workers=workers, generator=gen, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
 
 
+CHECKPOINT = "checkpoint.pt"  # in the resume folder (lorax.continual.state.resume_dir)
+
+
 def _ckpt_path(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".partial") / "checkpoint.pt"
+    """The epoch checkpoint to write; reading falls back to an older project's folder (:func:`resume_dirs`)."""
+    return resume_dir(out_dir) / CHECKPOINT
 
 
 def train_task(
@@ -196,8 +200,9 @@ def train_task(
 
     start_epoch, history_rows = 0, []
     ckpt = _ckpt_path(out_dir)
-    if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    found = next((d / CHECKPOINT for d in resume_dirs(out_dir) if (d / CHECKPOINT).is_file()), None)
+    if found is not None:
+        saved = torch.load(found, map_location="cpu", weights_only=True)
         if saved.get("task") == task and saved.get("n_params") == len(trainable):
             with torch.no_grad():
                 for p, v in zip(trainable, saved["params"], strict=True):
@@ -250,9 +255,7 @@ def train_task(
                  row["loss"], row["train_acc"])
         if not ctx.is_main:
             continue
-        if callback is not None:
-            callback(epoch + 1, row)
-        with atomic_path(ckpt) as tmp:
+        with atomic_path(ckpt) as tmp:  # before the callback: a resumed task never reports an epoch twice
             torch.save(
                 {
                     "task": task,
@@ -265,6 +268,8 @@ def train_task(
                 },
                 tmp,
             )
+        if callback is not None:
+            callback(epoch + 1, row)
 
     head_info = fit_heads(method, rows, params, device, store) if ctx.is_main else {}
     method.to("cpu").eval()
@@ -282,7 +287,8 @@ def train_task(
     }
     if ctx.is_main:
         save_state(method, out_dir, params, info)
-        shutil.rmtree(ckpt.parent, ignore_errors=True)
+        for d in resume_dirs(out_dir):  # only once the state is saved: until then they are the resume point
+            shutil.rmtree(d, ignore_errors=True)
     ctx.barrier()  # the other ranks read the state rank 0 wrote
     return out_dir
 

@@ -1,7 +1,7 @@
 """Dataset manifests: one parquet table per task, one row per image.
 
 Training never walks folders; it reads these tables. Columns (``MANIFEST_COLUMNS``):
-``root`` (dataset root as given), ``path`` (image path relative to root), ``task``, ``task_index``,
+``root`` (the dataset root), ``path`` (image path relative to root), ``task``, ``task_index``,
 ``split`` (train|val), ``label`` (0 real, 1 fake), ``class_id`` (2*task_index + label), ``subclass``
 (CDDB sub-folder or UnivFD category, '' if none), ``sha256`` (of the file bytes), ``width``, ``height``,
 ``mode`` (original PIL mode).
@@ -10,11 +10,18 @@ Trust boundary: a manifest is a file anyone with write access can edit, so consu
 blindly. :func:`safe_paths` refuses rows whose path leaves their dataset root (``..``, absolute, or a symlink out of
 the root unless ``data.follow_links``), and the loaders check each file's bytes against the recorded ``sha256``
 (:func:`check_bytes`) with the hashing they already do, so an edited manifest cannot swap in other images.
+
+Where the images are: a manifest on disk names no folder. Its ``root`` is ``.``, meaning ``data.root`` of the
+settings that read it (:func:`rooted`), so a moved or copied project reads its own images. In memory, ``root`` is
+that folder, absolute. A manifest also records where ``data.root`` was relative to its own folder, for readers
+that have no settings (:func:`read_manifest` without ``data_root``). Older manifests hold an absolute ``root``:
+they load, read under ``data.root``, with a one-line note.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -39,6 +46,40 @@ MANIFEST_COLUMNS = [
 ]
 
 REAL, FAKE = 0, 1
+HERE = "."  # the ``root`` a stored row has when it lies under data.root
+ROOT_HINT = b"lorax.data_root"  # parquet metadata: data.root relative to the manifest's folder, for bare reads
+
+log = logging.getLogger(__name__)
+_NOTED: set[tuple[str, str]] = set()
+
+
+def unrooted(df: pd.DataFrame, data_root: str | Path | None) -> pd.DataFrame:
+    """``df`` as stored: rows under ``data_root`` get ``root`` ``.`` (their ``path`` is already relative to it);
+    rows of another folder keep it. No ``data_root``: unchanged."""
+    if data_root is None or "root" not in df.columns or not len(df):
+        return df
+    base = os.path.abspath(data_root)
+    roots = [HERE if os.path.isabs(r) and os.path.abspath(r) == base else r for r in df["root"].astype(str)]
+    return df.assign(root=roots)
+
+
+def rooted(df: pd.DataFrame, data_root: str | Path, source: object = "a manifest") -> pd.DataFrame:
+    """``df`` as read: relative roots joined to ``data_root``. Absolute roots (manifests written before they held
+    relative paths) are read under ``data_root`` too, with one note, so a copied project never reads the original."""
+    if "root" not in df.columns or not len(df):
+        return df
+    base = os.path.abspath(data_root)
+    roots = df["root"].astype(str)
+    old = sorted({r for r in roots if os.path.isabs(r)})
+    if old and (str(source), base) not in _NOTED:  # once per file and folder in a process
+        _NOTED.add((str(source), base))
+        log.warning("%s names the absolute dataset root %s (an older format); its images are read under data.root %s "
+                    "(re-run prepare to rewrite it)", source, old[0] if len(old) == 1 else old, base)
+    escaping = sorted({r for r in roots if not os.path.isabs(r) and ".." in r.replace(os.sep, "/").split("/")})
+    if escaping:
+        raise ManifestError(f"{source}: rows name the dataset root {escaping[0]!r}, outside data.root ('..'); "
+                            f"{PREPARE_AGAIN}")
+    return df.assign(root=[base if os.path.isabs(r) else os.path.normpath(os.path.join(base, r)) for r in roots])
 
 
 def class_id(task_index: int, label: int) -> int:
@@ -197,7 +238,9 @@ def verify_files(df: pd.DataFrame, allow_links: bool = False) -> None:
         raise ManifestError(changed_message(changed))
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
+def read_manifest(path: str | Path, data_root: str | Path | None = None) -> pd.DataFrame:
+    """A manifest with absolute roots: under ``data_root`` (the settings' ``data.root``), or without it under the
+    folder recorded beside the rows (where data.root was, relative to the manifest's folder, when it was written)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found; run `lorax data prepare` (or `dvc repro`) first")
@@ -205,24 +248,41 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not a lorax manifest, columns {missing} are missing; re-run `lorax data prepare`")
-    return df
+    if data_root is None:
+        import pyarrow.parquet as pq
+
+        hint = (pq.read_schema(path).metadata or {}).get(ROOT_HINT)
+        if hint is None:  # an older manifest: its absolute roots are used as they are
+            return df
+        data_root = path.parent / hint.decode()
+    return rooted(df, data_root, path)
 
 
-def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+def write_manifest(df: pd.DataFrame, path: str | Path, data_root: str | Path | None = None) -> Path:
+    """Write ``df`` atomically; rows under ``data_root`` are stored relative to it (:func:`unrooted`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"manifest for {path} lacks columns {missing}")
+    df = unrooted(df[MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]], data_root)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if data_root is not None:
+        hint = os.path.relpath(os.path.abspath(data_root), os.path.abspath(path.parent))
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), ROOT_HINT: hint.encode()})
     with atomic_path(path) as tmp:
-        df[MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]].to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     return path
 
 
-def load_stream_manifests(manifests_dir: str | Path, tasks: list[str]) -> dict[str, pd.DataFrame]:
-    """Manifests of the given tasks, checked to carry the stream's task indices."""
+def load_stream_manifests(manifests_dir: str | Path, tasks: list[str],
+                          data_root: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """Manifests of the given tasks (:func:`read_manifest`), checked to carry the stream's task indices."""
     out = {}
     for i, t in enumerate(tasks):
-        df = read_manifest(manifest_path(manifests_dir, t))
+        df = read_manifest(manifest_path(manifests_dir, t), data_root)
         if len(df) and int(df["task_index"].iloc[0]) != i:
             df = df.copy()
             df["task_index"] = i

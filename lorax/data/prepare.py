@@ -158,14 +158,15 @@ def _leak_message(what: str, pairs: list[tuple[str, str]]) -> str:
     )
 
 
-def _check_leakage(task: str, df: pd.DataFrame, out_dir: Path, cfg: DataConfig, notes: list[str]) -> None:
+def _check_leakage(task: str, df: pd.DataFrame, out_dir: Path, cfg: DataConfig, notes: list[str],
+                   root: Path) -> None:
     within = _pairs(df[df["split"] == "train"], df[df["split"] == "val"])
     others: list[tuple[str, list[tuple[str, str]]]] = []
     for mp in sorted(out_dir.glob("*.parquet")):
         if mp.name == f"{task}.parquet":
             continue
         try:
-            other = read_manifest(mp)
+            other = read_manifest(mp, root)
         except ValueError:
             notes.append(f"skipped {mp} in the leakage check: not a lorax manifest")
             continue
@@ -255,10 +256,10 @@ def prepare_task(
         notes.append(f"no split folders: split by content hash ({100 * (1 - VAL_SHARE):.0f}/{100 * VAL_SHARE:.0f})")
     _check_nonempty(task, root / task, df, bad, lay)
     df["file"] = [str(root / p) for p in df["path"]]
-    _check_leakage(task, df, out_dir, cfg, notes)
+    _check_leakage(task, df, out_dir, cfg, notes, root)
     df = df.drop(columns="file").sort_values(["split", "label", "path"], kind="stable").reset_index(drop=True)
     counts = {(s, int(lab)): int(n) for (s, lab), n in df.groupby(["split", "label"]).size().items()}
-    out = write_manifest(df, manifest_path(out_dir, task))
+    out = write_manifest(df, manifest_path(out_dir, task), data_root=root)
     return PrepareResult(
         task, task_index, lay.layout, out, q_path, counts, bad, notes, time.perf_counter() - t0, cfg.layout == "auto"
     )

@@ -47,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorax: interrupted; finished tasks are kept and the next run resumes", file=sys.stderr)
         return 130
+    except Exception as e:
+        from pipelines.tracking.errors import store_failure
+
+        line = store_failure(e)
+        if line is None:
+            raise
+        print(f"lorax: error: {line}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -107,7 +107,7 @@ def dvc_preview(root: str | Path, task: str | None = None) -> str:
         return f"`dvc status` failed ({why[-1] if why else f'exit {res.returncode}'}); run it to see what will re-run"
     lines = [f"`dvc status` shows {len(stages)} stage(s) to run: {', '.join(stages) or 'none'}"]
     if task is not None:
-        others = [s for s in stages if s != "report" and not s.endswith(f"@{task}")]
+        others = [s for s in stages if s not in ("check", "report") and not s.endswith(f"@{task}")]
         if not (root / "dvc.lock").is_file():
             lines.append("no dvc.lock yet: `dvc repro` runs every stage of the stream")
         elif others:
@@ -160,7 +160,9 @@ def _demo(args: argparse.Namespace) -> int:
     cmd = [dvc, "repro"] + (["--force"] if args.force else [])
     print(f"$ {' '.join(cmd)}", flush=True)
     t0 = time.time()
-    rc = subprocess.call(cmd, env=env)
+    from pipelines.lifetime import ends_with_parent
+
+    rc = subprocess.call(cmd, env=env, preexec_fn=ends_with_parent if sys.platform == "linux" else None)
     minutes = (time.time() - t0) / 60
     if rc != 0:
         print(f"\nlorax demo: `dvc repro` failed (exit {rc}) after {minutes:.1f} min; the messages above name the "

@@ -16,8 +16,9 @@ classes, unknown-generator score and flag; ``path`` is the row's name) and ``pre
 Trust boundary (:mod:`lorax.serving.rows`): file paths are refused unless the operator allowed a folder
 (``LORAX_SERVE_IMAGE_ROOT`` when the model loads, else ``image_root`` given to :func:`save_attributor`); a request
 cannot change it. Every value that cannot be used (a refused or missing path, invalid base64, a non-image, a
-number) is an error row with the reason; the other rows are scored. Only a request that has no rows to speak of
-(no columns) is refused as a whole, by an :class:`~mlflow.exceptions.MlflowException` whose JSON carries one line
+number) is an error row with the reason; the other rows are scored. A request with no rows gets no predictions
+(an empty ``dataframe_split`` and ``dataframe_records: []`` alike); only one whose rows have no columns is refused
+as a whole, by an :class:`~mlflow.exceptions.MlflowException` whose JSON carries one line
 and no stack trace (MLflow adds a trace to any other exception, so none escapes ``predict``).
 """
 
@@ -69,8 +70,11 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
 
         ``model_input`` is usually a DataFrame, but a list, array or dict of columns (MLflow's ``inputs`` and
         ``instances`` forms) works too; the hint stays DataFrame so MLflow infers no signature from it."""
+        from pipelines.serving.guard import request_params
+
         try:
-            return self._score(_as_frame(model_input), _batch_size(params, self.predictor.batch_size))
+            return self._score(_as_frame(model_input),
+                               _batch_size(params or request_params(), self.predictor.batch_size))
         except MlflowException:
             raise
         except Exception:  # a fault of ours, not the caller's: the trace goes to the server log, not the response
@@ -141,6 +145,8 @@ def _as_frame(model_input: Any) -> pd.DataFrame:
             raise _refuse(f"the request is a {values.ndim}-dimensional array; send a DataFrame with an 'image' "
                           "column (base64 of the image bytes)")
         frame = pd.DataFrame({"image": list(values)}) if values.ndim == 1 else pd.DataFrame(values)
+    if len(frame) == 0:  # no rows, in any form (an empty split, empty records): no predictions
+        return pd.DataFrame({"image": []})
     if frame.shape[1] == 0:
         raise _refuse("the request has no columns; send a DataFrame with an 'image' column (base64 of the image "
                       "bytes), e.g. {\"dataframe_split\": {\"columns\": [\"image\"], \"data\": [[\"iVBOR...\"]]}}")

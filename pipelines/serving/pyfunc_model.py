@@ -3,6 +3,8 @@
 Inside ``mlflow models serve`` this also keeps Python tracebacks out of responses: MLflow's scoring server puts
 one (with server paths) in the 400 it answers to a body it cannot parse (CSV, parquet) before the model is called,
 which the model's own error handling cannot reach. Its error helper already has an off switch; we use it there.
+Its ``invocations`` is wrapped so that no refusal echoes the request body and unknown request params are refused
+(:mod:`pipelines.serving.guard`).
 """
 
 import sys
@@ -25,5 +27,17 @@ def _no_tracebacks_in_responses() -> None:
     server._handle_serving_error = handle
 
 
+def _no_request_echo() -> None:
+    """Refusals in one line without the request body; request params checked (pipelines/serving/guard.py)."""
+    from pipelines.serving.guard import guarded
+
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    invocations = getattr(server, "invocations", None)
+    if invocations is None or getattr(invocations, "_lorax_guarded", False):
+        return
+    server.invocations = guarded(invocations)
+
+
 _no_tracebacks_in_responses()
+_no_request_echo()
 set_model(LoraxAttributor())

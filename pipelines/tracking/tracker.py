@@ -104,6 +104,11 @@ class Tracker:
         self.log_params(run.info.run_id, run_params(p))
         return run.info.run_id
 
+    def run_started(self, run_id: str) -> str:
+        """When ``run_id`` started (UTC, ISO 8601): a record's time that is the run's, not the writer's."""
+        ms = self.client.get_run(run_id).info.start_time or 0
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
     def require_run(self, run_id: str, where: str) -> None:
         """Fail with the fix when ``run_id`` (read from ``where``) is not in this store."""
         from mlflow.exceptions import MlflowException
@@ -149,6 +154,18 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    def stopped(self, run_id: str, error: BaseException, metric: str = "loss") -> None:
+        """End a run that did not finish: KILLED when it was told to stop (Ctrl-C, SIGTERM, its starter gone),
+        FAILED otherwise; tagged with why and the last epoch it logged (``metric``'s last step), so the UI shows
+        where it stopped. A re-run continues it."""
+        from pipelines.lifetime import Stopped
+
+        killed = isinstance(error, (KeyboardInterrupt, Stopped))
+        steps = [m.step for m in self.client.get_metric_history(run_id, metric)]
+        self.set_tags(run_id, {"lorax.stopped_by": str(error).splitlines()[0][:200] if str(error)
+                               else type(error).__name__, "lorax.epoch_reached": max(steps, default=0)})
+        self.finish(run_id, "KILLED" if killed else "FAILED")
+
     # ---- logging ----
     def log_params(self, run_id: str, values: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -174,6 +191,16 @@ class Tracker:
             self.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
         return cb
+
+    def log_missing_epochs(self, run_id: str, rows: list[dict[str, float]], metric: str = "loss") -> list[int]:
+        """Log the epochs of ``rows`` (the trained state's history) that the run lacks: a stage killed between an
+        epoch's checkpoint and its report resumes after that epoch, which then is never reported. Each step is
+        logged once (no duplicates); returns the epochs logged now."""
+        have = {m.step for m in self.client.get_metric_history(run_id, metric)}
+        missing = [row for row in rows if int(row.get("epoch", 0)) not in have]
+        for row in missing:
+            self.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        return [int(row["epoch"]) for row in missing]
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag

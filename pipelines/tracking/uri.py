@@ -155,7 +155,10 @@ def check_reachable(cfg: TrackingConfig, root: str | Path = ".", timeout: float 
     http(s): the server must answer MLflow's REST API (:func:`_check_server`: refused, unresolvable or silent is
     "not reachable"; an answer that is not MLflow's JSON, e.g. another web service on that port, is "not an MLflow
     tracking server"), always :class:`TrackingUnavailable` with one line. sqlite: its folder must exist or be
-    creatable. Plain file stores are refused by MLflow 3, so they are refused here with the fix.
+    creatable, and the file must be a writable MLflow (or empty) sqlite database
+    (:func:`pipelines.tracking.errors.probe_sqlite`); the project's own store, copied from another folder, is
+    re-pointed at its own artifacts (:func:`pipelines.tracking.relocate.relocate_store`). Plain file stores are refused by MLflow 3, so they are refused
+    here with the fix.
     """
     uri = resolve_tracking_uri(cfg, root)
     _, where = _source(cfg)
@@ -164,12 +167,20 @@ def check_reachable(cfg: TrackingConfig, root: str | Path = ".", timeout: float 
         _check_server(uri, where, timeout)
         return uri
     if parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///"):].partition("?")[0]
         if path and path != ":memory:":
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise TrackingUnavailable(f"tracking store {uri} (from {where}): cannot create its folder: {e}") from None
+            from pipelines.tracking.errors import probe_sqlite
+
+            problem = probe_sqlite(path, uri, where)
+            if problem is not None:
+                raise TrackingUnavailable(problem)
+            from pipelines.tracking.relocate import relocate_store
+
+            relocate_store(path, root, cfg.artifact_root)  # a copied project's own store: its own artifacts
         return uri
     if parsed.scheme in ("", "file"):
         raise TrackingUnavailable(

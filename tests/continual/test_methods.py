@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 import torch
 
@@ -18,6 +17,7 @@ from lorax.continual.methods import build_method
 from lorax.continual.state import load_state, load_tensor_groups
 from pipelines.stream import run_stream
 from lorax.continual.trainer import training_rows
+from lorax.data.manifest import read_manifest
 from lorax.models.backbone_factory import create_backbone
 from lorax.registry import METHODS
 from tests.conftest import tiny_params
@@ -105,7 +105,7 @@ def test_only_trainable_parameters_change_in_training(zoo, name, monkeypatch):
     seen = []
     real = trainer.save_state
     monkeypatch.setattr(trainer, "save_state", lambda m, *a, **k: (seen.append(m), real(m, *a, **k))[1])
-    df = pd.read_parquet(f"{params.data.manifests}/{task}.parquet")
+    df = read_manifest(f"{params.data.manifests}/{task}.parquet", params.data.root)
     trainer.train_task(None, df, None, params, root / f"first_{name}")
     (method,) = seen
     fresh = build_method(params, [task])
@@ -152,7 +152,7 @@ def test_training_rows(zoo, name):
     """Joint trains on all earlier tasks' data (no memory); the others on this task plus the exemplars."""
     root, _ = zoo
     params = tiny_params(root, continual__method=name)
-    first, second = (pd.read_parquet(f"{params.data.manifests}/{t}.parquet") for t in params.tasks)
+    first, second = (read_manifest(f"{params.data.manifests}/{t}.parquet", params.data.root) for t in params.tasks)
     memory = ExemplarMemory(first[first["split"] == "train"].head(4).assign(rank=range(4)))
     method = build_method(params, params.tasks)
     rows = training_rows(method, second, memory, history=[first])

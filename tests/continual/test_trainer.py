@@ -116,7 +116,7 @@ def test_interrupted_task_resumes_from_its_epoch_checkpoint(zoo, tmp_path):
     assert full_epochs == [1, 2]
 
     def interrupt(epoch: int, row: dict) -> None:
-        if epoch == 2:  # Ctrl-C during epoch 2: epoch 1's checkpoint is on disk
+        if epoch == 1:  # Ctrl-C once epoch 1 is reported: its checkpoint is on disk (written before the report)
             raise KeyboardInterrupt
 
     out = tmp_path / "resumed"

@@ -78,5 +78,5 @@ def test_detection_dvc_file_is_a_separate_pipeline(tmp_path: Path):
     assert "pipelines/detection/dvc.yaml:detect" in dvc(root, "stage", "list", "--all", "--name-only").stdout.split()
     dag = dvc(root, "dag", "--md", "pipelines/detection/dvc.yaml:detect").stdout
     upstream = set(re.findall(r'"([^"]+)"', dag))
-    assert upstream == {"pipelines/detection/dvc.yaml:detect", "synth@deconv", "prepare@deconv", "synth@nnconv",
-                        "prepare@nnconv"}  # built on the stream's manifests, never on its training
+    assert upstream == {"pipelines/detection/dvc.yaml:detect", "check", "synth@deconv", "prepare@deconv",
+                        "synth@nnconv", "prepare@nnconv"}  # the stream's manifests and settings check, never training

@@ -48,7 +48,8 @@ def repo(tmp_path_factory) -> Path:
 # settings plumbing every stage shares, and tracking/registry code outside register (where runs are logged does not
 # change a model, as for the tracking settings).
 UNDECLARED_OK = ("__init__.py", "lorax/config.py", "lorax/utils/io.py", "lorax/registry.py", "pipelines/layout.py",
-                 "pipelines/warm.py", "pipelines/tracking/", "pipelines/serving/")
+                 "pipelines/warm.py", "pipelines/lifetime.py", "pipelines/locks.py", "pipelines/tracking/",
+                 "pipelines/serving/")
 
 
 def declared_code(stage: str) -> list[str]:
@@ -64,18 +65,20 @@ def test_first_run(repo: Path, tmp_path: Path) -> None:
     loaded = tmp_path / "modules.jsonl"
     # cold stages (LORAX_WARM=0): a stage forked from the warm server holds every module the server preloaded
     res = dvc(repo, "repro", LORAX_STAGE_MODULES=str(loaded), LORAX_WARM="0")
-    assert stages_ran(res.stdout) == ["init", *(f"{s}@deconv" for s in STAGES), "report"]
+    assert stages_ran(res.stdout) == ["check", "init", *(f"{s}@deconv" for s in STAGES), "report"]
     # every project source file a stage loaded is one of its declared deps (or a file deliberately left out)
     for line in loaded.read_text().splitlines():
         rec = json.loads(line)
         deps = declared_code(rec["stage"])
-        assert f"pipelines/{rec['stage'].split('@')[0].replace('select', 'select_exemplars')}.py" in deps
+        module = {"select": "select_exemplars", "check": "check_params"}.get(rec["stage"].split("@")[0],
+                                                                             rec["stage"].split("@")[0])
+        assert f"pipelines/{module}.py" in deps
         missing = [f for f in rec["files"] if f.split("/")[0] in ("lorax", "pipelines")
                    and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
                    and not any(f.endswith(ok) if ok.endswith(".py") and "/" not in ok else f.startswith(ok)
                                for ok in UNDECLARED_OK)]
         assert not missing, f"{rec['stage']} loads {missing} but dvc.yaml does not declare them"
-    assert len(loaded.read_text().splitlines()) == 2 + len(STAGES)
+    assert len(loaded.read_text().splitlines()) == 3 + len(STAGES)
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     # the keys of `lorax train`'s metrics.json
     from lorax.config import load_params
@@ -103,9 +106,9 @@ def test_added_generator_runs_only_its_stages(repo: Path) -> None:
     add = subprocess.run([str(BIN / "lorax"), "stream", "add", "--next"], cwd=repo, env=tool_env(),
                          capture_output=True, text=True)
     assert add.returncode == 0, add.stderr
-    expected = [*(f"{s}@nnconv" for s in STAGES), "report"]
+    expected = ["check", *(f"{s}@nnconv" for s in STAGES), "report"]  # params.yaml changed: checked first
     # what `stream add` says will run is what DVC then runs; and it says dvc.lock is not committed yet
-    assert f"`dvc status` shows 7 stage(s) to run: {', '.join(expected)}" in add.stdout, add.stdout
+    assert f"`dvc status` shows 8 stage(s) to run: {', '.join(expected)}" in add.stdout, add.stdout
     assert "dvc.lock is not committed" in add.stdout
     res = dvc(repo, "repro")
     assert stages_ran(res.stdout) == expected
@@ -119,7 +122,7 @@ def test_added_generator_runs_only_its_stages(repo: Path) -> None:
 def test_killed_training_resumes_and_leaves_earlier_tasks_alone(repo: Path) -> None:
     before = {p.name: tree_hash(p) for p in (repo / "state").iterdir() if p.is_dir()}
     append_to_stream(repo / "params.yaml", "bilinconv", root=repo)
-    ckpt = repo / "state" / "bilinconv.partial" / "checkpoint.pt"
+    ckpt = repo / "state" / "bilinconv.resume" / "checkpoint.pt"
     proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=tool_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -184,11 +187,12 @@ def test_exp_run_with_a_changed_setting(repo: Path) -> None:
         changed = set(json.loads(dvc(repo, "status", "--json").stdout))
     finally:
         params.write_text(text)
-    assert changed == {f"{s}@{t}" for s in ("select", "evaluate") for t in ("deconv", "nnconv", "bilinconv")}
+    tasks = ("deconv", "nnconv", "bilinconv")
+    assert changed == {"check"} | {f"{s}@{t}" for s in ("select", "evaluate") for t in tasks}
     n_before = versions(repo)
     res = dvc(repo, "exp", "run", "-S", "tracking.gate.aaf_tolerance=100", "-S", "tracking.gate.max_task_drop=100")
     # registration re-runs; the models are unchanged, so each keeps its version (registration is idempotent)
-    assert stages_ran(res.stdout) == ["register@deconv", "register@nnconv", "register@bilinconv"]
+    assert stages_ran(res.stdout) == ["check", "register@deconv", "register@nnconv", "register@bilinconv"]
     assert versions(repo) == n_before
     from lorax.config import load_params
 

@@ -224,7 +224,11 @@ def test_server_refuses_paths_and_answers_every_row(servers) -> None:
     good = _b64(f["image"].read_bytes())
     values = ["/etc/passwd", str(f["outside"]), str(f["root"] / "missing.png"), good, "bad base64!",
               _b64(b"GIF89a but not really"), 7, None]
-    rows, text = _rows(plain, values, params={"image_root": "/"})  # a caller's params cannot allow paths
+    # a caller's params cannot allow paths: a param the model does not read is refused, in one line
+    code, text = _call(plain, json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]},
+                                          "params": {"image_root": "/"}}).encode())
+    assert code == 400 and "unknown request param(s) image_root" in json.loads(text)["message"]
+    rows, text = _rows(plain, values)
     assert [r["status"] for r in rows] == ["error", "error", "error", "ok", "error", "error", "error", "error"]
     assert [r["path"] for r in rows] == [f"row {i}" for i in range(len(values))]
     assert [r["error"] for r in rows[:3]] == [PATHS_REFUSED] * 3  # existing, real image or missing: one answer
@@ -254,7 +258,7 @@ def test_server_with_a_root_reads_only_regular_files_inside_it(servers) -> None:
 @pytest.mark.slow
 def test_server_request_level_errors_are_one_line_without_a_trace(servers) -> None:
     plain, _, _ = servers
-    code, text = _call(plain, json.dumps({"dataframe_split": {"columns": [], "data": []}}).encode())
+    code, text = _call(plain, json.dumps({"dataframe_records": [{}, {}]}).encode())  # rows without columns
     assert code == 400 and json.loads(text)["error_code"] == "INVALID_PARAMETER_VALUE" and "no columns" in text
     _no_trace(text)
     code, text = _call(plain, b"{not json")
@@ -271,4 +275,32 @@ def test_server_request_level_errors_are_one_line_without_a_trace(servers) -> No
     _no_trace(text)
     code, text = _call(plain, json.dumps({"inputs": ["/etc/passwd", 3]}).encode())
     assert code == 200 and [r["status"] for r in json.loads(text)["predictions"]] == ["error", "error"]
+    _no_trace(text)
+
+
+@pytest.mark.slow
+def test_server_refusals_never_echo_the_request_and_params_are_the_models(servers) -> None:
+    plain, _, _ = servers
+    secret = "q" * 200_000  # a large malformed body: none of it comes back
+    code, text = _call(plain, ("{\"dataframe_split\": " + secret).encode())
+    assert code == 400 and "not valid JSON" in json.loads(text)["message"] and "qqqq" not in text and len(text) < 1000
+    # a refusal of the model itself: MLflow would put the request's data in front of it
+    code, text = _call(plain, json.dumps({"dataframe_split": {"columns": ["image"], "data": [[secret]]},
+                                          "params": {"batch_size": 0}}).encode())
+    message = json.loads(text)["message"]
+    assert code == 400 and message.startswith("params.batch_size") and "\n" not in message and "qqqq" not in text
+    # no rows is no predictions, whichever form says it
+    for empty in ({"dataframe_split": {"columns": ["image"], "data": []}},
+                  {"dataframe_split": {"columns": [], "data": []}}, {"dataframe_records": []}):
+        code, text = _call(plain, json.dumps(empty).encode())
+        assert (code, json.loads(text)) == (200, {"predictions": []}), (empty, text[:300])
+    # request params: the model's (batch_size), or refused in one line
+    body = {"dataframe_split": {"columns": ["image"], "data": [["bad base64!"]]}}
+    code, text = _call(plain, json.dumps({**body, "params": {"batch_sise": 8}}).encode())
+    message = json.loads(text)["message"]
+    assert code == 400 and "unknown request param(s) batch_sise" in message and "\n" not in message
+    code, text = _call(plain, json.dumps({**body, "params": {"batch_size": 0}}).encode())
+    assert code == 400 and "params.batch_size: expected an integer from 1 to 4096" in json.loads(text)["message"]
+    code, text = _call(plain, json.dumps({**body, "params": {"batch_size": 8}}).encode())
+    assert code == 200 and json.loads(text)["predictions"][0]["status"] == "error"
     _no_trace(text)
