@@ -226,30 +226,30 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the training process)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
     one_pass: bool = Field(True, description="all adapters in one batched pass (same result as the sequential loop)")
-    feature_cache: bool = Field(True, description="reuse frozen adapters' embeddings across epochs: training then "
-                                "uses feature_cache_crops fixed crops per image (docs/results.md)")
-    feature_cache_crops: int = Field(2, ge=1, description="fixed crops per training image per task when "
-                                     "feature_cache or trunk_cache is on")
+    feature_cache: bool = Field(
+        True,
+        description="LoRAX from its second task: the frozen adapters' embeddings of feature_cache_crops fixed crops "
+        "per training image are computed once per task, so a step runs only the newest adapter. Use it (the "
+        "default) unless you want a fresh random crop every epoch; it changes the crops, not the model "
+        "(docs/method-notes.md)")
+    feature_cache_crops: int = Field(
+        2, ge=1, description="fixed crops per training image per task when feature_cache or trunk_cache is on; "
+        "raise it towards epochs for more augmentation, at that many times the cache's cost")
     trunk_cache: bool = Field(
         False,
-        description="with adapter.blocks last_k: the frozen blocks below the first adapter run once per fixed "
-        "crop, their tokens kept on disk (fp16, content-addressed) and reused by every epoch, task, run and "
-        "evaluation (lorax/continual/trunk_cache.py); training then uses train.feature_cache_crops fixed crops "
-        "per image. No effect with adapter.blocks all (no frozen trunk). Off by default: it changes the crops",
+        description="LoRAX with adapter.blocks last_k: the frozen blocks below the first adapter run once per fixed "
+        "crop and their tokens are kept on disk (fp16, content-addressed; lorax/continual/trunk_cache.py), reused "
+        "by every epoch, task, run and evaluation. Use it at real resolution (224 px), where the trunk is most of "
+        "the cost; the fixed crops then come from each image's content (the same in every task). No effect with "
+        "adapter.blocks all",
     )
     trunk_cache_dir: str = Field(
         "cache/trunk", description="where the trunk cache lives (relative paths: from the working directory, like "
         "decode_cache_dir); a cache: safe to delete, never a DVC output",
     )
-    crop_seed: Literal["auto", "task", "content"] = Field(
-        "auto",
-        description="how the fixed training crops (feature_cache, trunk_cache) are drawn: task (from seed and task "
-        "index: new crops every task), content (from the image's sha256: the same feature_cache_crops crops of an "
-        "image in every task and run, so its cached trunk tokens are reused; fixed from the first task on), auto "
-        "(content when the trunk cache is used, else task)",
-    )
     decode_cache: bool = Field(False, description="decode every image once into a uint8 memory-mapped cache "
-                               "(lorax/data/cache.py); crops are cut from it")
+                               "(lorax/data/cache.py) and cut crops from it; use it when decoding dominates a step "
+                               "(large PNG/JPEG files, several epochs); same pixels, so same results")
     decode_cache_dir: str = Field("cache/decoded", description="where the decode cache lives (relative: from the "
                                   "working directory); safe to delete")
     decode_cache_max_mb: float = Field(4096, ge=0, description="datasets whose decoded pixels exceed this many MB "
@@ -283,9 +283,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1, description="evaluation batch size (images; each runs eval.crops crops)")
     crops: int = Field(1, ge=1, description="fixed crops per evaluated image, logits averaged (1: the centre crop); "
                        "for images larger than the crop")
-    embedding_cache: bool = Field(True, description="LoRAX: keep each frozen adapter's embedding of each image "
-                                  "(evaluation, selection, calibration), so a new task only runs its new adapter "
-                                  "over old images")
+    embedding_cache: bool = Field(True, description="LoRAX (and the probe): keep each frozen adapter's embedding "
+                                  "of each image (evaluation, selection, calibration), so a new task only runs its "
+                                  "new adapter over old images; same results, so leave it on unless disk is short")
     embedding_cache_dir: str = Field("cache/embeddings", description="under the project root (`lorax train`: its "
                                      "--out folder); content-addressed by adapter tensors and pixels, so never "
                                      "stale; safe to delete")
