@@ -48,7 +48,7 @@ from benchmarks.detect_ablation_tables import (
     render_markdown,
     summarize_runs,
 )
-from lorax.config import Params, params_to_dict
+from lorax.config import Params, add_settings_arguments, params_to_dict
 
 __all__ = ["GROUPS", "PAPER_RANKS", "Variant", "ablation_grid", "add_commands", "main", "parse_blocks",
            "parse_rank_set", "render_markdown", "run_ablation"]
@@ -233,17 +233,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a column per set; repeatable")
     p.add_argument("--robustness", action="store_true", help="also compute the blur/JPEG robustness curves")
     p.add_argument("--track", action="store_true", help="log every run to MLflow (nested under an ablation run)")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting for every variant, e.g. -S detect.epochs=2 (YAML value)")
+    add_settings_arguments(p)  # -S: for every variant
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from lorax.config import load_params
+    from lorax.config import params_from_arguments
     from pipelines.cli.detect import parse_eval_extra
-    from pipelines.cli.train import parse_overrides
 
-    params = load_params(args.params, parse_overrides(args.set))
+    params = params_from_arguments(args)
     tables = ablation_grid(params, groups=_csv(args.groups), methods=_csv(args.methods), where=_csv(args.where),
                            where_methods=_csv(args.where_methods), blocks=_csv(args.blocks), ranks=_csv(args.ranks))
     try:

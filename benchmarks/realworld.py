@@ -103,18 +103,16 @@ def run_one(params_path: str, overrides: dict[str, Any], manifests: Path, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorax.config import load_params
-    from pipelines.cli.train import parse_overrides
+    from lorax.config import add_settings_arguments, load_params, parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.realworld.yaml")
+    add_settings_arguments(ap, default="params.realworld.yaml")
     ap.add_argument("--data", help="dataset root (default: data.root of --params)")
     ap.add_argument("--manifests", help="manifest folder (default: OUT/manifests; prepared when missing)")
     ap.add_argument("--out", default="outputs/realworld")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--memory", nargs="+", type=int, default=[500, 100], help="LoRAX exemplar budgets")
     ap.add_argument("--quick", action="store_true", help="2 tasks, tiny random model: a plumbing check")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     out = Path(args.out)
     manifests = Path(args.manifests) if args.manifests else out / "manifests"
