@@ -34,7 +34,7 @@ class _Section(BaseModel):
 
 
 class ZooConfig(_Section):
-    """The built-in generator zoo (DESIGN.md section 5), synthesised when ``data.source`` is builtin."""
+    """The built-in generator zoo (docs/design.md section 5), synthesised when ``data.source`` is builtin."""
 
     seed: int = Field(0, description="seed of the whole zoo: each generator's decoder and real domain are a pure "
                       "function of (seed, task name)")
@@ -322,7 +322,7 @@ class TrackingConfig(_Section):
 
 
 class DetectConfig(_Section):
-    """The CLIP-MoLE binary (real/fake) detector (DESIGN.md section 3, lorax/detect/)."""
+    """The CLIP-MoLE binary (real/fake) detector (docs/design.md section 3, lorax/detect/)."""
 
     method: Literal["mole", "probe", "shared", "separate"] = Field(
         "mole", description="mole (shared LoRA + routed LoRA experts, CLIP-MoLE) | probe (linear probe on frozen "

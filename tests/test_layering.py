@@ -160,3 +160,22 @@ def test_old_command_spelling_runs_the_command() -> None:
     res = subprocess.run([sys.executable, "-m", "lorax.cli", "stream", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert res.returncode == 0 and "add" in res.stdout
+
+
+def test_cited_documents_are_in_the_repository() -> None:
+    """What the code and docs cite (docs/*.md, benchmarks/*.md, upper-case top-level names) is a file of the repo, so a
+    clone can follow every reference."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    cite = re.compile(r"(?<![\w/.-])((?:docs|benchmarks)/[\w.-]+\.md|[A-Z][A-Z_-]*\.md)\b")
+    missing = set()
+    for rel in files:
+        path = REPO / rel
+        if path.suffix not in {".py", ".md", ".yaml", ".toml", ".txt", ""} or not path.is_file():
+            continue
+        for ref in cite.findall(path.read_text(errors="ignore")):
+            if not (REPO / ref).is_file():
+                missing.add(f"{rel}: {ref}")
+    assert sorted(missing) == []

@@ -1,6 +1,6 @@
 """The LoRAX network: frozen backbone + one LoRA adapter per task + super-feature + expandable head.
 
-Forward (DESIGN.md section 2): every task's adapter turns the image into an embedding; the embeddings are
+Forward (docs/design.md section 2): every task's adapter turns the image into an embedding; the embeddings are
 concatenated into the super-feature (embed_dim x tasks) and classified by a linear head over 2 x tasks classes.
 A 3-way diversity head sees only the newest adapter's embedding (old class -> 0, new real -> 1, new fake -> 2).
 Only the newest adapter and the two heads train.

@@ -111,7 +111,7 @@ def test_convit_base_paper_config_parameter_share():
     "regex, expected_share",
     [
         (r".*\.attn\.(qk|v|qkv|proj|pos_proj)$", 4.72),  # every attention Linear (params.yaml default)
-        (r".*\.attn.qkv|.*\.attn.qk|.*\.attn.v|\.attn\.pos_proj|\.attn\.proj", 3.33),  # DESIGN's regex, peft fullmatch
+        (r".*\.attn.qkv|.*\.attn.qk|.*\.attn.v|\.attn\.pos_proj|\.attn\.proj", 3.33),  # published regex, fullmatch
         (r"blocks\.\d\.attn\.(qk|v)$", 2.87),  # qk, v of the GPSA blocks: the paper's "~2.5M"
     ],
 )
