@@ -179,3 +179,14 @@ def test_cited_documents_are_in_the_repository() -> None:
             if not (REPO / ref).is_file():
                 missing.add(f"{rel}: {ref}")
     assert sorted(missing) == []
+
+
+def test_tests_import_no_other_test_module() -> None:
+    """Helpers that several test modules use live in tests/helpers.py (or fixtures in a conftest), never in a test
+    module that another one imports."""
+    bad = []
+    for path in (REPO / "tests").rglob("*.py"):
+        name = module_name(path)
+        bad += [f"{path.relative_to(REPO)}: {i}" for i in sorted(imports(path, name))
+                if i.startswith("tests.") and any(part.startswith("test_") for part in i.split("."))]
+    assert bad == []

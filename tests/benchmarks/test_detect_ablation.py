@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.detect_ablation import Variant, ablation_grid, main, parse_blocks, parse_rank_set, run_ablation
 from pipelines.cli import main as lorax_main
-from tests.conftest import PARAMS_YAML, tiny_params
+from tests.helpers import PARAMS_YAML, tiny_params
 from tests.detect.synth import CLI_TINY_DETECT as CLI_TINY
 from tests.detect.synth import TINY_DETECT as TINY
 from tests.detect.synth import make_zoo

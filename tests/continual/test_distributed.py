@@ -15,7 +15,7 @@ from lorax.continual.distributed import DistContext, ShardedBatchSampler
 from lorax.continual.methods import build_method
 from lorax.continual.batches import loader_for
 from lorax.data.dataset import SeededSampler, make_loader
-from tests.conftest import PARAMS_YAML, TINY_OVERRIDES, tiny_params
+from tests.helpers import PARAMS_YAML, TINY_OVERRIDES, tiny_params
 
 # batch 9 over 24 and 32 rows: ranks get 5 and 4 images per step and short last batches (uneven shares)
 DDP_OVERRIDES = {"train.batch_size": 9, "train.epochs": 2, "adapter.dropout": 0.0, "continual.memory_size": 8}

@@ -13,7 +13,7 @@ from lorax.continual.embedding_store import EmbeddingStore, image_ids
 from lorax.continual.evaluation import predict_logits, val_rows
 from lorax.continual.state import load_state
 from lorax.continual.trainer import train_task
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 FIRST, SECOND = "deconv", "nnconv"
 

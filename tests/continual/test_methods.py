@@ -20,7 +20,7 @@ from pipelines.stream import run_stream
 from lorax.continual.trainer import training_rows
 from lorax.models.backbone_factory import create_backbone
 from lorax.registry import METHODS
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 NAMES = METHODS.names()
 METRIC_KEYS = {"aa", "aaf", "bwt", "forgetting", "binary_acc", "acc_matrix", "tasks", "trainable_params_per_task",

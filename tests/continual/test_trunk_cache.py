@@ -21,7 +21,7 @@ from lorax.continual.trunk_cache import (
     train_ids,
     wants_trunk_cache,
 )
-from tests.conftest import TINY_OVERRIDES, tiny_params
+from tests.helpers import TINY_OVERRIDES, tiny_params
 
 CPU = torch.device("cpu")
 NO_AMP = torch.autocast("cpu", enabled=False)

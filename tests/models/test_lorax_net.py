@@ -7,7 +7,7 @@ import torch
 
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.lorax_net import LoRAXNet, diversity_targets
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 def _net(**ov) -> LoRAXNet:

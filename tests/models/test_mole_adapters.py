@@ -13,7 +13,7 @@ from lorax.models.backbone_factory import create_backbone
 from lorax.models.lorax_net import LoRAXNet
 from lorax.models.mole import MoLELinear
 from lorax.models.mole_adapters import MoleAdapterLinear, MoleAdapterSet
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 def _net(**ov) -> LoRAXNet:

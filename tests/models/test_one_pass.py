@@ -7,7 +7,7 @@ import torch
 from lorax.models.adapters import _add_low_rank
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.lorax_net import LoRAXNet, adapter_groups
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 def _net(**ov) -> LoRAXNet:

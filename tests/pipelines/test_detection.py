@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipelines.cli import main
-from tests.conftest import PARAMS_YAML, REPO, tiny_params
+from tests.helpers import PARAMS_YAML, REPO, tiny_params
 from tests.detect.synth import CLI_TINY_DETECT as CLI_TINY
 from tests.detect.synth import TINY_DETECT as TINY
 from tests.detect.synth import make_zoo
@@ -68,7 +68,7 @@ def test_detect_step_logs_one_mlflow_run(zoo: Path, tmp_path: Path, monkeypatch:
 
 def test_detection_dvc_file_is_a_separate_pipeline(tmp_path: Path):
     """`dvc repro` of the stream never runs detect; the detect pipeline's upstream is the stream's prepare stages."""
-    from tests.pipelines.conftest import dvc, dvc_project
+    from tests.helpers import dvc, dvc_project
 
     root = dvc_project(tmp_path / "proj", ["deconv", "nnconv"])
     (root / "pipelines" / "detection").mkdir(parents=True)

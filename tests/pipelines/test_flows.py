@@ -15,7 +15,7 @@ from PIL import Image
 
 from lorax.config import load_params
 from lorax.data import zoo
-from tests.pipelines.conftest import write_project
+from tests.helpers import write_project
 
 pytestmark = pytest.mark.slow
 

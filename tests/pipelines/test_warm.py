@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import warm
-from tests.pipelines.conftest import REPO, tool_env, write_project
+from tests.helpers import REPO, tool_env, write_project
 
 pytestmark = pytest.mark.slow
 

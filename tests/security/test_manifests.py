@@ -21,7 +21,7 @@ from lorax.data.images import DataError
 from lorax.data.manifest import ManifestError, manifest_path, read_manifest, safe_paths, write_manifest
 from lorax.data.prepare import prepare_tasks, quarantine_path
 from lorax.data.zoo import synth_tasks
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 TASK = "deconv"
 SMALL = {"zoo__train_per_class": 4, "zoo__val_per_class": 2, "stream": {TASK: {"prev": "init"}}}

@@ -24,7 +24,7 @@ from PIL import Image
 
 from lorax.serving.predict import COLUMNS
 from lorax.serving.rows import ENV_ROOT, PATHS_REFUSED, RootError, image_root, parse_value
-from tests.pipelines.serving.test_serve import MODEL, start_server, stop_server, wait_up
+from tests.helpers import MODEL, start_server, stop_server, wait_up
 
 
 def _png(size: int = 20) -> bytes:

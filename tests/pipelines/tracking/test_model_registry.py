@@ -17,7 +17,7 @@ from pipelines.cli import main
 from lorax.config import GateConfig, load_params
 from pipelines.tracking import model_registry as registry
 from pipelines.tracking.model_registry import quality_gate
-from tests.pipelines.conftest import write_project
+from tests.helpers import write_project
 
 GATE = GateConfig(aaf_tolerance=2.0, max_task_drop=10.0)
 
