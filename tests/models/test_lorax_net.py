@@ -49,11 +49,11 @@ def test_shared_trunk_equals_full_pass():
     # reference: the full backbone with one adapter active at a time, no trunk sharing
     bb, route = net.backbone, net.adapters.route
     for k, t in enumerate(["a", "b"]):
-        route.mode, route.name = "single", t
-        ref = bb.pool(bb.run_blocks(bb.stem(x)))
-        route.mode, route.name = "off", None
+        with route.using(t):
+            ref = bb.pool(bb.run_blocks(bb.stem(x)))
         torch.testing.assert_close(emb[k], ref, rtol=1e-5, atol=1e-5)
     assert all(t.startswith("blocks.1.") for t in net.adapters.targets)
+    assert route.mode == "off"
 
 
 def test_head_grows_and_keeps_old_weights():
