@@ -18,7 +18,7 @@ is reused, so an interrupted ablation resumes where it stopped. Robustness curve
 unseen generators as mean ± std over seeds, per-generator AP, the training generators' own val mAP, and the mAP on
 each ``--eval-extra`` test-only set). Nothing is tuned: every variant uses the same settings apart from its factor.
 The variants and the tables' rendering are in :mod:`benchmarks.detect_ablation_tables`; MLflow logging (``--track``)
-is the pipeline's (:mod:`pipelines.detection`).
+is the pipeline's (:mod:`pipelines.detect_runs`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _settings(params: Params, variant: Variant, seed: int, manifests: Path, trai
 def _one_run(params: Params, variant: Variant, seed: int, manifests: Path, train_tasks: list[str],
              extra: dict[str, Path], out: Path, tracker=None, parent_run_id: str | None = None) -> dict[str, Any]:
     from lorax.config import ConfigError, parse_params
-    from pipelines.detection import tracked_run_detect
+    from pipelines.detect_runs import tracked_run_detect
 
     d = params_to_dict(params)
     d["seed"] = seed
@@ -145,7 +145,7 @@ def run_ablation(
         unique.insert(0, ref)
     parent = None
     if tracker is not None:
-        from pipelines.detection import detect_experiment
+        from pipelines.detect_runs import detect_experiment
 
         tracker.experiment, tracker._experiment_id = detect_experiment(params), None
         parent = tracker.client.create_run(tracker.experiment_id, run_name=f"ablation-{out.name}",

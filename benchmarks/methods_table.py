@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lorax.config import add_settings_arguments, load_params, parse_overrides
-from pipelines.stream import run_stream
+from pipelines.train_stream import run_stream
 from lorax.registry import METHODS
 import lorax.continual.methods  # noqa: F401  (registers the methods)
 

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from pipelines.stream import run_stream
+    from pipelines.train_stream import run_stream
     from lorax.data.manifest import load_stream_manifests, read_manifest
     from lorax.data.prepare import prepare_tasks
     from lorax.data.zoo import synth_tasks

@@ -1,7 +1,7 @@
 """The real-image protocol of issue 14, one table: ``python -m benchmarks.realworld``.
 
 The six-task stream of ``../shared/data/realworld`` (biggan, stylegan2, ldif, glid3, dmin, disco) with
-``params.realworld.yaml``, through the library (:func:`pipelines.stream.run_stream`), for each method
+``params.realworld.yaml``, through the library (:func:`pipelines.train_stream.run_stream`), for each method
 (``continual.method``: lorax, joint, finetune, probe) and, for LoRAX, each exemplar budget (``--memory``; the other
 methods use the first). Every run is evaluated as is and under the resampling control (``eval.resample_control``,
 Lanczos 256 -> 240 px before cropping; switched on here if the settings file has it off), so a model that learned
@@ -90,7 +90,7 @@ def run_one(params_path: str, overrides: dict[str, Any], manifests: Path, out: P
     """One stream through the library; wall seconds recorded once (a reused run keeps its first time)."""
     from lorax.config import load_params
     from pipelines.layout import Layout
-    from pipelines.stream import prepare_missing, run_stream
+    from pipelines.train_stream import prepare_missing, run_stream
 
     params = load_params(params_path, overrides)
     prepare_missing(params, Layout.run(params, out, manifests))

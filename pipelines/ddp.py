@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node N -m pipelines.ddp --out runs/x [--params params.yaml] [-S key=value ...]
 
-Same arguments, steps and outputs as ``lorax train`` (:mod:`pipelines.stream`). Every process runs the train step
+Same arguments, steps and outputs as ``lorax train`` (:mod:`pipelines.train_stream`). Every process runs the train step
 of every task on its share of each batch (:mod:`lorax.continual.distributed`); rank 0 alone runs the select and
 evaluate steps and writes (state, memory, metrics), and the others wait at a barrier and read what it wrote, so
 ``--out`` must be on a filesystem all nodes share (see docs/cluster.md). ``-m lorax.continual.ddp``, the old

@@ -83,7 +83,7 @@ class Stream:
 
 @pytest.fixture(scope="session")
 def stream(tmp_path_factory) -> Stream:
-    from pipelines.stream import run_stream
+    from pipelines.train_stream import run_stream
     from lorax.data.prepare import prepare_tasks
     from lorax.data.zoo import synth_tasks
     from lorax.serving.calibration import calibrate_state

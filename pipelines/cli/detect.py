@@ -74,7 +74,7 @@ def _detect(args: argparse.Namespace) -> int:
     if args.track:
         from pipelines.tracking.tracker import Tracker
         from pipelines.tracking.uri import TrackingUnavailable
-        from pipelines.detection import tracked_run_detect
+        from pipelines.detect_runs import tracked_run_detect
 
         try:
             tracker = Tracker(params)

@@ -37,7 +37,7 @@ def _train(args: argparse.Namespace) -> int:
     from lorax.config import params_from_arguments
     from lorax.continual.summary import format_matrix
     from pipelines.layout import Layout
-    from pipelines.stream import prepare_missing, run_stream
+    from pipelines.train_stream import prepare_missing, run_stream
 
     params = params_from_arguments(args, "continual.method")
     check_method(params)

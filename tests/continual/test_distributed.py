@@ -98,7 +98,7 @@ def test_two_gloo_processes_match_one_process(zoo):
     import pandas as pd
 
     from lorax.continual.state import read_info
-    from pipelines.stream import run_stream
+    from pipelines.train_stream import run_stream
 
     root, params = zoo
     one = run_stream(params, params.data.manifests, root / "one")

@@ -16,7 +16,7 @@ from lorax.continual import trainer
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.methods import build_method
 from lorax.continual.state import load_state, load_tensor_groups
-from pipelines.stream import run_stream
+from pipelines.train_stream import run_stream
 from lorax.continual.trainer import training_rows
 from lorax.models.backbone_factory import create_backbone
 from lorax.registry import METHODS

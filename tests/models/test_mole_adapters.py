@@ -184,7 +184,7 @@ def test_bad_input():
 
 def test_tiny_stream_trains_with_kind_mole(tmp_path):
     from lorax.continual.state import load_state
-    from pipelines.stream import run_stream
+    from pipelines.train_stream import run_stream
     from lorax.data.prepare import prepare_tasks
     from lorax.data.zoo import synth_tasks
 

@@ -1,4 +1,4 @@
-"""The detect stage (pipelines.detection): its outputs, one MLflow run per detector (also `lorax detect --track`),
+"""The detect stage (pipelines.detect_runs): its outputs, one MLflow run per detector (also `lorax detect --track`),
 and its DVC file (a separate pipeline that plain `dvc repro` never runs)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_detect_step_logs_one_mlflow_run(zoo: Path, tmp_path: Path, monkeypatch:
 
     from pipelines.layout import Layout
     from pipelines.tracking.tracker import Tracker
-    from pipelines.detection import detect_step
+    from pipelines.detect_runs import detect_step
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "project"

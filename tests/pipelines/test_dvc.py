@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.stream_edit import append_to_stream
-from pipelines.cli.stream import SHARE_FILES
+from pipelines.cli.project import SHARE_FILES
 from tests.helpers import BIN, dvc, dvc_project, stages_ran, tool_env
 
 pytestmark = pytest.mark.slow
