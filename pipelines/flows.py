@@ -16,8 +16,8 @@ Each Prefect task, ``run_<step>`` (Prefect's unit of work; the stream's learning
 wraps one step. Prefect tasks exchange paths (and small dicts), never tensors. Training, selection and evaluation
 carry the ``gpu`` tag (``prefect concurrency-limit create gpu 1`` keeps one on the device at a time). A retry or a
 re-run never redoes a finished step: each step skips outputs that are complete and current, and training resumes
-from its last epoch checkpoint. Locks (``flock``, released when a process dies): one watch run at a time per project, and one run per
-new task, so two watch runs never train the same generator twice.
+from its last epoch checkpoint. Locks (``flock``, released when a process dies): one watch run at a time per
+project, and one run per new task, so two watch runs never train the same generator twice.
 
 Run: ``python -m pipelines.flows continual|new TASK|watch|serve --every SECONDS`` (see ``--help``).
 """
