@@ -1,4 +1,4 @@
-"""The real-image protocol of issue 14, one table: ``python -m benchmarks.realworld``.
+"""The real-image protocol, one table: ``python -m benchmarks.realworld``.
 
 The six-task stream of ``../shared/data/realworld`` (biggan, stylegan2, ldif, glid3, dmin, disco) with
 ``params.realworld.yaml``, through the library (:func:`pipelines.train_stream.run_stream`), for each method

@@ -1,4 +1,4 @@
-"""The real-image profile (params.realworld.yaml) and the resampling shortcut control (issue 14, items 1 and 4).
+"""The real-image profile (params.realworld.yaml) and the resampling shortcut control.
 
 Tiny model (tests' TINY_OVERRIDES via -S), tiny CDDB folders made here; ``lorax train`` prepares their manifests.
 """

@@ -145,7 +145,7 @@ def test_image_smaller_than_crop_or_changed_file(manifest: pd.DataFrame) -> None
     with pytest.raises(DataError, match=r"smaller than crop 32.*re-run `lorax data prepare`"):
         ManifestDataset(manifest, train=False, crop=32)[0]
     Path(manifest["root"].iloc[1], manifest["path"].iloc[1]).write_bytes(b"")
-    # the file no longer has the manifest's hash (issue 16: checked before decoding)
+    # the file no longer has the manifest's hash (checked before decoding)
     with pytest.raises(DataError, match=r"changed since the manifest was written.*re-run `lorax data prepare`"):
         ManifestDataset(manifest, train=False, crop=CROP)[1]
 

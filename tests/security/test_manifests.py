@@ -1,4 +1,4 @@
-"""Issue 16, item 3: a manifest cannot smuggle data into training, exemplar selection, evaluation or calibration.
+"""A manifest cannot smuggle data into training, exemplar selection, evaluation or calibration.
 
 Real files on disk (a tiny zoo task, prepared), manifests edited as an attacker or a careless hand would: a path out
 of the dataset root (``..``, absolute, a symlink out), a row pointed at another image of the dataset with its hashes

@@ -1,4 +1,4 @@
-"""Issue 16, items 1-2: the served model reads no server file unless the operator allowed a folder, and every row of
+"""The served model reads no server file unless the operator allowed a folder, and every row of
 a request gets its own answer (a bad row never fails the batch; no response carries a traceback).
 
 The row parser is tested directly (fast); the trust boundary end to end against the real `mlflow models serve` of

@@ -52,7 +52,7 @@ def test_served_model_answers_like_lorax_predict(stream, registry, tmp_path: Pat
         payload = {"dataframe_split": {"columns": ["image", "name"],
                                        "data": [[base64.b64encode(p.read_bytes()).decode(), str(p)] for p in images]}}
         got = pd.DataFrame(_post(port, payload)["predictions"])
-        # a malformed value is that row's error; the batch's other rows are still scored (issue 16)
+        # a malformed value is that row's error; the batch's other rows are still scored
         bad = _post(port, {"dataframe_split": {"columns": ["image"], "data": [
             ["neither a file nor base64!"], [base64.b64encode(images[0].read_bytes()).decode()]]}})["predictions"]
         assert [r["status"] for r in bad] == ["error", "ok"] and "not valid base64" in bad[0]["error"]

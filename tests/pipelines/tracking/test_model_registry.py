@@ -153,7 +153,7 @@ def test_champion_loads_from_the_registry_alone(project, tmp_path: Path, monkeyp
     # the project's own state and memory folders are not needed: move them away while loading
     shutil.move(root / "state", tmp_path / "state")
     shutil.move(root / "memory", tmp_path / "memory")
-    # paths are read only under a folder the operator allows (issue 16)
+    # paths are read only under a folder the operator allows
     monkeypatch.setenv("LORAX_SERVE_IMAGE_ROOT", str(layout.data_root))
     try:
         model = mlflow.pyfunc.load_model(f"models:/{params.tracking.registered_model}@champion")
