@@ -181,6 +181,10 @@ class BatchSource:
     def epoch(self, seed: int) -> Iterator[Batch]:
         """The batches of one epoch, on the device, shuffled (and cropped) by ``seed``."""
         loader = self._loader(seed)
+        # Opening the loader draws a base seed from the generator its sampler shares, so the shuffle and the crops
+        # depend on how often it is opened: once before iterating, as the runs in docs/results.md did (their
+        # progress bar opened it), keeps every earlier run's batches, and so its accuracy matrix, reproducible.
+        iter(loader)
         old = self.slots is not None and self.slots.emb is not None
         for step, (x, y, key) in enumerate(loader):
             inputs: dict[str, Any] = {"x": to_device(x, self.device)}
