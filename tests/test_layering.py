@@ -190,3 +190,11 @@ def test_tests_import_no_other_test_module() -> None:
         bad += [f"{path.relative_to(REPO)}: {i}" for i in sorted(imports(path, name))
                 if i.startswith("tests.") and any(part.startswith("test_") for part in i.split("."))]
     assert bad == []
+
+
+def test_only_the_two_packages_are_installed() -> None:
+    """pyproject installs ``lorax`` and ``pipelines``; ``benchmarks`` (a generic name) runs from a checkout."""
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(include) == ["lorax*", "pipelines*"]
