@@ -2,7 +2,9 @@
 :mod:`lorax.continual.selection`).
 
 ``train_task(previous_state, task_manifest, memory, params, out_dir) -> out_dir`` is the unit that the one-process
-stream (``lorax train``), the DVC stages and the Prefect flows all call. It checkpoints every epoch into
+stream (``lorax train``), the DVC stages and the Prefect flows all call. It reads as: the training rows, their batch
+source (:class:`~lorax.continual.batches.BatchSource`, which hides every cache), the epoch loop (one
+``model(**inputs)`` per step), the state. It checkpoints every epoch into
 ``<out_dir>.partial/`` and resumes from there when re-run, and writes the final state atomically, so an interrupted
 task never damages the previous state.
 """
