@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -91,6 +92,11 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
     from pipelines import ddp
 
     assert ddp.main(argv) == 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # End the fork here: the exit handlers and finalizers it inherited belong to the parent's objects (servers and
+    # loaders of tests that ran before, in whatever order), and one failing would fail this rank after its work.
+    os._exit(0)
 
 
 def test_two_gloo_processes_match_one_process(zoo):
