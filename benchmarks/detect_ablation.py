@@ -18,7 +18,7 @@ is reused, so an interrupted ablation resumes where it stopped. Robustness curve
 unseen generators as mean ± std over seeds, per-generator AP, the training generators' own val mAP, and the mAP on
 each ``--eval-extra`` test-only set). Nothing is tuned: every variant uses the same settings apart from its factor.
 The variants and the tables' rendering are in :mod:`benchmarks.detect_ablation_tables`; MLflow logging (``--track``)
-is the pipeline's (:mod:`pipelines.detection`).
+is the pipeline's (:mod:`pipelines.detect_runs`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from benchmarks.detect_ablation_tables import (
     render_markdown,
     summarize_runs,
 )
-from lorax.config import Params, params_to_dict
+from lorax.config import Params, add_settings_arguments, params_to_dict
 
 __all__ = ["GROUPS", "PAPER_RANKS", "Variant", "ablation_grid", "add_commands", "main", "parse_blocks",
            "parse_rank_set", "render_markdown", "run_ablation"]
@@ -71,7 +71,7 @@ def _settings(params: Params, variant: Variant, seed: int, manifests: Path, trai
 def _one_run(params: Params, variant: Variant, seed: int, manifests: Path, train_tasks: list[str],
              extra: dict[str, Path], out: Path, tracker=None, parent_run_id: str | None = None) -> dict[str, Any]:
     from lorax.config import ConfigError, parse_params
-    from pipelines.detection import tracked_run_detect
+    from pipelines.detect_runs import tracked_run_detect
 
     d = params_to_dict(params)
     d["seed"] = seed
@@ -145,7 +145,7 @@ def run_ablation(
         unique.insert(0, ref)
     parent = None
     if tracker is not None:
-        from pipelines.detection import detect_experiment
+        from pipelines.detect_runs import detect_experiment
 
         tracker.experiment, tracker._experiment_id = detect_experiment(params), None
         parent = tracker.client.create_run(tracker.experiment_id, run_name=f"ablation-{out.name}",
@@ -233,17 +233,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a column per set; repeatable")
     p.add_argument("--robustness", action="store_true", help="also compute the blur/JPEG robustness curves")
     p.add_argument("--track", action="store_true", help="log every run to MLflow (nested under an ablation run)")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting for every variant, e.g. -S detect.epochs=2 (YAML value)")
+    add_settings_arguments(p)  # -S: for every variant
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from lorax.config import load_params
+    from lorax.config import params_from_arguments
     from pipelines.cli.detect import parse_eval_extra
-    from pipelines.cli.train import parse_overrides
 
-    params = load_params(args.params, parse_overrides(args.set))
+    params = params_from_arguments(args)
     tables = ablation_grid(params, groups=_csv(args.groups), methods=_csv(args.methods), where=_csv(args.where),
                            where_methods=_csv(args.where_methods), blocks=_csv(args.blocks), ranks=_csv(args.ranks))
     try:

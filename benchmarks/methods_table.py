@@ -15,9 +15,8 @@ import platform
 import time
 from pathlib import Path
 
-from lorax.config import load_params
-from pipelines.cli.train import parse_overrides
-from pipelines.stream import run_stream
+from lorax.config import add_settings_arguments, load_params, parse_overrides
+from pipelines.train_stream import run_stream
 from lorax.registry import METHODS
 import lorax.continual.methods  # noqa: F401  (registers the methods)
 
@@ -37,11 +36,10 @@ def table(rows: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+    add_settings_arguments(ap)
     ap.add_argument("--manifests", default=None)
     ap.add_argument("--out", default="outputs/methods")
     ap.add_argument("--methods", nargs="+", default=["lorax", "finetune", "der", "joint", "probe"])
-    ap.add_argument("-S", "--set", action="append", default=[])
     args = ap.parse_args(argv)
     out = Path(args.out)
     rows = {}

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorax.config import load_params
-from pipelines.cli.train import parse_overrides
+from lorax.config import add_settings_arguments, load_params, parse_overrides
 
 KNOWN = ["deconv", "nnconv", "bilinconv"]
 HELD = ["pixshuf", "deconv3", "bicubconv"]
@@ -113,15 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder: zoo/, manifests/, manifests_held/, NAME/ (stream)")
     ap.add_argument("--name", default="stream", help="sub-folder of the trained stream (reused when complete)")
-    ap.add_argument("--params", default="params.yaml")
+    add_settings_arguments(ap)
     ap.add_argument("--known", nargs="+", default=KNOWN)
     ap.add_argument("--held", nargs="+", default=HELD)
     ap.add_argument("--no-spectral", action="store_true")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from pipelines.stream import run_stream
+    from pipelines.train_stream import run_stream
     from lorax.data.manifest import load_stream_manifests, read_manifest
     from lorax.data.prepare import prepare_tasks
     from lorax.data.zoo import synth_tasks

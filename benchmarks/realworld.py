@@ -1,7 +1,7 @@
-"""The real-image protocol of issue 14, one table: ``python -m benchmarks.realworld``.
+"""The real-image protocol, one table: ``python -m benchmarks.realworld``.
 
 The six-task stream of ``../shared/data/realworld`` (biggan, stylegan2, ldif, glid3, dmin, disco) with
-``params.realworld.yaml``, through the library (:func:`pipelines.stream.run_stream`), for each method
+``params.realworld.yaml``, through the library (:func:`pipelines.train_stream.run_stream`), for each method
 (``continual.method``: lorax, joint, finetune, probe) and, for LoRAX, each exemplar budget (``--memory``; the other
 methods use the first). Every run is evaluated as is and under the resampling control (``eval.resample_control``,
 Lanczos 256 -> 240 px before cropping; switched on here if the settings file has it off), so a model that learned
@@ -134,7 +134,7 @@ def run_one(params_path: str, overrides: dict[str, Any], manifests: Path, out: P
     """One stream through the library; wall seconds recorded once (a reused run keeps its first time)."""
     from lorax.config import load_params
     from pipelines.layout import Layout
-    from pipelines.stream import prepare_missing, run_stream
+    from pipelines.train_stream import prepare_missing, run_stream
 
     params = load_params(params_path, overrides)
     prepare_missing(params, Layout.run(params, out, manifests))
@@ -147,11 +147,10 @@ def run_one(params_path: str, overrides: dict[str, Any], manifests: Path, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorax.config import load_params
-    from pipelines.cli.train import parse_overrides
+    from lorax.config import add_settings_arguments, load_params, parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.realworld.yaml")
+    add_settings_arguments(ap, default="params.realworld.yaml")
     ap.add_argument("--protocol", default="realworld", choices=sorted(PROTOCOLS),
                     help="task order and data folder: realworld (six generators) | t2i (seven, paired prompts)")
     ap.add_argument("--floor", action="store_true", help="also time one frozen forward of every training and "
@@ -162,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--memory", nargs="+", type=int, default=[500, 100], help="LoRAX exemplar budgets")
     ap.add_argument("--quick", action="store_true", help="2 tasks, tiny random model: a plumbing check")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     out = Path(args.out)
     manifests = Path(args.manifests) if args.manifests else out / "manifests"

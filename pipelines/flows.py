@@ -12,11 +12,12 @@ Where they work: the continual flow trains params.yaml's stream, the chain DVC t
 need not be params.yaml's, so they work in ``flows/`` (:meth:`lorax.Layout.flows`, the same tree inside) and
 never change an output of the DVC pipeline; images, the MLflow store and the embedding store are shared.
 
-Tasks exchange paths (and small dicts), never tensors. Training, selection and evaluation carry the ``gpu`` tag
-(``prefect concurrency-limit create gpu 1`` keeps one on the device at a time). A retry or a re-run never redoes a
-finished step: each step skips outputs that are complete and current, and training resumes from its last epoch
-checkpoint. Locks (``flock``, released when a process dies): one watch run at a time per project, and one run per
-new task, so two watch runs never train the same generator twice.
+Each Prefect task, ``run_<step>`` (Prefect's unit of work; the stream's learning tasks are the ``name`` it is given),
+wraps one step. Prefect tasks exchange paths (and small dicts), never tensors. Training, selection and evaluation
+carry the ``gpu`` tag (``prefect concurrency-limit create gpu 1`` keeps one on the device at a time). A retry or a
+re-run never redoes a finished step: each step skips outputs that are complete and current, and training resumes
+from its last epoch checkpoint. Locks (``flock``, released when a process dies): one watch run at a time per
+project, and one run per new task, so two watch runs never train the same generator twice.
 
 Run: ``python -m pipelines.flows continual|new TASK|watch|serve --every SECONDS`` (see ``--help``).
 """
@@ -42,7 +43,7 @@ from pipelines.layout import INIT, Layout  # noqa: E402
 from pipelines.locks import file_lock  # noqa: E402
 from pipelines.stream_edit import stream_params  # noqa: E402
 from lorax.config import Params, load_params  # noqa: E402
-from pipelines.cli.stream import parse_every  # noqa: E402
+from pipelines.cli.project import parse_every  # noqa: E402
 from lorax.continual.state import state_hash  # noqa: E402
 
 GPU_TAG = "gpu"
@@ -65,17 +66,17 @@ def _tracker(params: Params, layout: Layout):
 
 # ------------------------------------------------------------------------------------------------ tasks
 @task(name="init", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def init_task(params: Params, layout: Layout) -> str:
+def run_init(params: Params, layout: Layout) -> str:
     return str(steps.init_step(params, layout, _tracker(params, layout)))
 
 
 @task(name="synth", task_run_name="synth-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def synth_task(params: Params, layout: Layout, name: str) -> str:
+def run_synth(params: Params, layout: Layout, name: str) -> str:
     return str(steps.synth_step(params, layout, name))
 
 
 @task(name="prepare", task_run_name="prepare-{name}", cache_policy=NO_CACHE)
-def prepare_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+def run_prepare(params: Params, layout: Layout, name: str) -> dict[str, Any]:
     res = steps.prepare_step(params, layout, name)
     return {"manifest": str(res.manifest), "quarantine": str(res.quarantine), "bad": len(res.bad),
             "summary": res.summary()}
@@ -83,37 +84,37 @@ def prepare_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
 
 @task(name="train", task_run_name="train-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=5)
-def train_task(params: Params, layout: Layout, name: str) -> str:
+def run_train(params: Params, layout: Layout, name: str) -> str:
     return str(steps.train_step(params, layout, name, _tracker(params, layout)))
 
 
 @task(name="select", task_run_name="select-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=2)
-def select_task(params: Params, layout: Layout, name: str) -> str:
+def run_select(params: Params, layout: Layout, name: str) -> str:
     return str(steps.select_step(params, layout, name))
 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=2)
-def evaluate_task(params: Params, layout: Layout, name: str) -> str:
+def run_evaluate(params: Params, layout: Layout, name: str) -> str:
     steps.evaluate_step(params, layout, name)
     return str(layout.eval(name))
 
 
 @task(name="register", task_run_name="register-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def register_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+def run_register(params: Params, layout: Layout, name: str) -> dict[str, Any]:
     rec = publish.register_step(params, layout, name, _tracker(params, layout))
     return {k: rec[k] for k in ("version", "tasks", "aaf", "gate", "gate_reason", "aliases")}
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(params: Params, layout: Layout) -> str:
+def run_report(params: Params, layout: Layout) -> str:
     publish.report_step(params, layout, _tracker(params, layout))
     return str(layout.metrics)
 
 
 @task(name="champion-base", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def base_task(params: Params, layout: Layout, champion: dict[str, Any] | None) -> str:
+def run_champion_base(params: Params, layout: Layout, champion: dict[str, Any] | None) -> str:
     """Make the champion's state, memory and manifests the local predecessor of the new task."""
     from pipelines.tracking.model_registry import download_version
 
@@ -148,16 +149,16 @@ def continual_flow(params_path: str = "params.yaml", root: str = ".", overrides:
     params = load_params(Path(root) / params_path, overrides)
     layout = _layout(params, root)
     _tracker(params, layout)  # a tracking server that is down fails here, before any work
-    init_task(params, layout)
+    run_init(params, layout)
     versions = []
     for name in params.tasks:
-        synth_task(params, layout, name)
-        prepare_task(params, layout, name)
-        train_task(params, layout, name)
-        select_task(params, layout, name)
-        evaluate_task(params, layout, name)
-        versions.append(register_task(params, layout, name))
-    metrics = report_task(params, layout)
+        run_synth(params, layout, name)
+        run_prepare(params, layout, name)
+        run_train(params, layout, name)
+        run_select(params, layout, name)
+        run_evaluate(params, layout, name)
+        versions.append(run_register(params, layout, name))
+    metrics = run_report(params, layout)
     return {"metrics": metrics, "versions": versions}
 
 
@@ -185,13 +186,13 @@ def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = 
         params = stream_params(params0, base + [name])
         logger.info("learning %s on top of %s in %s", name,
                     f"champion v{champ['version']} ({base})" if champ else "nothing (no champion yet)", layout.root)
-        base_task(params, layout, champ)
-        prep = prepare_task(params, layout, name)
+        run_champion_base(params, layout, champ)
+        prep = run_prepare(params, layout, name)
         logger.info("%s", prep["summary"])
-        train_task(params, layout, name)
-        select_task(params, layout, name)
-        evaluate_task(params, layout, name)
-        rec = register_task(params, layout, name)
+        run_train(params, layout, name)
+        run_select(params, layout, name)
+        run_evaluate(params, layout, name)
+        rec = run_register(params, layout, name)
         return {"task": name, "base": base, "quarantined": prep["bad"], **rec}
 
 
@@ -206,7 +207,7 @@ def new_tasks(params: Params, root: str, champion_tasks: list[str], versions: li
 
 
 @task(name="scan-inbox", cache_policy=NO_CACHE, tags=[GPU_TAG])
-def scan_inbox_task(params: Params, root: str, params_path: str, inbox: str) -> dict[str, Any]:
+def run_scan_inbox(params: Params, root: str, params_path: str, inbox: str) -> dict[str, Any]:
     """``lorax scan`` with the champion: group the inbox images that look fake but match no known generator into
     candidate task folders (CDDB layout) under ``reports/scan/<time>/`` for a person to confirm."""
     import time
@@ -262,7 +263,7 @@ def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dic
                                "; ".join(f"{k}: {v}" for k, v in failed.items()))
         result: dict[str, Any] = {"trained": trained}
         if inbox:
-            result["scan"] = scan_inbox_task(params, root, params_path, inbox)
+            result["scan"] = run_scan_inbox(params, root, params_path, inbox)
         return result
 
 

@@ -1,5 +1,5 @@
 """The pipeline's steps, written once: the DVC stages (``python -m pipelines.<stage>``), the Prefect flows
-(:mod:`pipelines.flows`), ``lorax train`` (:mod:`pipelines.stream`) and the torchrun entry point
+(:mod:`pipelines.flows`), ``lorax train`` (:mod:`pipelines.train_stream`) and the torchrun entry point
 (:mod:`pipelines.ddp`) all call these functions over a :class:`~pipelines.layout.Layout`.
 
 This module holds the chain that makes a model: init -> synth -> prepare -> train -> select -> evaluate (with the

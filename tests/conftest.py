@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,56 +14,19 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import torch  # noqa: E402
 
-from lorax.config import Params, load_params  # noqa: E402
+from lorax.config import Params  # noqa: E402
 
 # Tiny tensors: one thread is faster, and avoids oversubscribing a shared 2-core machine.
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
-PARAMS_YAML = REPO / "params.yaml"
-REALWORLD = REPO.parent / "shared" / "data" / "realworld"
-
-# How the real params.yaml is shrunk for tests: tiny images, a tiny backbone, few images, one or two epochs.
-TINY_OVERRIDES: dict[str, Any] = {
-    "zoo.image_size": 24,
-    "zoo.train_per_class": 12,
-    "zoo.val_per_class": 6,
-    "model.backbone": "convit_tiny",
-    "model.img_size": 16,
-    "model.pretrained": None,
-    "model.normalize": "auto",
-    "model.kwargs": {"depth": 2, "local_up_to_layer": 1, "patch_size": 4, "num_heads": 2, "embed_dim": 32},
-    "model.feature_levels": [],  # the tiny model has 2 blocks (the real-image profile names blocks 4 and 8)
-    "adapter.r": 4,
-    "adapter.alpha": 1.0,
-    "continual.memory_size": 8,
-    "train.epochs": 1,
-    "train.batch_size": 8,
-    "train.warmup_epochs": 0,
-    "eval.batch_size": 32,
-    "stream": {"deconv": {"prev": "init"}, "nnconv": {"prev": "deconv"}},
-}
-
-
-def tiny_cli_sets(prefix: str = "model.") -> list[str]:
-    """``-S key=value`` arguments that shrink the CLI's settings like :func:`tiny_params` (keys under ``prefix``)."""
-    import json
-
-    out: list[str] = []
-    for k, v in TINY_OVERRIDES.items():
-        if k.startswith(prefix):
-            out += ["-S", f"{k}={json.dumps(v)}"]
-    return out
-
-
-def tiny_params(tmp_path: Path | None = None, **overrides: Any) -> Params:
-    """The real params.yaml, shrunk; ``overrides`` use dotted keys with '__' for '.' (``train__epochs=2``)."""
-    ov = dict(TINY_OVERRIDES)
-    ov.update({k.replace("__", "."): v for k, v in overrides.items()})
-    if tmp_path is not None:
-        ov.setdefault("data.root", str(tmp_path / "zoo"))
-        ov.setdefault("data.manifests", str(tmp_path / "manifests"))
-    return load_params(PARAMS_YAML, ov)
+from tests.helpers import (  # noqa: E402,F401  (re-exported: tests import them from tests.helpers)
+    PARAMS_YAML,
+    REALWORLD,
+    REPO,
+    TINY_OVERRIDES,
+    tiny_cli_sets,
+    tiny_params,
+)
 
 
 @pytest.fixture
@@ -84,11 +46,6 @@ def _restore_mlflow_uri_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -126,7 +83,7 @@ class Stream:
 
 @pytest.fixture(scope="session")
 def stream(tmp_path_factory) -> Stream:
-    from pipelines.stream import run_stream
+    from pipelines.train_stream import run_stream
     from lorax.data.prepare import prepare_tasks
     from lorax.data.zoo import synth_tasks
     from lorax.serving.calibration import calibrate_state

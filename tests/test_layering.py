@@ -1,7 +1,9 @@
 """The house rules of the code base, checked on the source (imports inside functions included):
 
 * ``lorax/`` is the library: it imports nothing from MLflow, Prefect, DVC, ``pipelines`` or ``benchmarks``;
-* no import circle anywhere in ``lorax/`` and ``pipelines/``;
+* ``pipelines/`` drives the library and never imports ``benchmarks/``, which sits on top of both (and is not
+  installed: it runs from a checkout);
+* no import circle anywhere in ``lorax/``, ``pipelines/`` and ``benchmarks/``;
 * no module over ~350 lines without a reason written at its top.
 """
 
@@ -15,6 +17,7 @@ FORBIDDEN_IN_LIBRARY = ("mlflow", "prefect", "dvc", "pipelines", "benchmarks")
 # Entry-point shims: a module that only runs another one under ``python -m`` (no import, never imported itself).
 ENTRY_SHIMS = {"lorax/continual/ddp.py": "pipelines.ddp", "lorax/cli.py": "pipelines.cli"}
 MAX_LINES = 350
+PACKAGES = ("lorax", "pipelines", "benchmarks")
 
 
 def module_name(path: Path) -> str:
@@ -23,7 +26,7 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for pkg in ("lorax", "pipelines") for p in (REPO / pkg).rglob("*.py")}
+    return {module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
 
 
 def imports(path: Path, name: str) -> set[str]:
@@ -105,6 +108,19 @@ def test_library_imports_no_orchestration() -> None:
     assert bad == []
 
 
+def test_pipelines_import_no_benchmarks() -> None:
+    bad = [f"{path.relative_to(REPO)}: {i}" for name, path in modules().items() if name.split(".")[0] == "pipelines"
+           for i in sorted(imports(path, name)) if i.split(".")[0] == "benchmarks"]
+    assert bad == []
+
+
+def test_the_scan_covers_benchmarks() -> None:
+    """The circle check sees benchmarks' own imports (a circle through it would be found)."""
+    graph = project_graph()
+    assert "benchmarks.detect_ablation" in graph
+    assert "benchmarks.detect_ablation_tables" in graph["benchmarks.detect_ablation"]
+
+
 def test_entry_shims_only_forward() -> None:
     """The old ``-m lorax.continual.ddp`` and ``-m lorax.cli`` spellings run their pipelines module by name, hold no
     code, and nothing imports them; and they still work."""
@@ -144,3 +160,41 @@ def test_old_command_spelling_runs_the_command() -> None:
     res = subprocess.run([sys.executable, "-m", "lorax.cli", "stream", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert res.returncode == 0 and "add" in res.stdout
+
+
+def test_cited_documents_are_in_the_repository() -> None:
+    """What the code and docs cite (docs/*.md, benchmarks/*.md, upper-case top-level names) is a file of the repo, so a
+    clone can follow every reference."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    cite = re.compile(r"(?<![\w/.-])((?:docs|benchmarks)/[\w.-]+\.md|[A-Z][A-Z_-]*\.md)\b")
+    missing = set()
+    for rel in files:
+        path = REPO / rel
+        if path.suffix not in {".py", ".md", ".yaml", ".toml", ".txt", ""} or not path.is_file():
+            continue
+        for ref in cite.findall(path.read_text(errors="ignore")):
+            if not (REPO / ref).is_file():
+                missing.add(f"{rel}: {ref}")
+    assert sorted(missing) == []
+
+
+def test_tests_import_no_other_test_module() -> None:
+    """Helpers that several test modules use live in tests/helpers.py (or fixtures in a conftest), never in a test
+    module that another one imports."""
+    bad = []
+    for path in (REPO / "tests").rglob("*.py"):
+        name = module_name(path)
+        bad += [f"{path.relative_to(REPO)}: {i}" for i in sorted(imports(path, name))
+                if i.startswith("tests.") and any(part.startswith("test_") for part in i.split("."))]
+    assert bad == []
+
+
+def test_only_the_two_packages_are_installed() -> None:
+    """pyproject installs ``lorax`` and ``pipelines``; ``benchmarks`` (a generic name) runs from a checkout."""
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(include) == ["lorax*", "pipelines*"]

@@ -63,8 +63,7 @@ def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: tor
 
 def uses_embedding_store(method: Method) -> bool:
     """LoRAX: its per-task adapters are frozen after their task, so their embeddings can be kept."""
-    net = getattr(method, "net", None)
-    return method.name == "lorax" and hasattr(net, "embeddings") and hasattr(net, "classify")
+    return method.frozen_task_adapters
 
 
 def frozen_features(method: Method) -> bool:

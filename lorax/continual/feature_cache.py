@@ -7,15 +7,14 @@ training cost grow with the task index. With the cache, each training image gets
 adapters embed all of them once, before the first epoch; every epoch then picks one of the K crops per image
 (seeded), and a step only runs the trunk and the newest adapter (``LoRAXNet.forward(x, old_emb=...)``).
 
-What it changes, honestly: train-time augmentation is limited to those K crops per image for the whole task, for
+What it changes: train-time augmentation is limited to those K crops per image for the whole task, for
 the new adapter too (it must see the same crop as the cached old embeddings of the sample: the super-feature is
 one crop's embeddings). With K >= epochs the augmentation is close to the uncached run's; with K=1 every epoch sees
 the same crop. Nothing else changes: logits on a cached crop equal the uncached forward (tested). Evaluation and
 exemplar selection do not use the cache. Cost: building it is K passes of the frozen adapters over the task's
 training rows (once per task); memory is rows x K x (t-1) x embed_dim float32, on the CPU.
 
-With ``train.crop_seed: content`` (the default with ``train.trunk_cache``) the K crops of an image come from its
-sha256 instead of the task's seed (:func:`lorax.continual.trunk_cache.content_seeds`): the same crops in every task
+With ``train.trunk_cache`` the K crops of an image come from its sha256 instead of the task's seed (:func:`lorax.continual.trunk_cache.content_seeds`): the same crops in every task
 and run, so their frozen-trunk tokens are computed once; the old adapters' embeddings are then built from those
 tokens (``build(..., from_trunk=True)``).
 """
@@ -71,7 +70,7 @@ class FrozenFeatureCache:
     """Embeddings of the frozen adapters for K fixed crops of every training row, as (rows * K, t - 1, D)."""
 
     def __init__(self, n_rows: int, crops: int, seed: int, seeds: torch.Tensor | None = None) -> None:
-        """``seeds`` (n_rows, crops): the crop seeds to use (``train.crop_seed: content``); default: drawn from
+        """``seeds`` (n_rows, crops): the crop seeds to use (from the images' content with the trunk cache); default: drawn from
         ``seed``."""
         if crops < 1:
             raise ValueError(f"train.feature_cache_crops: must be >= 1, got {crops}")
@@ -134,12 +133,11 @@ class FrozenFeatureCache:
 
 
 def wants_feature_cache(method, params) -> bool:
-    """On when ``train.feature_cache`` is set, the method is LoRAX and there is at least one frozen adapter."""
+    """On when ``train.feature_cache`` is set, the method keeps frozen per-task adapters and one of them exists."""
     if not params.train.feature_cache:
         return False
-    net = getattr(method, "net", None)
-    if net is None or not hasattr(net, "embeddings"):
+    if not method.frozen_task_adapters:
         log.info("train.feature_cache: method %s has no frozen per-task adapters; training without the cache",
-                 getattr(method, "name", "?"))
+                 method.name)
         return False
-    return len(net.tasks) > 1
+    return len(method.tasks) > 1

@@ -48,6 +48,9 @@ class Method(nn.Module):
     uses_memory: bool = True  # replay exemplars of old classes
     cumulative_data: bool = False  # train step t on all data of tasks 0..t (joint oracle)
     aux_weight: float = 0.0
+    backbone_frozen: bool = False  # the backbone never trains (LoRAX, probe): its outputs may be cached
+    # one adapter per task, frozen after it (LoRAX): old embeddings and the trunk below the adapters may be cached
+    frozen_task_adapters: bool = False
 
     def __init__(self, params: Params) -> None:
         super().__init__()
@@ -59,6 +62,14 @@ class Method(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    def base_backbone(self) -> Backbone:
+        """The backbone whose normalisation the inputs follow and whose size the state reports (DER: its first)."""
+        raise NotImplementedError
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Per-task weights inside the backbone's modules (peft's LoRA/MoLE layers), not part of its size."""
+        return []
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of a full backbone (finetune / joint / DER): they train at
@@ -106,10 +117,9 @@ def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def logits_and_features(method: Method, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Class logits and the method's ``features`` (the super-feature for LoRAX) from one backbone pass."""
-    net = getattr(method, "net", None)
-    if net is not None and hasattr(net, "embeddings") and hasattr(net, "classify"):
-        emb = net.embeddings(x)
-        logits, _ = net.classify(emb)
+    if method.frozen_task_adapters:
+        emb = method.net.embeddings(x)
+        logits, _ = method.net.classify(emb)
         return logits, emb.permute(1, 0, 2).reshape(x.shape[0], -1)
     f = method.features(x)
     head = getattr(method, "head", None)  # finetune / probe / joint / der: logits = head(features)
@@ -121,6 +131,8 @@ def logits_and_features(method: Method, x: torch.Tensor) -> tuple[torch.Tensor, 
 @METHODS.register("lorax")
 class LoRAXMethod(Method):
     name = "lorax"
+    backbone_frozen = True
+    frozen_task_adapters = True
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
@@ -134,6 +146,12 @@ class LoRAXMethod(Method):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.net.trainable_parameters()
+
+    def base_backbone(self) -> Backbone:
+        return self.net.backbone
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for t in self.tasks for p in self.net.adapters.parameters(t)]
 
     def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None,
                 from_trunk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +193,13 @@ class _HeadOnBackbone(Method):
         self.head: nn.Linear | None = None
         for p in self.backbone.parameters():
             p.requires_grad_(self.backbone_trainable)
+
+    @property
+    def backbone_frozen(self) -> bool:  # type: ignore[override]
+        return not self.backbone_trainable
+
+    def base_backbone(self) -> Backbone:
+        return self.backbone
 
     def add_task(self, name: str) -> None:
         self.tasks.append(name)
@@ -263,6 +288,9 @@ class DERMethod(Method):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.backbones[-1].parameters()) + list(self.head.parameters()) + list(self.aux_head.parameters())
+
+    def base_backbone(self) -> Backbone:
+        return self.backbones[0] if len(self.backbones) else self._template
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbones[-1].parameters())

@@ -2,7 +2,9 @@
 :mod:`lorax.continual.selection`).
 
 ``train_task(previous_state, task_manifest, memory, params, out_dir) -> out_dir`` is the unit that the one-process
-stream (``lorax train``), the DVC stages and the Prefect flows all call. It checkpoints every epoch into
+stream (``lorax train``), the DVC stages and the Prefect flows all call. It reads as: the training rows, their batch
+source (:class:`~lorax.continual.batches.BatchSource`, which hides every cache), the epoch loop (one
+``model(**inputs)`` per step), the state. It checkpoints every epoch into
 ``<out_dir>.resume/`` and resumes from there when re-run, and writes the final state atomically, so an interrupted
 task never damages the previous state.
 """
@@ -18,31 +20,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from lorax.config import Params
 from lorax.continual import distributed
-from lorax.continual.batches import autocast, dataset_for, loader_for, resolve_device, to_device
-from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cache
+from lorax.continual.batches import BatchSource, autocast, resolve_device
+from lorax.continual.embedding_store import EmbeddingStore
+from lorax.continual.head import fit_heads
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.methods import Method, build_method, count_trainable
 from lorax.continual.state import load_state, resume_dir, resume_dirs, save_state
-from lorax.continual.trunk_cache import (
-    TokenSlotDataset,
-    TrunkCache,
-    content_seeds,
-    open_trunk_cache,
-    train_ids,
-)
-from lorax.data.dataset import ManifestDataset
-from lorax.data.manifest import check_no_val_in_training, verify_files
+from lorax.data.manifest import check_no_val_in_training
 from lorax.models.backbone_factory import weights_record
 from lorax.utils.io import atomic_path
-from lorax.continual.head import fit_heads
-from lorax.continual.embedding_store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -86,46 +78,6 @@ def training_rows(method: Method, task_df: pd.DataFrame, memory: ExemplarMemory 
     return rows
 
 
-def _training_tokens(trunk: TrunkCache, method: Method, rows: pd.DataFrame, base: ManifestDataset,
-                     slots: FrozenFeatureCache, params: Params, device: torch.device,
-                     ctx: distributed.DistContext) -> TokenSlotDataset:
-    """The slots' trunk tokens: the missing ones computed (ranks split them) and stored; rows whose every crop was
-    found are not decoded, so their files are checked against the manifest here."""
-    ids = train_ids(base, rows, slots.seeds)
-    missing = ~trunk.found(ids)
-    k = slots.k
-    hit_rows = ~missing.reshape(-1, k).any(1)
-    verify_files(rows[hit_rows], params.data.follow_links)
-    todo = np.flatnonzero(missing)
-    if len(todo):
-        mine = todo[ctx.rank::ctx.world].tolist()
-        loader = torch.utils.data.DataLoader(slots.dataset(base), batch_size=params.eval.batch_size, sampler=mine,
-                                             num_workers=params.train.num_workers)
-        t0 = time.time()
-        trunk.fill(method.net, loader, ids, device, autocast(params, device), desc="trunk cache")
-        ctx.barrier()
-        trunk.refresh()  # the other ranks' shards
-        log.info("trunk cache: %d of %d crops computed (%.1f s), %d reused", len(todo), len(ids),
-                 time.time() - t0, len(ids) - len(todo))
-    else:
-        log.info("trunk cache: all %d crops reused", len(ids))
-    return TokenSlotDataset(trunk, ids, rows["class_id"].to_numpy(dtype=np.int64))
-
-
-def _epoch_loader(rows: pd.DataFrame, method: Method, params: Params, seed: int, ctx: distributed.DistContext,
-                  cache: FrozenFeatureCache | None, tokens: TokenSlotDataset | None,
-                  device: torch.device) -> torch.utils.data.DataLoader:
-    """One epoch's batches: cached trunk tokens per slot, or images (fixed crops per slot with ``cache``)."""
-    if tokens is None:
-        return loader_for(rows, method, params, train=True, seed=seed, ctx=ctx, cache=cache, device=device)
-    gen = torch.Generator().manual_seed(seed)
-    workers = params.train.num_workers
-    return torch.utils.data.DataLoader(
-        tokens, batch_sampler=distributed.ShardedBatchSampler(cache.sampler(gen), params.train.batch_size, ctx.rank,
-                                                      ctx.world),
-        num_workers=workers, generator=gen, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
-
-
 CHECKPOINT = "checkpoint.pt"  # in the resume folder (lorax.continual.state.resume_dir)
 
 
@@ -159,117 +111,13 @@ def train_task(
     ctx = distributed.context()  # torchrun: one process per device, each a share of every batch
     device = ctx.device or resolve_device(params.train.device)
     t0 = time.time()
-    if previous_state is not None:
-        method, prev_info = load_state(previous_state, device="cpu", params=params)
-    else:
-        method, prev_info = build_method(params), {}
-    task_index = len(method.tasks)
-    expected = int(task_manifest["task_index"].iloc[0])
-    if expected != task_index:
-        raise ValueError(
-            f"task {task}: manifest says task index {expected} but the previous state has {task_index} tasks "
-            f"({method.tasks}); the stream order and the manifests disagree"
-        )
-    torch.manual_seed(params.seed + task_index)
-    method.add_task(task)
+    method, prev_info = _grown_method(previous_state, task_manifest, params)
+    task_index = len(method.tasks) - 1
     method.to(device)
     rows = training_rows(method, task_manifest, memory, history)
     seed = params.seed * 1000 + task_index
-    cache = tokens = None
-    trunk = open_trunk_cache(method, params, device)  # frozen blocks' tokens of the fixed crops, on disk
-    old_cached = wants_feature_cache(method, params)  # old adapters' embeddings of the fixed crops, once per task
-    content = params.train.crop_seed == "content" or (params.train.crop_seed == "auto" and trunk is not None)
-    if old_cached or content:  # K fixed crops per row for the whole task
-        k = params.train.feature_cache_crops
-        slots = FrozenFeatureCache(len(rows), k, seed, content_seeds(rows, k) if content else None)
-        base = dataset_for(rows, method, params, True, seed)
-        if trunk is not None:
-            tokens = _training_tokens(trunk, method, rows, base, slots, params, device, ctx)
-        if old_cached:
-            slots.build(method.net, tokens if tokens is not None else base, params.eval.batch_size, device,
-                        autocast(params, device), ctx, params.train.num_workers, from_trunk=tokens is not None)
-        cache = slots
-    loader = _epoch_loader(rows, method, params, seed, ctx, cache, tokens, device)
-    trainable = method.trainable_parameters()
-    model = ctx.wrap(method, find_unused=params.adapter.kind == "mole")  # routed experts may idle a step
-    optimizer = torch.optim.AdamW(method.param_groups(learning_rate(params, task_index)),
-                                  weight_decay=params.train.weight_decay)
-    steps_per_epoch = len(loader)
-    total = steps_per_epoch * params.train.epochs
-    scheduler = cosine_with_warmup(optimizer, params.train.warmup_epochs * steps_per_epoch, total)
-
-    start_epoch, history_rows = 0, []
-    ckpt = _ckpt_path(out_dir)
-    found = next((d / CHECKPOINT for d in resume_dirs(out_dir) if (d / CHECKPOINT).is_file()), None)
-    if found is not None:
-        saved = torch.load(found, map_location="cpu", weights_only=True)
-        if saved.get("task") == task and saved.get("n_params") == len(trainable):
-            with torch.no_grad():
-                for p, v in zip(trainable, saved["params"], strict=True):
-                    p.copy_(v)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            start_epoch = int(saved["epoch"]) + 1
-            history_rows = json.loads(saved["history"])
-            log.info("task %s: resuming from the checkpoint of epoch %d", task, start_epoch)
-
-    for epoch in range(start_epoch, params.train.epochs):
-        g = torch.Generator().manual_seed(seed * 100 + epoch)
-        torch.manual_seed(seed * 100 + epoch)
-        loader = _epoch_loader(rows, method, params, int(torch.randint(0, 2**31 - 1, (1,), generator=g)), ctx,
-                               cache, tokens, device)
-        model.train()
-        tot, n = torch.zeros(2, device=device), 0  # loss sum, correct (on device: no per-step host sync); images
-        bad = torch.zeros((), dtype=torch.bool, device=device)
-        bar = tqdm(loader, desc=f"{task} epoch {epoch + 1}/{params.train.epochs}", leave=False,
-                   disable=None if ctx.is_main else True)
-        for step, (x, y, key) in enumerate(bar):
-            x, y = to_device(x, device), y.to(device, non_blocking=True)
-            old_emb = cache.lookup(key, device) if cache is not None and cache.emb is not None else None
-            with autocast(params, device):
-                out = model(x, old_emb, from_trunk=True) if tokens is not None else (
-                    model(x) if old_emb is None else model(x, old_emb))
-                loss = method.loss(out, y)
-            bad |= ~torch.isfinite(loss.detach())
-            # on CUDA the check (a host sync) runs every 32 steps; non-finite steps never reach a saved state
-            if (device.type != "cuda" or (step + 1) % 32 == 0 or step + 1 == len(loader)) and bool(bad):
-                raise NonFiniteLossError(
-                    f"task {task}, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}; lower the learning rate "
-                    f"(train.lr_first/lr_later) or enable train.grad_clip. The previous state is untouched."
-                )
-            n_mine, weight = loader.batch_sampler.share(step)  # DDP: this rank's share of the global batch
-            optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            if params.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, params.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            ok = (out[0].argmax(1)[:n_mine] == y[:n_mine]).sum()
-            tot += torch.stack([loss.detach().float() * n_mine, ok.float()])
-            n += n_mine
-        tot = ctx.all_reduce_sum(torch.cat([tot, torch.tensor([float(n)], device=device)])).cpu()
-        row = {"epoch": epoch + 1, "loss": float(tot[0] / tot[2]), "train_acc": 100.0 * float(tot[1] / tot[2]),
-               "lr": optimizer.param_groups[0]["lr"]}
-        history_rows.append(row)
-        log.info("task %s epoch %d/%d: loss %.4f train acc %.1f%%", task, epoch + 1, params.train.epochs,
-                 row["loss"], row["train_acc"])
-        if not ctx.is_main:
-            continue
-        with atomic_path(ckpt) as tmp:  # before the callback: a resumed task never reports an epoch twice
-            torch.save(
-                {
-                    "task": task,
-                    "epoch": epoch,
-                    "n_params": len(trainable),
-                    "params": [p.detach().cpu() for p in trainable],
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": json.dumps(history_rows),
-                },
-                tmp,
-            )
-        if callback is not None:
-            callback(epoch + 1, row)
+    source = BatchSource(rows, method, params, seed, device, ctx)
+    epochs = _fit(method, source, params, task, learning_rate(params, task_index), seed, out_dir, ctx, callback)
 
     head_info = fit_heads(method, rows, params, device, store) if ctx.is_main else {}
     method.to("cpu").eval()
@@ -278,7 +126,7 @@ def train_task(
         "task_index": task_index,
         "trainable_params_per_task": prev_info.get("trainable_params_per_task", []) + [count_trainable(method)],
         "seconds_per_task": prev_info.get("seconds_per_task", []) + [round(time.time() - t0, 2)],
-        "epochs": history_rows,
+        "epochs": epochs,
         "backbone_params": _backbone_param_count(method),
         "backbone_pretrained": bool(params.model.pretrained),
         "backbone_weights": weights_record(params.model),
@@ -293,16 +141,109 @@ def train_task(
     return out_dir
 
 
-def _frozen_backbone(method: Method) -> torch.nn.Module:
-    if hasattr(method, "net"):
-        return method.net.backbone
-    if hasattr(method, "backbone"):
-        return method.backbone
-    return method.backbones[0]
+def _grown_method(previous_state: str | Path | None, task_manifest: pd.DataFrame,
+                  params: Params) -> tuple[Method, dict[str, Any]]:
+    """The previous state's method (or a new one) with the manifest's task added, and the previous state's info."""
+    task = str(task_manifest["task"].iloc[0])
+    if previous_state is not None:
+        method, prev_info = load_state(previous_state, device="cpu", params=params)
+    else:
+        method, prev_info = build_method(params), {}
+    task_index = len(method.tasks)
+    expected = int(task_manifest["task_index"].iloc[0])
+    if expected != task_index:
+        raise ValueError(
+            f"task {task}: manifest says task index {expected} but the previous state has {task_index} tasks "
+            f"({method.tasks}); the stream order and the manifests disagree"
+        )
+    torch.manual_seed(params.seed + task_index)  # the new adapter's / head's initialisation
+    method.add_task(task)
+    return method, prev_info
+
+
+def _fit(method: Method, source: BatchSource, params: Params, task: str, lr: float, seed: int, out_dir: Path,
+         ctx: distributed.DistContext, callback: EpochCallback | None) -> list[dict[str, float]]:
+    """The epochs of one task (from its last epoch checkpoint, if any); returns the per-epoch history."""
+    device = source.device
+    trainable = method.trainable_parameters()
+    model = ctx.wrap(method, find_unused=params.adapter.kind == "mole")  # routed experts may idle a step
+    optimizer = torch.optim.AdamW(method.param_groups(lr), weight_decay=params.train.weight_decay)
+    total = len(source) * params.train.epochs
+    scheduler = cosine_with_warmup(optimizer, params.train.warmup_epochs * len(source), total)
+    ckpt = _ckpt_path(out_dir)
+    start_epoch, history = _resume(out_dir, task, trainable, optimizer, scheduler)
+
+    for epoch in range(start_epoch, params.train.epochs):
+        g = torch.Generator().manual_seed(seed * 100 + epoch)
+        torch.manual_seed(seed * 100 + epoch)
+        batches = source.epoch(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        model.train()
+        tot = torch.zeros(3, device=device)  # loss sum, correct, images (on device: no per-step host sync)
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        desc = f"{task} epoch {epoch + 1}/{params.train.epochs}"
+        for step, batch in enumerate(tqdm(batches, desc=desc, total=len(source), leave=False,
+                                          disable=None if ctx.is_main else True)):
+            with autocast(params, device):
+                out = model(**batch.inputs)
+                loss = method.loss(out, batch.targets)
+            bad |= ~torch.isfinite(loss.detach())
+            # on CUDA the check (a host sync) runs every 32 steps; non-finite steps never reach a saved state
+            if (device.type != "cuda" or (step + 1) % 32 == 0 or step + 1 == len(source)) and bool(bad):
+                raise NonFiniteLossError(
+                    f"task {task}, epoch {epoch + 1}, step {step + 1}: loss is {loss.item()}; lower the learning rate "
+                    f"(train.lr_first/lr_later) or enable train.grad_clip. The previous state is untouched."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            (loss * batch.weight).backward()
+            if params.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, params.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            n = batch.n_mine
+            ok = (out[0].argmax(1)[:n] == batch.targets[:n]).sum()
+            tot += torch.stack([loss.detach().float() * n, ok.float(), torch.tensor(float(n), device=device)])
+        tot = ctx.all_reduce_sum(tot).cpu()
+        row = {"epoch": epoch + 1, "loss": float(tot[0] / tot[2]), "train_acc": 100.0 * float(tot[1] / tot[2]),
+               "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        log.info("task %s epoch %d/%d: loss %.4f train acc %.1f%%", task, epoch + 1, params.train.epochs,
+                 row["loss"], row["train_acc"])
+        if ctx.is_main:
+            # before the callback: a resumed task never reports an epoch twice
+            _save_checkpoint(ckpt, task, epoch, trainable, optimizer, scheduler, history)
+            if callback is not None:
+                callback(epoch + 1, row)
+    return history
+
+
+def _resume(out_dir: Path, task: str, trainable: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, list[dict[str, float]]]:
+    """Load the task's epoch checkpoint into the parameters, optimizer and schedule; (next epoch, history)."""
+    found = next((d / CHECKPOINT for d in resume_dirs(out_dir) if (d / CHECKPOINT).is_file()), None)
+    if found is None:
+        return 0, []
+    saved = torch.load(found, map_location="cpu", weights_only=True)
+    if saved.get("task") != task or saved.get("n_params") != len(trainable):
+        return 0, []
+    with torch.no_grad():
+        for p, v in zip(trainable, saved["params"], strict=True):
+            p.copy_(v)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    log.info("task %s: resuming from the checkpoint of epoch %d", task, int(saved["epoch"]) + 1)
+    return int(saved["epoch"]) + 1, json.loads(saved["history"])
+
+
+def _save_checkpoint(ckpt: Path, task: str, epoch: int, trainable: list[torch.nn.Parameter],
+                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                     history: list[dict[str, float]]) -> None:
+    with atomic_path(ckpt) as tmp:
+        torch.save({"task": task, "epoch": epoch, "n_params": len(trainable),
+                    "params": [p.detach().cpu() for p in trainable], "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "history": json.dumps(history)}, tmp)
 
 
 def _backbone_param_count(method: Method) -> int:
     """Size of one backbone, without the per-task LoRA/MoLE weights that peft injects into LoRAX's backbone."""
-    adapters = getattr(getattr(method, "net", None), "adapters", None)
-    skip = {id(p) for t in method.tasks for p in adapters.parameters(t)} if adapters is not None else set()
-    return sum(p.numel() for p in _frozen_backbone(method).parameters() if id(p) not in skip)
+    skip = {id(p) for p in method.adapter_parameters()}
+    return sum(p.numel() for p in method.base_backbone().parameters() if id(p) not in skip)

@@ -5,15 +5,11 @@ so their output tokens for a given crop are the same for every task, epoch, run 
 they are most of the cost (9 of 12 ViT-S/14 blocks at 224 px), so they are computed once per fixed crop and stored;
 a training step then runs only the adapted blocks (``LoRAXNet.forward(tokens, old_emb, from_trunk=True)``).
 
-Addressing, like :mod:`lorax.continual.embedding_store`: the folder is a hash of everything the tokens depend on
-(the trunk's own tensors -- stem and blocks below the branch --, the backbone's name and kwargs, the crop size,
-the normalisation, ``branch_block`` and the compute precision); an entry's id hashes the image's ``sha256`` (the
-file bytes the loaders verify), its size, the crop box and the flip. A stale entry therefore cannot be read.
-
-Layout: ``<root>/<settings key>/<uuid>.safetensors`` with ``ids`` (N x 32 uint8) and ``tokens`` (N x L x D float16;
-float32 for a shard whose values overflow float16), and a sha256 of both in the header's metadata. Shards are
-memory-mapped (never loaded whole), written as ``.tmp`` + rename, and a shard that fails to parse or to match its
-checksum is skipped: a damaged cache is a miss, never an error. Deleting the folder only costs recomputation.
+Addressing: the folder is a hash of everything the tokens depend on (the trunk's own tensors -- stem and blocks
+below the branch --, the backbone's name and kwargs, the crop size, the normalisation, ``branch_block`` and the
+compute precision); an entry's id hashes the image's ``sha256`` (the file bytes the loaders verify), its size, the
+crop box and the flip. A stale entry therefore cannot be read. Storage: the project's one shard store
+(:class:`lorax.continual.shards.ShardStore`), tokens as float16 read row by row from memory-mapped shards.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import hashlib
 import json
 import logging
 import struct
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +26,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from lorax.utils.io import atomic_path
+from lorax.continual.shards import ShardStore, hash_tensors
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
 FLUSH_BYTES = 256 * 2**20  # tokens kept in memory before a shard is written while filling
 
 
@@ -47,21 +41,16 @@ def compute_tag(device: torch.device, amp: bool) -> str:
 
 
 def _trunk_tensors_hash(net: Any) -> str:
-    """sha256 of every backbone tensor outside the adapted blocks (stem, trunk blocks, tokens, norms); cached."""
+    """sha256 (:func:`~lorax.continual.shards.hash_tensors`) of every backbone tensor outside the adapted blocks
+    (stem, trunk blocks, tokens, norms); kept on the backbone once computed."""
     bb = net.backbone
     memo = bb.__dict__.setdefault("_lorax_trunk_hash", {})
     if net.branch_block not in memo:
         skip = tuple(bb.block_prefix(i) for i in range(net.branch_block, bb.depth))
-        h = hashlib.sha256()
         # parameters and persistent buffers: a non-persistent buffer may be filled lazily by the first forward
-        # (ConViT's rel_indices), which made the key depend on whether the model had run yet
-        for name, t in sorted(bb.model.state_dict(keep_vars=True).items(), key=lambda nt: nt[0]):
-            if name.startswith(skip):
-                continue
-            t = t.detach().cpu().contiguous()
-            h.update(name.encode() + b"\0" + str(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        memo[net.branch_block] = h.hexdigest()
+        # (ConViT's rel_indices), so the key would depend on whether the model had run yet
+        trunk = {n: t for n, t in bb.model.state_dict(keep_vars=True).items() if not n.startswith(skip)}
+        memo[net.branch_block] = hash_tensors(trunk).hexdigest()
     return memo[net.branch_block]
 
 
@@ -96,7 +85,7 @@ def _hex(df: pd.DataFrame) -> list[str]:
 
 
 def content_seeds(df: pd.DataFrame, crops: int) -> torch.Tensor:
-    """(rows, crops) crop seeds from each image's sha256 and the crop index (``train.crop_seed: content``): an image
+    """(rows, crops) crop seeds from each image's sha256 and the crop index (used with the trunk cache): an image
     gets the same K crops in every task, run and process, so its trunk tokens are computed once."""
     seeds = [[int.from_bytes(hashlib.sha256(f"{sha}:{k}".encode()).digest()[:8], "little") & (2**62 - 1)
               for k in range(crops)] for sha in _hex(df)]
@@ -135,99 +124,20 @@ def eval_ids(df: pd.DataFrame, crop: int, n_crops: int, resample: tuple[float, s
 
 
 # -- storage -----------------------------------------------------------------------------------------------------
-def _open_shard(path: Path, verify: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
-    """(ids, memory-mapped tokens) of a shard, or None when it is damaged (unparseable, short, wrong checksum)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            if n > size:
-                return None
-            header = json.loads(fh.read(n))
-        arrays = {}
-        for name in ("ids", "tokens"):
-            info = header[name]
-            start, end = info["data_offsets"]
-            dtype, shape = np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"])
-            if 8 + n + end > size or end - start != int(np.prod(shape)) * dtype.itemsize:
-                return None
-            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
-        ids, tokens = arrays["ids"], arrays["tokens"]
-        if ids.ndim != 2 or ids.shape[1] != 32 or tokens.shape[0] != ids.shape[0]:
-            return None
-        if verify and header.get("__metadata__", {}).get("sha256") != _checksum(ids, tokens):
-            return None
-        return np.asarray(ids), tokens
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None
-
-
-def _checksum(ids: np.ndarray, tokens: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(ids).reshape(-1).view(np.uint8))
-    h.update(np.ascontiguousarray(tokens).reshape(-1).view(np.uint8))
-    return h.hexdigest()
-
-
-class TrunkCache:
-    """Trunk tokens by crop id in one settings folder: ``found``, ``get`` (memory-mapped reads), ``add`` (a shard)."""
+class TrunkCache(ShardStore):
+    """Trunk tokens by crop id in one settings folder (a :class:`~lorax.continual.shards.ShardStore` of float16
+    ``tokens``), and ``fill``, which computes and stores the trunk of what a loader yields."""
 
     def __init__(self, root: str | Path, key: str, verify: bool = True) -> None:
-        """``verify``: check each shard's checksum when first indexed (off only where a parent process did)."""
-        self.dir = Path(root) / key
-        self.verify = verify
-        self._shards: list[np.ndarray] = []
-        self._where: dict[bytes, tuple[int, int]] = {}
-        self._seen: set[str] = set()
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Index the shards written since the last look (by other processes too); damaged ones are skipped."""
-        for f in sorted(self.dir.glob("*.safetensors")) if self.dir.is_dir() else []:
-            if f.name in self._seen:
-                continue
-            self._seen.add(f.name)
-            opened = _open_shard(f, self.verify)
-            if opened is None:
-                log.warning("trunk cache: %s is damaged; ignored (its crops are computed again)", f)
-                continue
-            ids, tokens = opened
-            s = len(self._shards)
-            self._shards.append(tokens)
-            for i, key in enumerate(ids):
-                self._where.setdefault(key.tobytes(), (s, i))
-
-    def found(self, ids: np.ndarray) -> np.ndarray:
-        return np.array([i.tobytes() in self._where for i in ids], dtype=bool)
-
-    def get(self, ids: np.ndarray) -> torch.Tensor:
-        """(N, L, D) float32 tokens of ``ids`` (all must be present)."""
-        return torch.stack([self.one(i) for i in ids])
-
-    def one(self, crop_id: np.ndarray | bytes) -> torch.Tensor:
-        s, i = self._where[crop_id if isinstance(crop_id, bytes) else crop_id.tobytes()]
-        return torch.from_numpy(np.asarray(self._shards[s][i], dtype=np.float32))
+        super().__init__(Path(root) / key, "tokens", half=True, verify=verify)
 
     def add(self, ids: np.ndarray, tokens: torch.Tensor | np.ndarray) -> None:
-        """Write one shard (float16; float32 if a value overflows float16) and index it."""
-        if len(ids) == 0:
-            return
-        from safetensors.numpy import save_file
-
-        t = tokens.detach().float().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
-        half = t.astype(np.float16)
-        if np.isfinite(t).all() and not np.isfinite(half).all():
-            half = t.astype(np.float32)  # rare: a token beyond float16's range; keep it exact rather than inf
-        ids = np.ascontiguousarray(ids, dtype=np.uint8)
         try:
-            with atomic_path(self.dir / f"{uuid.uuid4().hex}.safetensors") as tmp:
-                save_file({"ids": ids, "tokens": np.ascontiguousarray(half)}, str(tmp),
-                          metadata={"sha256": _checksum(ids, half), "format": str(FORMAT)})
+            super().add(ids, tokens)
         except OSError as e:
             raise ValueError(f"train.trunk_cache_dir: cannot write the trunk cache under {self.dir.parent} "
                              f"({e.strerror or e}); point it at a writable folder or set train.trunk_cache: false"
                              ) from None
-        self.refresh()
 
     @torch.no_grad()
     def fill(self, net: Any, loader: Any, ids: np.ndarray, device: torch.device, autocast: Any,
@@ -283,12 +193,10 @@ def wants_trunk_cache(method: Any, params: Any) -> bool:
     """On when ``train.trunk_cache`` is set, the method is LoRAX and its adapters leave a frozen trunk."""
     if not params.train.trunk_cache:
         return False
-    net = getattr(method, "net", None)
-    if net is None or not hasattr(net, "branch"):
-        log.info("train.trunk_cache: method %s has no frozen trunk under per-task adapters; not used",
-                 getattr(method, "name", "?"))
+    if not method.frozen_task_adapters:
+        log.info("train.trunk_cache: method %s has no frozen trunk under per-task adapters; not used", method.name)
         return False
-    if net.branch_block == 0:
+    if method.net.branch_block == 0:
         log.info("train.trunk_cache: adapter.blocks %s leaves no frozen trunk (adapters from block 0); not used",
                  params.adapter.blocks)
         return False

@@ -1,4 +1,4 @@
-"""The built-in generator zoo: a small CDDB-layout dataset synthesised with no downloads (DESIGN.md s. 5).
+"""The built-in generator zoo: a small CDDB-layout dataset synthesised with no downloads (docs/design.md section 5).
 
 ``synth_tasks(["deconv", "nnconv"], root, cfg)`` writes ``root/{task}/{train,val}/{0_real,1_fake}/*.png``
 and ``root/{task}/zoo.json``. A task is named after its generator (``zoo_generators.GENERATORS``); its real

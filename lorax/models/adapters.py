@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,11 +32,27 @@ from lorax.config import AdapterConfig
 
 @dataclass
 class Route:
+    """Which adapter(s) the adapted layers apply, shared by every layer of one backbone. Set it only through
+    :meth:`using`, so a forward that raises never leaves the backbone routed."""
+
     mode: str = "off"  # off | single | grouped
     name: str | None = None
     names: list[str] = field(default_factory=list)
     train_name: str | None = None  # the adapter whose dropout is active while training
     dropout: bool = False  # training mode: dropout on ``train_name``'s input
+
+    @contextmanager
+    def using(self, name: str | None = None, names: list[str] | None = None) -> Iterator[Route]:
+        """Within the block, apply adapter ``name`` to the whole batch, or (``names``) slice g of the batch through
+        ``names[g]``; the previous routing is restored on exit, also on an error."""
+        if (name is None) == (names is None):
+            raise ValueError("Route.using: give one adapter name or a group of names")
+        before = (self.mode, self.name, self.names)
+        self.mode, self.name, self.names = ("single", name, []) if names is None else ("grouped", None, list(names))
+        try:
+            yield self
+        finally:
+            self.mode, self.name, self.names = before
 
 
 def _p(layer: LoraLinear, name: str) -> float:

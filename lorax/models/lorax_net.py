@@ -1,6 +1,6 @@
 """The LoRAX network: frozen backbone + one LoRA adapter per task + super-feature + expandable head.
 
-Forward (DESIGN.md section 2): every task's adapter turns the image into an embedding; the embeddings are
+Forward (docs/design.md section 2): every task's adapter turns the image into an embedding; the embeddings are
 concatenated into the super-feature (embed_dim x tasks) and classified by a linear head over 2 x tasks classes.
 A 3-way diversity head sees only the newest adapter's embedding (old class -> 0, new real -> 1, new fake -> 2).
 Only the newest adapter and the two heads train.
@@ -142,33 +142,32 @@ class LoRAXNet(nn.Module):
         """Embeddings of ``names`` from the trunk's output (what :meth:`trunk` returns, or the trunk cache holds)."""
         names = list(self.tasks if names is None else names)
         one_pass = self.one_pass if one_pass is None else one_pass
-        bb, route = self.backbone, self.adapters.route
+        route = self.adapters.route
         b = trunk.shape[0]
         tokens, shared = self._split_trunk(trunk)
-        try:
-            if one_pass and len(names) > 1:
-                limit = self.cpu_group_rows if tokens.device.type == "cpu" else None
-                rows = tokens.shape[:-1].numel()  # images x tokens entering the adapted blocks
-                outs = []
-                for group in adapter_groups(names, rows, limit):
-                    if len(group) == 1:
-                        route.mode, route.name = "single", group[0]
-                        levels = list(shared)
-                        outs.append(bb.features(bb.run_blocks(tokens, self.branch_block, levels=levels), levels))
-                        continue
-                    route.mode, route.names = "grouped", group
-                    rep = tokens.repeat(len(group), *([1] * (tokens.dim() - 1)))
-                    levels = [s.repeat(len(group), 1) for s in shared]
-                    outs.append(bb.features(bb.run_blocks(rep, self.branch_block, levels=levels), levels))
-                return torch.cat(outs).view(len(names), b, -1)
+        if one_pass and len(names) > 1:
+            limit = self.cpu_group_rows if tokens.device.type == "cpu" else None
+            rows = tokens.shape[:-1].numel()  # images x tokens entering the adapted blocks
             outs = []
-            for name in names:
-                route.mode, route.name = "single", name
-                levels = list(shared)
-                outs.append(bb.features(bb.run_blocks(tokens, self.branch_block, levels=levels), levels))
-            return torch.stack(outs)
-        finally:
-            route.mode, route.name, route.names = "off", None, []
+            for group in adapter_groups(names, rows, limit):
+                if len(group) == 1:
+                    with route.using(group[0]):
+                        outs.append(self._adapted_blocks(tokens, list(shared)))
+                    continue
+                with route.using(names=group):
+                    rep = tokens.repeat(len(group), *([1] * (tokens.dim() - 1)))
+                    outs.append(self._adapted_blocks(rep, [s.repeat(len(group), 1) for s in shared]))
+            return torch.cat(outs).view(len(names), b, -1)
+        outs = []
+        for name in names:
+            with route.using(name):
+                outs.append(self._adapted_blocks(tokens, list(shared)))
+        return torch.stack(outs)
+
+    def _adapted_blocks(self, tokens: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
+        """The blocks from ``branch_block`` on, under the current routing, pooled into embeddings."""
+        bb = self.backbone
+        return bb.features(bb.run_blocks(tokens, self.branch_block, levels=levels), levels)
 
     def classify(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, B, D) embeddings -> (class logits over 2T, diversity logits over 3)."""

@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "pipelines.cli.models",
     "pipelines.cli.detect",
     "pipelines.cli.serving",
-    "pipelines.cli.stream",
+    "pipelines.cli.project",
 ]
 
 

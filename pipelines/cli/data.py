@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorax.config import add_settings_arguments
+
 
 def _tasks_arg(value: str | None) -> list[str] | None:
     return [t for t in value.split(",") if t] if value else None
@@ -15,14 +17,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     s = dsub.add_parser("synth", help="synthesise the built-in generator zoo (CDDB layout, deterministic)")
-    s.add_argument("--params", default="params.yaml")
+    add_settings_arguments(s, overrides=False)
     s.add_argument("--scenario", help="zoo-N (first N generators of zoo.order); default: the stream's tasks")
     s.add_argument("--tasks", help="comma-separated generator names (instead of --scenario)")
     s.add_argument("--out", help="output root (default: data.root)")
     s.set_defaults(func=_synth)
 
     p = dsub.add_parser("prepare", help="scan a dataset root and write one parquet manifest per task")
-    p.add_argument("--params", default="params.yaml")
+    add_settings_arguments(p, overrides=False)
     p.add_argument("--root", help="dataset root (default: data.root)")
     p.add_argument("--tasks", help="comma-separated tasks in stream order (default: the stream; 'all' = every folder)")
     p.add_argument("--layout", choices=["auto", "cddb", "univfd", "genimage"], help="default: data.layout")

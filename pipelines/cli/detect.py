@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+from lorax.config import add_settings_arguments
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +19,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "val split of every other manifest in --manifests. Writes OUT/metrics.json, "
                     "OUT/detector.safetensors, OUT/scores.parquet and OUT/robustness.png.",
     )
-    p.add_argument("--method", help="mole | probe | shared | separate (default: detect.method)")
     p.add_argument("--train-tasks", help="comma-separated training generators, e.g. deconv or deconv,nnconv "
                                          "(default: detect.train_tasks)")
     p.add_argument("--manifests", help="manifest folder (default: data.manifests)")
@@ -23,16 +26,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-extra", action="append", default=[], metavar="NAME=DIR",
                    help="also score every image of every manifest in DIR (a test-only set, e.g. the real-world "
                         "images prepared with `lorax data prepare`), reported under extra.NAME; repeatable")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. -S detect.epochs=2 -S detect.where=both (YAML value)")
+    add_settings_arguments(p, method="mole | probe | shared | separate (default: detect.method)")
     p.add_argument("--track", action="store_true",
                    help="log the run to MLflow (experiment <tracking.experiment>-detect, tracking.uri)")
     p.set_defaults(func=_detect)
 
-    from benchmarks.detect_ablation import add_commands as add_ablation
+    ab = sub.add_parser("detect-ablation", add_help=False, prefix_chars="\0",
+                        help="the CLIP-MoLE ablation table: runs `python -m benchmarks.detect_ablation ARGS` from a "
+                             "checkout of the repository (the experiment grid lives in benchmarks/)")
+    ab.add_argument("argv", nargs=argparse.REMAINDER)
+    ab.set_defaults(func=_ablation)
 
-    add_ablation(sub)  # lorax detect-ablation
+
+def _ablation(args: argparse.Namespace) -> int:
+    """``lorax detect-ablation ARGS``: the benchmark as its own process, so the command never imports benchmarks/
+    (which sits on top of the library and the pipelines, and is not installed)."""
+    if not (Path.cwd() / "benchmarks" / "detect_ablation.py").is_file():
+        raise FileNotFoundError("lorax detect-ablation: run it from the project root of a checkout (it runs "
+                                "benchmarks/detect_ablation.py), or run `python -m benchmarks.detect_ablation` there")
+    return subprocess.call([sys.executable, "-m", "benchmarks.detect_ablation", *args.argv])
 
 
 def parse_eval_extra(items: list[str]) -> dict[str, Path]:
@@ -47,25 +59,22 @@ def parse_eval_extra(items: list[str]) -> dict[str, Path]:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from lorax.config import load_params
-    from pipelines.cli.train import parse_overrides
+    from lorax.config import params_from_arguments
     from lorax.detect.runner import run_detect
 
-    overrides = parse_overrides(args.set)
-    if args.method:
-        overrides["detect.method"] = args.method
+    overrides = {}
     if args.train_tasks is not None:
         tasks = [t.strip() for t in args.train_tasks.split(",") if t.strip()]
         if not tasks:
             raise ValueError("--train-tasks: give at least one generator name, e.g. --train-tasks deconv")
         overrides["detect.train_tasks"] = tasks
     extra = parse_eval_extra(args.eval_extra)
-    params = load_params(args.params, overrides)  # validates method, ranks, ... naming the key
+    params = params_from_arguments(args, "detect.method", overrides)  # validates method, ranks, ... naming the key
     manifests = Path(args.manifests or params.data.manifests)
     if args.track:
         from pipelines.tracking.tracker import Tracker
         from pipelines.tracking.uri import TrackingUnavailable
-        from pipelines.detection import tracked_run_detect
+        from pipelines.detect_runs import tracked_run_detect
 
         try:
             tracker = Tracker(params)

@@ -6,12 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+from lorax.config import add_settings_arguments
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("models", help="registered model versions (MLflow registry)")
     msub = m.add_subparsers(dest="models_command", required=True)
     ls = msub.add_parser("list", help="versions of tracking.registered_model: tasks, AAF, gate, aliases")
-    ls.add_argument("--params", default="params.yaml")
+    add_settings_arguments(ls, overrides=False)
     ls.add_argument("--root", default=".", help="project root (the default sqlite store lives there)")
     ls.add_argument("--json", action="store_true", help="a JSON list of objects (version, aliases, tasks, aaf, gate, ...)")
     ls.set_defaults(func=_list)

@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from lorax.config import add_settings_arguments
+
 log = logging.getLogger(__name__)
 
 MODEL_HELP = ("a state folder (OUT/state/<task>), a `lorax train` output folder (its last task), an MLflow model "
@@ -16,7 +18,7 @@ MODEL_HELP = ("a state folder (OUT/state/<task>), a `lorax train` output folder 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--params", default="params.yaml", help="settings file whose tracking section names the registry")
+    add_settings_arguments(p, overrides=False)  # its tracking section names the registry
     p.add_argument("--batch-size", type=int, help="crops per forward pass (default: eval.batch_size of the model)")
     p.add_argument("--crops", type=int, help="crops averaged per image larger than the crop (default: eval.crops)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -7,31 +7,20 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorax.config import add_settings_arguments
+
 if TYPE_CHECKING:
     from lorax.config import Params
+
+METHOD_HELP = "continual method (default: continual.method): lorax, finetune, der, joint, probe"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the stream of params.yaml from manifests (one process) and report metrics")
-    p.add_argument("--params", default="params.yaml")
+    add_settings_arguments(p, method=METHOD_HELP)
     p.add_argument("--manifests", help="manifest folder (default: data.manifests)")
     p.add_argument("--out", required=True, help="output folder: state/, memory/, eval/, metrics.json, plots/")
-    p.add_argument("--method", help="continual method (default: continual.method): lorax, finetune, der, joint, probe")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. -S train.epochs=2 (YAML value)")
     p.set_defaults(func=_train)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"-S {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
 
 def check_method(params: Params) -> None:
@@ -45,15 +34,12 @@ def check_method(params: Params) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lorax.config import load_params
+    from lorax.config import params_from_arguments
     from lorax.continual.summary import format_matrix
     from pipelines.layout import Layout
-    from pipelines.stream import prepare_missing, run_stream
+    from pipelines.train_stream import prepare_missing, run_stream
 
-    overrides = parse_overrides(args.set)
-    if args.method:
-        overrides["continual.method"] = args.method
-    params = load_params(args.params, overrides)
+    params = params_from_arguments(args, "continual.method")
     check_method(params)
     manifests = Path(args.manifests or params.data.manifests)
     prepare_missing(params, Layout.run(params, args.out, manifests))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.detect_ablation import Variant, ablation_grid, parse_blocks, parse_rank_set, run_ablation
-from pipelines.cli import main
-from tests.conftest import PARAMS_YAML, tiny_params
+from benchmarks.detect_ablation import Variant, ablation_grid, main, parse_blocks, parse_rank_set, run_ablation
+from pipelines.cli import main as lorax_main
+from tests.helpers import PARAMS_YAML, tiny_params
 from tests.detect.synth import CLI_TINY_DETECT as CLI_TINY
 from tests.detect.synth import TINY_DETECT as TINY
 from tests.detect.synth import make_zoo
@@ -103,7 +103,7 @@ def test_run_writes_tables_and_resumes(zoo: Path, extra: Path, tmp_path: Path):
 
 def test_cli(zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     out = tmp_path / "cli"
-    argv = ["detect-ablation", "--manifests", str(zoo), "--out", str(out), "--train-tasks", "checker_a",
+    argv = ["--manifests", str(zoo), "--out", str(out), "--train-tasks", "checker_a",
             "--groups", "design", "--methods", "probe", "--where", "mlp", "--params", str(PARAMS_YAML), *CLI_TINY]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -114,3 +114,5 @@ def test_cli(zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     assert main([*argv, "--seeds", "a,b"]) == 2
     assert main([*argv, "--groups", "ranks", "--ranks", "8"]) == 2
     assert main([*argv, "--train-tasks", "nope"]) == 2
+    # the old spelling `lorax detect-ablation ARGS` runs the benchmark as its own process (the CLI never imports it)
+    assert lorax_main(["detect-ablation", *argv, "--seeds", "a,b"]) == 2

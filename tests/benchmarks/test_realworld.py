@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from benchmarks.realworld import main
-from tests.continual.test_realworld import _cddb
+from tests.helpers import learnable_cddb
 
 
 def test_quick_protocol_writes_one_table_with_lorax_and_the_probe(tmp_path) -> None:
-    root = _cddb(tmp_path / "data", ["biggan", "stylegan2"], n=3, size=48)
+    root = learnable_cddb(tmp_path / "data", ["biggan", "stylegan2"], n=3, size=48)
     out = tmp_path / "out"
     assert main(["--quick", "--data", str(root), "--out", str(out), "--methods", "lorax", "probe", "--memory", "8",
                  "-S", f"train.trunk_cache_dir={tmp_path / 'trunk'}"]) == 0

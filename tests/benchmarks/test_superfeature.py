@@ -25,7 +25,7 @@ def test_floor_and_ratios_reported_for_every_task_count(capsys):
 
 
 def test_old_flags_override_the_default_preset(capsys):
-    """The issue-5 command line (explicit backbone, size, patch) still runs what it names, not the 224 px preset."""
+    """The tiny-zoo command line (explicit backbone, size, patch) still runs what it names, not the 224 px preset."""
     out = _run(capsys, "--backbone", "convit_tiny", "--img-size", "16", "--patch-size", "4", "--pretrained", "none",
                "--tasks", "2", "--batch", "2", "--repeats", "1", "--clock", "cpu")
     cfg = out["config"]

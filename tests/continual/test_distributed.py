@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from lorax.continual.distributed import DistContext, ShardedBatchSampler
 from lorax.continual.methods import build_method
 from lorax.continual.batches import loader_for
 from lorax.data.dataset import SeededSampler, make_loader
-from tests.conftest import PARAMS_YAML, TINY_OVERRIDES, tiny_params
+from tests.helpers import PARAMS_YAML, TINY_OVERRIDES, tiny_params
 
 # batch 9 over 24 and 32 rows: ranks get 5 and 4 images per step and short last batches (uneven shares)
 DDP_OVERRIDES = {"train.batch_size": 9, "train.epochs": 2, "adapter.dropout": 0.0, "continual.memory_size": 8}
@@ -91,6 +92,11 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
     from pipelines import ddp
 
     assert ddp.main(argv) == 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # End the fork here: the exit handlers and finalizers it inherited belong to the parent's objects (servers and
+    # loaders of tests that ran before, in whatever order), and one failing would fail this rank after its work.
+    os._exit(0)
 
 
 def test_two_gloo_processes_match_one_process(zoo):
@@ -98,7 +104,7 @@ def test_two_gloo_processes_match_one_process(zoo):
     import pandas as pd
 
     from lorax.continual.state import read_info
-    from pipelines.stream import run_stream
+    from pipelines.train_stream import run_stream
 
     root, params = zoo
     one = run_stream(params, params.data.manifests, root / "one")

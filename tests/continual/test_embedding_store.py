@@ -13,7 +13,7 @@ from lorax.continual.embedding_store import EmbeddingStore, image_ids
 from lorax.continual.evaluation import predict_logits, val_rows
 from lorax.continual.state import load_state
 from lorax.continual.trainer import train_task
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 FIRST, SECOND = "deconv", "nnconv"
 
@@ -115,7 +115,7 @@ def test_damaged_shard_is_a_miss_not_an_error(tmp_path) -> None:
 
 def test_run_stream_uses_the_store_and_matches_a_run_without_it(stream, tmp_path) -> None:
     """``lorax train`` (run_stream) keeps its store under --out; its accuracy matrix is that of a store-less run."""
-    from pipelines.stream import run_stream
+    from pipelines.train_stream import run_stream
 
     params, *_ = stream
     with_store = run_stream(params, params.data.manifests, tmp_path / "with")

@@ -11,7 +11,7 @@ import torch
 from lorax.continual.feature_cache import FrozenFeatureCache, wants_feature_cache
 from lorax.continual.methods import build_method
 from lorax.continual.batches import dataset_for, loader_for
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from lorax.continual.head import refit_head, standardizer
 from lorax.continual.state import load_state, read_info
 from lorax.continual.evaluation import predict_logits
 from lorax.continual.trainer import train_task, training_rows
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 def _toy(seed: int = 0, n: int = 60, d: int = 40, k: int = 4):

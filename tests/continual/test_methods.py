@@ -15,12 +15,12 @@ from lorax.continual import trainer
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.methods import build_method
 from lorax.continual.state import load_state, load_tensor_groups
-from pipelines.stream import run_stream
+from pipelines.train_stream import run_stream
 from lorax.continual.trainer import training_rows
 from lorax.data.manifest import read_manifest
 from lorax.models.backbone_factory import create_backbone
 from lorax.registry import METHODS
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 NAMES = METHODS.names()
 METRIC_KEYS = {"aa", "aaf", "bwt", "forgetting", "binary_acc", "acc_matrix", "tasks", "trainable_params_per_task",

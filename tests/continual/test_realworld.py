@@ -1,4 +1,4 @@
-"""The real-image profile (params.realworld.yaml) and the resampling shortcut control (issue 14, items 1 and 4).
+"""The real-image profile (params.realworld.yaml) and the resampling shortcut control.
 
 Tiny model (tests' TINY_OVERRIDES via -S), tiny CDDB folders made here; ``lorax train`` prepares their manifests.
 """
@@ -18,7 +18,7 @@ from PIL import Image
 
 from lorax.config import load_params
 from pipelines.cli import main
-from tests.conftest import PARAMS_YAML, REALWORLD, REPO, TINY_OVERRIDES
+from tests.helpers import PARAMS_YAML, REALWORLD, REPO, TINY_OVERRIDES, learnable_cddb
 
 PROFILE = REPO / "params.realworld.yaml"
 CONTROL_KEYS = {"aa", "aaf", "bwt", "forgetting", "pooled_acc", "binary_acc", "binary_acc_fitted", "binary_threshold",
@@ -58,26 +58,13 @@ def test_profile_is_a_complete_valid_params_file():
     assert load_params(PARAMS_YAML).eval.resample_control is None  # the zoo default stays as it was
 
 
-def _cddb(root: Path, tasks: list[str], n: int = 3, size: int = 32) -> Path:
-    """A CDDB folder of random-noise PNGs (fakes brighter than reals), ``n`` per class and split."""
-    rng = np.random.default_rng(0)
-    for t in tasks:
-        for split in ("train", "val"):
-            for label, lo in (("0_real", 0), ("1_fake", 96)):
-                d = root / t / split / label
-                d.mkdir(parents=True)
-                for k in range(n):
-                    Image.fromarray(rng.integers(lo, lo + 160, (size, size, 3), dtype=np.uint8)).save(d / f"{k}.png")
-    return root
-
-
 def _train(tmp: Path, root: Path, tasks: list[str], *extra: str) -> int:
     return main(["train", "--params", str(PROFILE), "--manifests", str(tmp / "m"), "--out", str(tmp / "out"),
                  "-S", f"data.root={root}", "-S", f"train.trunk_cache_dir={tmp / 'trunk'}", *tiny_sets(tasks), *extra])
 
 
 def test_train_runs_the_profile_on_a_fresh_cddb_folder(tmp_path, capsys):
-    root = _cddb(tmp_path / "mine", ["a", "b"])
+    root = learnable_cddb(tmp_path / "mine", ["a", "b"])
     assert _train(tmp_path, root, ["a", "b"]) == 0
     assert sorted(p.name for p in (tmp_path / "m").glob("*.parquet")) == ["a.parquet", "b.parquet"]  # prepared
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -89,7 +76,7 @@ def test_train_runs_the_profile_on_a_fresh_cddb_folder(tmp_path, capsys):
 
 
 def test_missing_task_folder_is_one_line(tmp_path, capsys):
-    root = _cddb(tmp_path / "mine", ["a"])
+    root = learnable_cddb(tmp_path / "mine", ["a"])
     assert _train(tmp_path, root, ["a", "nosuch"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'nosuch'" in err and "data.root" in err

@@ -11,7 +11,7 @@ import yaml
 
 from pipelines.cli import main
 from lorax.config import params_to_dict
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from lorax.continual.state import is_state, load_state, read_info
 from lorax.continual.selection import select_exemplars
 from lorax.continual.trainer import NonFiniteLossError, train_task
 from lorax.models.backbone_factory import create_backbone
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 FIRST, SECOND = "deconv", "nnconv"
 

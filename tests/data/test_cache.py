@@ -16,6 +16,7 @@ from lorax.data.dataset import ManifestDataset
 from lorax.data.images import DataError
 from lorax.data.manifest import read_manifest
 from lorax.data.prepare import prepare_task
+from tests.helpers import noise_images, write_cddb
 
 CROP = 16
 
@@ -25,13 +26,7 @@ def manifest(tmp_path: Path) -> pd.DataFrame:
     """A prepared task: RGB, RGBA (composited on white), grey and palette images of two sizes."""
     root = tmp_path / "ds"
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("0_real", "1_fake"):
-            d = root / "t" / split / cls
-            d.mkdir(parents=True)
-            for k in range(3):
-                h, w = (24, 30) if k < 2 else (20, 17)
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"{k}.png")
+    write_cddb(root, ["t"], 3, noise_images(rng, lambda k: (24, 30) if k < 2 else (20, 17)))
     Image.fromarray(rng.integers(0, 256, (24, 30, 4), dtype=np.uint8), "RGBA").save(root / "t/train/0_real/a.png")
     Image.fromarray(rng.integers(0, 256, (24, 30), dtype=np.uint8), "L").save(root / "t/train/1_fake/g.png")
     Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)).convert("P").save(root / "t/val/1_fake/p.png")
@@ -102,7 +97,7 @@ def test_trainer_loader_reads_the_cache(manifest: pd.DataFrame, tmp_path: Path):
     """train.decode_cache on: the trainer's loader gives the same batches, and the pixels come from the shards."""
     from lorax.continual.methods import build_method
     from lorax.continual.batches import loader_for
-    from tests.conftest import tiny_params
+    from tests.helpers import tiny_params
 
     off = tiny_params(tmp_path)
     on = tiny_params(tmp_path, train__decode_cache=True, train__decode_cache_dir=str(tmp_path / "dc"))

@@ -24,6 +24,7 @@ from lorax.data.dataset import (
 from lorax.data.images import DataError, load_rgb
 from lorax.data.manifest import read_manifest
 from lorax.data.prepare import prepare_task
+from tests.helpers import noise_images, write_cddb
 
 CROP = 16
 HALF = (0.5, 0.5, 0.5)
@@ -34,12 +35,7 @@ def manifest(tmp_path: Path) -> pd.DataFrame:
     """A prepared 1-task CDDB folder: 3 images per class and split, 24x30 px, one RGBA and one grey."""
     root = tmp_path / "ds"
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("0_real", "1_fake"):
-            d = root / "t" / split / cls
-            d.mkdir(parents=True)
-            for k in range(3):
-                Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(d / f"{k}.png")
+    write_cddb(root, ["t"], 3, noise_images(rng, (24, 30)))
     Image.fromarray(rng.integers(0, 256, (24, 30, 4), dtype=np.uint8), "RGBA").save(root / "t/train/0_real/a.png")
     Image.fromarray(rng.integers(0, 256, (24, 30), dtype=np.uint8), "L").save(root / "t/val/1_fake/g.png")
     res = prepare_task(root, "t", 2, tmp_path / "m", DataConfig(), CROP)
@@ -149,7 +145,7 @@ def test_image_smaller_than_crop_or_changed_file(manifest: pd.DataFrame) -> None
     with pytest.raises(DataError, match=r"smaller than crop 32.*re-run `lorax data prepare`"):
         ManifestDataset(manifest, train=False, crop=32)[0]
     Path(manifest["root"].iloc[1], manifest["path"].iloc[1]).write_bytes(b"")
-    # the file no longer has the manifest's hash (issue 16: checked before decoding)
+    # the file no longer has the manifest's hash (checked before decoding)
     with pytest.raises(DataError, match=r"changed since the manifest was written.*re-run `lorax data prepare`"):
         ManifestDataset(manifest, train=False, crop=CROP)[1]
 

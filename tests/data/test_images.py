@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +10,7 @@ import pytest
 from PIL import Image
 
 from lorax.data.images import BadImage, DataError, inspect_image, load_rgb, open_image
-
-
-def _png_header_only(path: Path, w: int, h: int) -> Path:
-    """A PNG whose header claims w x h but carries (almost) no pixel data: a bomb that must not be decoded."""
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit grey
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
+from tests.helpers import png_header_only
 
 
 def _rgb(h: int = 40, w: int = 36, seed: int = 0) -> np.ndarray:
@@ -148,7 +135,7 @@ def test_truncated_png_and_jpeg(tmp_path: Path) -> None:
 
 def test_bomb_over_our_limit_is_rejected_before_decoding(tmp_path: Path) -> None:
     # header says 1000x1000 but there is no real pixel data: decoding it would fail as "truncated"/"corrupt"
-    p = _png_header_only(tmp_path / "bomb.png", 1000, 1000)
+    p = png_header_only(tmp_path / "bomb.png", 1000, 1000)
     with pytest.raises(BadImage, match=r"decompression bomb: 1000x1000 = 1000000 pixels > .*=999999 \(not decoded\)"):
         inspect_image(p, max_pixels=999_999)
     assert open_image(p, max_pixels=1_000_000).size == (1000, 1000)
@@ -156,8 +143,8 @@ def test_bomb_over_our_limit_is_rejected_before_decoding(tmp_path: Path) -> None
 
 def test_pillows_own_bomb_error_and_warning_become_reasons(tmp_path: Path) -> None:
     limit = Image.MAX_IMAGE_PIXELS
-    huge = _png_header_only(tmp_path / "huge.png", 20000, 20000)  # > 2x Pillow's limit: DecompressionBombError
-    warn = _png_header_only(tmp_path / "warn.png", 10000, 9000)  # between 1x and 2x: DecompressionBombWarning
+    huge = png_header_only(tmp_path / "huge.png", 20000, 20000)  # > 2x Pillow's limit: DecompressionBombError
+    warn = png_header_only(tmp_path / "warn.png", 10000, 9000)  # between 1x and 2x: DecompressionBombWarning
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no stray warning escapes either
         for p in (huge, warn):

@@ -15,6 +15,7 @@ from PIL import Image
 from lorax.config import DataConfig
 from lorax.data.manifest import MANIFEST_COLUMNS, read_manifest
 from lorax.data.prepare import DataError, prepare_task, prepare_tasks, quarantine_path
+from tests.helpers import write_cddb
 CROP = 32
 REALWORLD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "realworld"  # read-only, CDDB layout
 _seed = itertools.count(1000)
@@ -27,17 +28,6 @@ def _img(path: Path, size: int = 40, seed: int | None = None, mode: str = "RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(a).convert(mode).save(path)
     return path
-
-
-def make_cddb(root: Path, tasks: list[str], n: int = 3, subclasses: dict[str, list[str]] | None = None) -> Path:
-    """root/{task}/{train,val}/[{sub}/]{0_real,1_fake}/*.png with n images per folder."""
-    for t in tasks:
-        for split in ("train", "val"):
-            for sub in (subclasses or {}).get(t, [""]):
-                for cls in ("0_real", "1_fake"):
-                    for k in range(n):
-                        _img(root / t / split / sub / cls / f"{k}.png")
-    return root
 
 
 def cfg(**kw) -> DataConfig:
@@ -54,7 +44,7 @@ def _quarantine(out: Path, task: str) -> dict[str, str]:
 
 
 def test_cddb_manifest_columns_counts_and_class_ids(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["beta", "alpha"], n=2, subclasses={"beta": ["cat", "dog"]})
+    root = write_cddb(tmp_path / "ds", ["beta", "alpha"], n=2, subclasses={"beta": ["cat", "dog"]})
     before = _snapshot(root)
     res = prepare_tasks(root, ["beta", "alpha"], tmp_path / "m", cfg(), CROP)
     assert _snapshot(root) == before  # source folders untouched
@@ -79,7 +69,7 @@ def test_cddb_manifest_columns_counts_and_class_ids(tmp_path: Path) -> None:
 
 
 def test_bad_files_are_quarantined_and_counted(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["t"], n=25)
+    root = write_cddb(tmp_path / "ds", ["t"], n=25)
     d = root / "t" / "train" / "1_fake"
     (d / "zero.png").write_bytes(b"")
     (d / "text.png").write_text("not an image")
@@ -100,7 +90,7 @@ def test_bad_files_are_quarantined_and_counted(tmp_path: Path) -> None:
 
 
 def test_odd_modes_are_kept_in_manifest(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["t"], n=2)
+    root = write_cddb(tmp_path / "ds", ["t"], n=2)
     d = root / "t" / "train" / "0_real"
     for mode in ("L", "P", "RGBA", "LA", "CMYK"):
         _img(d / f"m_{mode}.{'tif' if mode == 'CMYK' else 'png'}", mode=mode)
@@ -114,7 +104,7 @@ def test_odd_modes_are_kept_in_manifest(tmp_path: Path) -> None:
 
 
 def test_strict_makes_any_bad_file_fatal(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["t"], n=30)
+    root = write_cddb(tmp_path / "ds", ["t"], n=30)
     (root / "t" / "val" / "0_real" / "zero.jpg").write_bytes(b"")
     prepare_task(root, "t", 0, tmp_path / "m", cfg(), CROP)  # 1 of 121: within the 5% limit
     with pytest.raises(DataError, match=r"zero\.jpg: empty file.*strict"):
@@ -124,7 +114,7 @@ def test_strict_makes_any_bad_file_fatal(tmp_path: Path) -> None:
 
 
 def test_too_many_bad_files_fail(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["t"], n=3)
+    root = write_cddb(tmp_path / "ds", ["t"], n=3)
     for k in range(2):
         (root / "t" / "train" / "0_real" / f"bad{k}.png").write_bytes(b"junk")
     with pytest.raises(DataError, match=r"2 of 14 files \(14\.3%\).*data\.bad_file_limit=0\.05"):
@@ -133,7 +123,7 @@ def test_too_many_bad_files_fail(tmp_path: Path) -> None:
 
 
 def test_missing_task_lists_existing(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["gaugan", "biggan"], n=1)
+    root = write_cddb(tmp_path / "ds", ["gaugan", "biggan"], n=1)
     with pytest.raises(DataError, match=r"\['nope'\] not found; tasks in .*\['biggan', 'gaugan'\]"):
         prepare_tasks(root, ["biggan", "nope"], tmp_path / "m", cfg(), CROP)
     assert not (tmp_path / "m").exists()  # checked before any work
@@ -144,7 +134,7 @@ def test_missing_task_lists_existing(tmp_path: Path) -> None:
 
 
 def test_empty_and_missing_class_folders(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["t"], n=1)
+    root = write_cddb(tmp_path / "ds", ["t"], n=1)
     empty = root / "t" / "train" / "1_fake"
     for f in empty.iterdir():
         f.unlink()
@@ -161,7 +151,7 @@ def test_empty_and_missing_class_folders(tmp_path: Path) -> None:
 
 
 def test_missing_split_folder(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["t"], n=1)
+    root = write_cddb(tmp_path / "ds", ["t"], n=1)
     for f in (root / "t" / "val").rglob("*.png"):
         f.unlink()
     for d in sorted((root / "t" / "val").rglob("*"), reverse=True):
@@ -172,7 +162,7 @@ def test_missing_split_folder(tmp_path: Path) -> None:
 
 
 def test_leakage_train_val_and_across_tasks(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["a", "b"], n=2)
+    root = write_cddb(tmp_path / "ds", ["a", "b"], n=2)
     # the same pixels, re-encoded (other compression): caught by the pixel hash
     src = root / "a" / "train" / "0_real" / "0.png"
     Image.open(src).save(root / "a" / "val" / "0_real" / "copy.png", compress_level=1)
@@ -233,20 +223,20 @@ def test_unknown_layout_and_forced_layout_mismatch(tmp_path: Path) -> None:
     _img(tmp_path / "ds" / "t" / "images" / "0.png")
     with pytest.raises(DataError, match=r"t: matches no known dataset layout.*cddb: "):
         prepare_task(tmp_path / "ds", "t", 0, tmp_path / "m", cfg(), CROP)
-    root = make_cddb(tmp_path / "ds2", ["t"], n=1)
+    root = write_cddb(tmp_path / "ds2", ["t"], n=1)
     with pytest.raises(DataError, match="no class folders found for the genimage layout"):
         prepare_task(root, "t", 0, tmp_path / "m", cfg(layout="genimage"), CROP)
 
 
 def test_cddb_test_folder_is_ignored_with_a_note(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["t"], n=1)
+    root = write_cddb(tmp_path / "ds", ["t"], n=1)
     _img(root / "t" / "test" / "0_real" / "0.png")
     res = prepare_task(root, "t", 0, tmp_path / "m", cfg(), CROP)
     assert res.n_images == 4 and any("ignored folders ['test']" in n for n in res.notes)
 
 
 def test_parallel_workers_give_the_same_manifest(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["t"], n=20)
+    root = write_cddb(tmp_path / "ds", ["t"], n=20)
     (root / "t" / "train" / "0_real" / "bad.png").write_bytes(b"junk")
     a = prepare_task(root, "t", 0, tmp_path / "m1", cfg(), CROP, workers=1)
     b = prepare_task(root, "t", 0, tmp_path / "m2", cfg(), CROP, workers=2)
@@ -273,7 +263,7 @@ def test_realworld_counts_match_its_manifest(tmp_path: Path) -> None:
 
 
 def test_foreign_parquet_in_out_dir_is_skipped_with_a_note(tmp_path: Path) -> None:
-    root = make_cddb(tmp_path / "ds", ["t"], n=1)
+    root = write_cddb(tmp_path / "ds", ["t"], n=1)
     (tmp_path / "m").mkdir()
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "m" / "scores.parquet")
     res = prepare_task(root, "t", 0, tmp_path / "m", cfg(), CROP)

@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 from lorax.data import zoo
 from lorax.data.zoo_generators import GENERATORS, build_decoder, to_tensor
 from lorax.data.zoo_real import PHOTOS, domain_for, load_photo, rng_for, sample_real
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 ZOO10 = [
     "deconv", "nnconv", "bilinconv", "pixshuf", "deconv3", "bicubconv", "nnconv4", "pixshuf4", "deconv2x", "dilconv",

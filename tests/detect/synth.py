@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from lorax.data.manifest import write_manifest
-from tests.conftest import tiny_cli_sets
+from tests.helpers import tiny_cli_sets
 
 GENERATORS = {"checker_a": ("checker", 28.0, 0), "checker_b": ("checker", 20.0, 1), "stripes": ("stripes", 24.0, 0)}
 TINY_DETECT = {"detect__train_tasks": ["checker_a"], "detect__blocks": 1, "detect__epochs": 1, "detect__batch_size": 16,

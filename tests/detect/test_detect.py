@@ -17,7 +17,7 @@ from lorax.detect.evaluate import predict_scores
 from lorax.detect.runner import detect_params, run_detect
 from lorax.models.backbone_factory import create_backbone
 from lorax.registry import DETECTORS
-from tests.conftest import PARAMS_YAML, tiny_cli_sets, tiny_params
+from tests.helpers import PARAMS_YAML, tiny_cli_sets, tiny_params
 from tests.detect.synth import make_zoo
 
 DETECT = {"detect__train_tasks": ["checker_a"], "detect__blocks": 2, "detect__epochs": 6, "detect__lr": 5e-3,

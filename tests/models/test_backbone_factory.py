@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorax.models.backbone_factory import create_backbone, weights_record
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 def test_weights_record_names_the_file_and_its_hash(tmp_path):

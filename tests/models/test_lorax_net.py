@@ -7,7 +7,7 @@ import torch
 
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.lorax_net import LoRAXNet, diversity_targets
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 def _net(**ov) -> LoRAXNet:
@@ -49,11 +49,11 @@ def test_shared_trunk_equals_full_pass():
     # reference: the full backbone with one adapter active at a time, no trunk sharing
     bb, route = net.backbone, net.adapters.route
     for k, t in enumerate(["a", "b"]):
-        route.mode, route.name = "single", t
-        ref = bb.pool(bb.run_blocks(bb.stem(x)))
-        route.mode, route.name = "off", None
+        with route.using(t):
+            ref = bb.pool(bb.run_blocks(bb.stem(x)))
         torch.testing.assert_close(emb[k], ref, rtol=1e-5, atol=1e-5)
     assert all(t.startswith("blocks.1.") for t in net.adapters.targets)
+    assert route.mode == "off"
 
 
 def test_head_grows_and_keeps_old_weights():
@@ -111,7 +111,7 @@ def test_convit_base_paper_config_parameter_share():
     "regex, expected_share",
     [
         (r".*\.attn\.(qk|v|qkv|proj|pos_proj)$", 4.72),  # every attention Linear (params.yaml default)
-        (r".*\.attn.qkv|.*\.attn.qk|.*\.attn.v|\.attn\.pos_proj|\.attn\.proj", 3.33),  # DESIGN's regex, peft fullmatch
+        (r".*\.attn.qkv|.*\.attn.qk|.*\.attn.v|\.attn\.pos_proj|\.attn\.proj", 3.33),  # published regex, fullmatch
         (r"blocks\.\d\.attn\.(qk|v)$", 2.87),  # qk, v of the GPSA blocks: the paper's "~2.5M"
     ],
 )

@@ -13,7 +13,7 @@ from lorax.models.backbone_factory import create_backbone
 from lorax.models.lorax_net import LoRAXNet
 from lorax.models.mole import MoLELinear
 from lorax.models.mole_adapters import MoleAdapterLinear, MoleAdapterSet
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 def _net(**ov) -> LoRAXNet:
@@ -184,7 +184,7 @@ def test_bad_input():
 
 def test_tiny_stream_trains_with_kind_mole(tmp_path):
     from lorax.continual.state import load_state
-    from pipelines.stream import run_stream
+    from pipelines.train_stream import run_stream
     from lorax.data.prepare import prepare_tasks
     from lorax.data.zoo import synth_tasks
 

@@ -7,7 +7,7 @@ import torch
 from lorax.models.adapters import _add_low_rank
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.lorax_net import LoRAXNet, adapter_groups
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 def _net(**ov) -> LoRAXNet:
@@ -81,15 +81,15 @@ def test_batch_of_identical_rows_is_computed_once_with_the_same_result():
     route = net.adapters.route
     rel = torch.randn(1, 9, 9, 3)
     for mode, names, n in (("single", ["c"], 4), ("grouped", ["a", "b", "c"], 3 * 4)):
-        route.mode, route.name, route.names = mode, names[0] if mode == "single" else None, names
         outs, grads = [], []
-        for x in (rel.expand(n, -1, -1, -1), rel.expand(n, -1, -1, -1).contiguous()):
-            for prm in net.adapters.parameters("c"):
-                prm.grad = None
-            y = layer(x)
-            (y * torch.arange(y.numel()).view(y.shape).float().sin()).sum().backward()  # rows weighted differently
-            outs.append(y.detach())
-            grads.append([prm.grad.clone() for prm in net.adapters.parameters("c") if prm.grad is not None])
+        with route.using(names[0]) if mode == "single" else route.using(names=names):
+            for x in (rel.expand(n, -1, -1, -1), rel.expand(n, -1, -1, -1).contiguous()):
+                for prm in net.adapters.parameters("c"):
+                    prm.grad = None
+                y = layer(x)
+                (y * torch.arange(y.numel()).view(y.shape).float().sin()).sum().backward()  # rows weighted differently
+                outs.append(y.detach())
+                grads.append([prm.grad.clone() for prm in net.adapters.parameters("c") if prm.grad is not None])
         assert outs[0].shape == (n, 9, 9, layer.base_layer.out_features)
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
         assert len(grads[0]) == len(grads[1]) > 0
@@ -97,7 +97,7 @@ def test_batch_of_identical_rows_is_computed_once_with_the_same_result():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         if mode == "grouped":  # slice g went through adapter g
             assert (outs[0][0] - outs[0][n - 1]).abs().max() > 1e-4
-    route.mode, route.name, route.names = "off", None, []
+    assert route.mode == "off"  # the routing ends with its block
 
 
 def test_adapter_groups_split_by_rows():

@@ -8,7 +8,7 @@ import torch
 
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.pretext import OPS, degrade, pretext_checkpoint
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 @pytest.mark.parametrize("op", OPS)

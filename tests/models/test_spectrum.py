@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorax.models.spectrum import ResidualSpectrum
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -1,4 +1,4 @@
-"""The detect stage (pipelines.detection): its outputs, one MLflow run per detector (also `lorax detect --track`),
+"""The detect stage (pipelines.detect_runs): its outputs, one MLflow run per detector (also `lorax detect --track`),
 and its DVC file (a separate pipeline that plain `dvc repro` never runs)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipelines.cli import main
-from tests.conftest import PARAMS_YAML, REPO, tiny_params
+from tests.helpers import PARAMS_YAML, REPO, tiny_params
 from tests.detect.synth import CLI_TINY_DETECT as CLI_TINY
 from tests.detect.synth import TINY_DETECT as TINY
 from tests.detect.synth import make_zoo
@@ -27,7 +27,7 @@ def test_detect_step_logs_one_mlflow_run(zoo: Path, tmp_path: Path, monkeypatch:
 
     from pipelines.layout import Layout
     from pipelines.tracking.tracker import Tracker
-    from pipelines.detection import detect_step
+    from pipelines.detect_runs import detect_step
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "project"
@@ -68,7 +68,7 @@ def test_detect_step_logs_one_mlflow_run(zoo: Path, tmp_path: Path, monkeypatch:
 
 def test_detection_dvc_file_is_a_separate_pipeline(tmp_path: Path):
     """`dvc repro` of the stream never runs detect; the detect pipeline's upstream is the stream's prepare stages."""
-    from tests.pipelines.conftest import dvc, dvc_project
+    from tests.helpers import dvc, dvc_project
 
     root = dvc_project(tmp_path / "proj", ["deconv", "nnconv"])
     (root / "pipelines" / "detection").mkdir(parents=True)

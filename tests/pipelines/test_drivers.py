@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli.stream import parse_every
+from pipelines.cli.project import parse_every
 
 def test_every_parses_durations() -> None:
     assert [parse_every(x) for x in ("90", "30s", "15m", "1h", "1d", "1.5h")] == [90, 30, 900, 3600, 86400, 5400]

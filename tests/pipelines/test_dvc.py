@@ -1,7 +1,8 @@
 """The DVC pipeline for real, in a temporary git repo: the first run, an appended generator that runs only its
 own stages, a training stage killed mid-task that resumes, `dvc exp run -S`, metrics and plots.
 
-The tests share one repo and run in file order (each builds on the previous one's state)."""
+The steps share one repo and each builds on the previous one's state, so they run as one test, in order (the
+runner may shuffle tests)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.stream_edit import append_to_stream
-from pipelines.cli.stream import SHARE_FILES
-from tests.pipelines.conftest import BIN, dvc, dvc_project, stages_ran, tool_env
+from pipelines.cli.project import SHARE_FILES
+from tests.helpers import BIN, dvc, dvc_project, stages_ran, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,17 @@ def declared_code(stage: str) -> list[str]:
     return [d for d in deps if isinstance(d, str) and d.split("/")[0] in ("lorax", "pipelines")]
 
 
-def test_first_run(repo: Path, tmp_path: Path) -> None:
+def test_the_pipeline_from_first_run_to_a_clone(repo: Path, tmp_path: Path) -> None:
+    """First run; an added generator; a killed training that resumes; a code change; `dvc exp run`; a clone."""
+    _first_run(repo, tmp_path)
+    _added_generator_runs_only_its_stages(repo)
+    _killed_training_resumes_and_leaves_earlier_tasks_alone(repo)
+    _a_code_change_reruns_what_it_affects(repo)
+    _exp_run_with_a_changed_setting(repo)
+    _a_clone_of_the_shared_run_redoes_no_work(repo, tmp_path)
+
+
+def _first_run(repo: Path, tmp_path: Path) -> None:
     loaded = tmp_path / "modules.jsonl"
     # cold stages (LORAX_WARM=0): a stage forked from the warm server holds every module the server preloaded
     res = dvc(repo, "repro", LORAX_STAGE_MODULES=str(loaded), LORAX_WARM="0")
@@ -100,7 +111,7 @@ def test_first_run(repo: Path, tmp_path: Path) -> None:
     assert dvc(repo, "status").stdout.strip().endswith("up to date.")
 
 
-def test_added_generator_runs_only_its_stages(repo: Path) -> None:
+def _added_generator_runs_only_its_stages(repo: Path) -> None:
     before = {p.name: tree_hash(p) for p in (repo / "state").iterdir() if p.is_dir()}
     lock_before = (repo / "dvc.lock").read_text()
     add = subprocess.run([str(BIN / "lorax"), "stream", "add", "--next"], cwd=repo, env=tool_env(),
@@ -119,7 +130,7 @@ def test_added_generator_runs_only_its_stages(repo: Path) -> None:
     assert json.loads((repo / "reports" / "metrics.json").read_text())["tasks"] == ["deconv", "nnconv"]
 
 
-def test_killed_training_resumes_and_leaves_earlier_tasks_alone(repo: Path) -> None:
+def _killed_training_resumes_and_leaves_earlier_tasks_alone(repo: Path) -> None:
     before = {p.name: tree_hash(p) for p in (repo / "state").iterdir() if p.is_dir()}
     append_to_stream(repo / "params.yaml", "bilinconv", root=repo)
     ckpt = repo / "state" / "bilinconv.resume" / "checkpoint.pt"
@@ -152,7 +163,7 @@ def test_killed_training_resumes_and_leaves_earlier_tasks_alone(repo: Path) -> N
     assert {m.step for m in c.get_metric_history(runs[0].info.run_id, "loss")} == {1, 2, 3}
 
 
-def test_a_code_change_reruns_what_it_affects(repo: Path) -> None:
+def _a_code_change_reruns_what_it_affects(repo: Path) -> None:
     """Editing the trainer makes every training stale, never the data stages; editing the stream summary (the
     report's figures, also in the registered versions' model cards) makes only register and report stale."""
     def stale_after_editing(rel: str) -> set[str]:
@@ -173,7 +184,7 @@ def test_a_code_change_reruns_what_it_affects(repo: Path) -> None:
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
 
 
-def test_exp_run_with_a_changed_setting(repo: Path) -> None:
+def _exp_run_with_a_changed_setting(repo: Path) -> None:
     """`dvc exp run -S` works and retrains nothing for a setting that training does not read."""
     env = tool_env()
     subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True, capture_output=True)
@@ -200,7 +211,7 @@ def test_exp_run_with_a_changed_setting(repo: Path) -> None:
     assert "Ran experiment" in res.stdout + res.stderr
 
 
-def test_a_clone_of_the_shared_run_redoes_no_work(repo: Path, tmp_path: Path) -> None:
+def _a_clone_of_the_shared_run_redoes_no_work(repo: Path, tmp_path: Path) -> None:
     """The README's "Sharing a run": commit dvc.lock and the outputs DVC leaves to git, `dvc push`; a clone that
     runs `dvc pull` only rebuilds the built-in zoo (synth@T) and trains, selects, evaluates and registers nothing."""
     env = tool_env()

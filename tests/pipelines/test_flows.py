@@ -15,7 +15,7 @@ from PIL import Image
 
 from lorax.config import load_params
 from lorax.data import zoo
-from tests.pipelines.conftest import write_project
+from tests.helpers import write_project
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,17 @@ def _versions(root: Path) -> list[dict]:
     return list_versions(Tracker(params, root).client, params.tracking.registered_model)
 
 
-def test_continual_flow_then_a_rerun_redoes_nothing(prefect_api, project: Path) -> None:
+def test_the_flows_from_a_first_run_to_an_inbox_scan(prefect_api, project: Path) -> None:
+    """The steps share one project and each builds on the previous one's champion, so they run as one test, in
+    order (the runner may shuffle tests): the continual flow and its re-run; two watch runs; the new-generator flow
+    on a known task; the watch flow's inbox scan."""
+    _continual_flow_then_a_rerun_redoes_nothing(project)
+    _two_watch_runs_learn_each_new_folder_once(project)
+    _new_generator_flow_skips_a_task_the_champion_knows(project)
+    _watch_flow_scans_an_inbox_with_the_champion(project)
+
+
+def _continual_flow_then_a_rerun_redoes_nothing(project: Path) -> None:
     from pipelines.flows import continual_flow
 
     out = continual_flow("params.yaml", str(project))
@@ -63,7 +73,7 @@ def _add_folder(project: Path, generator: str, name: str, bad: bool) -> None:
         Image.new("RGB", (4, 4)).save(dest / "train" / "0_real" / "tiny.png")  # smaller than the crop
 
 
-def test_two_watch_runs_learn_each_new_folder_once(prefect_api, project: Path) -> None:
+def _two_watch_runs_learn_each_new_folder_once(project: Path) -> None:
     from pipelines.flows import watch_flow
 
     _add_folder(project, "bilinconv", "newgan_a", bad=False)
@@ -115,7 +125,7 @@ def test_two_watch_runs_learn_each_new_folder_once(prefect_api, project: Path) -
     assert watch_flow("params.yaml", str(project))["trained"] == []
 
 
-def test_new_generator_flow_skips_a_task_the_champion_knows(prefect_api, project: Path) -> None:
+def _new_generator_flow_skips_a_task_the_champion_knows(project: Path) -> None:
     from pipelines.flows import new_generator_flow
     from pipelines.tracking.model_registry import champion
     from pipelines.tracking.tracker import Tracker
@@ -126,7 +136,7 @@ def test_new_generator_flow_skips_a_task_the_champion_knows(prefect_api, project
     assert out["skipped"] == "in champion"
 
 
-def test_watch_flow_scans_an_inbox_with_the_champion(prefect_api, project: Path) -> None:
+def _watch_flow_scans_an_inbox_with_the_champion(project: Path) -> None:
     """watch_flow(inbox=...) reports candidate new generators: the champion's ``lorax scan`` of the inbox."""
     from pipelines.flows import watch_flow
 

@@ -10,7 +10,7 @@ import pytest
 from pipelines.cli import main
 from lorax.config import ConfigError, load_params
 from pipelines.stream_edit import append_to_stream
-from tests.pipelines.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture

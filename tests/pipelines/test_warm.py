@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import warm
-from tests.pipelines.conftest import REPO, tool_env, write_project
+from tests.helpers import REPO, tool_env, write_project
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +28,19 @@ def wait_for(cond, timeout: float = 120.0) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def make_project(root: Path) -> Path:
     """A tiny project carrying its own code (as the DVC projects do), so the server's key is its own."""
     import shutil
 
-    root = write_project(tmp_path_factory.mktemp("warm") / "p", ["deconv"])
+    write_project(root, ["deconv"])
     for pkg in ("lorax", "pipelines"):
         shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "detection"))
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("warm") / "p")
 
 
 def stage(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -48,7 +52,8 @@ def socket_of(root: Path) -> Path:
     return warm.runtime_dir() / f"{warm.source_key(root.resolve())}.sock"
 
 
-def test_a_stage_starts_the_server_and_the_next_ones_fork_from_it(project: Path, tmp_path: Path) -> None:
+def test_a_stage_starts_the_server_and_the_next_ones_fork_from_it(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "fresh")  # its own code, so no server of another test serves it
     times = tmp_path / "times.jsonl"
     first = stage(project, "pipelines.synth", "deconv", LORAX_STAGE_TIMES=str(times))
     assert first.returncode == 0, first.stderr
@@ -62,8 +67,15 @@ def test_a_stage_starts_the_server_and_the_next_ones_fork_from_it(project: Path,
     assert (project / "data" / "synth" / "deconv.json").is_file()
 
 
+def serving(project: Path) -> None:
+    """The project's warm server is up: a stage started it (here, when no earlier test did)."""
+    if not socket_of(project).exists():
+        assert stage(project, "pipelines.synth", "deconv").returncode == 0
+    assert wait_for(socket_of(project).exists), "no warm server started"
+
+
 def test_exit_codes_and_errors_come_back(project: Path) -> None:
-    assert wait_for(socket_of(project).exists)
+    serving(project)
     res = stage(project, "pipelines.synth", "no-such-task")
     assert res.returncode == 2 and "no-such-task" in res.stderr  # the stage's one-line error, on the client's stderr
     off = stage(project, "pipelines.synth", "no-such-task", LORAX_WARM="0")
@@ -71,7 +83,7 @@ def test_exit_codes_and_errors_come_back(project: Path) -> None:
 
 
 def test_a_killed_client_takes_its_stage_with_it(project: Path, tmp_path: Path) -> None:
-    assert wait_for(socket_of(project).exists)
+    serving(project)
     pidfile = tmp_path / "pid"
     code = (f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
     client = subprocess.Popen([sys.executable, "-c", "import sys; from pipelines.warm import run_warm; "
@@ -100,8 +112,14 @@ def test_a_killed_client_takes_its_stage_with_it(project: Path, tmp_path: Path) 
 def test_edited_code_gets_a_new_server(project: Path) -> None:
     before = warm.source_key(project.resolve())
     f = project / "lorax" / "utils" / "io.py"
-    f.write_text(f.read_text() + "\n# edited\n")
-    assert warm.source_key(project.resolve()) != before
+    text, st = f.read_text(), f.stat()
+    f.write_text(text + "\n# edited\n")
+    try:
+        assert warm.source_key(project.resolve()) != before
+    finally:  # the module's other tests keep the project's own server
+        f.write_text(text)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert warm.source_key(project.resolve()) == before
 
 
 def test_the_runtime_folder_is_private() -> None:

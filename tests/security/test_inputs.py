@@ -17,9 +17,9 @@ from pipelines.cli import main
 from lorax.data.images import BadImage, open_image
 from lorax.serving.inputs import Refused, collect_inputs
 from lorax.serving.scan import scan_inbox
-from tests.conftest import PARAMS_YAML
-from tests.pipelines.conftest import tool_env
-from tests.serving.test_predict import _png_header_only
+from tests.helpers import PARAMS_YAML
+from tests.helpers import tool_env
+from tests.helpers import png_header_only
 
 HANG_S = 300  # a hang fails the test after this long (a real run of the CLI takes a few seconds)
 
@@ -116,7 +116,7 @@ def test_scan_follows_the_same_rules(stream, predictor, tmp_path: Path) -> None:
 def test_the_bomb_message_quotes_one_limit(tmp_path: Path, w: int, h: int) -> None:
     pillow = Image.MAX_IMAGE_PIXELS
     with pytest.raises(BadImage) as e:
-        open_image(_png_header_only(tmp_path / "bomb.png", w, h), max_pixels=1_000_000)
+        open_image(png_header_only(tmp_path / "bomb.png", w, h), max_pixels=1_000_000)
     msg = e.value.reason
     assert msg.startswith(f"decompression bomb: {f'{w}x{h} = ' if w < 5000 else ''}{w * h} pixels > "
                           f"data.max_image_pixels=1000000 (not decoded)"), msg

@@ -1,4 +1,4 @@
-"""Issue 16, item 3: a manifest cannot smuggle data into training, exemplar selection, evaluation or calibration.
+"""A manifest cannot smuggle data into training, exemplar selection, evaluation or calibration.
 
 Real files on disk (a tiny zoo task, prepared), manifests edited as an attacker or a careless hand would: a path out
 of the dataset root (``..``, absolute, a symlink out), a row pointed at another image of the dataset with its hashes
@@ -21,7 +21,7 @@ from lorax.data.images import DataError
 from lorax.data.manifest import ManifestError, manifest_path, read_manifest, safe_paths, write_manifest
 from lorax.data.prepare import prepare_tasks, quarantine_path
 from lorax.data.zoo import synth_tasks
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 TASK = "deconv"
 SMALL = {"zoo__train_per_class": 4, "zoo__val_per_class": 2, "stream": {TASK: {"prev": "init"}}}

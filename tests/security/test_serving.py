@@ -1,4 +1,4 @@
-"""Issue 16, items 1-2: the served model reads no server file unless the operator allowed a folder, and every row of
+"""The served model reads no server file unless the operator allowed a folder, and every row of
 a request gets its own answer (a bad row never fails the batch; no response carries a traceback).
 
 The row parser is tested directly (fast); the trust boundary end to end against the real `mlflow models serve` of
@@ -24,7 +24,7 @@ from PIL import Image
 
 from lorax.serving.predict import COLUMNS
 from lorax.serving.rows import ENV_ROOT, PATHS_REFUSED, RootError, image_root, parse_value
-from tests.pipelines.serving.test_serve import MODEL, start_server, stop_server, wait_up
+from tests.helpers import MODEL, start_server, stop_server, wait_up
 
 
 def _png(size: int = 20) -> bytes:

@@ -22,7 +22,7 @@ import pytest
 
 from lorax.config import TrackingConfig, load_params
 from pipelines.tracking.uri import PROBE, TrackingUnavailable, check_reachable
-from tests.pipelines.conftest import BIN, tool_env, write_project
+from tests.helpers import BIN, tool_env, write_project
 
 SERVER_START_S = 120  # bounded wait for a real server to answer
 

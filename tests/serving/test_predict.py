@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +14,11 @@ from pipelines.cli import main
 from lorax.serving.errors import ServingError
 from lorax.serving.inputs import collect_inputs
 from lorax.serving.predict import COLUMNS, Predictor, write_table
+from tests.helpers import png_header_only
 
 
 def _rgb(h: int = 24, w: int = 24, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _png_header_only(path: Path, w: int, h: int) -> Path:
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def test_same_logits_as_training_evaluation(stream, predictor) -> None:
@@ -94,7 +83,7 @@ def test_bad_and_odd_images(tmp_path: Path, predictor) -> None:
         "text.png": lambda p: p.write_text("not an image"),
         "empty.jpg": lambda p: p.write_bytes(b""),
         "truncated.png": lambda p: p.write_bytes(_png_bytes(rgb)[:80]),
-        "bomb.png": lambda p: _png_header_only(p, 20000, 20000),
+        "bomb.png": lambda p: png_header_only(p, 20000, 20000),
     }
     for name, make in files.items():
         make(tmp_path / name)

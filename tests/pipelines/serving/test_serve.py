@@ -20,14 +20,7 @@ import pytest
 from pipelines.cli import main
 from lorax.serving.predict import COLUMNS
 
-MODEL = "models:/lorax-attributor@champion"
-SERVER_START_S = 180  # bounded wait for the server to answer /ping
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import MODEL, SERVER_START_S, start_server, stop_server, wait_up  # noqa: F401
 
 
 def _images(stream, tmp_path: Path) -> list[Path]:
@@ -42,47 +35,6 @@ def _post(port: int, payload: dict, timeout: float = 60) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def start_server(model: str, tracking_uri: str, folder: Path,
-                 **env: str | None) -> tuple[subprocess.Popen, int, Path]:
-    """The real `mlflow models serve` of ``model`` (local env, one worker) in ``folder``; ``env`` sets variables
-    (None removes one). Returns (process, port, log file); call :func:`wait_up`, and :func:`stop_server` when done."""
-    port = _free_port()
-    merged = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-              "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
-    full_env = {k: v for k, v in merged.items() if v is not None}
-    log = folder / f"server-{port}.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-            stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True, cwd=folder)
-    return proc, port, log
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def wait_up(proc: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"mlflow models serve did not answer within {SERVER_START_S}s:\n{log.read_text()[-3000:]}")
 
 
 def test_served_model_answers_like_lorax_predict(stream, registry, tmp_path: Path, monkeypatch) -> None:
@@ -100,7 +52,7 @@ def test_served_model_answers_like_lorax_predict(stream, registry, tmp_path: Pat
         payload = {"dataframe_split": {"columns": ["image", "name"],
                                        "data": [[base64.b64encode(p.read_bytes()).decode(), str(p)] for p in images]}}
         got = pd.DataFrame(_post(port, payload)["predictions"])
-        # a malformed value is that row's error; the batch's other rows are still scored (issue 16)
+        # a malformed value is that row's error; the batch's other rows are still scored
         bad = _post(port, {"dataframe_split": {"columns": ["image"], "data": [
             ["neither a file nor base64!"], [base64.b64encode(images[0].read_bytes()).decode()]]}})["predictions"]
         assert [r["status"] for r in bad] == ["error", "ok"] and "not valid base64" in bad[0]["error"]

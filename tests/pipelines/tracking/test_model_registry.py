@@ -17,7 +17,7 @@ from pipelines.cli import main
 from lorax.config import GateConfig, load_params
 from pipelines.tracking import model_registry as registry
 from pipelines.tracking.model_registry import quality_gate
-from tests.pipelines.conftest import write_project
+from tests.helpers import write_project
 
 GATE = GateConfig(aaf_tolerance=2.0, max_task_drop=10.0)
 
@@ -153,7 +153,7 @@ def test_champion_loads_from_the_registry_alone(project, tmp_path: Path, monkeyp
     # the project's own state and memory folders are not needed: move them away while loading
     shutil.move(root / "state", tmp_path / "state")
     shutil.move(root / "memory", tmp_path / "memory")
-    # paths are read only under a folder the operator allows (issue 16)
+    # paths are read only under a folder the operator allows
     monkeypatch.setenv("LORAX_SERVE_IMAGE_ROOT", str(layout.data_root))
     try:
         model = mlflow.pyfunc.load_model(f"models:/{params.tracking.registered_model}@champion")

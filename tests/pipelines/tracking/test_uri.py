@@ -11,7 +11,7 @@ import pytest
 
 from lorax.config import TrackingConfig
 from pipelines.tracking.uri import TrackingUnavailable, check_reachable, resolve_tracking_uri
-from tests.pipelines.conftest import tool_env, write_project
+from tests.helpers import tool_env, write_project
 
 
 def closed_port() -> int:

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from lorax.config import add_settings_arguments
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("stream", help="the continual stream of params.yaml")
@@ -24,12 +26,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add = ssub.add_parser("add", help="append a task (zoo generator or folder under data.root); then `dvc repro`")
     add.add_argument("name", nargs="?", help="task name (a zoo generator, or a folder under data.root)")
     add.add_argument("--next", action="store_true", help="the next zoo generator (zoo.order) not yet in the stream")
-    add.add_argument("--params", default="params.yaml")
+    add_settings_arguments(add, overrides=False)
     add.set_defaults(func=_stream_add)
 
     sch = sub.add_parser("schedule", help="serve the watch flow (learn new task folders) on an interval, via Prefect")
     sch.add_argument("--every", default="1h", help="interval: 90, 30s, 15m, 1h, 1d (default 1h)")
-    sch.add_argument("--params", default="params.yaml")
+    add_settings_arguments(sch, overrides=False)
     sch.add_argument("--root", default=".")
     sch.set_defaults(func=_schedule)
 
