@@ -19,6 +19,7 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "trunk_seconds": time.perf_counter() - t0, "logo": {}, "all": {}}
     cs = [float(c) for c in args.cv_c.split(",")]
 
+    feats: dict[str, dict[str, np.ndarray]] = {}
+
+    def feat(kind: str, t: str) -> np.ndarray:  # frozen features, once per set
+        src = {"train": tr_c, "val": val_c, "rw": rw_c}[kind]
+        if t not in feats.setdefault(kind, {}):
+            feats[kind][t] = _features(store, src[t])
+        return feats[kind][t]
+
+    def probe(train_tasks: list[str]) -> tuple[Callable[[str, str], np.ndarray], float, float]:
+        """The probe in feature space (one crop per image, so a crop's logit is the image's)."""
+        x = np.concatenate([feat("train", t) for t in train_tasks])
+        y = np.concatenate([_labels(train[t]) for t in train_tasks])
+        groups = np.concatenate([train[t]["path"].map(gmap).fillna(train[t]["path"]).to_numpy()
+                                 for t in train_tasks])
+        c = _cv_c(x, y, groups, np.arange(len(y)), cs)
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        lr = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit((x - mu) / sd, y)
+
+        def score(kind: str, t: str) -> np.ndarray:
+            return 1 / (1 + np.exp(-lr.decision_function((feat(kind, t) - mu) / sd)))
+
+        vs = np.concatenate([score("val", t) for t in train_tasks])
+        vy = np.concatenate([_labels(val[t]) for t in train_tasks])
+        return score, fit_threshold(vs, vy), c
+
     def fit(train_tasks: list[str], method: str) -> tuple[Any, float, float]:
         sets = [tr_c[t] for t in train_tasks]
         offsets = list(np.cumsum([0] + [len(train[t]) for t in train_tasks[:-1]]))
@@ -92,19 +118,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         vs = np.concatenate([score_frame(det, val_c[t], store.start, len(val[t])) for t in train_tasks])
         return det, fit_threshold(vs, _labels(vdf)), c
 
+    def scorer(train_tasks: list[str], method: str) -> tuple[Callable[[str, str], np.ndarray], float, float]:
+        if method == "probe":
+            return probe(train_tasks)
+        det, thr, c = fit(train_tasks, method)
+        src = {"val": (val_c, val), "rw": (rw_c, rw)}
+        return (lambda kind, t: score_frame(det, src[kind][0][t], store.start, len(src[kind][1][t]))), thr, c
+
     for method in args.methods.split(","):
         if args.logo:
             res = {}
             for held in tasks:
-                det, thr, c = fit([t for t in tasks if t != held], method)
-                res[held] = generator_metrics(score_frame(det, val_c[held], store.start, len(val[held])),
-                                              _labels(val[held]), thr) | {"c": c}
+                score, thr, c = scorer([t for t in tasks if t != held], method)
+                res[held] = generator_metrics(score("val", held), _labels(val[held]), thr) | {"c": c}
                 log.info("%s LOGO %s: AP %.1f", method, held, res[held]["ap"])
             result["logo"][method] = res
         if rw:
-            det, thr, c = fit(tasks, method)
-            result["all"][method] = {t: generator_metrics(score_frame(det, rw_c[t], store.start, len(rw[t])),
-                                                          _labels(rw[t]), thr) for t in rw} | {"c": c}
+            score, thr, c = scorer(tasks, method)
+            result["all"][method] = {t: generator_metrics(score("rw", t), _labels(rw[t]), thr) for t in rw} | {"c": c}
             log.info("%s all-t2i -> realworld: %s", method,
                      {t: round(v["ap"], 1) for t, v in result["all"][method].items() if isinstance(v, dict)})
         _write(args.out, result, tasks, list(rw))

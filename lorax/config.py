@@ -360,6 +360,10 @@ class DetectConfig(_Section):
                            "that is the probe and the head's start for every method")
     weight_decay: float = Field(0.01, ge=0, description="with trunk_cache: AdamW weight decay (cosine lr decay)")
     head_lr_scale: float = Field(1.0, ge=0, description="with trunk_cache: the head's lr is detect.lr times this")
+    head_init: Literal["probe", "zero"] = Field("probe", description="with trunk_cache: the head of an adapted "
+                                                "method starts as the probe's logistic regression (probe) or at "
+                                                "zero (zero: the paper's start; the adapters then learn from the "
+                                                "first step)")
     model: ModelConfig | None = Field(None, description="the detector's own backbone, a full model section (null: "
                                       "the model section)")
 

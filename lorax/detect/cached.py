@@ -103,10 +103,14 @@ def fit_detector(model_cfg: ModelConfig, cfg: DetectConfig, method: str, train: 
                  callback: Callable[[int, dict[str, float]], None] | None = None
                  ) -> tuple[Detector, list[dict[str, float]]]:
     """A detector of ``method`` trained on cached views: the head starts as the probe (logistic regression with C
-    = ``probe_c`` or ``detect.probe_c`` on the standardised frozen features); every method but the probe then
-    trains its adapters and head for ``detect.epochs``."""
+    = ``probe_c`` or ``detect.probe_c`` on the standardised frozen features; ``detect.head_init: zero``: at zero,
+    standardisation kept); every method but the probe then trains its adapters and head for ``detect.epochs``."""
     det = build_detector(model_cfg, cfg, method, seed=seed).to(device)
     fit_probe_head(det, train, start, probe_c if probe_c is not None else cfg.probe_c, device=device)
+    if method != "probe" and cfg.head_init == "zero":  # keep the feature statistics, drop the probe's solution
+        with torch.no_grad():
+            det.head.weight.zero_()
+            det.head.bias.zero_()
     history: list[dict[str, float]] = []
     if method != "probe":
         with torch.random.fork_rng(devices=[]):
