@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     robust_frames = {t: robust_subset(df, args.robust_per_class) for t, df in others.items()}
     for method in [m for m in args.robust_methods.split(",") if m in fitted]:
         result["methods"][method]["robustness"] = {t: {} for t in robust_frames}
+    if not any("robustness" in e for e in result["methods"].values()):
+        return result
     for cond, fn in [("clean", None), *pert.items()]:
         for t, df in robust_frames.items():
             c = store.eval(df, None if fn is None else (cond, fn), n_crops=1)
