@@ -57,8 +57,9 @@ def log_detect_metrics(tracker, run_id: str, metrics: Mapping[str, Any]) -> None
     tracker.log_metrics(run_id, {_safe(k): v for k, v in flat.items() if v is not None})
     for kind, curve in (metrics.get("robustness") or {}).items():
         for level, v in curve.items():
-            if v is not None:  # MLflow steps are integers: sigma 1..4, JPEG quality 90..30
-                tracker.log_metrics(run_id, {f"robust_{kind}_map": v}, step=int(round(float(level))))
+            if v is not None:  # MLflow steps are integers: sigma 1..4, JPEG quality 90..30, scale in percent
+                step = int(round(float(level) * (100 if kind == "scale" else 1)))
+                tracker.log_metrics(run_id, {f"robust_{kind}_map": v}, step=step)
 
 
 def tracked_run_detect(

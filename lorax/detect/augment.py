@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["BlurJpeg", "augment_batch", "from_pixels", "gaussian_blur", "jpeg", "perturb_batch", "to_pixels"]
+__all__ = ["BlurJpeg", "augment_batch", "from_pixels", "gaussian_blur", "jpeg", "perturb_batch", "rescale",
+           "to_pixels"]
 
 
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -44,6 +45,19 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     buf.seek(0)
     with Image.open(buf) as im:
         return np.asarray(im.convert("RGB")).copy()
+
+
+def rescale(img: np.ndarray, factor: float) -> np.ndarray:
+    """HxWx3 uint8 -> the image downscaled by ``factor`` (Pillow bicubic, antialiased) and scaled back to HxW
+    (bilinear): the detail a downscaled upload keeps, at the size the detector reads."""
+    if not 0 < factor <= 1:
+        raise ValueError(f"rescale factor must be in (0, 1], got {factor}")
+    if factor == 1:
+        return img
+    h, w = img.shape[:2]
+    small = Image.fromarray(img).resize((max(1, round(w * factor)), max(1, round(h * factor))),
+                                        Image.Resampling.BICUBIC)
+    return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR)).copy()
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,22 @@ class Detector(nn.Module):
         self.head = nn.Linear(backbone.feature_dim, 1)
         self.method = method
         self.mole: dict[str, MoLELinear] = dict(layers)  # plain dict: the layers are registered inside the backbone
+        # the head reads standardised features (training-set statistics; identity until set)
+        self.register_buffer("feat_mean", torch.zeros(backbone.feature_dim))
+        self.register_buffer("feat_std", torch.ones(backbone.feature_dim))
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise the features the head reads: ``(f - mean) / std``."""
+        with torch.no_grad():
+            self.feat_mean.copy_(mean)
+            self.feat_std.copy_(std)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, feature_dim) -> logits (B,)."""
+        return self.head((features - self.feat_mean.to(features.dtype)) / self.feat_std.to(features.dtype)).squeeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x)).squeeze(-1)
+        return self.classify(self.backbone(x))
 
     def balance_loss(self) -> torch.Tensor:
         """Sum of the MoLE layers' load-balancing losses of the last forward (0 without experts)."""
@@ -69,16 +82,20 @@ class Detector(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """``head.*`` and ``mole.<layer>.<tensor>``: everything training changed, nothing frozen."""
         sd = {f"head.{k}": v.detach() for k, v in self.head.state_dict().items()}
+        sd.update({"norm.mean": self.feat_mean.detach(), "norm.std": self.feat_std.detach()})
         sd.update({f"mole.{k}": v for k, v in mole_state_dict(self.backbone.model).items()})
         return sd
 
     def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
         own = self.trainable_state_dict()
+        if "norm.mean" not in sd and "norm.std" not in sd:  # saved before the head read standardised features
+            sd = {**sd, "norm.mean": torch.zeros_like(self.feat_mean), "norm.std": torch.ones_like(self.feat_std)}
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing or unexpected:
             raise ValueError(f"{source}: does not fit this detector (missing {missing[:5]}, unexpected "
                              f"{unexpected[:5]}); it was saved with other detect/model settings")
         params = {**{f"head.{k}": p for k, p in self.head.named_parameters()},
+                  "norm.mean": self.feat_mean, "norm.std": self.feat_std,
                   **{f"mole.{n}.{k}": p for n, layer in self.mole.items()
                      for k, p in layer.named_parameters() if not k.startswith("base.")}}
         with torch.no_grad():

@@ -244,6 +244,9 @@ def run_detect(
     eval_parts = {t: _split(frames[t], "val", t, manifests[t]) for t in eval_tasks}
 
     device = resolve_device(params.train.device)
+    if cfg.trunk_cache:
+        return _run_trunk_cached(params, method, train_tasks, eval_tasks, train_df, val_parts, eval_parts, extra_dirs,
+                                 out, device, callback)
     det = build_detector(params.model, cfg.model_copy(update={"method": method}), method, seed=params.seed).to(device)
     n_train = sum(p.numel() for p in det.trainable_parameters())
     n_backbone = sum(p.numel() for p in det.backbone.parameters() if not p.requires_grad)
@@ -298,6 +301,33 @@ def run_detect(
                       title=f"{method} on {params.model.backbone}, trained on {'+'.join(train_tasks)}")
     write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")  # strict JSON: no NaN
     log.info("detect %s: mAP %s, mean acc %s over %d unseen generators; threshold %.4f; %s", method,
+             _fmt(metrics["map"]), _fmt(metrics["mean_acc"]), len(eval_tasks), threshold, out / "metrics.json")
+    return metrics
+
+
+def _run_trunk_cached(params: Params, method: str, train_tasks: list[str], eval_tasks: list[str],
+                      train_df: pd.DataFrame, val_parts: dict[str, pd.DataFrame], eval_parts: dict[str, pd.DataFrame],
+                      extra_dirs: Mapping[str, dict[str, Path]], out: Path, device: torch.device,
+                      callback: EpochCallback | None) -> dict[str, Any]:
+    """:func:`run_detect` through the frozen-trunk cache (``detect.trunk_cache``): same outputs and metric keys."""
+    from lorax.detect.cached import run_cached
+
+    cfg = params.detect
+    extra_parts = {name: {t: read_manifest(p) for t, p in found.items()} for name, found in extra_dirs.items()}
+    det, threshold, m, scores = run_cached(params, train_df, val_parts, eval_parts, extra_parts, method, device,
+                                           callback)
+    n_train = sum(p.numel() for p in det.trainable_parameters())
+    n_backbone = sum(p.numel() for p in det.backbone.parameters() if not p.requires_grad)
+    metrics = _clean({"method": method, "backbone": params.model.backbone, "train_tasks": train_tasks,
+                      "eval_tasks": eval_tasks, "threshold": threshold, "trainable_params": n_train,
+                      "backbone_params": n_backbone, **m})
+    save_detector(det, out / "detector.safetensors", params.model, cfg.model_copy(update={"method": method}),
+                  threshold, extra={"train_tasks": train_tasks, "seed": params.seed})
+    scores.to_parquet(out / "scores.parquet", index=False)
+    E.plot_robustness(metrics["robustness"], metrics["map"], out / "robustness.png",
+                      title=f"{method} on {params.model.backbone}, trained on {'+'.join(train_tasks)}")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    log.info("detect %s (trunk cache): mAP %s, mean acc %s over %d unseen generators; threshold %.4f; %s", method,
              _fmt(metrics["map"]), _fmt(metrics["mean_acc"]), len(eval_tasks), threshold, out / "metrics.json")
     return metrics
 
