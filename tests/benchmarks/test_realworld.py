@@ -18,6 +18,10 @@ def test_quick_protocol_writes_one_table_with_lorax_and_the_probe(tmp_path) -> N
     for m in rows.values():
         assert m["tasks"] == ["biggan", "stylegan2"] and 0 <= m["pooled_acc"] <= 100
         assert "pooled_acc" in m["control"]["resampled"] and m["wall_s"] > 0
+        assert {"jpeg90", "jpeg60"} <= set(m["control"])  # the JPEG control beside the resampling one
+        assert 0 <= m["balanced_acc"] <= 100 and 0 <= m["real_acc"] <= 100 and 0 < m["verdict_threshold"] < 1
+    ci = json.loads((out / "realworld.compare.json").read_text())["lorax-m8 - probe"]
+    assert ci["lo"] <= ci["diff"] <= ci["hi"] and ci["groups"] >= 2
     probe = json.loads((out / "probe" / "state" / "stylegan2" / "state.json").read_text())
     assert probe["epochs"] == [] and probe["head"]["kind"] == "refit"  # no gradient epoch: the head is the refit
     assert probe["params"]["train"]["epochs"] == 0
