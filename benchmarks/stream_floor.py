@@ -25,7 +25,6 @@ def stream_floor(params: Any, manifests: Path) -> dict[str, Any]:
     from lorax.models.backbone_factory import create_backbone
 
     backbone = create_backbone(params.model).eval()
-    torch.set_grad_enabled(False)
     mean, std = backbone.info.mean, backbone.info.std
     size = params.model.img_size
     frames = load_stream_manifests(manifests, params.tasks)

@@ -221,7 +221,7 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
             calibrate_openset(params, layout, task)  # a no-op when current
         return _add_missing_controls(params, layout, task, read_json(out))
     from lorax.continual.state import load_state
-    from lorax.continual.evaluation import evaluate_controls, predict_logits, score_val, val_rows
+    from lorax.continual.evaluation import evaluate_controls, predict_logits, score_val, val_rows, verdict_scores
 
     info = _state_info(state)
     if info.get("tasks") != tasks:
@@ -231,9 +231,7 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
     val = val_rows([manifests[t] for t in tasks])
     store = embedding_store(params, layout)
     logits, val_feats = predict_logits(method, val, params, features=True, store=store)
-    verdict = getattr(method, "verdict", None)  # the stored real/fake decision (None: argmax)
-    fake = verdict.fake_probability(val_feats) if verdict is not None else None
-    result, table = score_val(val, logits, tasks, fake, verdict.threshold if verdict is not None else None)
+    result, table = score_val(val, logits, tasks, *verdict_scores(method, val_feats))
     result.update(task=task, task_index=i, tasks=tasks, state_id=sid)
     control = evaluate_controls(method, val, params, store=store)  # eval.resample_control: {} when off
     if control:

@@ -202,12 +202,18 @@ def predict_verdict(method: Method, df: pd.DataFrame, params: Params, device: to
                     ) -> tuple[np.ndarray, np.ndarray | None, float | None]:
     """Logits of ``df``'s rows and the model's verdict on them: ``(logits, fake probability, threshold)``, the last
     two None when the method decides by argmax (no ``verdict``; :mod:`lorax.continual.verdict`)."""
+    logits, feats = predict_logits(method, df, params, device, features=getattr(method, "verdict", None) is not None,
+                                   desc=desc, store=store, resample=resample)
+    return (logits, *verdict_scores(method, feats))
+
+
+def verdict_scores(method: Method, feats: np.ndarray | None) -> tuple[np.ndarray | None, float | None]:
+    """``(fake probability, threshold)`` of the method's stored verdict on super-features ``feats``; ``(None,
+    None)`` when it decides by argmax."""
     verdict = getattr(method, "verdict", None)
-    logits, feats = predict_logits(method, df, params, device, features=verdict is not None, desc=desc, store=store,
-                                   resample=resample)
     if verdict is None:
-        return logits, None, None
-    return logits, verdict.fake_probability(feats), verdict.threshold
+        return None, None
+    return verdict.fake_probability(feats), verdict.threshold
 
 
 def score_val(val: pd.DataFrame, logits: np.ndarray, tasks: list[str], fake_score: np.ndarray | None = None,
