@@ -382,6 +382,12 @@ class DetectConfig(_Section):
                                                 "first step)")
     model: ModelConfig | None = Field(None, description="the detector's own backbone, a full model section (null: "
                                       "the model section)")
+    registered_model: str = Field("lorax-detector", min_length=1, description="registered model name of the "
+                                  "detector's versions in the MLflow registry (models:/NAME@champion), apart from "
+                                  "tracking.registered_model (the attributor)")
+    register_min_ap: float = Field(90.0, ge=0, le=100, description="the detector's champion gate: a registered "
+                                   "version becomes champion only when its mean AP (percent) on the val split of its "
+                                   "training generators (metrics.json 'seen') is at least this")
 
 
 class Params(_Section):

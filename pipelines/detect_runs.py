@@ -1,5 +1,7 @@
-"""The pipeline's ``detect`` step and detector runs in MLflow (``pipelines/detection/dvc.yaml`` runs
-``python -m pipelines.detect``, whose step is :func:`detect_step`).
+"""The pipeline's ``detect`` and ``register`` steps of the detector and its runs in MLflow
+(``pipelines/detection/dvc.yaml`` runs ``python -m pipelines.detect``, whose step is :func:`detect_step`, then
+``python -m pipelines.register_detector``: :func:`register_detector_step`; the Prefect flow ``lorax-detect`` calls
+the same two).
 
 One MLflow run per detector training, in the experiment ``<tracking.experiment>-detect`` (the scenario's LoRAX runs
 stay in their own experiment): the resolved settings as params (``detect.method`` and ``detect.train_tasks`` as
@@ -24,7 +26,8 @@ from lorax.config import Params
 from lorax.detect.evaluate import per_generator_table, robustness_table
 from lorax.detect.runner import detect_params, run_detect
 
-__all__ = ["DETECT_DIR", "detect_experiment", "detect_step", "log_detect_metrics", "tracked_run_detect"]
+__all__ = ["DETECT_DIR", "detect_experiment", "detect_step", "log_detect_metrics", "register_detector_step",
+           "tracked_run_detect"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,10 @@ def tracked_run_detect(
     tracker.log_artifact(run_id, out / "metrics.json")
     tracker.log_artifact(run_id, out / "robustness.png", "plots")
     tracker.log_artifact(run_id, out / "detector.safetensors", "checkpoint")
-    tracker.set_tags(run_id, {"lorax.eval_tasks": ",".join(metrics["eval_tasks"])})
+    from pipelines.tracking.detector_registry import ID_TAG, detector_id
+
+    tracker.set_tags(run_id, {"lorax.eval_tasks": ",".join(metrics["eval_tasks"]),
+                              ID_TAG: detector_id(out / "detector.safetensors")})  # the registry finds the run by it
     tracker.finish(run_id)
     metrics["mlflow_run_id"] = run_id
     log.info("detect: MLflow run %s in experiment %s (%s)", run_id, tracker.experiment, tracker.uri)
@@ -141,3 +147,26 @@ def detect_step(params: Params, layout, tracker=None) -> dict[str, Any]:
     robustness_table(metrics).to_csv(out / "robustness.csv", index=False)
     per_generator_table(metrics).to_csv(out / "per_generator.csv", index=False)
     return metrics
+
+
+def register_detector_step(params: Params, layout, tracker) -> dict[str, Any]:
+    """Register ``reports/detect/detector.safetensors`` as a version of ``detect.registered_model``; ``champion``
+    moves only when its training generators' val AP passes ``detect.register_min_ap``
+    (:mod:`pipelines.tracking.detector_registry`). Writes the record to ``reports/detect/registry.json``."""
+    import json
+
+    from lorax.utils.io import write_json
+    from pipelines.tracking.detector_registry import register_detector
+
+    out = layout.root / DETECT_DIR
+    checkpoint, metrics_file = out / "detector.safetensors", out / "metrics.json"
+    for f in (checkpoint, metrics_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: not found; run the detect step first (dvc repro "
+                                    "pipelines/detection/dvc.yaml, or python -m pipelines.flows detect)")
+    metrics = json.loads(metrics_file.read_text())
+    rec = register_detector(tracker, checkpoint, metrics, experiment=detect_experiment(params),
+                            min_ap=params.detect.register_min_ap, name=params.detect.registered_model)
+    # a stable record of the registration (aliases move later; the registry shows the current ones)
+    write_json(out / "registry.json", {k: v for k, v in rec.items() if k not in ("aliases", "registered_now")})
+    return rec

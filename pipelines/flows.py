@@ -4,6 +4,8 @@
   select -> evaluate -> register, then the report).
 * :func:`new_generator_flow` adds one task on top of the registered ``champion``: prepare -> train -> select
   exemplars -> evaluate -> register.
+* :func:`detect_flow` trains the real/fake detector and registers it (``lorax-detector``, gated ``champion``): the
+  steps of ``pipelines/detection/dvc.yaml``.
 * :func:`watch_flow` scans ``data.root`` for task folders the champion does not know and runs
   :func:`new_generator_flow` for each, one at a time, in name order. ``lorax schedule --every 1h`` serves it.
 
@@ -19,7 +21,7 @@ re-run never redoes a finished step: each step skips outputs that are complete a
 from its last epoch checkpoint. Locks (``flock``, released when a process dies): one watch run at a time per
 project, and one run per new task, so two watch runs never train the same generator twice.
 
-Run: ``python -m pipelines.flows continual|new TASK|watch|serve --every SECONDS`` (see ``--help``).
+Run: ``python -m pipelines.flows continual|new TASK|watch|detect|serve --every SECONDS`` (see ``--help``).
 """
 
 from __future__ import annotations
@@ -139,6 +141,22 @@ def run_champion_base(params: Params, layout: Layout, champion: dict[str, Any] |
         if not layout.manifest(t).is_file():
             steps.prepare_step(params, layout, t)
     return str(last)
+
+
+@task(name="detect", cache_policy=NO_CACHE, tags=[GPU_TAG])
+def run_detect(params: Params, layout: Layout) -> dict[str, Any]:
+    from pipelines.detect_runs import detect_step
+
+    m = detect_step(params, layout, _tracker(params, layout))
+    return {k: m.get(k) for k in ("method", "train_tasks", "map", "threshold", "mlflow_run_id")}
+
+
+@task(name="register-detector", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def run_register_detector(params: Params, layout: Layout) -> dict[str, Any]:
+    from pipelines.detect_runs import register_detector_step
+
+    rec = register_detector_step(params, layout, _tracker(params, layout))
+    return {k: rec[k] for k in ("name", "version", "seen_map", "gate", "gate_reason", "aliases")}
 
 
 # ------------------------------------------------------------------------------------------------ flows
@@ -267,6 +285,17 @@ def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dic
         return result
 
 
+@flow(name="lorax-detect", log_prints=True)
+def detect_flow(params_path: str = "params.yaml", root: str = ".", overrides: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """The real/fake detector of pipelines/detection/dvc.yaml: train and evaluate it (the project's manifests must
+    exist), then register it; ``champion`` moves only behind detect.register_min_ap."""
+    params = load_params(Path(root) / params_path, overrides)
+    layout = _layout(params, root)
+    _tracker(params, layout)  # a tracking server that is down fails here, before any work
+    return {"detect": run_detect(params, layout), "version": run_register_detector(params, layout)}
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def watch_deployment(params_path: str, root: str, every_s: int):
     """The watch flow as a deployment on an interval schedule (what ``lorax schedule`` serves)."""
@@ -284,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("name")
     w = sub.add_parser("watch", help="learn the task folders under data.root the champion does not know")
     w.add_argument("--inbox", help="then scan this folder of unlabelled images for unknown generators")
+    sub.add_parser("detect", help="train, evaluate and register the real/fake detector (detect section)")
     s = sub.add_parser("serve", help="serve the watch flow on an interval schedule (needs a Prefect server)")
     s.add_argument("--every", default="1h", help="interval: 90, 30s, 15m, 1h, 1d (default 1h)")
     args = parser.parse_args(argv)
@@ -291,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         print(continual_flow(args.params, args.root))
     elif args.cmd == "new":
         print(new_generator_flow(args.name, args.params, args.root))
+    elif args.cmd == "detect":
+        print(detect_flow(args.params, args.root))
     elif args.cmd == "watch":
         print(watch_flow(args.params, args.root, inbox=args.inbox))
     else:

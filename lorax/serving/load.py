@@ -23,6 +23,7 @@ class ResolvedModel:
     state_dir: Path
     openset_dir: Path | None
     source: str
+    detector: Path | None = None  # a detector checkpoint the model carries (bundled at publish time), or None
 
 
 def model_openset(resolved: ResolvedModel, manifests: str | Path | None = None, device: str = "auto"):
@@ -52,9 +53,17 @@ def model_openset(resolved: ResolvedModel, manifests: str | Path | None = None, 
 
 
 def predictor_for(resolved: ResolvedModel, *, device: str = "auto", crops: int | None = None,
-                  batch_size: int | None = None, manifests: str | Path | None = None, openset: bool = True) -> Predictor:
+                  batch_size: int | None = None, manifests: str | Path | None = None, openset: bool = True,
+                  detector: str | Path | None = None) -> Predictor:
     """A resolved model ready to predict, with its open-set calibration (:func:`model_openset`) unless ``openset`` is
-    False."""
+    False, and a detector's verdict beside its own: ``detector`` (a checkpoint or a folder holding one), else the one
+    the model carries."""
+    from lorax.serving.detector import DetectorScorer
+
     log.info("model %s -> state %s", resolved.source, resolved.state_dir)
     stats = model_openset(resolved, manifests, device) if openset else None
-    return Predictor.from_state(resolved.state_dir, device=device, crops=crops, batch_size=batch_size, openset=stats)
+    p = Predictor.from_state(resolved.state_dir, device=device, crops=crops, batch_size=batch_size, openset=stats)
+    det = detector if detector is not None else resolved.detector
+    if det is not None:
+        p.detector = DetectorScorer.from_file(det, device=device, batch_size=p.batch_size)
+    return p

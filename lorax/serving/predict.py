@@ -21,6 +21,9 @@ Output columns (one row per input, in input order) are :data:`COLUMNS`:
 * ``unknown_score`` / ``unknown_flag``: the open-set score (:mod:`lorax.serving.openset`) and whether it flags
   the image as a fake from no known generator; NaN / empty when the state has no open-set calibration.
 
+With a detector attached (``Predictor.detector``, ``lorax predict --detector``), its columns
+(:data:`lorax.serving.detector.DETECTOR_COLUMNS`: its fake probability and verdict, and ``agreement``) follow.
+
 Inputs come from :func:`lorax.serving.inputs.collect_inputs`; a ``--model`` argument becomes a Predictor in
 :mod:`lorax.serving.load` (local models) or :mod:`pipelines.serving.download` (registry URIs).
 """
@@ -104,6 +107,7 @@ class Predictor:
         self.mean, self.std = image_norm(method)
         self.openset = openset
         self.verdict = getattr(method, "verdict", None)  # the stored real/fake decision (None: argmax)
+        self.detector = None  # a lorax.serving.detector.DetectorScorer: its verdict is added beside ours
 
     @classmethod
     def from_state(cls, state_dir: str | Path, device: str = "auto", crops: int | None = None,
@@ -210,7 +214,12 @@ class Predictor:
         bar.close()
         if feats is None:
             feats = np.full((n, 0), np.nan, dtype=np.float32)
-        return Prediction(self._table(names, logits, fake_p, scores, errors, sizes), logits, feats)
+        table = self._table(names, logits, fake_p, scores, errors, sizes)
+        if self.detector is not None:
+            from lorax.serving.detector import with_detector
+
+            table = with_detector(table, self.detector.score(sources, names))
+        return Prediction(table, logits, feats)
 
     def _table(self, names: list[str], logits: np.ndarray, fake_score: np.ndarray, scores: np.ndarray,
                errors: list[str | None], sizes: np.ndarray) -> pd.DataFrame:

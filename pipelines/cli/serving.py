@@ -49,6 +49,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _input_args(p)
     _model_args(p)
     p.add_argument("--no-openset", action="store_true", help="skip the unknown-generator score")
+    p.add_argument("--detector", help="also report a real/fake detector's verdict (detector_fake_probability, "
+                                      "detector_verdict) and whether it agrees with the attributor's (agreement): "
+                                      "reports/detect/detector.safetensors, a `lorax detect --out` folder or "
+                                      "models:/lorax-detector@champion (default: the one the model carries, if any)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("scan", help="flag images from unknown generators and group them into candidate tasks",
@@ -84,7 +88,7 @@ def _predictor(args: argparse.Namespace):
 
     return load_predictor(args.model, args.params, device=args.device, crops=args.crops,
                           batch_size=args.batch_size, manifests=args.manifests,
-                          openset=not getattr(args, "no_openset", False))
+                          openset=not getattr(args, "no_openset", False), detector=getattr(args, "detector", None))
 
 
 def _fail(e: Exception) -> int:
@@ -110,6 +114,10 @@ def _predict(args: argparse.Namespace) -> int:
     n_unknown = int(table["unknown_flag"].fillna(False).sum())
     print(f"{len(table)} images: {int(ok.sum()) - n_fake} real, {n_fake} fake ({n_unknown} flagged as unknown "
           f"generator), {int((~ok).sum())} unreadable -> {out}")
+    if "agreement" in table.columns:
+        n_dis = int((table["agreement"] == "disagree").sum())
+        print(f"detector: {int((table['detector_verdict'] == 'fake').sum())} fake; disagrees with the attributor on "
+              f"{n_dis} image(s) (column agreement; for generators the attributor never learned, trust the detector)")
     if not ok.any():
         reasons = table["error"].value_counts().head(3).to_dict()
         print(f"lorax: error: no image could be used ({reasons}); see {out}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from lorax.serving.errors import ServingError
@@ -36,7 +37,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORAX_CACHE_DIR") or Path.home() / ".cache" / "lorax") / "models"
 
 
-def _registry_uri(params_path: str | Path | None, model: str) -> str:
+def _registry_uri(params_path: str | Path | None, model: str, flag: str = "--model") -> str:
     from pipelines.tracking.uri import TrackingUnavailable, check_reachable
 
     cfg = tracking_config(params_path)
@@ -44,11 +45,11 @@ def _registry_uri(params_path: str | Path | None, model: str) -> str:
     try:
         uri = check_reachable(cfg, root)
     except TrackingUnavailable as e:
-        raise ServingError(f"--model {model}: the model registry is not available. {e}") from None
+        raise ServingError(f"{flag} {model}: the model registry is not available. {e}") from None
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.is_file():
-            raise ServingError(f"--model {model}: the registry store {db} does not exist (from {uri}); point "
+            raise ServingError(f"{flag} {model}: the registry store {db} does not exist (from {uri}); point "
                                "MLFLOW_TRACKING_URI or tracking.uri at the store the model was registered in, or "
                                "give a state folder instead")
     if uri.startswith(("http://", "https://")):  # a registry that dies mid-call fails in seconds
@@ -57,7 +58,7 @@ def _registry_uri(params_path: str | Path | None, model: str) -> str:
     return uri
 
 
-def _registered_version(client, model: str, uri: str):
+def _registered_version(client, model: str, uri: str, flag: str = "--model"):
     """The ModelVersion that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names; None for other forms."""
     from mlflow.exceptions import MlflowException
 
@@ -76,10 +77,46 @@ def _registered_version(client, model: str, uri: str):
         except MlflowException:
             known = []
         raise ServingError(
-            f"--model {model}: not found in the registry {uri} ({e.message.splitlines()[0]}). Registered models: "
+            f"{flag} {model}: not found in the registry {uri} ({e.message.splitlines()[0]}). Registered models: "
             f"{', '.join(known) or 'none'}; use models:/NAME@ALIAS (e.g. models:/lorax-attributor@champion) or "
             f"models:/NAME/VERSION"
         ) from None
+
+
+def _download(model: str, params_path: str | Path | None, is_model: Callable[[Path], bool], what: str,
+              flag: str = "--model") -> tuple[Path, str]:
+    """A registry URI's artifacts, downloaded once into the cache: (local folder, label naming the version).
+    ``is_model`` tells whether a folder holds what the URI must name (``what``, for the error)."""
+    import hashlib
+
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = _registry_uri(params_path, model, flag)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    mv = _registered_version(client, model, uri, flag) if model.startswith("models:/") else None
+    target = f"models:/{mv.name}/{mv.version}" if mv is not None else model
+    key = hashlib.sha1(f"{uri}\n{target}\n{mv.source if mv is not None else ''}".encode()).hexdigest()[:16]
+    dest = cache_root() / key
+    if mv is None or not is_model(dest / "model"):
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=str(tmp / "dl")))
+        except (MlflowException, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ServingError(f"{flag} {model}: cannot download it from {uri}: {str(e).splitlines()[0]}") from None
+        if not is_model(local):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ServingError(f"{flag} {model}: the downloaded artifact has no {what}; not the model expected here")
+        shutil.move(str(local), str(tmp / "model"))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest / "model", f"{model} (version {mv.version})" if mv is not None else model
 
 
 def resolve_model(model: str, params_path: str | Path | None = "params.yaml") -> ResolvedModel:
@@ -91,48 +128,33 @@ def resolve_model(model: str, params_path: str | Path | None = "params.yaml") ->
     ``params_path`` / ``MLFLOW_TRACKING_URI`` / the project's sqlite store. A registered version is downloaded
     once into ``$LORAX_CACHE_DIR/models`` (default ``~/.cache/lorax``), keyed by registry and version.
     """
-    import hashlib
-
     if not is_model_uri(model):
         return resolve_local(model)
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    folder, label = _download(model, params_path, lambda p: (p / "MLmodel").is_file(), "MLmodel file")
+    return from_model_folder(folder, label)
 
-    uri = _registry_uri(params_path, model)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, registry_uri=uri)
-    mv = _registered_version(client, model, uri) if model.startswith("models:/") else None
-    target = f"models:/{mv.name}/{mv.version}" if mv is not None else model
-    key = hashlib.sha1(f"{uri}\n{target}\n{mv.source if mv is not None else ''}".encode()).hexdigest()[:16]
-    dest = cache_root() / key
-    if mv is None or not (dest / "model" / "MLmodel").is_file():
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=str(tmp / "dl")))
-        except (MlflowException, OSError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ServingError(f"--model {model}: cannot download it from {uri}: {str(e).splitlines()[0]}") from None
-        if not (local / "MLmodel").is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ServingError(f"--model {model}: the downloaded artifact has no MLmodel file; not a model")
-        shutil.move(str(local), str(tmp / "model"))
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    label = f"{model} (version {mv.version})" if mv is not None else model
-    return from_model_folder(dest / "model", label)
+
+def resolve_detector(detector: str, params_path: str | Path | None = "params.yaml") -> Path:
+    """A ``--detector`` argument -> a local ``detector.safetensors``: the file, a folder holding one, or a registry
+    URI (``models:/lorax-detector@champion``: a version of ``detect.registered_model``, downloaded once)."""
+    from lorax.serving.detector import CHECKPOINT, detector_file
+
+    if not is_model_uri(detector):
+        return detector_file(detector)
+    folder, _ = _download(detector, params_path, lambda p: (p / CHECKPOINT).is_file(), CHECKPOINT, "--detector")
+    return folder / CHECKPOINT
 
 
 def load_predictor(model: str, params_path: str | Path | None = "params.yaml", *, device: str = "auto",
                    crops: int | None = None, batch_size: int | None = None, manifests: str | Path | None = None,
-                   openset: bool = True) -> Predictor:
+                   openset: bool = True, detector: str | None = None) -> Predictor:
     """A ``--model`` argument (state folder, model folder or ``models:/...`` URI) ready to predict, with its
-    open-set calibration (:func:`lorax.serving.load.model_openset`) unless ``openset`` is False."""
+    open-set calibration (:func:`lorax.serving.load.model_openset`) unless ``openset`` is False, and the verdict of
+    ``detector`` (a ``--detector`` argument, :func:`resolve_detector`; default: the one the model carries) beside
+    its own."""
+    det = resolve_detector(detector, params_path) if detector else None
     return predictor_for(resolve_model(model, params_path), device=device, crops=crops, batch_size=batch_size,
-                         manifests=manifests, openset=openset)
+                         manifests=manifests, openset=openset, detector=det)
 
 
 # ------------------------------------------------------------------------------------------------ local models
@@ -155,7 +177,8 @@ def from_model_folder(folder: str | Path, source: str = "") -> ResolvedModel:
                            "saved by lorax (pipelines.serving.pyfunc.save_attributor)")
     state = folder / arts["state"]["path"]
     openset = folder / arts["openset"]["path"] if "openset" in arts else None
-    return ResolvedModel(state, openset, source or str(folder))
+    detector = folder / arts["detector"]["path"] if "detector" in arts else None  # bundled at publish time
+    return ResolvedModel(state, openset, source or str(folder), detector)
 
 
 def _local_model(path: Path) -> ResolvedModel:

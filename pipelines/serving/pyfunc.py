@@ -10,7 +10,8 @@ is rebuilt from ``state.json``: seeded random init, or ``model.pretrained`` when
 bytes (an optional ``name`` column labels the rows), and returns one row per input, in order: the probability of
 every class (``<task>/real``, ``<task>/fake``), then the fields of ``lorax predict``
 (:data:`lorax.serving.predict.COLUMNS`: status and error, verdict, generator, probability, fake probability, top-3
-classes, unknown-generator score and flag; ``path`` is the row's name) and ``predicted_task``. The same code as
+classes, unknown-generator score and flag; ``path`` is the row's name) and ``predicted_task``; a model saved with a
+detector (``save_attributor(detector=...)``) adds the detector's columns and ``agreement`` before ``predicted_task``. The same code as
 ``lorax predict`` scores the images, so ``mlflow models serve`` answers exactly what the command writes.
 
 Trust boundary (:mod:`lorax.serving.rows`): file paths are refused unless the operator allowed a folder
@@ -61,6 +62,11 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
         openset = context.artifacts.get("openset")
         stats = load_openset(state, openset) if openset else None
         self.predictor = Predictor.from_state(state, device=device, openset=stats)
+        if context.artifacts.get("detector"):  # bundled at publish time: its verdict beside ours
+            from lorax.serving.detector import DetectorScorer
+
+            self.predictor.detector = DetectorScorer.from_file(context.artifacts["detector"], device=device,
+                                                               batch_size=self.predictor.batch_size)
         self.classes = self.predictor.classes
         self.image_root = image_root((getattr(context, "model_config", None) or {}).get("image_root"))
         log.info("lorax attributor loaded: %s", describe(self.image_root))
@@ -84,7 +90,12 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
 
     def _score(self, frame: pd.DataFrame, batch_size: int) -> pd.DataFrame:
         from lorax.continual.metrics import softmax
+        from lorax.serving.detector import DETECTOR_COLUMNS, DETECTOR_DTYPES
         from lorax.serving.predict import COLUMNS, DTYPES
+
+        columns, dtypes = COLUMNS, DTYPES
+        if self.predictor.detector is not None:  # the bundled detector's columns too
+            columns, dtypes = COLUMNS + DETECTOR_COLUMNS, {**DTYPES, **DETECTOR_DTYPES}
 
         col = "image" if "image" in frame.columns else frame.columns[0]
         rows: list[Row] = [parse_value(v, self.image_root) for v in frame[col]]
@@ -94,7 +105,7 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
         else:
             names = [r.path if r.path is not None else f"row {i}" for i, r in enumerate(rows)]
         good = [i for i, r in enumerate(rows) if r.error is None]
-        cols: dict[str, list[Any]] = {c: [None] * n for c in COLUMNS}
+        cols: dict[str, list[Any]] = {c: [None] * n for c in columns}
         cols["path"], cols["status"], cols["error"] = names, ["error"] * n, [r.error for r in rows]
         logits = np.full((n, len(self.classes)), np.nan)
         if good:
@@ -104,11 +115,11 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
                 res = p.predict([rows[i].data for i in good], [names[i] for i in good], progress=False)
             finally:
                 p.batch_size = old
-            for c in COLUMNS:
+            for c in columns:
                 for i, v in zip(good, res.table[c].tolist(), strict=True):
                     cols[c][i] = v
             logits[good] = res.logits
-        table = pd.DataFrame(cols).astype(DTYPES)
+        table = pd.DataFrame(cols).astype(dtypes)
         probs = np.full(logits.shape, np.nan)
         ok = (table["status"] == "ok").to_numpy()
         if ok.any():
@@ -189,13 +200,15 @@ def _skip_mlflow_package_scan() -> None:
 
 def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | Path | None = None,
                     metadata: dict[str, Any] | None = None, openset_dir: str | Path | None = None,
-                    image_root: str | Path | None = None) -> Path:
+                    image_root: str | Path | None = None, detector: str | Path | None = None) -> Path:
     """Write a pyfunc model folder at ``path`` whose artifacts are the state dir (and memory manifest).
 
     The open-set calibration (``openset_dir``, default the state's ``<state_dir>.openset`` when it exists and
     belongs to this state) is packed too, so the served model reports unknown-generator scores. ``image_root``
     (saved in the model's config) lets the served model read image paths under that folder; by default it reads
-    none, and ``LORAX_SERVE_IMAGE_ROOT`` at load time overrides it either way.
+    none, and ``LORAX_SERVE_IMAGE_ROOT`` at load time overrides it either way. ``detector`` (a
+    ``detector.safetensors`` or a folder holding one) is bundled as the ``detector`` artifact: the served model
+    then adds the detector's verdict and ``agreement`` (:mod:`lorax.serving.detector`) to every row.
     """
     from lorax.serving.openset import current_openset, openset_dir as default_openset
 
@@ -206,6 +219,10 @@ def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | 
     os_dir = Path(openset_dir) if openset_dir is not None else default_openset(state_dir)
     if current_openset(state_dir, os_dir) is not None:
         artifacts["openset"] = str(os_dir.resolve())
+    if detector is not None:
+        from lorax.serving.detector import detector_file
+
+        artifacts["detector"] = str(detector_file(detector).resolve())
     extra = ["open_clip_torch"] if _uses_open_clip(state_dir) else []
     _skip_mlflow_package_scan()
     with _no_signature_warning():

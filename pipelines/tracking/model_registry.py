@@ -135,8 +135,12 @@ def register(
     eval_result: dict[str, Any],
     run_id: str,
     state_id: str,
+    detector: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Log the pyfunc model in ``run_id``, register it as a new version, run the gate, move ``champion``."""
+    """Log the pyfunc model in ``run_id``, register it as a new version, run the gate, move ``champion``.
+
+    ``detector`` (a ``detector.safetensors``) is bundled into the model, so that serving it reports the detector's
+    verdict beside the attribution (:func:`pipelines.serving.pyfunc.save_attributor`)."""
     from pipelines.serving.pyfunc import save_attributor
 
     client, cfg = tracker.client, tracker.params.tracking
@@ -153,7 +157,7 @@ def register(
     artifact_path = f"model-{state_id[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_attributor(Path(tmp) / "model", state_dir, memory_path,
-                                    metadata={"tasks": tasks, "state_id": state_id})
+                                    metadata={"tasks": tasks, "state_id": state_id}, detector=detector)
         _write_card(state_dir, eval_result, tasks, model_dir / "card")
         tracker.log_artifact(run_id, model_dir, artifact_path)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
