@@ -80,3 +80,5 @@ def test_detection_dvc_file_is_a_separate_pipeline(tmp_path: Path):
     upstream = set(re.findall(r'"([^"]+)"', dag))
     assert upstream == {"pipelines/detection/dvc.yaml:detect", "check", "synth@deconv", "prepare@deconv",
                         "synth@nnconv", "prepare@nnconv"}  # the stream's manifests and settings check, never training
+    dag = dvc(root, "dag", "--md", "pipelines/detection/dvc.yaml:register").stdout
+    assert "pipelines/detection/dvc.yaml:detect" in set(re.findall(r'"([^"]+)"', dag))  # registers what detect made
