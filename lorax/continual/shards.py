@@ -30,6 +30,7 @@ from lorax.utils.io import atomic_path
 log = logging.getLogger(__name__)
 
 ID_BYTES = 32
+_OLD_FORMAT = object()  # _open's answer for a shard written before shards carried their checksum
 
 
 def hash_tensors(tensors: Mapping[str, torch.Tensor], h: Any = None) -> Any:
@@ -77,14 +78,19 @@ class ShardStore:
             if opened is None:
                 log.warning("%s: damaged shard, ignored (its entries are computed again)", f)
                 continue
+            if opened is _OLD_FORMAT:
+                log.info("%s: shard of an older lorax (no checksum), ignored (its entries are computed again; "
+                         "delete the folder to drop it)", f)
+                continue
             ids, rows = opened
             s = len(self._rows)
             self._rows.append(rows)
             for i, key in enumerate(ids):
                 self._where.setdefault(key.tobytes(), (s, i))
 
-    def _open(self, path: Path) -> tuple[np.ndarray, Any] | None:
-        """(ids, row reader of the values), or None when the shard is unreadable, malformed or fails its checksum."""
+    def _open(self, path: Path) -> tuple[np.ndarray, Any] | object | None:
+        """(ids, row reader of the values); None when the shard is unreadable, malformed or fails its checksum;
+        ``_OLD_FORMAT`` when it has no checksum (an older lorax wrote it)."""
         from safetensors import safe_open
 
         try:
@@ -96,6 +102,8 @@ class ShardStore:
                 return None
             if self.verify:
                 meta = handle.metadata() or {}
+                if "sha256" not in meta:  # written before shards carried their checksum: stale, not damaged
+                    return _OLD_FORMAT
                 values = handle.get_tensor(self.value)
                 raw = values.view(torch.int16) if values.dtype == torch.bfloat16 else values
                 if meta.get("sha256") != _checksum(ids, raw.numpy()):

@@ -77,3 +77,19 @@ def test_both_caches_are_the_one_store(tmp_path) -> None:
     assert isinstance(emb._store("k"), ShardStore)
     found, got = EmbeddingStore(tmp_path).lookup("k", _ids(3))
     assert found.tolist() == [True, True, False] and got.shape == (3, 4) and (got[2] == 0).all()
+
+
+def test_a_shard_without_checksum_is_stale_not_damaged(tmp_path, caplog) -> None:
+    """Shards written before the checksum existed are ignored (recomputed) and said to be old, not damaged."""
+    import logging
+
+    from safetensors.numpy import save_file
+
+    ids = np.arange(64, dtype=np.uint8).reshape(2, 32)
+    save_file({"ids": ids, "emb": np.ones((2, 3), np.float32)}, str(tmp_path / "old.safetensors"))
+    with caplog.at_level(logging.INFO, logger="lorax.continual.shards"):
+        store = ShardStore(tmp_path, "emb")
+    assert not store.found(ids).any()
+    assert "older lorax" in caplog.text and "damaged" not in caplog.text
+    store.add(ids, np.zeros((2, 3), np.float32))  # recomputed values take their place
+    assert store.found(ids).all() and float(store.one(ids[0]).sum()) == 0.0
