@@ -71,11 +71,19 @@ class Verdict:
 
 def fit_binary_logistic(z: np.ndarray, y: np.ndarray, C: float, max_iter: int = 200) -> tuple[np.ndarray, float]:
     """Class-balanced L2 logistic regression on standardised ``z``: min C * sum_i w_i * BCE_i + |W|^2 / 2, with
-    ``w_i`` = n / (2 n_class(i)) (equal total weight per class; the bias is not penalised). L-BFGS, float64."""
+    ``w_i`` = n / (2 n_class(i)) (equal total weight per class; the bias is not penalised). L-BFGS, float64, in
+    the row space of ``z`` when it is wider than tall (:func:`lorax.continual.head.row_space`: same solution)."""
     import torch
+
+    from lorax.continual.head import row_space
 
     x = torch.from_numpy(np.asarray(z, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y, dtype=np.float64))
+    basis = row_space(x) if len(np.unique(y)) == 2 else None  # wider than tall: the same fit in the row space
+    if basis is not None:
+        r, v = basis
+        beta, b = fit_binary_logistic(r.numpy(), y, C, max_iter)
+        return (v @ torch.from_numpy(beta)).numpy(), b
     n = len(t)
     n_fake = float(t.sum())
     n_real = n - n_fake

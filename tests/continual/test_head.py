@@ -99,3 +99,34 @@ def test_train_task_refits_the_head_and_the_state_keeps_it(first_task, monkeypat
     acc_lin = float((predict_logits(m_lin, rows, base, torch.device("cpu"))[0].argmax(1) == y).mean())
     assert acc_ref == 1.0 and acc_ref >= acc_lin, (acc_ref, acc_lin)
     assert not np.allclose(m_ref.net.head.weight.detach().numpy(), m_lin.net.head.weight.detach().numpy())
+
+
+def test_wide_fits_solve_the_full_problem():
+    """Rows fewer than features (a many-task super-feature): the row-space fits are optima of the full objective
+    (its gradient vanishes there), for the multinomial head and the binary verdict."""
+    from lorax.continual.head import fit_logistic, row_space
+    from lorax.continual.verdict import fit_binary_logistic
+
+    g = torch.Generator().manual_seed(0)
+    n, d, k, C = 60, 300, 3, 1.0
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % k
+    z[:, :5] += y[:, None].double()
+    r, v = row_space(z)
+    torch.testing.assert_close(r @ v.T, z)
+    assert r.shape[1] <= n and row_space(z[:, :40]) is None  # tall: fitted as is
+
+    w, b = fit_logistic(z, y, k, C)
+    w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + 0.5 / (C * n) * (w * w).sum()
+    gw, gb = torch.autograd.grad(loss, [w, b])
+    assert gw.norm() < 1e-4 * max(1.0, w.norm().item() / (C * n)) and gb.abs().max() < 1e-5
+
+    t = (y == 0).double()
+    wb, bb = fit_binary_logistic(z.numpy(), t.numpy(), C)
+    wb, bb = torch.from_numpy(wb).requires_grad_(), torch.tensor(bb, requires_grad=True)
+    sw = torch.where(t > 0, n / (2 * t.sum()), n / (2 * (n - t.sum())))
+    loss = (sw * torch.nn.functional.binary_cross_entropy_with_logits(z @ wb + bb, t, reduction="none")).mean()
+    loss = loss + 0.5 / (C * n) * (wb * wb).sum()
+    gw, gb = torch.autograd.grad(loss, [wb, bb])
+    assert gw.norm() < 1e-4 * max(1.0, wb.norm().item() / (C * n)) and abs(gb.item()) < 1e-5
