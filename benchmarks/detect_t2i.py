@@ -226,7 +226,7 @@ def _write(out: Path, result: dict[str, Any], train_task: str, others: list[str]
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
-    from pipelines.cli.train import parse_overrides
+    from lorax.config import parse_overrides
 
     return parse_overrides(items)
 
