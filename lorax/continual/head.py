@@ -41,30 +41,13 @@ def standardizer(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torc
     return mean, std
 
 
-def row_space(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(R (N, r), V (D, r))`` with ``z = R V^T`` and orthonormal ``V``, or None when ``z`` is not wider than tall.
-
-    Why: an L2-penalised linear model's weights lie in the row space of its rows (the representer theorem), and
-    ``|V b|^2 = |b|^2``, so fitting on ``R`` and mapping back with ``V`` is the same problem, rotated; L-BFGS from
-    zero is rotation-invariant, so the iterates are the same too. A super-feature of T tasks is T x ~2,000 wide while
-    a task's rows + memory are ~800: each step then costs N x N instead of N x D (the seven-task t2i stream's fits
-    went from minutes to seconds). From the Gram matrix: one N x N x D product and an N x N eigendecomposition."""
-    n, d = z.shape
-    if d <= n:
-        return None
-    z = z.double()
-    lam, u = torch.linalg.eigh(z @ z.T)
-    keep = lam > lam.max().clamp_min(1e-300) * 1e-12  # numerical rank
-    lam, u = lam[keep], u[:, keep]
-    root = lam.sqrt()
-    return u * root, z.T @ (u / root)
-
-
 def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
                  max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on (already standardised) ``z``: min C * sum CE + 0.5 |W|^2 (no bias penalty).
     Returns ``(W (K, D), b (K))`` in float64; deterministic (full-batch L-BFGS from zero; in the row space of ``z``
     when it is wider than tall, :func:`row_space`)."""
+    from lorax.utils.linalg import row_space
+
     z = z.double()
     basis = row_space(z)
     if basis is not None:

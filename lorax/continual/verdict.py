@@ -72,10 +72,10 @@ class Verdict:
 def fit_binary_logistic(z: np.ndarray, y: np.ndarray, C: float, max_iter: int = 200) -> tuple[np.ndarray, float]:
     """Class-balanced L2 logistic regression on standardised ``z``: min C * sum_i w_i * BCE_i + |W|^2 / 2, with
     ``w_i`` = n / (2 n_class(i)) (equal total weight per class; the bias is not penalised). L-BFGS, float64, in
-    the row space of ``z`` when it is wider than tall (:func:`lorax.continual.head.row_space`: same solution)."""
+    the row space of ``z`` when it is wider than tall (:func:`lorax.utils.linalg.row_space`: same solution)."""
     import torch
 
-    from lorax.continual.head import row_space
+    from lorax.utils.linalg import row_space
 
     x = torch.from_numpy(np.asarray(z, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y, dtype=np.float64))

@@ -104,7 +104,8 @@ def test_train_task_refits_the_head_and_the_state_keeps_it(first_task, monkeypat
 def test_wide_fits_solve_the_full_problem():
     """Rows fewer than features (a many-task super-feature): the row-space fits are optima of the full objective
     (its gradient vanishes there), for the multinomial head and the binary verdict."""
-    from lorax.continual.head import fit_logistic, row_space
+    from lorax.continual.head import fit_logistic
+    from lorax.utils.linalg import row_space
     from lorax.continual.verdict import fit_binary_logistic
 
     g = torch.Generator().manual_seed(0)
