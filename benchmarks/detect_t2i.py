@@ -24,6 +24,7 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import GroupKFold
 
-from lorax.config import load_params
+from lorax.config import Params, load_params
 from lorax.data.manifest import read_manifest
 from lorax.detect.cached import TrunkStore, fit_detector, score_frame
 from lorax.detect.evaluate import fit_threshold, generator_metrics
@@ -105,14 +106,21 @@ def cv_probe_c(store: TrunkStore, train_df: pd.DataFrame, groups: np.ndarray, cs
     return {"table": table, "best": float(best), "folds": folds}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def open_inputs(args: argparse.Namespace) -> tuple[Params, TrunkStore, dict[str, pd.DataFrame],
+                                                  dict[str, pd.DataFrame]]:
+    """The detector's settings, its trunk store and the t2i / realworld manifests (the latter {} when not given):
+    what every t2i detection benchmark starts from, so they read the same profile and share one trunk cache."""
     params = detect_params(load_params(args.params, _overrides(args.set)))
     cfg, mcfg = params.detect, params.model
     torch.set_num_threads(args.threads)
     store = TrunkStore(cfg.trunk_cache_dir if args.cache is None else args.cache, mcfg, cfg,
                        batch_size=params.eval.batch_size)
-    t2i = _frames(args.t2i)
-    rw = _frames(args.realworld) if args.realworld else {}
+    return params, store, _frames(args.t2i), _frames(args.realworld) if args.realworld else {}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    params, store, t2i, rw = open_inputs(args)
+    cfg, mcfg = params.detect, params.model
     train_task = args.train_task
     train_df, val_df = _split(t2i[train_task], "train"), _split(t2i[train_task], "val")
     others = {t: _split(df, "val") for t, df in t2i.items() if t != train_task}
@@ -231,13 +239,33 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     return parse_overrides(items)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every t2i detection benchmark takes (:func:`open_inputs` reads them); each adds its own."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.realworld.yaml")
     p.add_argument("--t2i", type=Path, required=True, help="manifests of ../shared/data/t2i (lorax data prepare)")
     p.add_argument("--realworld", type=Path, help="manifests of ../shared/data/realworld (test only)")
     p.add_argument("--groups", type=Path, default=Path("../shared/data/t2i/manifest.csv"),
                    help="the t2i manifest.csv (its group column groups the CV folds)")
+    p.add_argument("--cache", help="trunk cache folder (default detect.trunk_cache_dir)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def run_main(p: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[argparse.Namespace], Any],
+             report: str) -> int:
+    """Parse, run, and print the markdown ``report`` the run wrote into ``--out`` (the benchmarks' common CLI)."""
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run(args)
+    print((args.out / report).read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--train-task", default="sd15")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--robust-methods", default="probe,mole")
@@ -246,15 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blur", type=float, nargs="*", default=[1, 2, 3])
     p.add_argument("--scale", type=float, nargs="*", default=[0.75, 0.5])
     p.add_argument("--cv-c", default="0.01,0.03,0.1,0.3,1", help="probe C grid for grouped CV ('' = detect.probe_c)")
-    p.add_argument("--cache", help="trunk cache folder (default detect.trunk_cache_dir)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run(args)
-    print((args.out / "results.md").read_text())
-    return 0
+    return run_main(p, argv, run, "results.md")
 
 
 if __name__ == "__main__":

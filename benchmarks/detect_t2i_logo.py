@@ -30,11 +30,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import GroupKFold
 
-from benchmarks.detect_t2i import _features, _frames, _labels, _mean, _overrides, _split, _f
-from lorax.config import load_params
-from lorax.detect.cached import TrunkStore, fit_detector, score_frame
+from benchmarks.detect_t2i import _f, _features, _labels, _mean, _split, common_parser, open_inputs, run_main
+from lorax.detect.cached import fit_detector, score_frame
 from lorax.detect.evaluate import fit_threshold, generator_metrics
-from lorax.detect.runner import detect_params
 from lorax.detect.trunk import CachedSet
 
 log = logging.getLogger("detect_t2i_logo")
@@ -60,13 +58,8 @@ def _cv_c(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, rows: np.ndarray
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    params = detect_params(load_params(args.params, _overrides(args.set)))
+    params, store, t2i, rw = open_inputs(args)
     cfg, mcfg = params.detect, params.model
-    torch.set_num_threads(args.threads)
-    store = TrunkStore(cfg.trunk_cache_dir if args.cache is None else args.cache, mcfg, cfg,
-                       batch_size=params.eval.batch_size)
-    t2i = _frames(args.t2i)
-    rw = _frames(args.realworld) if args.realworld else {}
     gm = pd.read_csv(args.groups, usecols=["path", "group"])
     gmap = dict(zip(gm["path"], gm["group"], strict=True))
     tasks = list(t2i)
@@ -165,23 +158,11 @@ def _write(out: Path, result: dict[str, Any], tasks: list[str], rw: list[str]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", default="params.realworld.yaml")
-    p.add_argument("--t2i", type=Path, required=True)
-    p.add_argument("--realworld", type=Path)
-    p.add_argument("--groups", type=Path, default=Path("../shared/data/t2i/manifest.csv"))
+    p = common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--methods", default="probe")
     p.add_argument("--no-logo", dest="logo", action="store_false", help="skip protocol (b)")
     p.add_argument("--cv-c", default="0.01,0.03,0.1,0.3,1")
-    p.add_argument("--cache")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run(args)
-    print((args.out / "logo.md").read_text())
-    return 0
+    return run_main(p, argv, run, "logo.md")
 
 
 if __name__ == "__main__":

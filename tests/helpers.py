@@ -76,9 +76,6 @@ def tiny_params(tmp_path: Path | None = None, **overrides: Any) -> Params:
 BIN = Path(sys.executable).parent
 
 
-BIN = Path(sys.executable).parent
-
-
 def tool_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -133,6 +130,24 @@ def dvc(root: Path, *args: str, check: bool = True, **extra_env: str) -> subproc
 def stages_ran(output: str) -> list[str]:
     """Stage names from DVC's "Running stage 'x':" lines, in order."""
     return re.findall(r"Running stage '([^']+)'", output)
+
+
+def repro_until(root: Path, path: Path, timeout_s: float = 600) -> subprocess.Popen:
+    """Start ``dvc repro`` in ``root`` (in a session of its own, so a test can kill it with its stages) and return it
+    once ``path`` exists: how the kill tests catch a training between its first epoch checkpoint and its end. On a
+    failed wait the whole group is killed before the assertion propagates, so no stage outlives the test."""
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=root, env=tool_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout_s
+        while not path.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert path.exists(), "the train stage never wrote its first epoch checkpoint"
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc
 
 
 

@@ -196,8 +196,10 @@ def required_targets(model: nn.Module, cfg: AdapterConfig, block_prefixes: list[
     return targets
 
 
-class LoraAdapterSet:
-    """The named LoRA adapters living inside one frozen backbone model."""
+class AdapterSet:
+    """What every kind of per-task adapter set shares (:class:`LoraAdapterSet`, and
+    :class:`~lorax.models.mole_adapters.MoleAdapterSet`), so the network and the trainer need not know the kind:
+    the frozen model, one :class:`Route` for all its adapted layers, the adapter names and the target Linears."""
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig, block_prefixes: list[str] | None = None) -> None:
         self.model = model
@@ -205,6 +207,26 @@ class LoraAdapterSet:
         self.route = Route()
         self.names: list[str] = []
         self.targets = required_targets(model, cfg, block_prefixes)
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        """Adapter ``name``'s trainable tensors (each kind keeps them differently)."""
+        raise NotImplementedError
+
+    def set_trainable(self, name: str | None) -> None:
+        """Freeze everything in the model except adapter ``name`` (None freezes all)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if name is not None:
+            for p in self.parameters(name):
+                p.requires_grad_(True)
+        self.route.train_name = name
+
+    def n_params(self, name: str) -> int:
+        return sum(p.numel() for p in self.parameters(name))
+
+
+class LoraAdapterSet(AdapterSet):
+    """The named LoRA adapters living inside one frozen backbone model."""
 
     def _layers(self) -> list[tuple[str, LoraLinear]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLinear)]
@@ -235,15 +257,6 @@ class LoraAdapterSet:
                 out += [layer.lora_A[name].weight, layer.lora_B[name].weight]
         return out
 
-    def set_trainable(self, name: str | None) -> None:
-        """Freeze everything in the model except adapter ``name`` (None freezes all)."""
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        if name is not None:
-            for p in self.parameters(name):
-                p.requires_grad_(True)
-        self.route.train_name = name
-
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         sd = {}
         for mod_name, layer in self._layers():
@@ -266,9 +279,6 @@ class LoraAdapterSet:
                 if part[name].weight.shape != t.shape:
                     raise ValueError(f"adapter {name!r}: {key} has shape {tuple(t.shape)}, expected {tuple(part[name].weight.shape)}")
                 part[name].weight.copy_(t)
-
-    def n_params(self, name: str) -> int:
-        return sum(p.numel() for p in self.parameters(name))
 
     def analytic_params(self) -> int:
         """r * (in + out) summed over the wrapped Linear layers: what one adapter must cost."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lorax.config import AdapterConfig
-from lorax.models.adapters import Route, required_targets
+from lorax.models.adapters import AdapterSet, Route
 from lorax.models.mole import MoLELinear, balance_loss
 
 __all__ = ["MoleAdapterLinear", "MoleAdapterSet"]
@@ -91,15 +91,11 @@ class MoleAdapterLinear(nn.Module):
         return y
 
 
-class MoleAdapterSet:
+class MoleAdapterSet(AdapterSet):
     """The named MoLE adapters living inside one frozen backbone model (interface of ``LoraAdapterSet``)."""
 
     def __init__(self, model: nn.Module, cfg: AdapterConfig, block_prefixes: list[str] | None = None) -> None:
-        self.model = model
-        self.cfg = cfg
-        self.route = Route()
-        self.names: list[str] = []
-        self.targets = required_targets(model, cfg, block_prefixes)
+        super().__init__(model, cfg, block_prefixes)
         if any(isinstance(m, MoleAdapterLinear) for m in model.modules()):
             raise ValueError("model already holds MoLE adapters; build a fresh backbone for a new adapter set")
         mods = dict(model.named_modules())
@@ -134,15 +130,6 @@ class MoleAdapterSet:
     def parameters(self, name: str) -> list[nn.Parameter]:
         return [p for _, layer in self._moles(name) for p in layer.parameters()]
 
-    def set_trainable(self, name: str | None) -> None:
-        """Freeze everything in the model except adapter ``name`` (None freezes all)."""
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        if name is not None:
-            for p in self.parameters(name):
-                p.requires_grad_(True)
-        self.route.train_name = name
-
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """``<target>.<tensor>`` (``shared_A``, ``expert_B.2``, ``router.weight``, ...) of adapter ``name``."""
         return {f"{t}.{k}": p.detach().cpu().contiguous()
@@ -161,9 +148,6 @@ class MoleAdapterSet:
                     raise ValueError(f"MoLE adapter {name!r}: {key} has shape {tuple(t.shape)}, expected "
                                      f"{tuple(p.shape)} (saved with other adapter.mole ranks?)")
                 p.copy_(t)
-
-    def n_params(self, name: str) -> int:
-        return sum(p.numel() for p in self.parameters(name))
 
     def analytic_params(self) -> int:
         """(shared + sum of expert ranks) * (in + out) + experts * in (router), summed over the target layers."""

@@ -22,7 +22,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipelines.tracking.model_registry import CHAMPION, GateResult
+from pipelines.tracking.model_registry import (
+    GateResult,
+    champion,
+    create_version,
+    ensure_model,
+    find_version,
+    gate_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +92,8 @@ def _record(mv) -> dict[str, Any]:
 
 
 def detector_champion(client, name: str) -> dict[str, Any] | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return _record(client.get_model_version_by_alias(name, CHAMPION))
-    except MlflowException:
-        return None
-
-
-def _ensure_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(
-                name, description="LoRAX real/fake detector (CLIP-MoLE or a baseline): is an image made by any "
-                                  "generator, seen or not. Alias 'champion' = the latest version that passed the gate "
-                                  "(detect.register_min_ap). Use: lorax predict --detector models:/NAME@champion.")
-        except MlflowException:  # created meanwhile
-            client.get_registered_model(name)
+    """The detector version behind ``name``'s champion alias, or None while none has passed the gate."""
+    return champion(client, name, _record)
 
 
 def _run_holding(tracker, experiment: str, did: str) -> str | None:
@@ -127,12 +115,13 @@ def register_detector(tracker, checkpoint: str | Path, metrics: dict[str, Any], 
     client = tracker.client
     checkpoint = Path(checkpoint)
     did = detector_id(checkpoint)
-    _ensure_model(client, name)
-    for mv in client.search_model_versions(f"name='{name}'"):
-        if (mv.tags or {}).get("detector_id") == did:
-            rec = _record(client.get_model_version(name, mv.version))
-            log.info("version %s of %s already holds this detector; not registering again", rec["version"], name)
-            return {**rec, "registered_now": False}
+    ensure_model(client, name, "LoRAX real/fake detector (CLIP-MoLE or a baseline): is an image made by any "
+                               "generator, seen or not. Alias 'champion' = the latest version that passed the gate "
+                               "(detect.register_min_ap). Use: lorax predict --detector models:/NAME@champion.")
+    rec = find_version(client, name, f"name='{name}'", "detector_id", did, _record)
+    if rec is not None:
+        log.info("version %s of %s already holds this detector; not registering again", rec["version"], name)
+        return {**rec, "registered_now": False}
     if tracker.experiment != experiment:
         tracker.experiment, tracker._experiment_id = experiment, None
     run_id = _run_holding(tracker, experiment, did)
@@ -143,7 +132,6 @@ def register_detector(tracker, checkpoint: str | Path, metrics: dict[str, Any], 
         tracker.log_artifact(run_id, checkpoint, CHECKPOINT_DIR)
         tracker.log_dict(run_id, metrics, "metrics.json")
         tracker.finish(run_id)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{CHECKPOINT_DIR}"
     before = detector_champion(client, name)
     gate = detector_gate(metrics, min_ap)
     ap = seen_map(metrics)
@@ -157,15 +145,11 @@ def register_detector(tracker, checkpoint: str | Path, metrics: dict[str, Any], 
         "threshold": repr(float(metrics["threshold"])) if metrics.get("threshold") is not None else "",
         "seen_ap": json.dumps({t: m.get("ap") for t, m in (metrics.get("seen") or {}).items()}),
         "detector_id": did,
-        "gate": "passed" if gate.passed else "failed",
-        "gate_reason": gate.reason[:4900],
-        "champion_before": str(before["version"]) if before else "",
+        **gate_tags(gate, before),
     }
-    mv = client.create_model_version(name, source, run_id=run_id, tags=tags,
-                                     description=f"{tags['method']} trained on {tags['train_tasks']}; gate "
-                                                 f"{tags['gate']}")
+    mv = create_version(client, name, run_id, CHECKPOINT_DIR, tags=tags, gate=gate,
+                        description=f"{tags['method']} trained on {tags['train_tasks']}; gate {tags['gate']}")
     if gate.passed:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
         log.info("registered %s version %s: gate passed (%s); it is the champion", name, mv.version, gate.reason)
     else:
         log.warning("registered %s version %s: gate FAILED, champion stays %s: %s", name, mv.version,

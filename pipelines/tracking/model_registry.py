@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from lorax.config import GateConfig
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+
+Record = Callable[[Any], dict[str, Any]]  # an MLflow ModelVersion -> the plain record a registry hands out
 
 
 @dataclass(frozen=True)
@@ -102,27 +105,57 @@ def list_versions(client, name: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["version"])
 
 
-def champion(client, name: str) -> dict[str, Any] | None:
+def champion(client, name: str, record: Record = _version_record) -> dict[str, Any] | None:
+    """The version behind ``name``'s champion alias as ``record`` makes it (the detector's registry passes its
+    own), or None while no version has passed the gate."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return _version_record(client.get_model_version_by_alias(name, CHAMPION))
+        return record(client.get_model_version_by_alias(name, CHAMPION))
     except MlflowException:
         return None
 
 
-def _ensure_model(client, name: str) -> None:
+def ensure_model(client, name: str, description: str) -> None:
+    """Create the registered model on first use; a concurrent registration that created it meanwhile is fine."""
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
     except MlflowException:
         try:
-            client.create_registered_model(
-                name, description="LoRAX continual attributor: real, or made by which known generator. "
-                                  "Alias 'champion' = the latest version that passed the quality gate.")
+            client.create_registered_model(name, description=description)
         except MlflowException:  # created meanwhile
             client.get_registered_model(name)
+
+
+def find_version(client, name: str, filter_string: str, key: str, value: str,
+                 record: Record) -> dict[str, Any] | None:
+    """The version (among ``filter_string``'s) whose tag ``key`` is ``value``: what keeps registration idempotent."""
+    for mv in client.search_model_versions(filter_string):
+        if (mv.tags or {}).get(key) == value:
+            return record(client.get_model_version(name, mv.version))
+    return None
+
+
+def gate_tags(gate: GateResult, before: dict[str, Any] | None) -> dict[str, str]:
+    """The tags every version carries about its gate, so that a failed one says why and whom it did not replace."""
+    return {
+        "gate": "passed" if gate.passed else "failed",
+        "gate_reason": gate.reason[:4900],  # MLflow caps a tag value at 5000 characters
+        "champion_before": str(before["version"]) if before else "",
+    }
+
+
+def create_version(client, name: str, run_id: str, artifact_path: str, *, tags: dict[str, str],
+                   description: str, gate: GateResult) -> Any:
+    """Register ``artifact_path`` of ``run_id`` as a new version of ``name``; move the champion alias to it only
+    when ``gate`` passed, so a failed version is kept (for inspection) but never served as the champion."""
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+    if gate.passed:
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    return mv
 
 
 def register(
@@ -145,12 +178,12 @@ def register(
 
     client, cfg = tracker.client, tracker.params.tracking
     name = cfg.registered_model
-    _ensure_model(client, name)
-    for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
-        if (mv.tags or {}).get("state_id") == state_id:
-            rec = _version_record(client.get_model_version(name, mv.version))
-            log.info("version %s of %s already holds this state; not registering again", rec["version"], name)
-            return {**rec, "registered_now": False}
+    ensure_model(client, name, "LoRAX continual attributor: real, or made by which known generator. "
+                               "Alias 'champion' = the latest version that passed the quality gate.")
+    rec = find_version(client, name, f"name='{name}' and run_id='{run_id}'", "state_id", state_id, _version_record)
+    if rec is not None:
+        log.info("version %s of %s already holds this state; not registering again", rec["version"], name)
+        return {**rec, "registered_now": False}
 
     acc = {t: float(a) for t, a in zip(tasks, eval_result["task_acc"], strict=True)}
     aaf = float(eval_result.get("mean_acc", sum(acc.values()) / len(acc)))
@@ -160,7 +193,6 @@ def register(
                                     metadata={"tasks": tasks, "state_id": state_id}, detector=detector)
         _write_card(state_dir, eval_result, tasks, model_dir / "card")
         tracker.log_artifact(run_id, model_dir, artifact_path)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     before = champion(client, name)
     gate = quality_gate(acc, before["task_acc"] if before else None, cfg.gate)
     tags = {
@@ -173,14 +205,10 @@ def register(
         "binary_acc": f"{float(eval_result.get('binary_acc', float('nan'))):.4f}",
         "task_acc": json.dumps(acc),
         "state_id": state_id,
-        "gate": "passed" if gate.passed else "failed",
-        "gate_reason": gate.reason[:4900],
-        "champion_before": str(before["version"]) if before else "",
+        **gate_tags(gate, before),
     }
-    mv = client.create_model_version(name, source, run_id=run_id, tags=tags,
-                                     description=f"after task {task} ({len(tasks)} tasks); gate {tags['gate']}")
-    if gate.passed:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    mv = create_version(client, name, run_id, artifact_path, tags=tags, gate=gate,
+                        description=f"after task {task} ({len(tasks)} tasks); gate {tags['gate']}")
     log.info("registered %s version %s (tasks %s): gate %s: %s", name, mv.version, tasks, tags["gate"], gate.reason)
     rec = _version_record(client.get_model_version(name, mv.version))
     return {**rec, "registered_now": True}

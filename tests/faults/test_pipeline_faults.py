@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.stream_edit import append_to_stream
-from tests.pipelines.conftest import BIN, REPO, dvc, dvc_project, stages_ran, tool_env
+from tests.helpers import BIN, REPO, dvc, dvc_project, repro_until, stages_ran, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -161,13 +161,8 @@ def survivors(root: Path) -> list[str]:
 def test_kill_9_of_dvc_repro_takes_its_stage_along_and_the_rerun_resumes(repo: Path) -> None:
     append_to_stream(repo / "params.yaml", "nnconv", root=repo)
     ckpt = repo / "state" / "nnconv.resume" / "checkpoint.pt"
-    proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=tool_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = repro_until(repo, ckpt)
     try:
-        deadline = time.time() + 600
-        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        assert ckpt.exists(), "the train stage never wrote its first epoch checkpoint"
         os.kill(proc.pid, signal.SIGKILL)  # DVC alone, as `kill -9 <pid>` does
         proc.wait()
         deadline = time.time() + 30

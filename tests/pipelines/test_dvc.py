@@ -11,14 +11,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from pipelines.stream_edit import append_to_stream
 from pipelines.cli.project import SHARE_FILES
-from tests.helpers import BIN, dvc, dvc_project, stages_ran, tool_env
+from tests.helpers import BIN, dvc, dvc_project, repro_until, stages_ran, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -134,16 +133,9 @@ def _killed_training_resumes_and_leaves_earlier_tasks_alone(repo: Path) -> None:
     before = {p.name: tree_hash(p) for p in (repo / "state").iterdir() if p.is_dir()}
     append_to_stream(repo / "params.yaml", "bilinconv", root=repo)
     ckpt = repo / "state" / "bilinconv.resume" / "checkpoint.pt"
-    proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=tool_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 600
-        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        assert ckpt.exists(), "the train stage never wrote its first epoch checkpoint"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = repro_until(repo, ckpt)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     assert not (repo / "state" / "bilinconv" / "state.json").exists(), "training finished before it was killed"
     run_file = json.loads((ckpt.parent / "mlflow_run.json").read_text())
 
