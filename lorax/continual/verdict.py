@@ -73,50 +73,61 @@ def fit_binary_logistic(z: np.ndarray, y: np.ndarray, C: float, max_iter: int = 
     """Class-balanced L2 logistic regression on standardised ``z``: min C * sum_i w_i * BCE_i + |W|^2 / 2, with
     ``w_i`` = n / (2 n_class(i)) (equal total weight per class; the bias is not penalised). L-BFGS, float64, in
     the row space of ``z`` when it is wider than tall (:func:`lorax.utils.linalg.row_space`: same solution)."""
+    return _fit_all(z, y, (C,), max_iter)[0]
+
+
+def _fit_all(z: np.ndarray, y: np.ndarray, cs: tuple[float, ...], max_iter: int = 200
+             ) -> list[tuple[np.ndarray, float]]:
+    """:func:`fit_binary_logistic` for each C in ``cs``; the row-space reduction is computed once for all."""
     import torch
 
     from lorax.utils.linalg import row_space
 
     x = torch.from_numpy(np.asarray(z, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y, dtype=np.float64))
-    basis = row_space(x) if len(np.unique(y)) == 2 else None  # wider than tall: the same fit in the row space
-    if basis is not None:
-        r, v = basis
-        beta, b = fit_binary_logistic(r.numpy(), y, C, max_iter)
-        return (v @ torch.from_numpy(beta)).numpy(), b
     n = len(t)
     n_fake = float(t.sum())
     n_real = n - n_fake
     if n_fake == 0 or n_real == 0:
         raise ValueError("verdict: the rows it is fitted on need real and fake images (the task's train split and "
                          "the exemplar memory have only one kind)")
+    basis = row_space(x)  # wider than tall: the same fits in the row space, mapped back
+    if basis is not None:
+        r, v = basis
+        return [((v @ torch.from_numpy(beta)).numpy(), b) for beta, b in _fit_all(r.numpy(), y, cs, max_iter)]
     sw = torch.where(t > 0, n / (2 * n_fake), n / (2 * n_real))
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
-                            history_size=20, line_search_fn="strong_wolfe")
-    scale = 1.0 / (C * n)
+    out = []
+    for C in cs:
+        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
+                                history_size=20, line_search_fn="strong_wolfe")
+        scale = 1.0 / (C * n)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logit = x @ w + b
-        loss = (sw * torch.nn.functional.binary_cross_entropy_with_logits(logit, t, reduction="none")).mean()
-        loss = loss + 0.5 * scale * (w * w).sum()
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            logit = x @ w + b
+            loss = (sw * torch.nn.functional.binary_cross_entropy_with_logits(logit, t, reduction="none")).mean()
+            loss = loss + 0.5 * scale * (w * w).sum()
+            loss.backward()
+            return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach().numpy(), float(b.detach().item())
+        with torch.enable_grad():
+            opt.step(closure)
+        out.append((w.detach().numpy(), float(b.detach().item())))
+    return out
 
 
-def _fit_raw(x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float]:
-    """Fit on standardised ``x``, return weights on the raw features (standardisation folded in)."""
+def _fit_raw(x: np.ndarray, y: np.ndarray, cs: tuple[float, ...]) -> list[tuple[np.ndarray, float]]:
+    """Fit on standardised ``x`` for each C in ``cs`` (one standardisation, one reduction), return weights on the
+    raw features (standardisation folded in)."""
     mean = x.mean(0)
     std = np.maximum(x.std(0), 1e-6)
-    w, b = fit_binary_logistic((x - mean) / std, y, C)
-    w_raw = w / std
-    return w_raw, float(b - w_raw @ mean)
+    out = []
+    for w, b in _fit_all((x - mean) / std, y, cs):
+        w_raw = w / std
+        out.append((w_raw, float(b - w_raw @ mean)))
+    return out
 
 
 def _folds(y: np.ndarray, groups: np.ndarray | None, k: int) -> np.ndarray:
@@ -155,8 +166,7 @@ def fit_verdict(features: np.ndarray, is_fake: np.ndarray, groups: np.ndarray | 
         test, train = fold == f, fold != f
         if not test.any() or len(np.unique(y[train])) < 2:
             continue
-        for c in c_grid:
-            w, b = _fit_raw(x[train], y[train], c)
+        for c, (w, b) in zip(c_grid, _fit_raw(x[train], y[train], c_grid), strict=True):
             oof[c][test] = 1.0 / (1.0 + np.exp(-np.clip(x[test] @ w + b, -60, 60)))
     losses = {c: _log_loss(oof[c], y) for c in c_grid}
     best = min(c_grid, key=lambda c: (losses[c], c))
@@ -165,7 +175,7 @@ def fit_verdict(features: np.ndarray, is_fake: np.ndarray, groups: np.ndarray | 
     threshold = fit_threshold(oof[best], y, balanced=True)
     p = oof[best]
     real_ok, fake_ok = float((p[y == 0] < threshold).mean()), float((p[y == 1] >= threshold).mean())
-    w, b = _fit_raw(x, y, best)
+    ((w, b),) = _fit_raw(x, y, (best,))
     info = {"c": best, "folds": k, "rows": len(y), "oof_log_loss": {str(c): round(v, 4) for c, v in losses.items()},
             "oof_balanced_acc": round(100 * (real_ok + fake_ok) / 2, 2), "oof_real_acc": round(100 * real_ok, 2),
             "oof_fake_acc": round(100 * fake_ok, 2)}
