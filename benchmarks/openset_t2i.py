@@ -34,21 +34,13 @@ from lorax.config import add_settings_arguments, load_params, parse_overrides
 PROTOCOL_T2I = ["sd15", "sd21", "sdxl", "pixart512", "playground", "kandinsky3", "ddb"]
 
 
-def split_val(df, seed: int):
-    """Half of each class of a task's val rows (the threshold's), and the other half (the known test set)."""
-    import pandas as pd
-
-    val = df[df["split"] == "val"]
-    half = pd.concat([val[val["label"] == lab].sample(frac=0.5, random_state=seed) for lab in (0, 1)])
-    return half, val.drop(half.index)
-
-
 def leave_one_out(feats: dict[str, dict[str, np.ndarray]], manifests: dict, seed: int = 0) -> dict[str, Any]:
     """Per left-out task: AUROC of its val fakes (and of all its val images) against the known test set, and the
     flag rates at the threshold. ``feats[task]``: features of that task's manifest rows, in row order."""
     from sklearn.metrics import roc_auc_score
 
     from lorax.serving.openset import MAX_PER_CLASS, calibration_rows, fit, set_threshold
+    from lorax.serving.scan import val_halves
 
     tasks = list(manifests)
     out: dict[str, Any] = {}
@@ -64,7 +56,7 @@ def leave_one_out(feats: dict[str, dict[str, np.ndarray]], manifests: dict, seed
         x, y = np.concatenate(parts), np.concatenate(labels)
         cal, test = [], []
         for t in known:
-            half, rest = split_val(manifests[t], seed)
+            half, rest = val_halves(manifests[t], seed)
             cal.append(feats[t][manifests[t].index.get_indexer(half.index)])
             test.append(feats[t][manifests[t].index.get_indexer(rest.index)])
         stats = set_threshold(fit(x, y, 2 * len(known)), np.concatenate(cal))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from lorax.serving.errors import ServingError
 from lorax.serving.inputs import collect_inputs
 from lorax.serving.predict import Predictor
 from lorax.utils.io import write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +183,16 @@ def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *
     return summary
 
 
+def val_halves(df: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A task's val rows split in two, half of each class each (seeded): the open-set threshold's half and the
+    known test half of a held-out evaluation."""
+    import pandas as pd
+
+    val = df[df["split"] == "val"]
+    half = pd.concat([val[val["label"] == lab].sample(frac=0.5, random_state=seed) for lab in (0, 1)])
+    return half, val.drop(half.index)
+
+
 def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[str, Any], out: str | Path,
                      seed: int = 0) -> dict[str, Any]:
     """Open-set evaluation with held-out generators (``docs/results.md``).
@@ -201,10 +214,8 @@ def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[
     out = Path(out)
     cal_val, test_rows = {}, []
     for t in predictor.tasks:
-        val = known[t][known[t]["split"] == "val"]
-        half = pd.concat([val[val["label"] == lab].sample(frac=0.5, random_state=seed) for lab in (0, 1)])
-        cal_val[t] = half
-        test_rows.append(val.drop(half.index))
+        cal_val[t], rest = val_halves(known[t], seed)
+        test_rows.append(rest)
     predictor.openset = calibrate(predictor, known, val=cal_val, seed=seed)
     test = pd.concat(test_rows)
     kp = predictor.predict([str(p) for p in abs_paths(test)], progress=False)
