@@ -9,7 +9,8 @@ Lanczos 256 -> 240 px before cropping; switched on here if the settings file has
 
 Table (``OUT/realworld.md`` and ``OUT/realworld.json``): pooled multi-real accuracy after the last task, AAF, AA,
 BWT (percent), binary accuracy at the threshold cross-fitted on the val images of the seen tasks and binary AP, each
-"as is / resampled", and wall seconds. A finished run is reused on a re-run (its wall time as first measured).
+"as is / resampled", and wall seconds. A finished run is reused on a re-run (its wall time as first measured); a
+run stopped and resumed counts every segment (an interrupted one up to its last saved file).
 
     python -m benchmarks.realworld --out outputs/realworld                 # the whole protocol (224 px: slow on CPU)
     python -m benchmarks.realworld --methods lorax probe --out outputs/realworld   # the rows 2 CPU cores finish
@@ -139,11 +140,43 @@ def run_one(params_path: str, overrides: dict[str, Any], manifests: Path, out: P
     params = load_params(params_path, overrides)
     prepare_missing(params, Layout.run(params, out, manifests))
     wall = out / "wall.json"
-    t0 = time.time()
+    if wall.is_file():  # finished before: the run is reused, its time is the one first measured
+        return {**run_stream(params, manifests, out), "wall_s": json.loads(wall.read_text())["wall_s"]}
+    segments = open_segment(out)
     metrics = run_stream(params, manifests, out)
-    if not wall.is_file():
-        wall.write_text(json.dumps({"wall_s": round(time.time() - t0, 1)}))
-    return {**metrics, "wall_s": json.loads(wall.read_text())["wall_s"]}
+    wall_s = close_segments(out, segments)
+    return {**metrics, "wall_s": wall_s}
+
+
+SEGMENTS = "wall.segments.json"
+
+
+def _last_write(out: Path) -> float:
+    """When the run last saved anything under ``out`` (what an interrupted segment's work is worth)."""
+    return max((p.stat().st_mtime for p in out.rglob("*") if p.is_file() and p.name != SEGMENTS), default=0.0)
+
+
+def open_segment(out: Path) -> list[list[float | None]]:
+    """Start timing one segment of a run that may be resumed: an earlier segment that never closed (the process was
+    killed or stopped) is closed at the run's last write, since work after it was redone. Returns all segments."""
+    path = out / SEGMENTS
+    segments = json.loads(path.read_text())["segments"] if path.is_file() else []
+    if segments and segments[-1][1] is None:
+        segments[-1][1] = max(segments[-1][0], _last_write(out))
+    segments.append([time.time(), None])
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"segments": segments}))
+    return segments
+
+
+def close_segments(out: Path, segments: list[list[float | None]]) -> float:
+    """End the current segment; the run's wall time is every segment's sum (a resumed run counts all its parts),
+    written once to ``wall.json``."""
+    segments[-1][1] = time.time()
+    wall_s = round(sum(end - start for start, end in segments), 1)
+    (out / "wall.json").write_text(json.dumps({"wall_s": wall_s, "segments": len(segments)}))
+    (out / SEGMENTS).unlink(missing_ok=True)
+    return wall_s
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,3 +27,30 @@ def test_quick_protocol_writes_one_table_with_lorax_and_the_probe(tmp_path) -> N
     assert probe["params"]["train"]["epochs"] == 0
     table = (out / "realworld.md").read_text()
     assert "| lorax-m8 |" in table and "| probe |" in table
+
+
+def test_a_resumed_run_counts_every_segment(tmp_path) -> None:
+    """A run killed after saving, then resumed: its wall time is the killed segment up to its last saved file plus
+    the resumed segment, not the last segment alone."""
+    import json
+    import os
+    import time
+
+    from benchmarks.realworld import SEGMENTS, close_segments, open_segment
+
+    out = tmp_path / "run"
+    first = open_segment(out)
+    assert len(first) == 1 and first[0][1] is None
+    killed_at = first[0][0] + 100.0  # the first segment saved its last task 100 s after it started ...
+    saved = out / "state" / "task0" / "info.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text("{}")
+    os.utime(saved, (killed_at, killed_at))
+    # ... and was killed before closing: the next start closes it at that save
+    segments = open_segment(out)
+    assert len(segments) == 2 and segments[0][1] == killed_at
+    time.sleep(0.05)
+    wall = close_segments(out, segments)
+    assert 100.0 < wall < 110.0
+    assert json.loads((out / "wall.json").read_text()) == {"wall_s": wall, "segments": 2}
+    assert not (out / SEGMENTS).exists()
