@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         feats = adapter_features(bb, adapters, cfg, fp.tokens[cfg.start], 8)
         info["feature_seconds"] = round(time.time() - t0, 1)
+        np.save(out / f"{cfg.name}.features.npy", feats)  # per train row, for analyses without retraining
         res = {**asdict(cfg), **info, "adapter": pooled_accuracy(feats, y, fit, test, C),
                "frozen+adapter": pooled_accuracy(np.concatenate([frozen, feats], 1), y, fit, test, C)}
         res["gain"] = round(res["frozen+adapter"]["pooled"] - results["frozen"]["pooled"], 2)

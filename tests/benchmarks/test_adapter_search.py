@@ -60,3 +60,4 @@ def test_tiny_search_end_to_end(tmp_path, capsys):
     assert again["frozen"] == first["frozen"]
     assert json.loads((tmp_path / "cache" / "done.json").read_text()) == stored
     assert json.loads((tmp_path / "out" / "fold0.json").read_text())["configs"].keys() == {"all2"}
+    assert np.load(tmp_path / "out" / "all2.features.npy").shape[0] == 32  # one adapter feature per train row
