@@ -41,7 +41,7 @@ log = logging.getLogger("adapter_search")
 
 TARGETS = {"attn": r".*\.attn\.(qk|v|qkv|proj|pos_proj)$", "mlp": r".*\.mlp\.(fc1|fc2)$",
            "both": r".*\.(attn\.(qk|v|qkv|proj|pos_proj)|mlp\.(fc1|fc2))$"}
-CROPS = 4  # the eval view's four corner crops; each is a training sample and their mean is the image's feature
+CROPS = 4  # default: the eval view's four corner crops; each is a training sample, their mean the image's feature
 
 
 @dataclass(frozen=True)
@@ -91,44 +91,53 @@ class FrozenPass:
     """The frozen backbone's view of every crop, computed once: tokens entering each ``taps`` block (fp16
     memory-maps) and the frozen super-feature (spectrum, feature levels, pooled last block)."""
 
-    def __init__(self, cache: Path, n: int, shapes: dict[int, tuple[int, int]], feat_dim: int) -> None:
+    def __init__(self, cache: Path, n: int, shapes: dict[int, tuple[int, int]], feat_dim: int, crops: int = CROPS,
+                 img_size: int = 224) -> None:
         cache.mkdir(parents=True, exist_ok=True)
-        self.cache, self.taps = cache, sorted(shapes)
+        self.cache, self.taps, self.crops = cache, sorted(shapes), crops
         self.done = cache / "done.json"
-        mode = "r+" if self.done.is_file() and json.loads(self.done.read_text()).get("rows") == n else "w+"
-        self.tokens = {t: np.lib.format.open_memmap(cache / f"tokens_{t}.npy", mode, np.float16, (n, CROPS, *shape))
+        self.key = {"rows": n, "crops": crops, "img_size": img_size}
+        stored = json.loads(self.done.read_text()) if self.done.is_file() else {}
+        self.reuse = (all(stored.get(k) == v for k, v in self.key.items())
+                      and set(self.taps) <= set(stored.get("taps", ())))
+        self.key["taps"] = stored["taps"] if self.reuse else self.taps
+        mode = "r+" if self.reuse else "w+"
+        self.tokens = {t: np.lib.format.open_memmap(cache / f"tokens_{t}.npy", mode, np.float16, (n, crops, *shape))
                        for t, shape in shapes.items()}
-        self.feats = np.lib.format.open_memmap(cache / "super.npy", mode, np.float32, (n, CROPS, feat_dim))
+        self.feats = np.lib.format.open_memmap(cache / "super.npy", mode, np.float32, (n, crops, feat_dim))
 
     def fill(self, bb, rows: pd.DataFrame, crop: int, batch: int, follow_links: bool) -> None:
         from lorax.data.dataset import ManifestDataset
 
-        if self.done.is_file() and json.loads(self.done.read_text()).get("rows") == len(rows):
+        if self.reuse:
             log.info("frozen pass: reusing %s", self.cache)
             return
-        ds = ManifestDataset(rows, False, crop, bb.info.mean, bb.info.std, n_crops=CROPS, follow_links=follow_links)
+        self.done.unlink(missing_ok=True)
+        k = self.crops
+        ds = ManifestDataset(rows, False, crop, bb.info.mean, bb.info.std, n_crops=k, follow_links=follow_links)
         t0 = time.time()
         for lo in range(0, len(rows), batch):
             idx = range(lo, min(lo + batch, len(rows)))
-            x = torch.stack([ds[i][0] for i in idx]).flatten(0, 1)  # (b*CROPS, C, H, W)
+            xs = [ds[i][0] for i in idx]
+            x = torch.stack([a.reshape(k, *a.shape[-3:]) for a in xs]).flatten(0, 1)  # (b*k, C, H, W)
             with torch.inference_mode():
                 levels = bb.pixel_features(x)
                 h = bb.stem(x)
                 for i in range(bb.depth):
                     if i in self.taps:
-                        self.tokens[i][lo:lo + len(idx)] = h.view(len(idx), CROPS, *h.shape[1:]).half().numpy()
+                        self.tokens[i][lo:lo + len(idx)] = h.view(len(idx), k, *h.shape[1:]).half().numpy()
                     h = bb.run_block(i, h)
                     if i in bb.levels:
                         levels.append(bb.level_feature(h))
                 f = bb.features(h, levels)
-            self.feats[lo:lo + len(idx)] = f.view(len(idx), CROPS, -1).numpy()
+            self.feats[lo:lo + len(idx)] = f.view(len(idx), k, -1).numpy()
             if lo // batch % 10 == 0:
                 done = lo + len(idx)
                 log.info("frozen pass %d/%d images, %.0f s (ETA %.0f s)", done, len(rows), time.time() - t0,
                          (time.time() - t0) / done * (len(rows) - done))
         for m in [*self.tokens.values(), self.feats]:
             m.flush()
-        self.done.write_text(json.dumps({"rows": len(rows), "seconds": round(time.time() - t0, 1)}))
+        self.done.write_text(json.dumps({**self.key, "seconds": round(time.time() - t0, 1)}))
 
 
 def token_shapes(bb, img_size: int, taps: list[int]) -> dict[int, tuple[int, int]]:
@@ -167,7 +176,7 @@ def train_adapter(bb, cfg: SearchConfig, tokens: np.ndarray, y: np.ndarray, fit_
     head = torch.nn.Linear(dim, n_classes)
     params = adapters.parameters("search") + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-6)
-    samples = np.array([(r, c) for r in fit_idx for c in range(CROPS)])
+    samples = np.array([(r, c) for r in fit_idx for c in range(tokens.shape[1])])
     steps = cfg.epochs * math.ceil(len(samples) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = np.random.default_rng(seed)
@@ -207,7 +216,7 @@ def adapter_features(bb, adapters, cfg: SearchConfig, tokens: np.ndarray, batch:
             h = torch.from_numpy(np.asarray(tokens[lo:lo + batch], dtype=np.float32))
             b = h.shape[0]
             f = adapted_feature(bb, bb.run_blocks(h.flatten(0, 1), cfg.start, cfg.end), cfg.end)
-            out.append(f.view(b, CROPS, -1).mean(1).numpy())
+            out.append(f.view(b, tokens.shape[1], -1).mean(1).numpy())
     return np.concatenate(out)
 
 
@@ -233,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default="cache/adapter_search", help="frozen tokens (a few GB; safe to delete)")
     ap.add_argument("--config", action="append", type=SearchConfig.parse, default=[],
                     help="name:start:end:where:rank:epochs (repeatable); where: attn | mlp | both")
+    ap.add_argument("--crops", type=int, default=CROPS, help="crops per image, spread over it (4: the corners)")
+    ap.add_argument("--frozen-only", action="store_true", help="score the frozen super-feature only (e.g. to "
+                    "compare crop sizes with -S model.img_size=112: accuracy and frozen-pass time side by side)")
     ap.add_argument("--folds", type=int, default=3, help="grouped folds of the train split")
     ap.add_argument("--fold", type=int, default=0, help="the held-out fold")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="use the first N train rows of each task (0 = all; tests)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    configs = args.config or [SearchConfig.parse("last3-attn:9:12:attn:64:3")]
+    configs = [] if args.frozen_only else args.config or [SearchConfig.parse("last3-attn:9:12:attn:64:3")]
 
     from lorax.data.manifest import load_stream_manifests, manifest_path
     from lorax.data.prepare import prepare_tasks
@@ -267,14 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c.name for c in configs if c.end > bb.depth]
     if bad:
         raise SystemExit(f"--config {bad}: end exceeds the backbone's {bb.depth} blocks")
-    fp = FrozenPass(Path(args.cache), len(rows), token_shapes(bb, params.model.img_size, taps), bb.feature_dim)
+    fp = FrozenPass(Path(args.cache), len(rows), token_shapes(bb, params.model.img_size, taps), bb.feature_dim,
+                    args.crops, params.model.img_size)
     fp.fill(bb, rows, params.model.img_size, 8, params.data.follow_links)
     frozen = np.asarray(fp.feats).mean(1)
     C = params.continual.head_c
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"fold": args.fold, "folds": args.folds, "fit_rows": len(fit), "test_rows": len(test),
-                               "head_c": C, "frozen": pooled_accuracy(frozen, y, fit, test, C), "configs": {}}
+                               "head_c": C, "frozen": pooled_accuracy(frozen, y, fit, test, C), "configs": {},
+                               "frozen_pass": json.loads(fp.done.read_text())}
     log.info("frozen super-feature: %s", results["frozen"])
     for cfg in configs:
         adapters, info = train_adapter(bb, cfg, fp.tokens[cfg.start], y, fit, 2 * len(tasks), args.lr,
@@ -291,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         bb = create_backbone(params.model)  # a clean backbone for the next placement (adapters wrap its Linears)
         bb.eval()
         (out / f"fold{args.fold}.json").write_text(json.dumps(results, indent=2))
+    (out / f"fold{args.fold}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
 

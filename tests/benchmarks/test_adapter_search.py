@@ -61,3 +61,18 @@ def test_tiny_search_end_to_end(tmp_path, capsys):
     assert json.loads((tmp_path / "cache" / "done.json").read_text()) == stored
     assert json.loads((tmp_path / "out" / "fold0.json").read_text())["configs"].keys() == {"all2"}
     assert np.load(tmp_path / "out" / "all2.features.npy").shape[0] == 32  # one adapter feature per train row
+
+
+def test_frozen_only_with_other_crops_rewrites_the_pass(tmp_path, capsys):
+    """--frozen-only scores the frozen features alone; a pass of another crop count is not reused for it."""
+    root = learnable_cddb(tmp_path / "data", ["a", "b"], n=6, size=24)
+    base = ["--params", str(PARAMS_YAML), *tiny_cli_sets(), "--data", str(root), "--tasks", "a", "b",
+            "--manifests", str(tmp_path / "manifests"), "--out", str(tmp_path / "out"), "--cache",
+            str(tmp_path / "cache"), "--folds", "2", "--frozen-only"]
+    assert search.main([*base, "--crops", "2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["configs"] == {} and two["frozen_pass"]["crops"] == 2 and 0 <= two["frozen"]["pooled"] <= 100
+    assert np.load(tmp_path / "cache" / "super.npy", mmap_mode="r").shape[:2] == (24, 2)
+    assert search.main([*base, "--crops", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["frozen_pass"]["crops"] == 4
+    assert np.load(tmp_path / "cache" / "super.npy", mmap_mode="r").shape[:2] == (24, 4)
