@@ -91,12 +91,16 @@ class FrozenPass:
     """The frozen backbone's view of every crop, computed once: tokens entering each ``taps`` block (fp16
     memory-maps) and the frozen super-feature (spectrum, feature levels, pooled last block)."""
 
-    def __init__(self, cache: Path, n: int, shapes: dict[int, tuple[int, int]], feat_dim: int, crops: int = CROPS,
-                 img_size: int = 224) -> None:
+    def __init__(self, cache: Path, rows: pd.DataFrame, shapes: dict[int, tuple[int, int]], feat_dim: int,
+                 crops: int = CROPS, img_size: int = 224) -> None:
+        import hashlib
+
+        n = len(rows)
         cache.mkdir(parents=True, exist_ok=True)
         self.cache, self.taps, self.crops = cache, sorted(shapes), crops
         self.done = cache / "done.json"
-        self.key = {"rows": n, "crops": crops, "img_size": img_size}
+        images = hashlib.sha256("\n".join(rows["sha256"].astype(str)).encode()).hexdigest()[:16]
+        self.key = {"rows": n, "images": images, "crops": crops, "img_size": img_size}
         stored = json.loads(self.done.read_text()) if self.done.is_file() else {}
         self.reuse = (all(stored.get(k) == v for k, v in self.key.items())
                       and set(self.taps) <= set(stored.get("taps", ())))
@@ -237,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_arguments(ap, default="params.realworld.yaml")
     ap.add_argument("--data", default="../shared/data/t2i", help="t2i root (CDDB layout)")
     ap.add_argument("--tasks", nargs="+", default=PROTOCOL_T2I, help="tasks in stream order (default: t2i's seven)")
-    ap.add_argument("--manifests", default="outputs/t2i/manifests", help="prepared manifests (made when missing)")
+    ap.add_argument("--manifests", default=None, help="prepared manifests (default OUT/manifests; made when missing)")
     ap.add_argument("--out", default="outputs/adapter_search")
-    ap.add_argument("--cache", default="cache/adapter_search", help="frozen tokens (a few GB; safe to delete)")
+    ap.add_argument("--cache", default="cache/adapter_search", help="frozen tokens (a few GB; keyed by the images, "
+                    "crops and size, rewritten when they differ; safe to delete)")
     ap.add_argument("--config", action="append", type=SearchConfig.parse, default=[],
                     help="name:start:end:where:rank:epochs (repeatable); where: attn | mlp | both")
     ap.add_argument("--crops", type=int, default=CROPS, help="crops per image, spread over it (4: the corners)")
@@ -262,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     stream = {t: {"prev": "init" if i == 0 else tasks[i - 1]} for i, t in enumerate(tasks)}
     params = load_params(args.params, {"data.source": "folder", "data.root": args.data, "stream": stream,
                                        **parse_overrides(args.set)})
-    if any(not manifest_path(args.manifests, t).is_file() for t in tasks):
-        prepare_tasks(params.data.root, tasks, args.manifests, params.data, params.model.img_size)
-    manifests = load_stream_manifests(args.manifests, tasks, params.data.root)
+    mdir = Path(args.manifests or Path(args.out) / "manifests")
+    if any(not manifest_path(mdir, t).is_file() for t in tasks):
+        prepare_tasks(params.data.root, tasks, mdir, params.data, params.model.img_size)
+    manifests = load_stream_manifests(mdir, tasks, params.data.root)
     if args.limit:
         manifests = {t: pd.concat([df[(df["split"] == "train") & (df["label"] == lab)].head(args.limit // 2)
                                    for lab in (0, 1)]) for t, df in manifests.items()}
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c.name for c in configs if c.end > bb.depth]
     if bad:
         raise SystemExit(f"--config {bad}: end exceeds the backbone's {bb.depth} blocks")
-    fp = FrozenPass(Path(args.cache), len(rows), token_shapes(bb, params.model.img_size, taps), bb.feature_dim,
+    fp = FrozenPass(Path(args.cache), rows, token_shapes(bb, params.model.img_size, taps), bb.feature_dim,
                     args.crops, params.model.img_size)
     fp.fill(bb, rows, params.model.img_size, 8, params.data.follow_links)
     frozen = np.asarray(fp.feats).mean(1)

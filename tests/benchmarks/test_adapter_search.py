@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import adapter_search_t2i as search
-from tests.helpers import PARAMS_YAML, learnable_cddb, tiny_cli_sets
+from tests.helpers import PARAMS_YAML, learnable_cddb, tiny_cli_sets, write_cddb
 
 
 @pytest.mark.parametrize("text, message", [("a:0:4:attn:8", "name:start:end"), ("a:0:4:conv:8:1", "where"),
@@ -76,3 +76,16 @@ def test_frozen_only_with_other_crops_rewrites_the_pass(tmp_path, capsys):
     assert search.main([*base, "--crops", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["frozen_pass"]["crops"] == 4
     assert np.load(tmp_path / "cache" / "super.npy", mmap_mode="r").shape[:2] == (24, 4)
+
+
+def test_a_stored_pass_of_other_images_is_not_reused(tmp_path, capsys):
+    """Same counts, crops and size, other images: the frozen pass is computed again, never read from the cache."""
+    passes = []
+    for name in ("one", "two"):
+        root = write_cddb(tmp_path / name, ["a", "b"], n=6)
+        assert search.main(["--params", str(PARAMS_YAML), *tiny_cli_sets(), "--data", str(root), "--tasks", "a",
+                            "b", "--out", str(tmp_path / f"out-{name}"), "--cache", str(tmp_path / "cache"),
+                            "--folds", "2", "--frozen-only"]) == 0
+        passes.append(json.loads(capsys.readouterr().out)["frozen_pass"])
+    assert passes[0]["rows"] == passes[1]["rows"] and passes[0]["images"] != passes[1]["images"]
+    assert json.loads((tmp_path / "cache" / "done.json").read_text())["images"] == passes[1]["images"]
