@@ -49,8 +49,15 @@ def tiny_sets(tasks: list[str]) -> list[str]:
 def test_profile_is_a_complete_valid_params_file():
     params = load_params(PROFILE)
     raw, base = yaml.safe_load(PROFILE.read_text()), yaml.safe_load(PARAMS_YAML.read_text())
-    assert _keys(raw) == _keys(base)  # every setting of params.yaml is there: nothing falls back to a code default
-    assert params.data.source == "folder" and params.model.img_size == 224
+    keys = _keys(raw)
+    own = {k for k in keys if k.startswith("detect.model.")}  # the detector's own backbone section, when given
+    assert keys - own == _keys(base)  # every setting of params.yaml is there: nothing falls back to a code default
+    model_keys = {k.removeprefix("model.") for k in _keys(base) if k.startswith("model.")}
+    assert {k.removeprefix("detect.model.") for k in own} <= model_keys
+    assert params.data.source == "folder" and params.model.img_size == 112
+    # the detector keeps the backbone its figures were measured with (224 px, levels 4 + 8, spectrum)
+    assert (params.detect.model.img_size, params.detect.model.feature_levels) == (224, [4, 8])
+    assert params.detect.model.spectrum is not None
     assert params.tasks == ["biggan", "stylegan2", "ldif", "glid3", "dmin", "disco"]
     assert params.adapter.blocks == "last_k" and params.eval.crops > 1 and params.model.spectrum is not None
     rc = params.eval.resample_control
