@@ -78,7 +78,7 @@ def grouped_folds(groups: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray
     return np.array([fold_of[g] for g in groups.astype(str)])
 
 
-def train_rows(params, manifests: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def train_rows(manifests: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Every task's train-split rows, one table in stream order, with their prompt/photo groups."""
     from lorax.data.groups import row_groups
 
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         manifests = {t: pd.concat([df[(df["split"] == "train") & (df["label"] == lab)].head(args.limit // 2)
                                    for lab in (0, 1)]) for t, df in manifests.items()}
-    rows = train_rows(params, manifests)
+    rows = train_rows(manifests)
     y = rows["class_id"].to_numpy(np.int64)
     folds = grouped_folds(rows["group"].to_numpy(), args.folds)
     fit, test = np.flatnonzero(folds != args.fold), np.flatnonzero(folds == args.fold)
@@ -296,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                                "head_c": C, "frozen": pooled_accuracy(frozen, y, fit, test, C), "configs": {},
                                "frozen_pass": json.loads(fp.done.read_text())}
     log.info("frozen super-feature: %s", results["frozen"])
-    for cfg in configs:
+    for n, cfg in enumerate(configs):
+        if n:  # a clean backbone for each further placement (the adapters wrap the Linears of the one before)
+            bb = create_backbone(params.model)
+            bb.eval()
         adapters, info = train_adapter(bb, cfg, fp.tokens[cfg.start], y, fit, 2 * len(tasks), args.lr,
                                        args.batch, params.adapter.alpha / params.adapter.r, params.seed)
         t0 = time.time()
@@ -308,9 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         res["gain"] = round(res["frozen+adapter"]["pooled"] - results["frozen"]["pooled"], 2)
         results["configs"][cfg.name] = res
         log.info("%s: %s", cfg.name, json.dumps(res))
-        bb = create_backbone(params.model)  # a clean backbone for the next placement (adapters wrap its Linears)
-        bb.eval()
-        (out / f"fold{args.fold}.json").write_text(json.dumps(results, indent=2))
+        (out / f"fold{args.fold}.json").write_text(json.dumps(results, indent=2))  # each placement kept as it ends
     (out / f"fold{args.fold}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
