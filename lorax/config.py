@@ -311,11 +311,16 @@ class EvalConfig(_Section):
 
 
 class GateConfig(_Section):
-    """The quality gate a new registered version must pass to become the champion (lorax/tracking/registry.py)."""
+    """The quality gate a new registered version must pass to become the champion
+    (pipelines/tracking/model_registry.py): both models scored on the validation images of every task seen."""
 
-    aaf_tolerance: float = Field(5.0, ge=0, description="points AAF (on the champion's tasks) may fall below the "
-                                 "previous champion's")
-    max_task_drop: float = Field(10.0, ge=0, description="points any old task may drop against the previous champion")
+    union_tolerance: float = Field(0.0, ge=0, description="points the candidate's pooled accuracy on the union of "
+                                   "the seen tasks may fall below the champion's (0: better or equal)")
+    max_task_drop: float = Field(10.0, ge=0, description="points any task of the champion may drop, measured on the "
+                                 "champion's own classes")
+    max_ap_drop: float = Field(2.0, ge=0, description="points the verdict's AP on the champion's tasks may drop")
+    max_real_drop: float = Field(5.0, ge=0, description="points the share of real photos called real (champion's "
+                                 "tasks) may drop")
 
 
 class TrackingConfig(_Section):

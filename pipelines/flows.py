@@ -2,24 +2,25 @@
 
 * :func:`continual_flow` trains the whole stream of params.yaml (init, then per task synth -> prepare -> train ->
   select -> evaluate -> register, then the report).
-* :func:`new_generator_flow` adds one task on top of the registered ``champion``: prepare -> train -> select
-  exemplars -> evaluate -> register.
+* :func:`new_generator_flow` appends one task folder to params.yaml's stream (as ``lorax stream add`` does) and
+  learns it on top of the latest state of that chain, gate passed or not: prepare -> train -> select exemplars ->
+  evaluate -> register (the gate decides whether it becomes ``champion``) -> report.
 * :func:`detect_flow` trains the real/fake detector and registers it (``lorax-detector``, gated ``champion``): the
   steps of ``pipelines/detection/dvc.yaml``.
-* :func:`watch_flow` scans ``data.root`` for task folders the champion does not know and runs
+* :func:`watch_flow` scans ``data.root`` for task folders that are not in the stream yet and runs
   :func:`new_generator_flow` for each, one at a time, in name order. ``lorax schedule --every 1h`` serves it.
 
-Where they work: the continual flow trains params.yaml's stream, the chain DVC trains, in the project's folders
-(either driver finishes what the other started). The new-generator and watch flows grow the champion's chain, which
-need not be params.yaml's, so they work in ``flows/`` (:meth:`lorax.Layout.flows`, the same tree inside) and
-never change an output of the DVC pipeline; images, the MLflow store and the embedding store are shared.
+One lineage: every flow grows params.yaml's stream, the chain DVC trains, in the project's folders, so either driver
+finishes what the other started and a new generator is always learned on top of every generator learned before
+(never on an older champion). In a DVC project the flows then record their stages in ``dvc.lock``
+(:mod:`pipelines.dvc_record`), so ``dvc status`` shows them current and ``dvc repro`` does not redo them.
 
 Each Prefect task, ``run_<step>`` (Prefect's unit of work; the stream's learning tasks are the ``name`` it is given),
 wraps one step. Prefect tasks exchange paths (and small dicts), never tensors. Training, selection and evaluation
 carry the ``gpu`` tag (``prefect concurrency-limit create gpu 1`` keeps one on the device at a time). A retry or a
 re-run never redoes a finished step: each step skips outputs that are complete and current, and training resumes
 from its last epoch checkpoint. Locks (``flock``, released when a process dies): one watch run at a time per
-project, and one run per new task, so two watch runs never train the same generator twice.
+project, and one stream edit and training at a time per project, so two runs never train the same generator twice.
 
 Run: ``python -m pipelines.flows continual|new TASK|watch|detect|serve --every SECONDS`` (see ``--help``).
 """
@@ -27,6 +28,7 @@ Run: ``python -m pipelines.flows continual|new TASK|watch|detect|serve --every S
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -43,13 +45,12 @@ from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 from pipelines import publish, steps  # noqa: E402
 from pipelines.layout import INIT, Layout  # noqa: E402
 from pipelines.locks import file_lock  # noqa: E402
-from pipelines.stream_edit import stream_params  # noqa: E402
+from pipelines.stream_edit import append_to_stream  # noqa: E402
 from lorax.config import Params, load_params  # noqa: E402
 from pipelines.cli.project import parse_every  # noqa: E402
-from lorax.continual.state import state_hash  # noqa: E402
 
 GPU_TAG = "gpu"
-TASK_LOCK_WAIT_S = 6 * 3600.0  # a second run for the same new task waits for the first, then finds it done
+STREAM_LOCK_WAIT_S = 6 * 3600.0  # a second run waits for the first to finish its task, then finds it done
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,13 @@ def _tracker(params: Params, layout: Layout):
 
 
 # ------------------------------------------------------------------------------------------------ tasks
+@task(name="check", cache_policy=NO_CACHE)
+def run_check(params: Params, layout: Layout) -> str:
+    from pipelines.check_params import check_step
+
+    return str(check_step(params, layout))
+
+
 @task(name="init", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def run_init(params: Params, layout: Layout) -> str:
     return str(steps.init_step(params, layout, _tracker(params, layout)))
@@ -106,41 +114,13 @@ def run_evaluate(params: Params, layout: Layout, name: str) -> str:
 @task(name="register", task_run_name="register-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def run_register(params: Params, layout: Layout, name: str) -> dict[str, Any]:
     rec = publish.register_step(params, layout, name, _tracker(params, layout))
-    return {k: rec[k] for k in ("version", "tasks", "aaf", "gate", "gate_reason", "aliases")}
+    return {k: rec.get(k) for k in ("version", "tasks", "aaf", "gate", "gate_reason", "parent", "gate_figures")}
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def run_report(params: Params, layout: Layout) -> str:
     publish.report_step(params, layout, _tracker(params, layout))
     return str(layout.metrics)
-
-
-@task(name="champion-base", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def run_champion_base(params: Params, layout: Layout, champion: dict[str, Any] | None) -> str:
-    """Make the champion's state, memory and manifests the local predecessor of the new task."""
-    from pipelines.tracking.model_registry import download_version
-
-    if not champion:
-        return str(steps.init_step(params, layout, _tracker(params, layout)))
-    tasks = champion["tasks"]
-    last = layout.state(tasks[-1])
-    if not (last.is_dir() and state_hash(last) == champion["state_id"]):
-        import shutil
-        import tempfile
-
-        get_run_logger().info("fetching champion v%s (tasks %s) into %s", champion["version"], tasks, last)
-        with tempfile.TemporaryDirectory() as tmp:
-            state, memory = download_version(champion, Path(tmp) / "model")
-            if last.exists():
-                shutil.rmtree(last)
-            shutil.copytree(state, last)
-            if memory is not None:
-                layout.memory(tasks[-1]).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(memory, layout.memory(tasks[-1]))
-    for t in tasks:  # evaluation needs every seen task's validation rows
-        if not layout.manifest(t).is_file():
-            steps.prepare_step(params, layout, t)
-    return str(last)
 
 
 @task(name="detect", cache_policy=NO_CACHE, tags=[GPU_TAG])
@@ -167,61 +147,89 @@ def continual_flow(params_path: str = "params.yaml", root: str = ".", overrides:
     params = load_params(Path(root) / params_path, overrides)
     layout = _layout(params, root)
     _tracker(params, layout)  # a tracking server that is down fails here, before any work
+    with file_lock(layout.locks / "stream.lock", blocking=True, timeout=STREAM_LOCK_WAIT_S) as held:
+        if not held:
+            raise TimeoutError(f"another run held the stream of {layout.root} for {STREAM_LOCK_WAIT_S:.0f}s")
+        return _grow(params, layout)
+
+
+def _grow(params: Params, layout: Layout) -> dict[str, Any]:
+    """Every task of the stream in order (complete steps skip), the report, and the record in dvc.lock."""
+    from pipelines.dvc_record import record_stages
+
+    logger = get_run_logger()
+    run_check(params, layout)
     run_init(params, layout)
-    versions = []
-    for name in params.tasks:
+    versions, prepared = [], {}
+    for k, name in enumerate(params.tasks):
+        done = _registered(layout, name)
+        if done is not None:
+            versions.append(done)
+            continue
+        logger.info("task %d/%d: %s", k + 1, len(params.tasks), name)
         run_synth(params, layout, name)
-        run_prepare(params, layout, name)
+        prepared[name] = run_prepare(params, layout, name)
         run_train(params, layout, name)
         run_select(params, layout, name)
         run_evaluate(params, layout, name)
         versions.append(run_register(params, layout, name))
+        v = versions[-1]
+        logger.info("task %s: version %s, gate %s: %s", name, v["version"], v["gate"], v["gate_reason"])
     metrics = run_report(params, layout)
-    return {"metrics": metrics, "versions": versions}
+    recorded = record_stages(layout.root, params.tasks)
+    return {"metrics": metrics, "versions": versions, "prepared": prepared, "dvc_lock": recorded}
+
+
+def _registered(layout: Layout, name: str) -> dict[str, Any] | None:
+    """The registry record of a task whose registered state is the one on disk (nothing left to do), else None."""
+    from lorax.continual.state import state_hash
+
+    rec, state = layout.registry(name), layout.state(name)
+    if not (rec.is_file() and (state / "state.json").is_file()):
+        return None
+    data = json.loads(rec.read_text())
+    if data.get("state_id") != state_hash(state):
+        return None
+    return {k: data.get(k) for k in ("version", "tasks", "aaf", "gate", "gate_reason", "parent", "gate_figures")}
 
 
 @flow(name="lorax-new-generator", flow_run_name="new-generator-{name}", log_prints=True)
 def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = ".",
                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Learn task folder ``name`` (under data.root) on top of the champion and register the result."""
-    from pipelines.tracking import model_registry as registry
-
+    """Append task folder ``name`` (under data.root) to the stream, learn it on top of the chain's latest state
+    and register the result (the gate decides on ``champion``)."""
     logger = get_run_logger()
     if not _NAME.fullmatch(name) or name == INIT:
         raise ValueError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init')")
-    params0 = load_params(Path(root) / params_path, overrides)
-    layout = Layout.flows(params0, root)  # the champion's chain: outside DVC's outputs
-    tracker = _tracker(params0, layout)
-    with file_lock(layout.locks / f"task-{name}.lock", blocking=True, timeout=TASK_LOCK_WAIT_S) as held:
+    path = Path(root) / params_path
+    layout = _layout(load_params(path, overrides), root)
+    _tracker(load_params(path, overrides), layout)  # a tracking server that is down fails here, before any work
+    with file_lock(layout.locks / "stream.lock", blocking=True, timeout=STREAM_LOCK_WAIT_S) as held:
         if not held:
-            raise TimeoutError(f"task {name}: another run held its lock for {TASK_LOCK_WAIT_S:.0f}s")
-        model = params0.tracking.registered_model
-        champ = registry.champion(tracker.client, model)
-        base = champ["tasks"] if champ else []
-        if name in base:
-            logger.info("%s is already learned by the champion v%s; nothing to do", name, champ["version"])
-            return {"task": name, "skipped": "in champion", "version": champ["version"]}
-        params = stream_params(params0, base + [name])
-        logger.info("learning %s on top of %s in %s", name,
-                    f"champion v{champ['version']} ({base})" if champ else "nothing (no champion yet)", layout.root)
-        run_champion_base(params, layout, champ)
-        prep = run_prepare(params, layout, name)
+            raise TimeoutError(f"task {name}: another run held the stream for {STREAM_LOCK_WAIT_S:.0f}s")
+        before = load_params(path, overrides)
+        if name in before.tasks and layout.registry(name).is_file():
+            version = json.loads(layout.registry(name).read_text()).get("version")
+            logger.info("%s is already learned (version %s); nothing to do", name, version)
+            return {"task": name, "skipped": "already in the stream", "version": version}
+        if name not in before.tasks:
+            append_to_stream(path, name, root=root)
+            logger.info("appended %s to the stream of %s (on top of %s)", name, path, before.tasks or "nothing")
+        params = load_params(path, overrides)
+        out = _grow(params, layout)
+        rec = out["versions"][params.tasks.index(name)]
+        prep = out["prepared"].get(name) or {"bad": None, "summary": f"{name}: prepared by an earlier run"}
         logger.info("%s", prep["summary"])
-        run_train(params, layout, name)
-        run_select(params, layout, name)
-        run_evaluate(params, layout, name)
-        rec = run_register(params, layout, name)
+        base = params.tasks[: params.tasks.index(name)]
         return {"task": name, "base": base, "quarantined": prep["bad"], **rec}
 
 
-def new_tasks(params: Params, root: str, champion_tasks: list[str], versions: list[dict[str, Any]]) -> list[str]:
-    """Task folders under data.root that the champion does not know and that no version has tried on top of it."""
+def new_tasks(params: Params, root: str) -> list[str]:
+    """Task folders under data.root that are not in the stream yet (valid names), in name order."""
     from lorax.data.layouts import list_tasks
 
-    n = len(champion_tasks)
-    tried = {t for v in versions if v["tasks"][:n] == champion_tasks for t in v["tasks"][n:]}
     found = list_tasks(_layout(params, root).data_root)
-    return [t for t in found if t not in champion_tasks and t not in tried and _NAME.fullmatch(t) and t != INIT]
+    return [t for t in found if t not in params.tasks and _NAME.fullmatch(t) and t != INIT]
 
 
 @task(name="scan-inbox", cache_policy=NO_CACHE, tags=[GPU_TAG])
@@ -250,13 +258,10 @@ def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dic
 
     With ``inbox`` (a folder of unlabelled images), the champion then scans it and reports candidate new
     generators (``lorax scan``)."""
-    from pipelines.tracking import model_registry as registry
-
     logger = get_run_logger()
     params = load_params(Path(root) / params_path, overrides)
-    layout = Layout.flows(params, root)
-    tracker = _tracker(params, layout)
-    model = params.tracking.registered_model
+    layout = _layout(params, root)
+    _tracker(params, layout)
     with file_lock(layout.locks / "watch.lock") as held:
         if not held:
             logger.info("another watch run is in progress for %s; this one does nothing", Path(root).resolve())
@@ -264,10 +269,7 @@ def watch_flow(params_path: str = "params.yaml", root: str = ".", overrides: dic
         trained: list[dict[str, Any]] = []
         failed: dict[str, str] = {}
         while True:
-            champ = registry.champion(tracker.client, model)
-            base = champ["tasks"] if champ else []
-            todo = [t for t in new_tasks(params, root, base, registry.list_versions(tracker.client, model))
-                    if t not in failed]
+            todo = [t for t in new_tasks(load_params(Path(root) / params_path, overrides), root) if t not in failed]
             if not todo:
                 break
             logger.info("new task folders (in order): %s", todo)
@@ -309,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("continual", help="the whole stream of params.yaml")
-    n = sub.add_parser("new", help="one new task folder on top of the champion")
+    n = sub.add_parser("new", help="append one task folder to the stream and learn it on top of the chain")
     n.add_argument("name")
-    w = sub.add_parser("watch", help="learn the task folders under data.root the champion does not know")
+    w = sub.add_parser("watch", help="learn the task folders under data.root that are not in the stream yet")
     w.add_argument("--inbox", help="then scan this folder of unlabelled images for unknown generators")
     sub.add_parser("detect", help="train, evaluate and register the real/fake detector (detect section)")
     s = sub.add_parser("serve", help="serve the watch flow on an interval schedule (needs a Prefect server)")

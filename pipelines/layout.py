@@ -12,7 +12,6 @@ Paths of a project (relative to its root)::
     reports/eval/<task>.json        evaluate: one column of the accuracy matrix (+ .predictions.csv)
     reports/registry/<task>.json    register: the registered version and its gate result
     reports/metrics.json            report: AA, AAF, BWT, the accuracy matrix...; reports/plots/*
-    flows/...                       the same tree, for the flows that grow the champion (:meth:`Layout.flows`)
 
 ``lorax train --out OUT`` (and the torchrun entry point) use the same tree with the reports at the top of OUT
 (:meth:`Layout.run`): OUT/state, OUT/memory, OUT/eval, OUT/metrics.json, OUT/plots.
@@ -28,7 +27,6 @@ from pathlib import Path
 from lorax.config import Params
 
 INIT = "init"  # the stream's root: state/init/stream.json, memory/init.parquet (empty)
-FLOWS_DIR = "flows"  # under the project root: the champion-growing flows' own state/, memory/, reports/, manifests
 RUN_FILE = "mlflow_run.json"  # in state/<task>.resume/: the task's run id while it trains (resume continues it)
 
 
@@ -38,7 +36,7 @@ class Layout:
 
     ``root`` holds the step outputs (state/, memory/); ``reports`` the evaluations, registry records, metrics and
     plots; ``project`` is the project root, whose data, tracking store and embedding store every layout of the
-    project shares (equal to ``root`` except in :meth:`flows`)."""
+    project shares (equal to ``root`` for a project; ``lorax train --out`` keeps its own)."""
 
     root: Path
     data_root: Path
@@ -57,18 +55,6 @@ class Layout:
         """The layout of one ``lorax train --out OUT`` run: manifests from anywhere, everything else in OUT."""
         out = Path(out).resolve()
         return cls(out, Path(params.data.root).resolve(), Path(manifests).resolve(), out, out)
-
-    @classmethod
-    def flows(cls, params: Params, root: str | Path = ".") -> Layout:
-        """The layout of the flows that learn a task on top of the registered champion (``new``, ``watch``).
-
-        Their chain is the champion's, not params.yaml's stream, so their outputs live in ``<root>/flows/``
-        (the same tree inside): DVC's outputs, which are keyed by task name too, are never overwritten by a chain
-        DVC did not make (it would see them modified and redo those stages). Images, the MLflow store and the
-        embedding store stay the project's."""
-        root = Path(root).resolve()
-        work = root / FLOWS_DIR
-        return cls(work, root / params.data.root, work / Path(params.data.manifests).name, root, work / "reports")
 
     def synth_marker(self, task: str) -> Path:
         return self.root / "data" / "synth" / f"{task}.json"

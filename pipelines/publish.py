@@ -28,6 +28,13 @@ def _log_evaluation(tracker, ids: dict[str, Any], task: str, i: int, ev: dict[st
     if ids.get("parent_run_id"):
         tracker.log_metrics(ids["parent_run_id"], {**acc, "avg_acc": ev["mean_acc"]}, step=i)
 
+
+def parent_version(layout: Layout, prev: str) -> int | None:
+    """The registry version of the task this one was learned on top of (None for the first task)."""
+    rec = layout.registry(prev)
+    return read_json(rec).get("version") if rec.is_file() else None
+
+
 def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[str, Any]:
     """A new version of the registered model after the task; ``champion`` moves only if the gate passes."""
     from pipelines.tracking import model_registry as registry
@@ -47,8 +54,11 @@ def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[st
         run_id = tracker.start_task(parent, task, i)
         ids.update(run_id=run_id, parent_run_id=parent)
     _log_evaluation(tracker, ids, task, i, ev, layout.eval(task))
+    from pipelines.gate import judge
+
     rec = registry.register(tracker, task=task, tasks=info["tasks"], state_dir=state, memory_path=layout.memory(task),
-                            eval_result=ev, run_id=run_id, state_id=sid)
+                            eval_result=ev, run_id=run_id, state_id=sid, judge=judge(params, layout, task),
+                            parent=parent_version(layout, params.stream[task].prev))
     tracker.set_tags(run_id, {"lorax.model_version": rec["version"], "lorax.gate": rec["gate"]})
     tracker.finish(run_id)
     # a stable record of the registration (aliases move later; `lorax models list` shows the current ones)

@@ -1,12 +1,11 @@
-"""Editing the stream: append a task to params.yaml's ``stream`` (``lorax stream add``) and the stream of a flow
-that grows the registered champion."""
+"""Editing the stream: append a task to params.yaml's ``stream`` (``lorax stream add``, the new-generator flow)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from lorax.config import ConfigError, Params, load_params, params_to_dict, parse_params
+from lorax.config import ConfigError, load_params
 from pipelines.layout import INIT
 
 
@@ -28,11 +27,12 @@ def append_to_stream(params_path: str | Path, name: str | None = None, *, root: 
         raise ConfigError(f"{path}: task {name!r} is already in the stream ({tasks})")
     if name == INIT or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         raise ConfigError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init')")
-    if params.data.source == "builtin" and name not in params.zoo.order:
+    is_folder = (Path(root) / params.data.root / name).is_dir()
+    if params.data.source == "builtin" and name not in params.zoo.order and not is_folder:
         raise ConfigError(
             f"{name!r} is not a zoo generator and data.source is builtin; zoo generators not in the stream yet: "
-            f"{[g for g in params.zoo.order if g not in tasks] or 'none'}. To add a folder of your own, set "
-            f"data.source: folder and data.root to the dataset"
+            f"{[g for g in params.zoo.order if g not in tasks] or 'none'}. To add a folder of your own, put it under "
+            f"data.root ({params.data.root}), or set data.source: folder and data.root to the dataset"
         )
     if params.data.source == "folder":
         folder = Path(root) / params.data.root / name
@@ -71,14 +71,3 @@ def append_to_stream(params_path: str | Path, name: str | None = None, *, root: 
         raise ConfigError(f"{path}: could not append {name!r} to the stream block (got {check.tasks}); edit it by hand")
     tmp.replace(path)
     return name
-
-
-def stream_params(params: Params, tasks: list[str]) -> Params:
-    """``params`` with the stream replaced by the chain ``tasks`` (for flows that grow the champion's stream).
-
-    Tasks that are not zoo generators are read from data.root as folders (data.source: folder)."""
-    raw = params_to_dict(params)
-    raw["stream"] = {t: {"prev": INIT if k == 0 else tasks[k - 1]} for k, t in enumerate(tasks)}
-    if raw["data"]["source"] == "builtin" and any(t not in params.zoo.order for t in tasks):
-        raw["data"]["source"] = "folder"
-    return parse_params(raw, "stream of the champion + new task")

@@ -1,28 +1,33 @@
 """The model registry: a version of ``lorax-attributor`` after every task, and the ``champion`` alias behind a gate.
 
 Each version is a pyfunc model (:mod:`pipelines.serving.pyfunc`) logged in the task's run, tagged with the scenario,
-its tasks, its accuracies and the result of the quality gate. ``champion`` moves to a new version only when the
-gate passes against the current champion:
+its tasks, its accuracies, its parent (the version it was learned on top of) and the result of the quality gate.
+The gate asks the user's question: is the candidate better than the champion on everything seen so far? Both are
+scored on the validation images of the union of their tasks (:mod:`lorax.continual.comparison`: a model is not
+asked to name a generator it never learned), and ``champion`` moves when
 
-* the version covers every task of the champion (a model that cannot name a generator the champion knows is a
-  regression, whatever its average);
-* its average accuracy on the champion's tasks is not below the champion's AAF by more than
-  ``tracking.gate.aaf_tolerance`` points (the same tasks on both sides: a newly added task does not count for
-  or against the old ones);
-* no task of the champion drops by more than ``tracking.gate.max_task_drop`` points.
+* the candidate covers every task of the champion (it could not name a generator the champion knows);
+* its pooled accuracy on the union is not below the champion's by more than ``tracking.gate.union_tolerance``;
+* no task of the champion drops by more than ``tracking.gate.max_task_drop`` points, measured on the champion's own
+  classes (a sibling generator learned since cannot make an old one "drop");
+* its real/fake verdict on the champion's tasks does not regress: AP by at most ``tracking.gate.max_ap_drop``, real
+  photos called real by at most ``tracking.gate.max_real_drop`` points.
 
-A failed version is tagged ``gate=failed`` with ``gate_reason``. Registration is idempotent: a version of the
-same run and state (``state_id``) is returned instead of registering it twice.
+A failed version is tagged ``gate=failed`` with ``gate_reason`` (which number, by how much, how to override) and
+the figures (``gate_figures``). ``lorax models promote`` / ``rollback`` move the alias by hand, with the reason in
+a tag and in the version's model card. Registration is idempotent: a version of the same run and state
+(``state_id``) is returned instead of registering it twice.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,38 +38,58 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 
 Record = Callable[[Any], dict[str, Any]]  # an MLflow ModelVersion -> the plain record a registry hands out
+Judge = Callable[[dict[str, Any] | None], "GateResult"]  # the champion's record (or None) -> the gate's decision
 
 
 @dataclass(frozen=True)
 class GateResult:
     passed: bool
     reason: str
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
-def quality_gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: GateConfig) -> GateResult:
-    """Compare per-task accuracies (%) of a candidate with the champion's; see the module docstring."""
-    if not champion:
+def override_hint(cfg_key: str | None = None) -> str:
+    """How a person overrides a refusal: by hand, or with a looser setting."""
+    hint = "to override: `lorax models promote VERSION --reason ...`"
+    return hint + (f", or relax tracking.gate.{cfg_key} in params.yaml" if cfg_key else "")
+
+
+def quality_gate(figures: dict[str, Any] | None, champion_tasks: list[str] | None, candidate_tasks: list[str],
+                 cfg: GateConfig) -> GateResult:
+    """Decide on :func:`lorax.continual.comparison.compare`'s figures. ``champion_tasks`` None: there is no
+    champion yet; ``figures`` None: only the coverage rule is checked (callers that compared nothing)."""
+    if champion_tasks is None:
         return GateResult(True, "first version (no champion yet)")
-    missing = [t for t in champion if t not in candidate]
+    missing = [t for t in champion_tasks if t not in candidate_tasks]
     if missing:
-        return GateResult(False, f"does not cover the champion's tasks {missing}")
-    common = list(champion)
-    cand = sum(candidate[t] for t in common) / len(common)
-    champ = sum(champion.values()) / len(champion)
+        return GateResult(False, f"does not cover the champion's tasks {missing}: it cannot name those generators; "
+                                 + override_hint())
+    if figures is None:
+        return GateResult(True, "covers the champion's tasks (no comparison of the two models was made)")
     problems = []
-    if cand < champ - cfg.aaf_tolerance:
-        problems.append(
-            f"average accuracy on the champion's tasks {cand:.2f} is below the champion's AAF {champ:.2f} by "
-            f"{champ - cand:.2f} points (> tracking.gate.aaf_tolerance={cfg.aaf_tolerance})"
-        )
-    drops = {t: champion[t] - candidate[t] for t in common if champion[t] - candidate[t] > cfg.max_task_drop}
+    cand, champ = figures["pooled"]["candidate"], figures["pooled"]["champion"]
+    if cand < champ - cfg.union_tolerance:
+        problems.append(f"pooled accuracy on the union of the tasks {cand:.1f} is below the champion's {champ:.1f} "
+                        f"by {champ - cand:.1f} points (> tracking.gate.union_tolerance={cfg.union_tolerance}; "
+                        + override_hint("union_tolerance") + ")")
+    drops = {t: f["champion"] - f["candidate"] for t, f in figures["task"].items()
+             if f["champion"] - f["candidate"] > cfg.max_task_drop}
     if drops:
-        worst = ", ".join(f"{t} -{d:.2f}" for t, d in sorted(drops.items(), key=lambda kv: -kv[1]))
-        problems.append(f"tasks dropped by more than tracking.gate.max_task_drop={cfg.max_task_drop} points: {worst}")
+        worst = ", ".join(f"{t} -{d:.1f}" for t, d in sorted(drops.items(), key=lambda kv: -kv[1]))
+        problems.append(f"on the champion's own classes, tasks dropped by more than tracking.gate.max_task_drop="
+                        f"{cfg.max_task_drop} points: {worst} (" + override_hint("max_task_drop") + ")")
+    for key, what, limit in (("ap", "verdict AP", "max_ap_drop"), ("real_acc", "real photos called real",
+                                                                   "max_real_drop")):
+        c, h = figures[key]["candidate"], figures[key]["champion"]
+        tol = getattr(cfg, limit)
+        if not (math.isnan(c) or math.isnan(h)) and c < h - tol:
+            problems.append(f"{what} on the champion's tasks {c:.1f} vs the champion's {h:.1f}: -{h - c:.1f} points "
+                            f"(> tracking.gate.{limit}={tol}; " + override_hint(limit) + ")")
     if problems:
-        return GateResult(False, "; ".join(problems))
-    return GateResult(True, f"average on the champion's tasks {cand:.2f} vs champion AAF {champ:.2f}; no task dropped "
-                            f"more than {cfg.max_task_drop} points")
+        return GateResult(False, "; ".join(problems), figures)
+    return GateResult(True, f"pooled accuracy on the union {cand:.1f} vs the champion's {champ:.1f}; no task of the "
+                            f"champion dropped more than {cfg.max_task_drop} points on its own classes; verdict AP "
+                            f"{figures['ap']['candidate']:.1f} vs {figures['ap']['champion']:.1f}", figures)
 
 
 def _version_record(mv) -> dict[str, Any]:
@@ -83,6 +108,10 @@ def _version_record(mv) -> dict[str, Any]:
         "binary_acc": float(t["binary_acc"]) if t.get("binary_acc") else None,
         "state_id": t.get("state_id"),
         "champion_before": int(t["champion_before"]) if t.get("champion_before") else None,
+        "parent": int(t["parent_version"]) if t.get("parent_version") else None,
+        "gate_figures": json.loads(t["gate_figures"]) if t.get("gate_figures") else None,
+        "promoted": t.get("promoted"),
+        "demoted": t.get("demoted"),
         "run_id": mv.run_id,
         "created": int(mv.creation_timestamp or 0),
         "source": mv.source,
@@ -144,7 +173,19 @@ def gate_tags(gate: GateResult, before: dict[str, Any] | None) -> dict[str, str]
         "gate": "passed" if gate.passed else "failed",
         "gate_reason": gate.reason[:4900],  # MLflow caps a tag value at 5000 characters
         "champion_before": str(before["version"]) if before else "",
+        "gate_figures": json.dumps(_rounded(gate.figures))[:4900] if gate.figures else "",
     }
+
+
+def _rounded(x: Any) -> Any:
+    """Figures with one decimal (tags are for people; NaN stays NaN)."""
+    if isinstance(x, float):
+        return round(x, 2)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
 
 
 def create_version(client, name: str, run_id: str, artifact_path: str, *, tags: dict[str, str],
@@ -169,11 +210,16 @@ def register(
     run_id: str,
     state_id: str,
     detector: str | Path | None = None,
+    judge: Judge | None = None,
+    parent: int | None = None,
 ) -> dict[str, Any]:
     """Log the pyfunc model in ``run_id``, register it as a new version, run the gate, move ``champion``.
 
-    ``detector`` (a ``detector.safetensors``) is bundled into the model, so that serving it reports the detector's
-    verdict beside the attribution (:func:`pipelines.serving.pyfunc.save_attributor`)."""
+    ``judge`` compares the candidate with the champion's record (:func:`pipelines.gate.judge`: both models on the
+    union's validation images); without one only the coverage rule applies. ``parent``: the version this one was
+    learned on top of (``lorax models list`` shows the chain). ``detector`` (a ``detector.safetensors``) is bundled
+    into the model, so that serving it reports the detector's verdict beside the attribution
+    (:func:`pipelines.serving.pyfunc.save_attributor`)."""
     from pipelines.serving.pyfunc import save_attributor
 
     client, cfg = tracker.client, tracker.params.tracking
@@ -187,14 +233,14 @@ def register(
 
     acc = {t: float(a) for t, a in zip(tasks, eval_result["task_acc"], strict=True)}
     aaf = float(eval_result.get("mean_acc", sum(acc.values()) / len(acc)))
+    before = champion(client, name)
+    gate = judge(before) if judge is not None else quality_gate(None, before and before["tasks"], tasks, cfg.gate)
     artifact_path = f"model-{state_id[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_attributor(Path(tmp) / "model", state_dir, memory_path,
                                     metadata={"tasks": tasks, "state_id": state_id}, detector=detector)
-        _write_card(state_dir, eval_result, tasks, model_dir / "card")
+        _write_card(state_dir, eval_result, tasks, model_dir / "card", gate)
         tracker.log_artifact(run_id, model_dir, artifact_path)
-    before = champion(client, name)
-    gate = quality_gate(acc, before["task_acc"] if before else None, cfg.gate)
     tags = {
         "scenario": cfg.scenario,
         "tasks": ",".join(tasks),
@@ -205,6 +251,8 @@ def register(
         "binary_acc": f"{float(eval_result.get('binary_acc', float('nan'))):.4f}",
         "task_acc": json.dumps(acc),
         "state_id": state_id,
+        "parent_version": str(parent) if parent else "",
+        "artifact_path": artifact_path,
         **gate_tags(gate, before),
     }
     mv = create_version(client, name, run_id, artifact_path, tags=tags, gate=gate,
@@ -214,17 +262,38 @@ def register(
     return {**rec, "registered_now": True}
 
 
-def _write_card(state_dir: str | Path, eval_result: dict[str, Any], tasks: list[str], out: Path) -> None:
-    """The version's model card (markdown + PNGs) inside its model folder, so it travels with the version.
+def _write_card(state_dir: str | Path, eval_result: dict[str, Any], tasks: list[str], out: Path,
+                gate: GateResult | None = None) -> None:
+    """The version's model card (markdown + PNGs) inside its model folder, so it travels with the version; the
+    gate's decision and figures are its last section.
 
     A card that cannot be drawn (e.g. evaluations of earlier tasks missing) is logged, never a failed registration.
     """
     from pipelines.serving.card import write_model_card
 
     try:
-        write_model_card(state_dir, {**eval_result, "tasks": tasks}, out)
+        card = write_model_card(state_dir, {**eval_result, "tasks": tasks}, out)
+        if gate is not None:
+            with open(card, "a") as fh:
+                fh.write(gate_section(gate))
     except Exception as err:  # noqa: BLE001 - the card is a report; the version must still register
         log.warning("model card for %s not written: %s", state_dir, err)
+
+
+def gate_section(gate: GateResult) -> str:
+    """The card's markdown about the gate: the decision, why, and the figures side by side."""
+    lines = ["", "## Registry gate", "", f"**{'passed' if gate.passed else 'failed'}**: {gate.reason}", ""]
+    f = gate.figures
+    if f:
+        lines += ["| figure | candidate | champion |", "|---|---|---|",
+                  f"| pooled accuracy on {', '.join(f['union_tasks'])} | {f['pooled']['candidate']:.1f} | "
+                  f"{f['pooled']['champion']:.1f} |"]
+        lines += [f"| {t} (on the champion's classes) | {v['candidate']:.1f} | {v['champion']:.1f} |"
+                  for t, v in f["task"].items()]
+        lines += [f"| verdict AP on the champion's tasks | {f['ap']['candidate']:.1f} | {f['ap']['champion']:.1f} |",
+                  f"| real photos called real | {f['real_acc']['candidate']:.1f} | {f['real_acc']['champion']:.1f} |",
+                  ""]
+    return "\n".join(lines) + "\n"
 
 
 def download_version(version: dict[str, Any], dest: str | Path) -> tuple[Path, Path | None]:
@@ -242,3 +311,70 @@ def download_version(version: dict[str, Any], dest: str | Path) -> tuple[Path, P
     state = local / arts["state"]["path"]
     memory = local / arts["memory"]["path"] if "memory" in arts else None
     return state, memory
+
+
+def move_champion(tracker, version: int, reason: str, *, action: str) -> dict[str, Any]:
+    """Point ``champion`` at ``version`` by hand (``lorax models promote`` / ``rollback``): the reason is a tag on
+    the version that gains the alias (``promoted``) and on the one that loses it (``demoted``), and a section of
+    the new champion's model card. Returns the new champion's record."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    if not reason.strip():
+        raise ValueError(f"{action}: give the reason (--reason '...'); it is recorded with the version")
+    client, name = tracker.client, tracker.params.tracking.registered_model
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException:
+        known = [v["version"] for v in list_versions(client, name)]
+        raise ValueError(f"{name} has no version {version} (versions: {known or 'none'}); "
+                         "see `lorax models list`") from None
+    before = champion(client, name)
+    if before is not None and before["version"] == int(version):
+        raise ValueError(f"version {version} is already the champion of {name}")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    note = f"{action} {stamp}: {reason.strip()}"[:4900]
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), "promoted", note)
+    client.set_model_version_tag(name, str(version), "champion_before", str(before["version"]) if before else "")
+    if before is not None:
+        client.set_model_version_tag(name, str(before["version"]), "demoted",
+                                     f"{action} to v{version} {stamp}: {reason.strip()}"[:4900])
+    _append_to_card(tracker, mv, f"\n## {action.capitalize()}\n\n{note} (champion before: "
+                                 f"{'v' + str(before['version']) if before else 'none'})\n")
+    log.info("%s: champion of %s is now version %s (was %s): %s", action, name, version,
+             before["version"] if before else None, reason)
+    return _version_record(client.get_model_version(name, str(version)))
+
+
+def rollback_target(client, name: str) -> int:
+    """The version ``lorax models rollback`` returns to: the one the current champion replaced."""
+    cur = champion(client, name)
+    if cur is None:
+        raise ValueError(f"{name} has no champion to roll back")
+    prev = cur.get("champion_before")
+    if not prev:
+        raise ValueError(f"champion v{cur['version']} of {name} replaced no other version; name one with "
+                         "`lorax models promote VERSION --reason ...`")
+    return int(prev)
+
+
+def _append_to_card(tracker, mv, section: str) -> None:
+    """Add ``section`` to the version's model card, stored again in its run (the card is a report: a failure is
+    logged, the alias has moved either way)."""
+    artifact_path = (mv.tags or {}).get("artifact_path")
+    if not artifact_path:
+        log.warning("version %s has no artifact_path tag (registered by an older lorax): card not updated", mv.version)
+        return
+    import mlflow
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            card = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{mv.source.rstrip('/')}/card/model_card.md", dst_path=tmp))
+            with open(card, "a") as fh:
+                fh.write(section)
+            tracker.log_artifact(mv.run_id, card, f"{artifact_path}/card")
+    except Exception as err:  # noqa: BLE001
+        log.warning("model card of version %s not updated: %s", mv.version, err)
