@@ -66,6 +66,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a previous scan in --out")
     p.set_defaults(func=_scan)
 
+    p = sub.add_parser("serve", help="serve the registry's champion over HTTP (MLflow's protocol), following the "
+                                     "alias as it moves")
+    add_settings_arguments(p, overrides=False)
+    p.add_argument("--root", default=".", help="project root (the default sqlite store lives there)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: whoever reaches the port "
+                                                       "can score images)")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--alias", default="champion", help="the alias to follow (default champion)")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between checks of the alias (default 5)")
+    p.set_defaults(func=_serve)
+
     p = sub.add_parser("calibrate", help="calibrate the open-set (unknown generator) score of a state once")
     p.add_argument("state", help="state folder (OUT/state/<task>)")
     p.add_argument("--manifests", help="manifests of the state's tasks (default: the state's data.manifests)")
@@ -146,6 +157,39 @@ def _scan(args: argparse.Namespace) -> int:
     if summary["n_ok"] == 0:
         print("lorax: error: no inbox image could be used; see predictions.csv", file=sys.stderr)
         return 1
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from lorax.config import load_params
+    from pipelines.serving.server import registry_follower, serve
+    from pipelines.tracking.tracker import Tracker
+    from pipelines.tracking.uri import TrackingUnavailable
+
+    params = load_params(Path(args.root) / args.params)
+    try:
+        tracker = Tracker(params, args.root)
+    except TrackingUnavailable as e:
+        print(f"lorax: error: {e}", file=sys.stderr)
+        return 2
+    name = params.tracking.registered_model
+    follower = registry_follower(tracker, args.alias, args.poll)
+    try:
+        httpd = serve(follower, name, args.host, args.port)
+    except OSError as e:
+        print(f"lorax: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}; choose another --port",
+              file=sys.stderr)
+        return 2
+    cur = follower.current
+    print(f"serving models:/{name}@{args.alias} (now version {cur.version if cur else 'none'}) on "
+          f"http://{args.host}:{httpd.server_address[1]}/invocations; the alias is checked every {args.poll:g} s")
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        follower.stop()
+        httpd.server_close()
     return 0
 
 

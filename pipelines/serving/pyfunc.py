@@ -233,7 +233,8 @@ def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | 
             pip_requirements=pip_requirements(extra),
             metadata={"lorax": "attributor", "needs": "the lorax package (pip install -e <lorax repo>)",
                       **(metadata or {})},
-            model_config={"image_root": os.path.abspath(os.path.expanduser(image_root))} if image_root else None,
+            # always a config, so a loader may add to it (``lorax serve`` passes the version it loads)
+            model_config={"image_root": os.path.abspath(os.path.expanduser(image_root)) if image_root else None},
         )
     return path
 
