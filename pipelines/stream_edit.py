@@ -6,7 +6,16 @@ import re
 from pathlib import Path
 
 from lorax.config import ConfigError, load_params
+from lorax.data.layouts import list_tasks, scan_task
 from pipelines.layout import INIT
+from pipelines.params_text import block_span
+
+
+def check_task_name(name: str) -> None:
+    """A task name is a DVC stage key and a folder name: letters, digits, '_', '-', '.', and not 'init'."""
+    if name == INIT or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+        raise ConfigError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init'); rename the "
+                          "folder")
 
 
 def append_to_stream(params_path: str | Path, name: str | None = None, *, root: str | Path = ".") -> str:
@@ -25,8 +34,7 @@ def append_to_stream(params_path: str | Path, name: str | None = None, *, root: 
         name = left[0]
     if name in tasks:
         raise ConfigError(f"{path}: task {name!r} is already in the stream ({tasks})")
-    if name == INIT or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
-        raise ConfigError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init')")
+    check_task_name(name)
     is_folder = (Path(root) / params.data.root / name).is_dir()
     if params.data.source == "builtin" and name not in params.zoo.order and not is_folder:
         raise ConfigError(
@@ -35,24 +43,18 @@ def append_to_stream(params_path: str | Path, name: str | None = None, *, root: 
             f"data.root ({params.data.root}), or set data.source: folder and data.root to the dataset"
         )
     if params.data.source == "folder":
-        folder = Path(root) / params.data.root / name
+        data_root = Path(root) / params.data.root
+        folder = data_root / name
         if not folder.is_dir():
-            raise ConfigError(f"{folder}: no such task folder under data.root; add the images first")
+            found = list_tasks(data_root) if data_root.is_dir() else "none (data.root does not exist)"
+            raise ConfigError(f"{folder}: no such task folder under data.root; task folders there: {found}. Put the "
+                              f"task's images in {folder}/{{train,val}}/{{0_real,1_fake}}/ first, or fix the name")
+        scan_task(data_root, name, params.data.layout)  # as `prepare` will read it: a missing split or class fails now
     lines = path.read_text().splitlines(keepends=True)
     try:
-        start = next(k for k, ln in enumerate(lines) if re.match(r"^stream\s*:\s*(#.*)?$", ln))
-    except StopIteration:
+        _, last, indent = block_span(lines, "stream")
+    except ConfigError:
         raise ConfigError(f"{path}: no block 'stream:' at the top level; add one with the first task") from None
-    last, indent = None, None
-    for k in range(start + 1, len(lines)):
-        ln = lines[k]
-        if ln.strip() == "" or ln.lstrip().startswith("#"):
-            continue
-        if not ln[0].isspace():
-            break
-        if indent is None:
-            indent = ln[: len(ln) - len(ln.lstrip())]
-        last = k  # the block's last line (a nested line of the last task in block style too)
     if last is None:
         raise ConfigError(f"{path}: the stream block is empty")
     new_line = f"{indent}{name}: {{prev: {tasks[-1]}}}\n"

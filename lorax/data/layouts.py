@@ -66,6 +66,27 @@ def list_tasks(root: str | Path) -> list[str]:
     return [p.name for p in _subdirs(root)]
 
 
+def check_tasks(root: str | Path, tasks: list[str] | None) -> list[str]:
+    """``tasks`` (None: every task folder, sorted) once each, all present under ``root``; else one error naming the
+    missing folders and the tasks found (a typo fails before any work)."""
+    root = Path(root)
+    found = list_tasks(root)
+    if tasks is None:
+        tasks = found
+        if not tasks:
+            raise DataError(f"{root}: no task folders found; expected one folder per task (generator) in it")
+    dup = sorted({t for t in tasks if tasks.count(t) > 1})
+    if dup:
+        raise DataError(f"tasks listed twice: {dup}; each task must appear once in the stream")
+    missing = [t for t in tasks if t not in found]
+    if missing:
+        raise DataError(
+            f"{root}: task folders {missing} not found; tasks in {root}: {found or 'none'}. "
+            "Fix the task names (params.yaml stream / --tasks) or the root (data.root / --root)"
+        )
+    return list(tasks)
+
+
 def list_entries(class_dir: Path) -> list[Path]:
     """Every visible entry of a class folder, sorted: files and also things that are not (quarantined later)."""
     with os.scandir(class_dir) as it:

@@ -305,18 +305,5 @@ def prepare_tasks(
     All task folders are checked to exist before any work, so a typo fails at once and lists the tasks found.
     """
     root = Path(root)
-    found = layouts.list_tasks(root)
-    if tasks is None:
-        tasks = found
-        if not tasks:
-            raise DataError(f"{root}: no task folders found; expected one folder per task (generator) in it")
-    dup = sorted({t for t in tasks if tasks.count(t) > 1})
-    if dup:
-        raise DataError(f"tasks listed twice: {dup}; each task must appear once in the stream")
-    missing = [t for t in tasks if t not in found]
-    if missing:
-        raise DataError(
-            f"{root}: task folders {missing} not found; tasks in {root}: {found or 'none'}. "
-            "Fix the task names (params.yaml stream / --tasks) or the root (data.root / --root)"
-        )
+    tasks = layouts.check_tasks(root, tasks)
     return [prepare_task(root, t, i, out_dir, cfg, crop, workers) for i, t in enumerate(tasks)]

@@ -1,4 +1,4 @@
-"""``lorax stream add``, ``lorax schedule`` and ``lorax demo``: the operational entry points.
+"""``lorax init``, ``lorax stream add``, ``lorax schedule`` and ``lorax demo``: the operational entry points.
 
 Nothing here imports DVC or Prefect; ``demo`` and ``schedule`` run them as subprocesses
 (``dvc repro``, ``python -m pipelines.flows serve``) with this interpreter's ``bin/`` first on PATH, so the DVC
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from lorax.config import add_settings_arguments
+from pipelines.init_params import PROFILES
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +36,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_settings_arguments(sch, overrides=False)
     sch.add_argument("--root", default=".")
     sch.set_defaults(func=_schedule)
+
+    ini = sub.add_parser("init", help="write params.yaml for your own folder of task folders; then `dvc repro`")
+    ini.add_argument("--root", required=True, help="the folder with one folder per task, "
+                     "<task>/{train,val}/{0_real,1_fake}/")
+    ini.add_argument("--tasks", help="comma-separated task folders, in stream order (default: every one, by name)")
+    ini.add_argument("--profile", default="realworld", choices=sorted(PROFILES),
+                     help="settings to start from: realworld (params.realworld.yaml: real images) | zoo = default "
+                     "(params.yaml's built-in settings) (default: %(default)s)")
+    ini.add_argument("--params", default="params.yaml", help="the file to write (default: %(default)s)")
+    ini.add_argument("--force", action="store_true", help="replace the params of a stream that has already run "
+                     "(a copy is kept as params.yaml.bak)")
+    ini.set_defaults(func=_init)
 
     demo = sub.add_parser("demo", help="the main job: `dvc repro` of the built-in zoo, then where to look")
     demo.add_argument("--force", action="store_true", help="re-run every stage (dvc repro --force)")
@@ -53,6 +67,44 @@ def tool_env() -> dict[str, str]:
 def _tool(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def ensure_dvc(root: Path) -> bool:
+    """``dvc init`` in a project (a fresh clone) that has dvc.yaml but no .dvc/ yet; True when it ran."""
+    if (root / ".dvc").is_dir():
+        return False
+    scm = [] if (root / ".git").exists() else ["--no-scm"]
+    subprocess.run([_tool("dvc"), "init", "-q", *scm], cwd=root, check=True, env=tool_env())
+    return True
+
+
+def _init(args: argparse.Namespace) -> int:
+    from pipelines.init_params import init_params
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    command = shlex.join(["lorax", "init", "--root", args.root] + (["--tasks", args.tasks] if args.tasks else [])
+                         + ["--profile", args.profile])
+    res = init_params(args.params, args.root, tasks, args.profile, args.force, command)
+    p = res.params
+    project = res.path.resolve().parent
+    source = res.profile_file.name if res.profile_file.parent == project else res.profile_file
+    print(f"wrote {res.path} from {source}: data.root {p.data.root}, stream {' -> '.join(p.tasks)}, "
+          f"tracking.scenario {p.tracking.scenario} (MLflow experiment "
+          f"{p.tracking.experiment.format(scenario=p.tracking.scenario)}), detect.train_tasks {p.detect.train_tasks}, "
+          f"manifests in {p.data.manifests}")
+    for note in res.notes:
+        print(f"note: {note}")
+    if not (project / "dvc.yaml").is_file():
+        print(f"note: no dvc.yaml in {project}: `dvc repro` runs from the project root (or `lorax train --params "
+              f"{res.path} --manifests DIR --out OUT` without DVC)")
+    elif ensure_dvc(project):
+        print(f"ran `dvc init` in {project} (there was no .dvc/)")
+    print("Next:\n"
+          "  dvc repro                 # prepares every task's manifest, trains the stream, registers the champion\n"
+          "  lorax stream add NAME     # when a new task folder NAME appears under data.root; then `dvc repro`\n"
+          "  lorax models list         # the registered versions and the champion\n"
+          "  dvc repro pipelines/detection/dvc.yaml   # optional: the real/fake detector, trained on the first task")
+    return 0
 
 
 def _stream_add(args: argparse.Namespace) -> int:
@@ -156,9 +208,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{root}/dvc.yaml not found; run `lorax demo` from the project root")
     env = tool_env()
     dvc = _tool("dvc")
-    if not (root / ".dvc").is_dir():
-        scm = [] if (root / ".git").exists() else ["--no-scm"]
-        subprocess.run([dvc, "init", "-q", *scm], check=True, env=env)
+    ensure_dvc(root)
     cmd = [dvc, "repro"] + (["--force"] if args.force else [])
     print(f"$ {' '.join(cmd)}", flush=True)
     t0 = time.time()

@@ -9,8 +9,9 @@ import pytest
 
 from pipelines.cli import main
 from lorax.config import ConfigError, load_params
+from lorax.data.images import DataError
 from pipelines.stream_edit import append_to_stream
-from tests.helpers import REPO
+from tests.helpers import REPO, write_cddb
 
 
 @pytest.fixture
@@ -58,7 +59,11 @@ def test_folder_source_needs_the_folder(tmp_path: Path, params_file: Path) -> No
                            .replace("root: data/zoo", f"root: {tmp_path / 'ds'}"))
     with pytest.raises(ConfigError, match="no such task folder"):
         append_to_stream(params_file, "mygan", root=tmp_path)
-    (tmp_path / "ds" / "mygan").mkdir(parents=True)
+    write_cddb(tmp_path / "ds", ["mygan"], n=1)
+    shutil.rmtree(tmp_path / "ds" / "mygan" / "val")
+    with pytest.raises(DataError, match="mygan/val: split folder missing"):  # checked as `prepare` will read it
+        append_to_stream(params_file, "mygan", root=tmp_path)
+    write_cddb(tmp_path / "ds", ["mygan"], n=1)
     assert append_to_stream(params_file, "mygan", root=tmp_path) == "mygan"
     assert load_params(params_file).tasks[-1] == "mygan"
 
