@@ -93,7 +93,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from pipelines.tracking.model_registry import rollback_target
+    from pipelines.tracking.champion_moves import rollback_target
 
     tracker = _tracker(args)
     if tracker is None:
@@ -107,7 +107,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _move(args: argparse.Namespace, version: int, action: str, tracker=None) -> int:
-    from pipelines.tracking.model_registry import move_champion
+    from pipelines.tracking.champion_moves import move_champion
 
     tracker = tracker or _tracker(args)
     if tracker is None:
