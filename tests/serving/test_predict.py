@@ -168,7 +168,9 @@ def test_write_table_formats_agree(tmp_path: Path, stream, predictor) -> None:
         np.testing.assert_allclose(got["fake_probability"].astype(float)[:3],
                                    table["fake_probability"].astype(float)[:3])
         assert got["error"].iloc[3] == "file not found" and pd.isna(got["verdict"].iloc[3])
-        assert [list(top) for top in got["top"]] == [list(top) for top in table["top"]]  # a real list, same values
+        for a, b in zip(got["top"], table["top"], strict=True):  # a real list (JSON keeps 10 digits)
+            assert len(a) == TOP_K and [e and e["class"] for e in a] == [e and e["class"] for e in b]
+            assert [e["probability"] for e in a if e] == pytest.approx([e["probability"] for e in b if e])
     with pytest.raises(ServingError, match=r"unknown format \.xlsx"):
         write_table(table, tmp_path / "p.xlsx")
 
