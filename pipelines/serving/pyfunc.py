@@ -212,7 +212,8 @@ def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | 
     (saved in the model's config) lets the served model read image paths under that folder; by default it reads
     none, and ``LORAX_SERVE_IMAGE_ROOT`` at load time overrides it either way. ``detector`` (a
     ``detector.safetensors`` or a folder holding one) is bundled as the ``detector`` artifact: the served model
-    then adds the detector's verdict and ``agreement`` (:mod:`lorax.serving.detector`) to every row.
+    then adds the detector's verdict and ``agreement`` (:mod:`lorax.serving.detector`) to every row. The saved
+    ``model_version`` is null: whoever loads a registered version passes its number (``model_config``).
     """
     from lorax.serving.openset import current_openset, openset_dir as default_openset
 
@@ -237,7 +238,9 @@ def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | 
             pip_requirements=pip_requirements(extra),
             metadata={"lorax": "attributor", "needs": "the lorax package (pip install -e <lorax repo>)",
                       **(metadata or {})},
-            model_config={"image_root": os.path.abspath(os.path.expanduser(image_root))} if image_root else None,
+            # both keys saved, so a load may set them (MLflow ignores a load-time key the saved config lacks)
+            model_config={"image_root": os.path.abspath(os.path.expanduser(image_root)) if image_root else None,
+                          "model_version": None},
         )
     return path
 
