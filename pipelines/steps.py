@@ -223,6 +223,7 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
         return _add_missing_controls(params, layout, task, read_json(out))
     from lorax.continual.state import load_state
     from lorax.continual.evaluation import evaluate_controls, predict_logits, score_val, val_rows, verdict_scores
+    from lorax.serving.schema import write_csv
 
     info = _state_info(state)
     if info.get("tasks") != tasks:
@@ -240,7 +241,7 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
     if openset:
         calibrate_openset(params, layout, task, loaded=(method, manifests, val_feats, store))  # this pass's features
     write_json(out, result)
-    table.to_csv(out.with_suffix(".predictions.csv"), index=False)
+    write_csv(table, out.with_suffix(".predictions.csv"))  # the row schema of lorax.serving.schema
     log.info("task %s: accuracy per task %s, mean %.2f, binary %.2f (real called real %.1f, balanced %.1f)", task,
              {t: round(a, 2) for t, a in zip(tasks, result["task_acc"], strict=True)}, result["mean_acc"],
              result["binary_acc"], result["real_acc"], result["balanced_acc"])

@@ -353,43 +353,33 @@ def prediction_table(
     targets: np.ndarray,
     task_ids: np.ndarray,
     task_names: Sequence[str] | None = None,
-    top_k: int = 3,
     fake_score: np.ndarray | None = None,
     threshold: float | None = None,
 ) -> pd.DataFrame:
-    """One row per image: path, task, target, pred, correct (multi-real), verdict (real | fake), fake_prob, top-k
-    classes/probs.
+    """One row per image in the row schema of ``lorax predict`` (:mod:`lorax.serving.schema`; no open-set score,
+    no registry version, no image size: those stay null), then ``task`` (the image's task), ``target`` (its true
+    class, ``<task>/<real|fake>``) and ``correct`` (multi-real).
 
-    Uses all logit columns (the head's classes). With ``task_names`` a ``task_name`` column is added.
-    ``fake_score`` / ``threshold``: the model's verdict, as in :func:`evaluate_logits` (``pred`` and ``verdict``
-    follow it; ``fake_prob`` is its fake probability).
+    Uses all logit columns (the head's classes); ``task_names`` names them (default: the task indices).
+    ``fake_score`` / ``threshold``: the model's verdict, as in :func:`evaluate_logits`.
     """
+    from lorax.serving.schema import COLUMNS, DTYPES, EVAL_COLUMNS, decided_rows
+
     logits = np.asarray(logits)
     n_tasks = logits.shape[1] // 2 if logits.ndim == 2 else 0
     logits, targets, task_ids = _check_eval_inputs(logits, targets, task_ids, max(n_tasks, 1))
     if len(paths) != len(logits):
         raise ValueError(f"{len(paths)} paths for {len(logits)} rows of logits")
-    from lorax.continual.verdict import decide
-
-    probs = softmax(logits)
-    fake_p = fake_probability(probs) if fake_score is None else np.asarray(fake_score, dtype=np.float64).reshape(-1)
-    pred = decide(probs, fake_p, threshold)
-    table = {
-        "path": list(paths),
-        "task": task_ids,
-        "target": targets,
-        "pred": pred.astype(np.int64),
-        "correct": multi_real_correct(pred, targets),
-        "verdict": np.where(pred % 2 == 1, "fake", "real"),
-        "fake_prob": fake_p,
-    }
-    if task_names is not None:
-        if task_ids.size and task_ids.max() >= len(task_names):
-            raise ValueError(f"task id {task_ids.max()} has no name in task_names ({len(task_names)} given)")
-        table["task_name"] = [task_names[t] for t in task_ids]
-    k = min(top_k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    for r in range(k):
-        table[f"top{r + 1}_class"] = order[:, r].astype(np.int64)
-        table[f"top{r + 1}_prob"] = np.take_along_axis(probs, order[:, r : r + 1], axis=1)[:, 0]
-    return pd.DataFrame(table)
+    names = list(task_names) if task_names is not None else [str(t) for t in range(n_tasks)]
+    if len(names) < n_tasks:
+        raise ValueError(f"{n_tasks} tasks in the logits, {len(names)} in task_names")
+    classes = class_names(names[:n_tasks])
+    pred, decided = decided_rows(softmax(logits), classes, fake_score, threshold)
+    n = len(paths)
+    table: dict[str, list] = {c: [None] * n for c in COLUMNS}
+    table.update(path=list(paths), status=["ok"] * n, **decided)
+    table["task"] = [names[t] for t in task_ids]
+    table["target"] = [classes[t] for t in targets]
+    table["correct"] = multi_real_correct(pred, targets).tolist()
+    return pd.DataFrame(table)[COLUMNS + EVAL_COLUMNS].astype({**DTYPES, "task": "string", "target": "string",
+                                                              "correct": "bool"})

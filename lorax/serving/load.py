@@ -24,6 +24,7 @@ class ResolvedModel:
     openset_dir: Path | None
     source: str
     detector: Path | None = None  # a detector checkpoint the model carries (bundled at publish time), or None
+    version: str | None = None  # the registry version it was resolved to (None: a local folder)
 
 
 def model_openset(resolved: ResolvedModel, manifests: str | Path | None = None, device: str = "auto"):
@@ -63,6 +64,7 @@ def predictor_for(resolved: ResolvedModel, *, device: str = "auto", crops: int |
     log.info("model %s -> state %s", resolved.source, resolved.state_dir)
     stats = model_openset(resolved, manifests, device) if openset else None
     p = Predictor.from_state(resolved.state_dir, device=device, crops=crops, batch_size=batch_size, openset=stats)
+    p.model_version = resolved.version
     det = detector if detector is not None else resolved.detector
     if det is not None:
         p.detector = DetectorScorer.from_file(det, device=device, batch_size=p.batch_size)

@@ -8,9 +8,12 @@ covariance stays well conditioned with few images per class. ``unknown_score`` i
 by the dimension (about 1 for a typical known image); the threshold is the 95th percentile of the scores of
 known validation images, so about 5% of known images are flagged by construction.
 
-An image is flagged (``unknown_flag``) when its score is above the threshold and it looks fake
-(the verdict is fake, :mod:`lorax.continual.verdict`) when ``require_fake`` is set in the calibration; see ``docs/results.md`` for how
-the choice was measured.
+The rule a row reads (``unknown`` in :mod:`lorax.serving.schema`): an image is unknown only when its verdict is
+fake (:mod:`lorax.continual.verdict`) and its score is above the threshold; its ``generator`` is then left empty, so
+a row never calls an image unknown beside a generator it names. A real verdict is never unknown: a photo has no
+generator to be unknown, and naming it "unknown generator" would contradict the verdict beside it. ``unknown_score``
+is reported either way. (:meth:`OpenSetStats.flag` with ``require_fake`` is the same test on its own; the rows always
+require the fake verdict.) See ``docs/results.md`` for how the score was measured.
 
 Calibration is computed once per state and stored next to it, never inside it (the state directory's content
 hash identifies the model in the pipeline and the registry): ``<state_dir>.openset/`` holds ``stats.safetensors``

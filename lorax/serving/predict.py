@@ -6,20 +6,9 @@ crop policy: never resized; an image larger than the crop is scored on ``eval.cr
 are averaged; an image smaller than the crop is an error row. A file that cannot be used becomes a row with
 ``status = "error"`` and the reason; it never stops the run.
 
-Output columns (one row per input, in input order) are :data:`COLUMNS`:
-
-* ``verdict``: ``real`` or ``fake``: ``fake_probability`` against the threshold stored with the model (the
-  state's verdict, :mod:`lorax.continual.verdict`; states without one: the kind of the most probable class);
-* ``generator``: when the verdict is fake, the task (generator) of the most probable fake class, else empty;
-* ``generator_probability``: that generator's share of the fake classes' probability (which fake it is, given
-  that it is fake), empty when the verdict is real;
-* ``predicted_class`` / ``probability``: the decided class (``<task>/fake``, or the most probable ``<task>/real``
-  when the verdict is real) and its softmax probability;
-* ``fake_probability``: the verdict's calibrated probability that the image is fake (states without a verdict:
-  summed probability of all fake classes);
-* ``top{1,2,3}_class`` / ``top{1,2,3}_prob``;
-* ``unknown_score`` / ``unknown_flag``: the open-set score (:mod:`lorax.serving.openset`) and whether it flags
-  the image as a fake from no known generator; NaN / empty when the state has no open-set calibration.
+Output columns (one row per input, in input order) are :data:`COLUMNS`, the row schema of
+:mod:`lorax.serving.schema` (verdict, fake probability and its threshold, generator, a fixed-length ``top`` list,
+unknown flag and score, model version), shared with the served model and the evaluation's predictions.
 
 With a detector attached (``Predictor.detector``, ``lorax predict --detector``), its columns
 (:data:`lorax.serving.detector.DETECTOR_COLUMNS`: its fake probability and verdict, and ``agreement``) follow.
@@ -48,24 +37,11 @@ from lorax.data.dataset import crop_boxes, to_tensor
 from lorax.data.images import BadImage, DataError, crop_image, open_image, to_rgb_array
 from lorax.serving.errors import ServingError
 from lorax.serving.inputs import Refused
+from lorax.serving.schema import COLUMNS, DTYPES, decided_rows, empty_top, write_csv
 from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-TOP_K = 3
-COLUMNS = [
-    "path", "status", "error", "width", "height", "verdict", "generator", "generator_probability",
-    "predicted_class", "probability",
-    "fake_probability", *[f"top{i}_{k}" for i in range(1, TOP_K + 1) for k in ("class", "prob")],
-    "unknown_score", "unknown_flag",
-]
-DTYPES = {
-    "path": "string", "status": "string", "error": "string", "width": "Int64", "height": "Int64",
-    "verdict": "string", "generator": "string", "generator_probability": "Float64", "predicted_class": "string",
-    "probability": "Float64",
-    "fake_probability": "Float64", **{f"top{i}_class": "string" for i in range(1, TOP_K + 1)},
-    **{f"top{i}_prob": "Float64" for i in range(1, TOP_K + 1)}, "unknown_score": "Float64", "unknown_flag": "boolean",
-}
 OUTPUT_SUFFIXES = (".csv", ".json", ".parquet")
 
 
@@ -108,6 +84,7 @@ class Predictor:
         self.openset = openset
         self.verdict = getattr(method, "verdict", None)  # the stored real/fake decision (None: argmax)
         self.detector = None  # a lorax.serving.detector.DetectorScorer: its verdict is added beside ours
+        self.model_version: str | None = None  # the registry version loaded (None: a local state folder)
 
     @classmethod
     def from_state(cls, state_dir: str | Path, device: str = "auto", crops: int | None = None,
@@ -231,36 +208,21 @@ class Predictor:
         cols["error"] = list(errors)
         cols["width"] = [int(w) if w >= 0 else None for w in sizes[:, 0]]
         cols["height"] = [int(h) if h >= 0 else None for h in sizes[:, 1]]
+        cols["top"] = [empty_top() for _ in range(n)]
+        cols["model_version"] = [self.model_version] * n
         rows = np.flatnonzero(ok)
         if len(rows):
-            from lorax.continual.verdict import decide
-
             probs = M.softmax(logits[rows])
-            if self.verdict is None:
-                fake_p, threshold = M.fake_probability(probs), None
-            else:
-                fake_p, threshold = fake_score[rows], self.verdict.threshold
-            pred = decide(probs, fake_p, threshold)
-            fake_total = probs[:, 1::2].sum(axis=1)
-            order = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K]
-            score = flag = None
+            verdict = self.verdict
+            score = over = None
             if self.openset is not None:
                 score = scores[rows]
-                flag = self.openset.flag(score, pred % 2 == 1)
-            for j, i in enumerate(rows):
-                c = int(pred[j])
-                cols["verdict"][i] = "fake" if c % 2 else "real"
-                cols["generator"][i] = self.tasks[c // 2] if c % 2 else None
-                cols["generator_probability"][i] = float(probs[j, c] / fake_total[j]) if c % 2 else None
-                cols["predicted_class"][i] = self.classes[c]
-                cols["probability"][i] = float(probs[j, c])
-                cols["fake_probability"][i] = float(fake_p[j])
-                for r, k in enumerate(order[j]):
-                    cols[f"top{r + 1}_class"][i] = self.classes[int(k)]
-                    cols[f"top{r + 1}_prob"][i] = float(probs[j, k])
-                if score is not None:
-                    cols["unknown_score"][i] = float(score[j])
-                    cols["unknown_flag"][i] = bool(flag[j])
+                over = score > self.openset.threshold
+            _, decided = decided_rows(probs, self.classes, None if verdict is None else fake_score[rows],
+                                      None if verdict is None else verdict.threshold, score, over)
+            for c, values in decided.items():
+                for i, v in zip(rows, values, strict=True):
+                    cols[c][i] = v
         return pd.DataFrame(cols).astype(DTYPES)
 
 
@@ -281,7 +243,7 @@ def write_table(table: pd.DataFrame, out: str | Path) -> Path:
     suffix = out.suffix.lower()
     with atomic_path(out) as tmp:
         if suffix == ".csv":
-            table.to_csv(tmp, index=False)
+            write_csv(table, tmp)
         elif suffix == ".json":
             tmp.write_text(json.dumps(records(table), indent=1))
         else:

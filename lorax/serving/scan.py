@@ -26,6 +26,7 @@ import numpy as np
 from lorax.serving.errors import ServingError
 from lorax.serving.inputs import collect_inputs
 from lorax.serving.predict import Predictor
+from lorax.serving.schema import write_csv
 from lorax.utils.io import write_json
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def _readme(name: str, members: list[dict[str, Any]], threshold: float) -> str:
     ]
     for m in members:
         lines.append(f"| {m['file']} | {m['unknown_score']:.3f} | {m['fake_probability']:.3f} | "
-                     f"{m['predicted_class']} | {m['source']} |")
+                     f"{m['nearest_class']} | {m['source']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,8 +144,8 @@ def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *
     _prepare_out(out, overwrite)
     pred = predictor.predict(paths, keep_features=True)
     table = pred.table
-    table.to_csv(out / "predictions.csv", index=False)
-    flagged = np.flatnonzero(table["unknown_flag"].fillna(False).to_numpy(dtype=bool))
+    write_csv(table, out / "predictions.csv")
+    flagged = np.flatnonzero(table["unknown"].fillna(False).to_numpy(dtype=bool))  # the row's rule: fake + score
     n_ok = int((table["status"] == "ok").sum())
     summary: dict[str, Any] = {
         "inbox": [str(p) for p in inbox], "n_images": len(table), "n_ok": n_ok,
@@ -161,7 +162,7 @@ def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *
                 "source": str(table.at[i, "path"]),
                 "unknown_score": float(table.at[i, "unknown_score"]),
                 "fake_probability": float(table.at[i, "fake_probability"]),
-                "predicted_class": str(table.at[i, "predicted_class"]),
+                "nearest_class": str(table.at[i, "top"][0]["class"]),
             } for i in rows]
             if len(rows) < min_group:
                 summary["ungrouped"] += members

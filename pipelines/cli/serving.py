@@ -122,7 +122,7 @@ def _predict(args: argparse.Namespace) -> int:
     write_table(table, out)
     ok = table["status"] == "ok"
     n_fake = int((table["verdict"] == "fake").sum())
-    n_unknown = int(table["unknown_flag"].fillna(False).sum())
+    n_unknown = int(table["unknown"].fillna(False).sum())
     print(f"{len(table)} images: {int(ok.sum()) - n_fake} real, {n_fake} fake ({n_unknown} flagged as unknown "
           f"generator), {int((~ok).sum())} unreadable -> {out}")
     if "agreement" in table.columns:

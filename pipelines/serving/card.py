@@ -189,12 +189,13 @@ def write_model_card(state_dir: str | Path, metrics: dict[str, Any] | None, out_
         m = json.loads(os_meta.read_text())
         lines.append(f"Open-set score calibrated: threshold {m['threshold']:.3f} = the "
                      f"{100 * m.get('quantile', 0.95):.0f}th percentile of {m.get('n_val', '?')} known validation "
-                     "images, so about 5% of images from known generators are flagged as unknown by design.")
+                     "images, so about 5% of images from known generators score above it by design; a row is `unknown` only "
+                     "when its verdict is also fake.")
     else:
         lines.append("No open-set calibration stored with this state (`lorax calibrate`); `unknown_score` is empty.")
     lines += ["", "## Intended use and limits", "",
               "- Attributes images to the generators listed above; an image from another generator gets one of "
-              "these labels anyway: read `unknown_flag` / `lorax scan` for those.",
+              "these labels anyway: read `unknown` / `lorax scan` for those.",
               "- Images smaller than the crop are refused; larger ones are scored on centre/grid crops.",
               "- Accuracies are on held-out images of the same generators and domains as training."]
     if not model.get("pretrained"):

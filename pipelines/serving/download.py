@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from lorax.serving.errors import ServingError
@@ -84,8 +85,9 @@ def _registered_version(client, model: str, uri: str, flag: str = "--model"):
 
 
 def _download(model: str, params_path: str | Path | None, is_model: Callable[[Path], bool], what: str,
-              flag: str = "--model") -> tuple[Path, str]:
-    """A registry URI's artifacts, downloaded once into the cache: (local folder, label naming the version).
+              flag: str = "--model") -> tuple[Path, str, str | None]:
+    """A registry URI's artifacts, downloaded once into the cache: (local folder, label naming the version, the
+    registry version or None when the URI names no registered version).
     ``is_model`` tells whether a folder holds what the URI must name (``what``, for the error)."""
     import hashlib
 
@@ -116,7 +118,9 @@ def _download(model: str, params_path: str | Path | None, is_model: Callable[[Pa
         shutil.move(str(local), str(tmp / "model"))
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
-    return dest / "model", f"{model} (version {mv.version})" if mv is not None else model
+    if mv is None:
+        return dest / "model", model, None
+    return dest / "model", f"{model} (version {mv.version})", str(mv.version)
 
 
 def resolve_model(model: str, params_path: str | Path | None = "params.yaml") -> ResolvedModel:
@@ -130,8 +134,8 @@ def resolve_model(model: str, params_path: str | Path | None = "params.yaml") ->
     """
     if not is_model_uri(model):
         return resolve_local(model)
-    folder, label = _download(model, params_path, lambda p: (p / "MLmodel").is_file(), "MLmodel file")
-    return from_model_folder(folder, label)
+    folder, label, version = _download(model, params_path, lambda p: (p / "MLmodel").is_file(), "MLmodel file")
+    return replace(from_model_folder(folder, label), version=version)
 
 
 def resolve_detector(detector: str, params_path: str | Path | None = "params.yaml") -> Path:
@@ -141,7 +145,7 @@ def resolve_detector(detector: str, params_path: str | Path | None = "params.yam
 
     if not is_model_uri(detector):
         return detector_file(detector)
-    folder, _ = _download(detector, params_path, lambda p: (p / CHECKPOINT).is_file(), CHECKPOINT, "--detector")
+    folder, _, _ = _download(detector, params_path, lambda p: (p / CHECKPOINT).is_file(), CHECKPOINT, "--detector")
     return folder / CHECKPOINT
 
 

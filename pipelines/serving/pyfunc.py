@@ -6,20 +6,23 @@ calibrated, its open-set calibration (``openset``, :mod:`lorax.serving.openset`)
 ``models:/lorax-attributor@champion`` therefore needs nothing else but the ``lorax`` package (the frozen backbone
 is rebuilt from ``state.json``: seeded random init, or ``model.pretrained`` when the state names weights).
 
-``predict`` takes a DataFrame whose ``image`` column (or first column) holds image bytes or base64 text of the
-bytes (an optional ``name`` column labels the rows), and returns one row per input, in order: the probability of
-every class (``<task>/real``, ``<task>/fake``), then the fields of ``lorax predict``
-(:data:`lorax.serving.predict.COLUMNS`: status and error, verdict, generator, probability, fake probability, top-3
-classes, unknown-generator score and flag; ``path`` is the row's name) and ``predicted_task``; a model saved with a
-detector (``save_attributor(detector=...)``) adds the detector's columns and ``agreement`` before ``predicted_task``. The same code as
-``lorax predict`` scores the images, so ``mlflow models serve`` answers exactly what the command writes.
+``predict`` takes a DataFrame with an ``image`` column holding image bytes or base64 text of the bytes and an
+optional ``name`` column labelling the rows; any other column, or no ``image`` column, refuses the request as a
+whole (one line naming the expected columns). A list, an array or MLflow's ``inputs`` list is taken as the ``image``
+column. It returns one row per input, in order, in the row schema of ``lorax predict``
+(:data:`lorax.serving.schema.COLUMNS`: status and error, verdict, fake probability and threshold, generator, ``top``
+classes, unknown flag and score, ``model_version``; ``path`` is the row's name); a model saved with a detector
+(``save_attributor(detector=...)``) adds the detector's columns and ``agreement``. ``model_version`` is the
+``model_version`` of the model config it was loaded with (``mlflow.pyfunc.load_model(uri, model_config=
+{"model_version": N})``), else null. The same code as ``lorax predict`` scores the images, so ``mlflow models
+serve`` answers exactly what the command writes.
 
 Trust boundary (:mod:`lorax.serving.rows`): file paths are refused unless the operator allowed a folder
 (``LORAX_SERVE_IMAGE_ROOT`` when the model loads, else ``image_root`` given to :func:`save_attributor`); a request
 cannot change it. Every value that cannot be used (a refused or missing path, invalid base64, a non-image, a
 number) is an error row with the reason; the other rows are scored. A request with no rows gets no predictions
-(an empty ``dataframe_split`` and ``dataframe_records: []`` alike); only one whose rows have no columns is refused
-as a whole, by an :class:`~mlflow.exceptions.MlflowException` whose JSON carries one line
+(an empty ``dataframe_split`` and ``dataframe_records: []`` alike); one whose columns are not ``image`` (and
+``name``) is refused as a whole, by an :class:`~mlflow.exceptions.MlflowException` whose JSON carries one line
 and no stack trace (MLflow adds a trace to any other exception, so none escapes ``predict``).
 """
 
@@ -44,6 +47,7 @@ from lorax.serving.rows import Row, describe, image_root, parse_value
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+INPUT_COLUMNS = ("image", "name")
 REQUIREMENTS = ("torch", "torchvision", "timm", "peft", "safetensors", "numpy", "pandas", "pyarrow", "pillow",
                 "pydantic", "pyyaml", "scikit-learn", "mlflow")
 
@@ -67,12 +71,15 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
 
             self.predictor.detector = DetectorScorer.from_file(context.artifacts["detector"], device=device,
                                                                batch_size=self.predictor.batch_size)
-        self.classes = self.predictor.classes
-        self.image_root = image_root((getattr(context, "model_config", None) or {}).get("image_root"))
+        config = getattr(context, "model_config", None) or {}
+        version = config.get("model_version")
+        self.predictor.model_version = None if version is None else str(version)
+        self.image_root = image_root(config.get("image_root"))
         log.info("lorax attributor loaded: %s", describe(self.image_root))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One row per input value (see the module docstring); only a request with no columns is refused.
+        """One row per input value (see the module docstring); a request without an ``image`` column, or with
+        another column, is refused.
 
         ``model_input`` is usually a DataFrame, but a list, array or dict of columns (MLflow's ``inputs`` and
         ``instances`` forms) works too; the hint stays DataFrame so MLflow infers no signature from it."""
@@ -89,16 +96,14 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
                                   "server); retry, or report it to the operator") from None
 
     def _score(self, frame: pd.DataFrame, batch_size: int) -> pd.DataFrame:
-        from lorax.continual.metrics import softmax
         from lorax.serving.detector import DETECTOR_COLUMNS, DETECTOR_DTYPES
-        from lorax.serving.predict import COLUMNS, DTYPES
+        from lorax.serving.schema import COLUMNS, DTYPES, empty_top
 
         columns, dtypes = COLUMNS, DTYPES
         if self.predictor.detector is not None:  # the bundled detector's columns too
             columns, dtypes = COLUMNS + DETECTOR_COLUMNS, {**DTYPES, **DETECTOR_DTYPES}
 
-        col = "image" if "image" in frame.columns else frame.columns[0]
-        rows: list[Row] = [parse_value(v, self.image_root) for v in frame[col]]
+        rows: list[Row] = [parse_value(v, self.image_root) for v in frame["image"]]
         n = len(rows)
         if "name" in frame.columns:
             names = ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in frame["name"]]
@@ -107,7 +112,8 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
         good = [i for i, r in enumerate(rows) if r.error is None]
         cols: dict[str, list[Any]] = {c: [None] * n for c in columns}
         cols["path"], cols["status"], cols["error"] = names, ["error"] * n, [r.error for r in rows]
-        logits = np.full((n, len(self.classes)), np.nan)
+        cols["top"] = [empty_top() for _ in range(n)]
+        cols["model_version"] = [self.predictor.model_version] * n
         if good:
             p = self.predictor
             old, p.batch_size = p.batch_size, batch_size
@@ -118,15 +124,7 @@ class LoraxAttributor(mlflow.pyfunc.PythonModel):
             for c in columns:
                 for i, v in zip(good, res.table[c].tolist(), strict=True):
                     cols[c][i] = v
-            logits[good] = res.logits
-        table = pd.DataFrame(cols).astype(dtypes)
-        probs = np.full(logits.shape, np.nan)
-        ok = (table["status"] == "ok").to_numpy()
-        if ok.any():
-            probs[ok] = softmax(logits[ok])
-        out = pd.concat([pd.DataFrame(probs, columns=self.classes), table], axis=1)
-        out["predicted_task"] = [c.rsplit("/", 1)[0] if isinstance(c, str) else None
-                                 for c in table["predicted_class"]]
+        out = pd.DataFrame(cols).astype(dtypes)
         # plain Python values (None for missing): JSON-serialisable by the scoring server
         return out.astype(object).where(out.notna(), None)
 
@@ -155,12 +153,18 @@ def _as_frame(model_input: Any) -> pd.DataFrame:
         if values.ndim > 2:
             raise _refuse(f"the request is a {values.ndim}-dimensional array; send a DataFrame with an 'image' "
                           "column (base64 of the image bytes)")
+        if values.ndim == 2 and values.shape[1] == 1:  # one value per row, nested: still the image column
+            values = values[:, 0]
         frame = pd.DataFrame({"image": list(values)}) if values.ndim == 1 else pd.DataFrame(values)
     if len(frame) == 0:  # no rows, in any form (an empty split, empty records): no predictions
         return pd.DataFrame({"image": []})
     if frame.shape[1] == 0:
         raise _refuse("the request has no columns; send a DataFrame with an 'image' column (base64 of the image "
                       "bytes), e.g. {\"dataframe_split\": {\"columns\": [\"image\"], \"data\": [[\"iVBOR...\"]]}}")
+    got = [str(c) for c in frame.columns]
+    if "image" not in got or set(got) - set(INPUT_COLUMNS):
+        shown = [c if len(c) <= 40 else c[:40] + "..." for c in got[:8]] + (["..."] if len(got) > 8 else [])
+        raise _refuse(f"expected columns 'image' (base64 of the image bytes) and optional 'name'; got {shown}")
     return frame
 
 
@@ -208,7 +212,8 @@ def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | 
     (saved in the model's config) lets the served model read image paths under that folder; by default it reads
     none, and ``LORAX_SERVE_IMAGE_ROOT`` at load time overrides it either way. ``detector`` (a
     ``detector.safetensors`` or a folder holding one) is bundled as the ``detector`` artifact: the served model
-    then adds the detector's verdict and ``agreement`` (:mod:`lorax.serving.detector`) to every row.
+    then adds the detector's verdict and ``agreement`` (:mod:`lorax.serving.detector`) to every row. The saved
+    ``model_version`` is null: whoever loads a registered version passes its number (``model_config``).
     """
     from lorax.serving.openset import current_openset, openset_dir as default_openset
 
@@ -233,8 +238,9 @@ def save_attributor(path: str | Path, state_dir: str | Path, memory_path: str | 
             pip_requirements=pip_requirements(extra),
             metadata={"lorax": "attributor", "needs": "the lorax package (pip install -e <lorax repo>)",
                       **(metadata or {})},
-            # always a config, so a loader may add to it (``lorax serve`` passes the version it loads)
-            model_config={"image_root": os.path.abspath(os.path.expanduser(image_root)) if image_root else None},
+            # both keys saved, so a load may set them (MLflow ignores a load-time key the saved config lacks)
+            model_config={"image_root": os.path.abspath(os.path.expanduser(image_root)) if image_root else None,
+                          "model_version": None},
         )
     return path
 

@@ -131,15 +131,20 @@ def test_evaluate_logits_bad_input():
 
 def test_prediction_table():
     lg = np.array([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 0.0, 2.0]])
+    from lorax.serving.schema import COLUMNS, EVAL_COLUMNS, TOP_K
+
     df = M.prediction_table(["a.png", "b.png"], lg, np.array([2, 1]), np.array([1, 0]), task_names=["x", "y"])
-    assert df["pred"].tolist() == [0, 3]
+    assert list(df.columns) == COLUMNS + EVAL_COLUMNS  # lorax predict's row, then the evaluation's own columns
+    assert df["verdict"].tolist() == ["real", "fake"] and df["generator"].fillna("-").tolist() == ["-", "y"]
     assert df["correct"].tolist() == [True, False]  # real as another real: ok; fake as wrong generator: not
-    assert df["task_name"].tolist() == ["y", "x"]
+    assert df["task"].tolist() == ["y", "x"] and df["target"].tolist() == ["y/real", "x/fake"]
     p = M.softmax(lg)
-    np.testing.assert_allclose(df["fake_prob"], p[:, 1] + p[:, 3])
-    assert df[["top1_class", "top2_class", "top3_class"]].iloc[0].tolist() == [0, 2, 1]
-    assert (df["top1_prob"] >= df["top2_prob"]).all() and (df["top2_prob"] >= df["top3_prob"]).all()
-    np.testing.assert_allclose(df["top1_prob"], p.max(axis=1))
+    # no stored verdict (argmax rule): the best fake class against the best real one, threshold 0.5
+    np.testing.assert_allclose(df["fake_probability"], p[:, 1::2].max(1) / (p[:, 1::2].max(1) + p[:, 0::2].max(1)))
+    assert ((df["verdict"] == "fake") == (df["fake_probability"] >= df["threshold"])).all()
+    assert df["threshold"].tolist() == [0.5, 0.5] and df["status"].tolist() == ["ok", "ok"]
+    assert [e["class"] for e in df["top"][0]] == ["x/real", "y/real", "x/fake"] and len(df["top"][1]) == TOP_K
+    np.testing.assert_allclose([t[0]["probability"] for t in df["top"]], p.max(axis=1))
 
 
 def _is_png(path):

@@ -71,7 +71,9 @@ def test_evaluate_logits_with_verdict() -> None:
     assert out["pooled_acc_argmax"] == 0.0  # the argmax gets every row wrong here
     table = M.prediction_table(["a", "b", "c"], logits, targets, tasks, fake_score=np.array([0.2, 0.9, 0.8]),
                                threshold=0.5)
-    assert table["verdict"].tolist() == ["real", "fake", "fake"] and table["pred"].tolist() == [2, 1, 3]
+    assert table["verdict"].tolist() == ["real", "fake", "fake"] and table["threshold"].tolist() == [0.5] * 3
+    assert table["generator"].fillna("-").tolist() == ["-", "0", "1"] and table["fake_probability"].tolist() == [0.2, 0.9, 0.8]
+    assert table["top"][0][0]["class"] == "0/fake"  # the most probable class, whatever the verdict (real here)
 
 
 def test_save_and_load_roundtrip(tmp_path) -> None:

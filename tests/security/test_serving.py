@@ -158,7 +158,8 @@ def test_saved_root_env_override_and_mixed_batch_in_process(stream, tree, tmp_pa
     assert list(out["status"]) == ["ok", "ok", "ok", "error", "error", "error", "error"]
     # a value tried as a path is named by what the caller sent; the others by their row
     assert list(out["path"]) == [*batch[:2], "row 2", "row 3", *batch[4:6], "row 6"]
-    assert out["probability"][0] == pytest.approx(out["probability"][2]) == pytest.approx(out["probability"][1])
+    assert out["fake_probability"][0] == pytest.approx(out["fake_probability"][2]) == pytest.approx(
+        out["fake_probability"][1])
     assert "path outside the folder" in out["error"][3] and "got int" in out["error"][6]
     assert all("no such file under the server's image folder (nor base64 image bytes)" == e for e in out["error"][4:6])
     with pytest.raises(MlflowException, match="no columns") as e:
@@ -234,8 +235,8 @@ def test_server_refuses_paths_and_answers_every_row(servers) -> None:
     assert [r["error"] for r in rows[:3]] == [PATHS_REFUSED] * 3  # existing, real image or missing: one answer
     assert "not valid base64" in rows[4]["error"] and "not an image" in rows[5]["error"]
     assert "got int" in rows[6]["error"] and "null" in rows[7]["error"]
-    assert sum(rows[3][c] for c in ("deconv/real", "deconv/fake", "nnconv/real", "nnconv/fake")) == pytest.approx(1)
-    assert list(rows[0])[4:4 + len(COLUMNS)] == COLUMNS
+    assert sum(e["probability"] for e in rows[3]["top"]) <= 1 + 1e-6 and len(rows[3]["top"]) == 3
+    assert list(rows[0]) == COLUMNS and rows[0]["top"] == [None, None, None]
     _no_trace(text)
     assert str(f["outside"].parent) not in text and "root:" not in text
 
@@ -248,7 +249,8 @@ def test_server_with_a_root_reads_only_regular_files_inside_it(servers) -> None:
               f"{root}/../{f['outside'].name}", str(f["outside"]), "link.png", "fifo.png", "missing.png"]
     rows, text = _rows(rooted, values)
     assert [r["status"] for r in rows] == ["ok"] * 3 + ["error"] * 6
-    assert rows[0]["probability"] == pytest.approx(rows[2]["probability"]) == pytest.approx(rows[1]["probability"])
+    assert rows[0]["fake_probability"] == pytest.approx(rows[2]["fake_probability"]) == pytest.approx(
+        rows[1]["fake_probability"])
     assert all("path outside the folder" in r["error"] for r in rows[3:7])  # '..', absolute, symlink out
     assert "not a regular file" in rows[7]["error"] and "no such file" in rows[8]["error"]
     assert not any(str(root.resolve()) in r["error"] for r in rows[3:])
@@ -276,6 +278,21 @@ def test_server_request_level_errors_are_one_line_without_a_trace(servers) -> No
     code, text = _call(plain, json.dumps({"inputs": ["/etc/passwd", 3]}).encode())
     assert code == 200 and [r["status"] for r in json.loads(text)["predictions"]] == ["error", "error"]
     _no_trace(text)
+
+
+@pytest.mark.slow
+def test_server_refuses_columns_other_than_image_and_name(servers) -> None:
+    """A misnamed column is not silently taken as the images: the whole request is refused, in one line."""
+    plain, _, f = servers
+    good = _b64(f["image"].read_bytes())
+    for columns, data in ((["img"], [[good]]), (["foo", "bar"], [["x", "y"]])):
+        code, text = _call(plain, json.dumps({"dataframe_split": {"columns": columns, "data": data}}).encode())
+        message = json.loads(text)["message"]
+        assert code == 400 and message == ("expected columns 'image' (base64 of the image bytes) and optional "
+                                           f"'name'; got {columns}"), text[:500]
+        _no_trace(text)
+    code, text = _call(plain, json.dumps({"inputs": [good]}).encode())  # a plain list is still the image column
+    assert code == 200 and [r["status"] for r in json.loads(text)["predictions"]] == ["ok"]
 
 
 @pytest.mark.slow

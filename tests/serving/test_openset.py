@@ -23,6 +23,7 @@ from lorax.serving.openset import (
 )
 from lorax.serving.predict import Predictor
 from lorax.serving.scan import cluster, scan_inbox
+from lorax.serving.schema import read_csv
 
 
 def _blobs(rng, means: np.ndarray, n: int, scale: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -111,9 +112,14 @@ def test_scan_writes_candidate_tasks(stream, predictor, tmp_path: Path) -> None:
     everything.openset.threshold = -1.0  # flag every image, to exercise grouping and copying
     out = tmp_path / "scan"
     s = scan_inbox(everything, [inbox], out, min_group=2)
-    assert s["n_images"] == 9 and s["n_errors"] == 1 and s["n_flagged"] == 8
+    rows = read_csv(out / "predictions.csv")
+    rows["unknown"] = rows["unknown"].fillna(False).astype(bool)
+    n_fake = int((rows["verdict"] == "fake").sum())  # every image is over the threshold; only fakes are unknown
+    assert s["n_images"] == 9 and s["n_errors"] == 1 and s["n_flagged"] == n_fake >= 4
+    assert rows["unknown"].tolist() == (rows["verdict"] == "fake").tolist()
+    assert rows.loc[rows["unknown"], "generator"].isna().all()  # unknown: no generator named
     members = [m for c in s["candidates"] for m in c["members"]]
-    assert len(members) + len(s["ungrouped"]) == 8 and s["candidates"]
+    assert len(members) + len(s["ungrouped"]) == n_fake and s["candidates"]
     for c in s["candidates"]:
         files = sorted((out / c["name"] / "train" / "1_fake").iterdir())
         assert len(files) == c["n_images"] >= 2
@@ -121,7 +127,7 @@ def test_scan_writes_candidate_tasks(stream, predictor, tmp_path: Path) -> None:
         for m in c["members"]:
             assert (out / m["file"]).read_bytes() == Path(m["source"]).read_bytes()
             assert Path(m["file"]).name in readme
-    assert json.loads((out / "scan.json").read_text())["n_flagged"] == 8
+    assert json.loads((out / "scan.json").read_text())["n_flagged"] == n_fake
     assert len((out / "predictions.csv").read_text().splitlines()) == 10
     with pytest.raises(ServingError, match="not empty.*--overwrite"):
         scan_inbox(everything, [inbox], out)

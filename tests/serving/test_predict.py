@@ -14,6 +14,7 @@ from pipelines.cli import main
 from lorax.serving.errors import ServingError
 from lorax.serving.inputs import collect_inputs
 from lorax.serving.predict import COLUMNS, Predictor, write_table
+from lorax.serving.schema import TOP_K, read_csv
 from tests.helpers import png_header_only
 
 
@@ -52,19 +53,19 @@ def test_output_fields(stream, predictor) -> None:
     for i, row in t.iterrows():
         fake = bool(fake_p[i] >= verdict.threshold)
         c = int(np.argmax(np.where(np.arange(4) % 2 == int(fake), probs[i], -1)))  # best class of the verdict's kind
-        assert row["fake_probability"] == pytest.approx(fake_p[i])
+        assert row["fake_probability"] == pytest.approx(fake_p[i]) and row["threshold"] == verdict.threshold
         assert row["verdict"] == ("fake" if fake else "real")
-        assert row["predicted_class"] == classes[c] and row["probability"] == pytest.approx(probs[i, c])
-        assert (row["generator"] == classes[c].split("/")[0]) if fake else pd.isna(row["generator"])
-        if fake:
+        assert (row["verdict"] == "fake") == (row["fake_probability"] >= row["threshold"])
+        assert row["unknown"] == (fake and row["unknown_score"] > predictor.openset.threshold)
+        if fake and not row["unknown"]:
+            assert row["generator"] == classes[c].split("/")[0]
             assert row["generator_probability"] == pytest.approx(probs[i, c] / probs[i, 1::2].sum())
-        else:
-            assert pd.isna(row["generator_probability"])
-        assert row["top1_class"] == classes[int(np.argmax(probs[i]))]
-        assert row["top1_prob"] == pytest.approx(probs[i].max())
-        assert row["top1_prob"] >= row["top2_prob"] >= row["top3_prob"]
-        assert len({row["top1_class"], row["top2_class"], row["top3_class"]}) == 3
-        assert np.isfinite(row["unknown_score"]) and row["unknown_flag"] in (True, False)
+        else:  # a real verdict, or an unknown fake, names no generator
+            assert pd.isna(row["generator"]) and pd.isna(row["generator_probability"])
+        top = row["top"]
+        assert len(top) == TOP_K and [e["class"] for e in top] == [classes[k] for k in np.argsort(-probs[i])[:TOP_K]]
+        assert [e["probability"] for e in top] == pytest.approx(np.sort(probs[i])[::-1][:TOP_K].tolist())
+        assert np.isfinite(row["unknown_score"]) and pd.isna(row["model_version"])  # a local state: no version
         assert row["width"] == 24 and row["height"] == 24
 
 
@@ -157,7 +158,8 @@ def test_collect_inputs(tmp_path: Path) -> None:
 def test_write_table_formats_agree(tmp_path: Path, stream, predictor) -> None:
     paths = [str(p) for p in stream.val_images("nnconv")[:3]] + [str(tmp_path / "missing.png")]
     table = predictor.predict(paths, progress=False).table
-    csv = pd.read_csv(write_table(table, tmp_path / "p.csv"))
+    csv = read_csv(write_table(table, tmp_path / "p.csv"))
+    assert pd.read_csv(tmp_path / "p.csv")["top"].iloc[0].startswith('[{"class": ')  # a JSON string in CSV
     js = pd.DataFrame(json.loads(write_table(table, tmp_path / "p.json").read_text()))
     pq = pd.read_parquet(write_table(table, tmp_path / "p.parquet"))
     for got in (csv, js, pq):
@@ -166,6 +168,9 @@ def test_write_table_formats_agree(tmp_path: Path, stream, predictor) -> None:
         np.testing.assert_allclose(got["fake_probability"].astype(float)[:3],
                                    table["fake_probability"].astype(float)[:3])
         assert got["error"].iloc[3] == "file not found" and pd.isna(got["verdict"].iloc[3])
+        for a, b in zip(got["top"], table["top"], strict=True):  # a real list (JSON keeps 10 digits)
+            assert len(a) == TOP_K and [e and e["class"] for e in a] == [e and e["class"] for e in b]
+            assert [e["probability"] for e in a if e] == pytest.approx([e["probability"] for e in b if e])
     with pytest.raises(ServingError, match=r"unknown format \.xlsx"):
         write_table(table, tmp_path / "p.xlsx")
 
