@@ -73,7 +73,9 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.
 
     with torch.enable_grad(), progress:
         opt.step(closure)
-    log.debug("head refit: L-BFGS %d function evaluations", progress.n)
+    done = opt.state[w]
+    log.debug("head refit: L-BFGS %d iterations, %d function evaluations", done.get("n_iter", 0),
+              done.get("func_evals", 0))
     return w.detach(), b.detach()
 
 
