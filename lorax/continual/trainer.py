@@ -117,6 +117,8 @@ def train_task(
     rows = training_rows(method, task_manifest, memory, history)
     seed = params.seed * 1000 + task_index
     source = BatchSource(rows, method, params, seed, device, ctx)
+    log.info("task %s: %d training rows, %d epochs of %d batches on %s", task, len(rows), params.train.epochs,
+             len(source), device)
     epochs = _fit(method, source, params, task, learning_rate(params, task_index), seed, out_dir, ctx, callback)
 
     head_info = fit_heads(method, rows, params, device, store) if ctx.is_main else {}
