@@ -219,7 +219,7 @@ def _a_clone_of_the_shared_run_redoes_no_work(repo: Path, tmp_path: Path) -> Non
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], env=env, check=True)
     dvc(clone, "pull")
-    tasks = list(json.loads((repo / "reports" / "metrics.json").read_text())["tasks"])
+    tasks = list(read_metrics(repo / "reports" / "metrics.json")["tasks"])
     # the built-in zoo is not in DVC's cache (it is prepare's input, not an output): until synth has rebuilt it,
     # prepare's input is missing
     assert set(json.loads(dvc(clone, "status", "--json").stdout)) == {f"{s}@{t}" for t in tasks
