@@ -127,7 +127,9 @@ def paired_bootstrap(a: Path, b: Path, root: Path, n: int = 2000, seed: int = 0)
 
 def last_predictions(run_dir: Path) -> Path:
     """The per-image table of a run's last evaluation (``eval/<last task>.predictions.csv``)."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    from lorax.continual.summary import read_metrics
+
+    metrics = read_metrics(run_dir / "metrics.json")
     return run_dir / "eval" / f"{metrics['tasks'][-1]}.predictions.csv"
 
 

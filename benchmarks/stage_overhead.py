@@ -58,7 +58,9 @@ def run_mode(mode: str, root: Path) -> dict:
     by_kind: dict[str, list[float]] = {}
     for r in rows:
         by_kind.setdefault(r["stage"].split("@")[0], []).append(r["startup_s"] + r.get("step_imports_s", 0.0))
-    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    from lorax.continual.summary import read_metrics
+
+    metrics = read_metrics(root / "reports" / "metrics.json")
     return {"mode": mode, "wall_s": round(wall, 1), "work_s": round(work, 1), "overhead_s": round(wall - work, 1),
             "overhead_share": round((wall - work) / wall, 3), "stages": len(rows),
             "warm_stages": sum(bool(r.get("warm")) for r in rows),

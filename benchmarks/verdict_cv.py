@@ -29,11 +29,12 @@ def run_features(run: Path) -> dict[str, np.ndarray]:
     from lorax.config import parse_params
     from lorax.continual.evaluation import predict_logits
     from lorax.continual.state import load_state
+    from lorax.continual.summary import read_metrics
     from lorax.data.manifest import load_stream_manifests
     from pipelines.layout import Layout
     from pipelines.steps import embedding_store
 
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = read_metrics(run / "metrics.json")
     method, info = load_state(run / "state" / metrics["tasks"][-1])
     params = parse_params(info["params"], str(run))
     manifests = run.parent / "manifests"

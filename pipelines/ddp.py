@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from lorax.config import ConfigError, add_settings_arguments, params_from_arguments
-    from lorax.continual.summary import format_matrix
+    from pipelines.summary_table import format_stream
     from pipelines.cli.train import METHOD_HELP, check_method
 
     ap = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m pipelines.ddp",
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if metrics is not None:
-        print(format_matrix(metrics))
-        print(f"metrics: {Path(args.out) / 'metrics.json'}")
+        print(format_stream(metrics))
+        print(f"metrics: {Path(args.out) / 'metrics.json'} (details: {Path(args.out) / 'metrics_details.json'})")
         print(json.dumps({k: metrics[k] for k in ("aa", "aaf", "bwt", "forgetting", "binary_acc")}))
     return 0
 

@@ -319,14 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="serve the watch flow on an interval schedule (needs a Prefect server)")
     s.add_argument("--every", default="1h", help="interval: 90, 30s, 15m, 1h, 1d (default 1h)")
     args = parser.parse_args(argv)
+    from pipelines.summary_table import format_result
+
     if args.cmd == "continual":
-        print(continual_flow(args.params, args.root))
+        print(format_result(continual_flow(args.params, args.root)))
     elif args.cmd == "new":
-        print(new_generator_flow(args.name, args.params, args.root))
+        print(format_result(new_generator_flow(args.name, args.params, args.root)))
     elif args.cmd == "detect":
-        print(detect_flow(args.params, args.root))
+        print(format_result(detect_flow(args.params, args.root)))
     elif args.cmd == "watch":
-        print(watch_flow(args.params, args.root, inbox=args.inbox))
+        print(format_result(watch_flow(args.params, args.root, inbox=args.inbox)))
     else:
         from prefect import serve
 

@@ -11,10 +11,11 @@ Paths of a project (relative to its root)::
     memory/<task>.parquet           select: exemplar memory after the task (memory/init.parquet is empty)
     reports/eval/<task>.json        evaluate: one column of the accuracy matrix (+ .predictions.csv)
     reports/registry/<task>.json    register: the registered version and its gate result
-    reports/metrics.json            report: AA, AAF, BWT, the accuracy matrix...; reports/plots/*
+    reports/metrics.json            report: the headline figures (AA, AAF, BWT, accuracies...: DVC metrics)
+    reports/metrics_details.json    report: the accuracy matrix, per-task lists, controls; reports/plots/*
 
 ``lorax train --out OUT`` (and the torchrun entry point) use the same tree with the reports at the top of OUT
-(:meth:`Layout.run`): OUT/state, OUT/memory, OUT/eval, OUT/metrics.json, OUT/plots.
+(:meth:`Layout.run`): OUT/state, OUT/memory, OUT/eval, OUT/metrics.json (+ metrics_details.json), OUT/plots.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ class Layout:
     @property
     def metrics(self) -> Path:
         return self.reports / "metrics.json"
+
+    @property
+    def metrics_details(self) -> Path:
+        from lorax.continual.summary import details_path
+
+        return details_path(self.metrics)
 
     @property
     def plots(self) -> Path:

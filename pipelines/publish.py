@@ -10,7 +10,7 @@ from typing import Any
 
 from lorax.config import Params
 from lorax.continual.state import state_hash
-from lorax.continual.summary import long_tables, summarize_stream
+from lorax.continual.summary import long_tables, summarize_stream, write_metrics
 from lorax.utils.io import read_json, write_json
 from pipelines.layout import Layout
 from pipelines.steps import _index, _state_info, calibrate_openset, stream_run
@@ -68,7 +68,8 @@ def register_step(params: Params, layout: Layout, task: str, tracker) -> dict[st
 
 
 def report_step(params: Params, layout: Layout, tracker=None) -> dict[str, Any]:
-    """reports/metrics.json (the keys of ``lorax train``), plots for DVC and MLflow, the stream run's summary."""
+    """reports/metrics.json (headline figures) and metrics_details.json (the keys of ``lorax train``), plots for DVC
+    and MLflow, the stream run's summary. Returns both files' figures as one dict."""
     import numpy as np
 
     from lorax.continual.plots import plot_accuracy_matrix, plot_task_curves
@@ -77,7 +78,7 @@ def report_step(params: Params, layout: Layout, tracker=None) -> dict[str, Any]:
     evals = [read_json(layout.eval(t), f"evaluate task {t} first") for t in tasks]
     states = [layout.state(t) for t in tasks]
     metrics = summarize_stream(params, evals, states)
-    write_json(layout.metrics, metrics)
+    write_metrics(layout.metrics, metrics)
     matrix, curves = long_tables(metrics)
     layout.plots.mkdir(parents=True, exist_ok=True)
     matrix.to_csv(layout.plots / "acc_matrix.csv", index=False)
@@ -101,6 +102,7 @@ def report_step(params: Params, layout: Layout, tracker=None) -> dict[str, Any]:
         for f in ("acc_matrix.png", "task_curves.png", "acc_matrix.csv", "acc_curves.csv"):
             tracker.log_artifact(parent, layout.plots / f, "plots")
         tracker.log_artifact(parent, layout.metrics)
+        tracker.log_artifact(parent, layout.metrics_details)
         tracker.log_artifact(parent, layout.root / "dvc.lock", "dvc")
         tracker.log_dict(parent, dvc_lock_hashes(layout.root), "dvc/lock_hashes.json")
         tracker.set_tags(parent, {"lorax.tasks": ",".join(tasks), **environment_tags(layout.root)})

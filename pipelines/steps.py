@@ -19,6 +19,7 @@ from typing import Any
 
 from lorax.config import ConfigError, Params
 from lorax.utils.io import read_json, write_json
+from lorax.utils.progress import timed
 from pipelines.layout import INIT, RUN_FILE, Layout
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ def train_step(params: Params, layout: Layout, task: str, tracker=None, exclusiv
     from pipelines.lifetime import task_lock
 
     out = layout.state(task)
-    with task_lock(layout.locks, out, task) if exclusive else contextlib.nullcontext():
+    lock = task_lock(layout.locks, out, task) if exclusive else contextlib.nullcontext()
+    with lock, timed(log, f"task {task}: train"):
         return _train_step(params, layout, task, tracker)
 
 
@@ -196,12 +198,13 @@ def select_step(params: Params, layout: Layout, task: str) -> Path:
     from lorax.continual.state import load_state
     from lorax.continual.selection import select_exemplars
 
-    method, _ = load_state(state, params=params)
-    prev_mem = layout.memory(params.stream[task].prev)
-    memory = ExemplarMemory.load(prev_mem, layout.data_root) if prev_mem.is_file() else None
-    mem = select_exemplars(method, _manifests(params, layout, i)[task], memory, params,
-                           store=embedding_store(params, layout))
-    mem.save(out, layout.data_root)
+    with timed(log, f"task {task}: select exemplars"):
+        method, _ = load_state(state, params=params)
+        prev_mem = layout.memory(params.stream[task].prev)
+        memory = ExemplarMemory.load(prev_mem, layout.data_root) if prev_mem.is_file() else None
+        mem = select_exemplars(method, _manifests(params, layout, i)[task], memory, params,
+                               store=embedding_store(params, layout))
+        mem.save(out, layout.data_root)
     log.info("task %s: memory %d exemplars %s -> %s", task, len(mem), mem.class_counts(), out)
     return out
 
@@ -210,6 +213,11 @@ def evaluate_step(params: Params, layout: Layout, task: str, openset: bool = Tru
     """Accuracy on the validation images of every task seen so far (one column of the accuracy matrix), and the
     state's open-set calibration (``openset``; ``lorax train`` does not calibrate), from one pass of the model over
     those images."""
+    with timed(log, f"task {task}: evaluate"):
+        return _evaluate_step(params, layout, task, openset)
+
+
+def _evaluate_step(params: Params, layout: Layout, task: str, openset: bool) -> dict[str, Any]:
     from lorax.continual.state import state_hash
 
     i = _index(params, task)
@@ -285,15 +293,17 @@ def calibrate_openset(params: Params, layout: Layout, task: str,
     if loaded is None:
         from lorax.serving.calibration import calibrate_state
 
-        return calibrate_state(state, layout.manifests, out, device=params.train.device)
+        with timed(log, f"task {task}: open-set calibration"):
+            return calibrate_state(state, layout.manifests, out, device=params.train.device)
     from lorax.continual.evaluation import predict_logits
 
     method, manifests, val_feats, store = loaded
     tasks = list(method.tasks)
     openset.check_manifests(layout.manifests, tasks)
-    rows = openset.calibration_rows(manifests, tasks, "train", openset.MAX_PER_CLASS, seed=0)
-    _, train_feats = predict_logits(method, rows, params, features=True, desc="open-set train", store=store)
-    stats = openset.calibration_from_features(train_feats, rows["class_id"].to_numpy(), val_feats, tasks,
-                                              params.eval.crops)
-    return openset.store_calibration(stats, state, layout.manifests, out)
+    with timed(log, f"task {task}: open-set calibration"):
+        rows = openset.calibration_rows(manifests, tasks, "train", openset.MAX_PER_CLASS, seed=0)
+        _, train_feats = predict_logits(method, rows, params, features=True, desc="open-set train", store=store)
+        stats = openset.calibration_from_features(train_feats, rows["class_id"].to_numpy(), val_feats, tasks,
+                                                  params.eval.crops)
+        return openset.store_calibration(stats, state, layout.manifests, out)
 

@@ -4,6 +4,8 @@ where they hold them), one column of the accuracy matrix, the shortcut control.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import torch
@@ -17,6 +19,9 @@ from lorax.continual.methods import Method, logits_and_features
 from lorax.continual.trunk_cache import TrunkCache, eval_ids, open_trunk_cache
 from lorax.data.dataset import Resample, control_views
 from lorax.data.manifest import abs_paths, verify_files
+from lorax.utils.progress import timed
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -31,7 +36,14 @@ def predict_logits(method: Method, df: pd.DataFrame, params: Params, device: tor
     ``store``: LoRAX reads the frozen adapters' embeddings it already has there and computes only the missing
     (image, adapter) pairs, which it adds (:mod:`lorax.continual.embedding_store`); rows it has every embedding of
     are not decoded, but their files are still checked against the manifest
-    (:func:`~lorax.data.manifest.verify_files`)."""
+    (:func:`~lorax.data.manifest.verify_files`). Logs its start and end (:func:`lorax.utils.progress.timed`)."""
+    with timed(log, f"{desc}: {len(df)} images x {params.eval.crops} crops ({method.name})"):
+        return _predict_logits(method, df, params, device, features, desc, store, resample)
+
+
+def _predict_logits(method: Method, df: pd.DataFrame, params: Params, device: torch.device | None, features: bool,
+                    desc: str, store: EmbeddingStore | None,
+                    resample: Resample | None) -> tuple[np.ndarray, np.ndarray | None]:
     device = device or resolve_device(params.train.device)
     method.to(device).eval()
     if store is not None and uses_embedding_store(method):
@@ -96,6 +108,7 @@ def _stored_frozen_features(method: Method, df: pd.DataFrame, params: Params, de
         out[found] = vals[found]
     verify_files(df[found], params.data.follow_links)  # the others: in the loaders
     rows = np.flatnonzero(~found)
+    log.info("%s: frozen features of %d images stored, %d to compute", desc, int(found.sum()), len(rows))
     if len(rows):
         out[rows] = _crop_means(method.features, df.iloc[rows], method, params, device, f"{desc}: frozen features",
                                 resample).numpy()
@@ -128,6 +141,8 @@ def _stored_embeddings(method: Method, df: pd.DataFrame, params: Params, device:
     groups: dict[tuple[int, ...], list[int]] = {}
     for r in np.flatnonzero(missing.any(1)):
         groups.setdefault(tuple(np.flatnonzero(missing[r]).tolist()), []).append(int(r))
+    log.info("%s: embeddings of %d images x %d adapters: %d stored, %d to compute in %d pass(es)", desc, n, t,
+             int((~missing).sum()), int(missing.sum()), len(groups))
     trunk = open_trunk_cache(method, params, device) if groups else None  # also the control's resampled crops
     for cols, rows in groups.items():
         names = [method.tasks[j] for j in cols]
@@ -154,6 +169,7 @@ def _trunk_embeddings(method: Method, df: pd.DataFrame, names: list[str], params
     verify_files(df[~need], params.data.follow_links)
     if need.any():
         sub = np.flatnonzero(need)
+        log.info("%s: trunk tokens of %d of %d images to compute (the rest cached)", desc, len(sub), len(df))
         loader = loader_for(df.iloc[sub], method, params, train=False, seed=0, device=device, n_crops=n_crops,
                             resample=resample)
         trunk.fill(method.net, _reindexed(loader, sub), ids, device, autocast(params, device),

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lorax.utils.progress import bar, timed
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -60,15 +62,20 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
                             history_size=20, line_search_fn="strong_wolfe")
     scale = 1.0 / (C * n)  # the objective divided by C * n: same minimiser, better-conditioned numbers
+    progress = bar(desc=f"head refit L-BFGS ({n} x {d})", total=max_iter, unit="eval")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + 0.5 * scale * (w * w).sum()
         loss.backward()
+        progress.update()
         return loss
 
-    with torch.enable_grad():
+    with torch.enable_grad(), progress:
         opt.step(closure)
+    done = opt.state[w]
+    log.debug("head refit: L-BFGS %d iterations, %d function evaluations", done.get("n_iter", 0),
+              done.get("func_evals", 0))
     return w.detach(), b.detach()
 
 
@@ -149,10 +156,10 @@ def refit_class_head(method: Method, rows: pd.DataFrame, params: Params, feats: 
     x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
     if x.shape[1] != head.in_features:
         raise ValueError(f"continual.head: features of width {x.shape[1]} do not feed a head of {head.in_features}")
-    w, b = refit_head(x, torch.tensor(rows["class_id"].to_numpy(np.int64)), head.out_features, c.head,
-                      c.head_c, c.head_max_iter)
+    with timed(log, f"head refit ({c.head}) on {len(rows)} rows x {x.shape[1]} features"):
+        w, b = refit_head(x, torch.tensor(rows["class_id"].to_numpy(np.int64)), head.out_features, c.head,
+                          c.head_c, c.head_max_iter)
     with torch.no_grad():
         head.weight.copy_(w.to(head.weight.device))
         head.bias.copy_(b.to(head.bias.device))
-    log.info("head refit (%s) on %d rows x %d features: %.1f s", c.head, len(rows), x.shape[1], time.time() - t0)
     return {"head": {"kind": c.head, "c": c.head_c, "rows": len(rows), "seconds": round(time.time() - t0, 2)}}

@@ -3,6 +3,8 @@ from their features (herding by default)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import torch
@@ -12,6 +14,9 @@ from lorax.continual.embedding_store import EmbeddingStore
 from lorax.continual.evaluation import predict_logits
 from lorax.continual.memory import ExemplarMemory, per_class_budget
 from lorax.continual.methods import Method
+from lorax.utils.progress import timed
+
+log = logging.getLogger(__name__)
 
 
 def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: ExemplarMemory | None,
@@ -35,5 +40,6 @@ def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: Exempl
         _, feats = predict_logits(method, rows, params, device, features=True, desc="exemplars", store=store)
     else:
         feats = np.zeros((len(rows), 1), dtype=np.float32)
-    memory.add_classes(rows, feats, method=c.selection, budget=budget, seed=params.seed)
+    with timed(log, f"exemplar selection ({c.selection}): {budget} per class from {len(rows)} rows"):
+        memory.add_classes(rows, feats, method=c.selection, budget=budget, seed=params.seed)
     return memory

@@ -1,9 +1,14 @@
 """A stream's figures from its evaluations: what metrics.json holds (AA, AAF, BWT, forgetting, the accuracy matrix,
 the last evaluation's pooled accuracy and binary decision, the controls) and how it is printed and plotted.
+
+On disk the figures are split in two files, so that ``dvc metrics show`` fits a terminal: ``metrics.json`` holds
+the scalar headline figures (:data:`HEADLINE_KEYS`), ``metrics_details.json`` beside it everything else (the
+accuracy matrix, the tasks, per-task lists, the controls). :func:`read_metrics` reads both back as one dict.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +17,7 @@ import pandas as pd
 
 from lorax.continual import metrics as M
 from lorax.continual.state import read_info
+from lorax.utils.io import write_json
 
 if TYPE_CHECKING:
     from lorax.config import Params
@@ -20,6 +26,13 @@ if TYPE_CHECKING:
 # figures of the last evaluation copied into metrics.json (as is, and under each control)
 LAST_EVAL_KEYS = ("pooled_acc", "pooled_acc_argmax", "binary_acc", "balanced_acc", "real_acc", "fake_acc",
                   "verdict_threshold", "binary_acc_fitted", "binary_threshold", "binary_ap", "mean_ap")
+
+
+# metrics.json: scalars only, one column each in `dvc metrics show reports/metrics.json` (~170 characters wide);
+# the rest (fake_acc, the times, ...) is in the details file
+HEADLINE_KEYS = ("method", "n_tasks", "aa", "aaf", "bwt", "forgetting", "pooled_acc", "binary_acc", "balanced_acc",
+                 "real_acc", "mean_ap", "trainable_params")
+DETAILS_FILE = "metrics_details.json"
 
 
 def _stream_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
@@ -55,7 +68,34 @@ def summarize_stream(params: Params, evals: list[dict[str, Any]], states: list[P
         "backbone_pretrained": info.get("backbone_pretrained", False),
         "seconds_per_task": info["seconds_per_task"],
         "final_task_acc": evals[-1]["task_acc"],
+        "n_tasks": len(info["tasks"]),
+        "trainable_params": info["trainable_params_per_task"][-1],  # the last task's
     }
+
+
+def details_path(metrics_path: str | Path) -> Path:
+    """The details file beside a metrics.json (``reports/metrics_details.json``, ``OUT/metrics_details.json``)."""
+    return Path(metrics_path).with_name(DETAILS_FILE)
+
+
+def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(headline, details)``: the :data:`HEADLINE_KEYS` the dict has, and every other key."""
+    head = {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}
+    return head, {k: v for k, v in metrics.items() if k not in head}
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``metrics`` as metrics.json (headline) and the details file beside it; returns both paths."""
+    head, details = split_metrics(metrics)
+    extra = write_json(details_path(path), details)  # first: a metrics.json always has its details beside it
+    return write_json(path, head), extra
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """metrics.json and its details file as one dict (a metrics.json without a details file: as it is)."""
+    head = json.loads(Path(path).read_text())
+    extra = details_path(path)
+    return {**(json.loads(extra.read_text()) if extra.is_file() else {}), **head}
 
 
 def format_matrix(metrics: dict[str, Any]) -> str:

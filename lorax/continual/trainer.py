@@ -117,6 +117,8 @@ def train_task(
     rows = training_rows(method, task_manifest, memory, history)
     seed = params.seed * 1000 + task_index
     source = BatchSource(rows, method, params, seed, device, ctx)
+    log.info("task %s: %d training rows, %d epochs of %d batches on %s", task, len(rows), params.train.epochs,
+             len(source), device)
     epochs = _fit(method, source, params, task, learning_rate(params, task_index), seed, out_dir, ctx, callback)
 
     head_info = fit_heads(method, rows, params, device, store) if ctx.is_main else {}
@@ -174,6 +176,7 @@ def _fit(method: Method, source: BatchSource, params: Params, task: str, lr: flo
     start_epoch, history = _resume(out_dir, task, trainable, optimizer, scheduler)
 
     for epoch in range(start_epoch, params.train.epochs):
+        t_epoch = time.time()
         g = torch.Generator().manual_seed(seed * 100 + epoch)
         torch.manual_seed(seed * 100 + epoch)
         batches = source.epoch(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
@@ -206,8 +209,8 @@ def _fit(method: Method, source: BatchSource, params: Params, task: str, lr: flo
         row = {"epoch": epoch + 1, "loss": float(tot[0] / tot[2]), "train_acc": 100.0 * float(tot[1] / tot[2]),
                "lr": optimizer.param_groups[0]["lr"]}
         history.append(row)
-        log.info("task %s epoch %d/%d: loss %.4f train acc %.1f%%", task, epoch + 1, params.train.epochs,
-                 row["loss"], row["train_acc"])
+        log.info("task %s epoch %d/%d: loss %.4f train acc %.1f%% (%.1f s)", task, epoch + 1, params.train.epochs,
+                 row["loss"], row["train_acc"], time.time() - t_epoch)
         if ctx.is_main:
             # before the callback: a resumed task never reports an epoch twice
             _save_checkpoint(ckpt, task, epoch, trainable, optimizer, scheduler, history)

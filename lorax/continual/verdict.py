@@ -19,11 +19,17 @@ prediction table, ``lorax predict``, ``lorax scan`` and the served model all cal
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lorax.utils.progress import bar, timed
+
+log = logging.getLogger(__name__)
 
 VERDICTS = ("binary", "argmax")
 C_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -160,14 +166,23 @@ def fit_verdict(features: np.ndarray, is_fake: np.ndarray, groups: np.ndarray | 
     if n_min == 0:
         fit_binary_logistic(x[:1], y[:1], 1.0)  # raises the one-line error
     k = max(2, min(folds, n_min))
-    fold = _folds(y, groups, k)
+    with timed(log, f"verdict fit: C in {list(c_grid)} by a {k}-fold cross-fit on {len(y)} rows x {x.shape[1]} "
+                    "features, then the final fit"):
+        return _cross_fit(x, y, _folds(y, groups, k), k, c_grid)
+
+
+def _cross_fit(x: np.ndarray, y: np.ndarray, fold: np.ndarray, k: int, c_grid: tuple[float, ...]) -> Verdict:
+    """The out-of-fold probabilities of every C (one INFO line per fold: the fits take minutes on real images),
+    the chosen C and threshold, and the head refit on all rows."""
     oof = {c: np.zeros(len(y)) for c in c_grid}
-    for f in range(k):
+    t0 = time.perf_counter()
+    for f in bar(range(k), desc="verdict cross-fit", unit="fold"):
         test, train = fold == f, fold != f
         if not test.any() or len(np.unique(y[train])) < 2:
             continue
         for c, (w, b) in zip(c_grid, _fit_raw(x[train], y[train], c_grid), strict=True):
             oof[c][test] = 1.0 / (1.0 + np.exp(-np.clip(x[test] @ w + b, -60, 60)))
+        log.info("verdict fit: fold %d/%d (%d C values) after %.1f s", f + 1, k, len(c_grid), time.perf_counter() - t0)
     losses = {c: _log_loss(oof[c], y) for c in c_grid}
     best = min(c_grid, key=lambda c: (losses[c], c))
     from lorax.utils.binary import fit_threshold

@@ -29,6 +29,7 @@ import pandas as pd
 
 from lorax.data.images import BadImage, DataError, read_bytes
 from lorax.utils.io import atomic_path
+from lorax.utils.progress import bar
 
 MANIFEST_COLUMNS = [
     "root",
@@ -227,7 +228,8 @@ def verify_files(df: pd.DataFrame, allow_links: bool = False) -> None:
         raise DataError("manifest lacks the sha256 column; re-run `lorax data prepare`")
     paths = safe_paths(df, allow_links)
     changed = []
-    for path, expected, name in zip(paths, df["sha256"].astype(str), row_names(df, paths), strict=True):
+    rows = zip(paths, df["sha256"].astype(str), row_names(df, paths), strict=True)
+    for path, expected, name in bar(rows, desc="checking stored rows' files", total=len(df), unit="file"):
         try:
             found = file_sha256(read_bytes(path))
         except BadImage as e:

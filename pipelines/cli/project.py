@@ -120,7 +120,8 @@ def _stream_add(args: argparse.Namespace) -> int:
 
 
 # What a clone needs besides the DVC remote: the pipeline's record, and the outputs DVC leaves to git (cache: false).
-SHARE_FILES = ("dvc.lock", "params.yaml", "reports/registry", "reports/metrics.json", "reports/plots")
+SHARE_FILES = ("dvc.lock", "params.yaml", "reports/registry", "reports/metrics.json", "reports/metrics_details.json",
+               "reports/plots")
 
 
 def _untracked_by_git(root: Path, path: str) -> bool:
@@ -223,9 +224,10 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\n`dvc repro` finished in {minutes:.1f} min\n")
     metrics_path = root / "reports" / "metrics.json"
     if metrics_path.is_file():
-        from lorax.continual.summary import format_matrix
+        from lorax.continual.summary import read_metrics
+        from pipelines.summary_table import format_stream
 
-        print(format_matrix(json.loads(metrics_path.read_text())))
+        print(format_stream(read_metrics(metrics_path)))
         print()
     subprocess.call([sys.executable, "-m", "pipelines.cli", "models", "list"], env=env)
     from lorax.config import load_params
@@ -236,7 +238,8 @@ def _demo(args: argparse.Namespace) -> int:
         uri = "sqlite:///mlflow.db"
     print(f"""
 Where to look:
-  metrics      reports/metrics.json       (dvc metrics show reports/metrics.json)
+  metrics      reports/metrics.json       (dvc metrics show reports/metrics.json; the accuracy matrix and per-task
+                                           figures: reports/metrics_details.json)
   plots        reports/plots/*.png        (dvc plots show  ->  dvc_plots/index.html; until the detection
                                            pipeline has run, DVC notes that its reports/detect/ files are missing)
   MLflow UI    {_tool('mlflow')} ui --backend-store-uri {uri}   then open http://127.0.0.1:5000

@@ -205,14 +205,16 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _find_metrics(state: Path) -> dict:
-    """metrics.json of the stream the state belongs to, when it covers exactly the state's tasks."""
+    """metrics.json (+ its details file) of the stream the state belongs to, when it covers exactly the state's
+    tasks."""
     from lorax.continual.state import read_info
+    from lorax.continual.summary import read_metrics
 
     tasks = read_info(state)["tasks"]
     root = state.resolve().parent.parent
     for f in (root / "metrics.json", root / "reports" / "metrics.json"):
         if f.is_file():
-            m = json.loads(f.read_text())
+            m = read_metrics(f)
             if m.get("tasks") == tasks:
                 return m
     return {}
@@ -226,8 +228,10 @@ def _card(args: argparse.Namespace) -> int:
         mp = Path(args.metrics)
         if not mp.is_file():
             raise FileNotFoundError(f"--metrics {mp}: not found")
+        from lorax.continual.summary import read_metrics
+
         try:
-            metrics = json.loads(mp.read_text())
+            metrics = read_metrics(mp)  # a metrics.json with its details file, or an evaluation json
         except json.JSONDecodeError as e:
             raise ValueError(f"--metrics {mp}: not valid JSON ({e})") from None
     else:

@@ -35,7 +35,7 @@ def check_method(params: Params) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from lorax.config import params_from_arguments
-    from lorax.continual.summary import format_matrix
+    from pipelines.summary_table import format_stream
     from pipelines.layout import Layout
     from pipelines.train_stream import prepare_missing, run_stream
 
@@ -44,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
     manifests = Path(args.manifests or params.data.manifests)
     prepare_missing(params, Layout.run(params, args.out, manifests))
     metrics = run_stream(params, manifests, Path(args.out))
-    print(format_matrix(metrics))
-    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    print(format_stream(metrics))
+    print(f"metrics: {Path(args.out) / 'metrics.json'} (details: {Path(args.out) / 'metrics_details.json'})")
     print(json.dumps({k: metrics[k] for k in ("aa", "aaf", "bwt", "forgetting", "binary_acc")}))
     return 0

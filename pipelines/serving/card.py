@@ -1,7 +1,8 @@
 """Model card of a state: a short generated report (markdown + PNGs) that travels with each registered version.
 
 ``write_model_card(state_dir, metrics, out_dir)`` takes whatever metrics are at hand, either the stream summary
-(``metrics.json``: ``acc_matrix``, ``aa``, ``aaf``, ``bwt``, ``final_task_acc``, ...) or one task's evaluation
+(``metrics.json`` with its details file, :func:`lorax.continual.summary.read_metrics`: ``acc_matrix``, ``aa``,
+``aaf``, ``bwt``, ``final_task_acc``, ...) or one task's evaluation
 (``reports/eval/<task>.json``: ``task_acc``, ``confusion``, ``binary_acc``, ...) or both merged, and fills gaps
 from the evaluations saved next to the state (``lorax train`` output ``OUT/eval/<task>.json`` or the pipeline's
 ``reports/eval/<task>.json``), so a card written at registration time already has the accuracy matrix of the

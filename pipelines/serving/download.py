@@ -10,7 +10,6 @@ by registry and version. Local models need no MLflow.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -194,7 +193,9 @@ def _local_model(path: Path) -> ResolvedModel:
         return from_model_folder(path)
     states = sorted(p.name for p in (path / "state").glob("*") if is_state(p)) if (path / "state").is_dir() else []
     if states and (path / "metrics.json").is_file():  # a `lorax train` output folder: its last task
-        tasks = json.loads((path / "metrics.json").read_text()).get("tasks") or []
+        from lorax.continual.summary import read_metrics
+
+        tasks = read_metrics(path / "metrics.json").get("tasks") or []
         if tasks and is_state(path / "state" / tasks[-1]):
             return ResolvedModel(path / "state" / tasks[-1], None, str(path))
     hint = f"; states found: {', '.join(str(path / 'state' / s) for s in states)}" if states else ""

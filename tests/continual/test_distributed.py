@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -14,6 +13,7 @@ import yaml
 from lorax.config import set_by_path
 from lorax.continual.distributed import DistContext, ShardedBatchSampler
 from lorax.continual.methods import build_method
+from lorax.continual.summary import read_metrics
 from lorax.continual.batches import loader_for
 from lorax.data.dataset import SeededSampler, make_loader
 from tests.helpers import PARAMS_YAML, TINY_OVERRIDES, tiny_params
@@ -116,7 +116,7 @@ def test_two_gloo_processes_match_one_process(zoo):
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     argv = ["--params", str(root / "params.yaml"), "--out", str(root / "two"), "-S", "train.device=cpu"]
     torch.multiprocessing.start_processes(_rank_main, args=(2, _free_port(), argv), nprocs=2, start_method="fork")
-    two = json.loads((root / "two" / "metrics.json").read_text())
+    two = read_metrics(root / "two" / "metrics.json")
 
     for task in params.tasks:  # the same training, up to float summation order
         e1 = read_info(root / "one" / "state" / task)["epochs"]

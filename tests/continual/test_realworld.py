@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from lorax.config import load_params
+from lorax.continual.summary import read_metrics
 from pipelines.cli import main
 from tests.helpers import PARAMS_YAML, REALWORLD, REPO, TINY_OVERRIDES, learnable_cddb
 
@@ -74,7 +75,7 @@ def test_train_runs_the_profile_on_a_fresh_cddb_folder(tmp_path, capsys):
     root = learnable_cddb(tmp_path / "mine", ["a", "b"])
     assert _train(tmp_path, root, ["a", "b"]) == 0
     assert sorted(p.name for p in (tmp_path / "m").glob("*.parquet")) == ["a.parquet", "b.parquet"]  # prepared
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = read_metrics(tmp_path / "out" / "metrics.json")
     assert metrics["tasks"] == ["a", "b"]
     assert CONTROL_KEYS <= set(metrics) and CONTROL_KEYS <= set(metrics["control"]["resampled"])
     state = json.loads((tmp_path / "out" / "state" / "b" / "state.json").read_text())
@@ -109,7 +110,7 @@ def real_subset(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_control_on_a_real_subset_reports_both(real_subset):
     tmp, _ = real_subset
-    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    metrics = read_metrics(tmp / "out" / "metrics.json")
     as_is, res = metrics, metrics["control"]["resampled"]
     assert CONTROL_KEYS <= set(res)
     ev = json.loads((tmp / "out" / "eval" / "stylegan2.json").read_text())

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from lorax.config import load_params
+from lorax.continual.summary import read_metrics
 from lorax.data import zoo
+from pipelines.summary_table import format_result
 from tests.helpers import write_project
 
 pytestmark = pytest.mark.slow
@@ -49,8 +51,11 @@ def _continual_flow_then_a_rerun_redoes_nothing(project: Path) -> None:
 
     out = continual_flow("params.yaml", str(project))
     assert [v["tasks"] for v in out["versions"]] == [["deconv"], ["deconv", "nnconv"]]
-    metrics = json.loads(Path(out["metrics"]).read_text())
+    metrics = read_metrics(out["metrics"])
     assert metrics["tasks"] == ["deconv", "nnconv"] and len(metrics["acc_matrix"]) == 2
+    printed = format_result(out)  # what `python -m pipelines.flows continual` prints
+    assert [line.split()[:2] for line in printed.splitlines()[2:4]] == [["1", "deconv"], ["2", "nnconv"]]
+    assert "aaf" in printed and "accuracy matrix" in printed and "{" not in printed
     stamps = {p: p.stat().st_mtime_ns for p in (project / "state").rglob("*") if p.is_file()}
     stamps.update({p: p.stat().st_mtime_ns for p in (project / "memory").glob("*")})
     again = continual_flow("params.yaml", str(project))

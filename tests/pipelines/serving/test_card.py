@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lorax.continual.summary import read_metrics
 from pipelines.cli import main
 from pipelines.serving.card import write_model_card
 
 
 def _metrics(stream) -> dict:
-    return json.loads((stream.out / "metrics.json").read_text())
+    return read_metrics(stream.out / "metrics.json")  # with metrics_details.json: the matrix, final_task_acc
 
 
 def test_card_from_stream_metrics(stream, tmp_path: Path) -> None:
