@@ -175,6 +175,8 @@ def _grow(params: Params, layout: Layout) -> dict[str, Any]:
         versions.append(run_register(params, layout, name))
         v = versions[-1]
         logger.info("task %s: version %s, gate %s: %s", name, v["version"], v["gate"], v["gate_reason"])
+    if not prepared and layout.metrics.is_file():  # every task was already registered: nothing new to report
+        return {"metrics": str(layout.metrics), "versions": versions, "prepared": prepared, "dvc_lock": None}
     metrics = run_report(params, layout)
     recorded = record_stages(layout.root, params.tasks)
     return {"metrics": metrics, "versions": versions, "prepared": prepared, "dvc_lock": recorded}

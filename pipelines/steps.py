@@ -90,10 +90,9 @@ def init_step(params: Params, layout: Layout, tracker=None) -> Path:
 
 
 def synth_step(params: Params, layout: Layout, task: str) -> Path:
-    """Built-in data: synthesise the zoo task under data.root. Folder data (or, in a zoo project, a task that is
-    no zoo generator: a folder a user or the watch flow added under data.root): check the task folder exists."""
+    """Built-in data: synthesise the zoo task under data.root. Folder data: check the task folder exists."""
     _index(params, task)
-    if params.data.source == "builtin" and task in params.zoo.order:
+    if params.data.source == "builtin":
         from lorax.data import zoo
 
         counts = zoo.synth_task(task, layout.data_root, params.zoo)

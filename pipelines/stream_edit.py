@@ -35,12 +35,11 @@ def append_to_stream(params_path: str | Path, name: str | None = None, *, root: 
     if name in tasks:
         raise ConfigError(f"{path}: task {name!r} is already in the stream ({tasks})")
     check_task_name(name)
-    is_folder = (Path(root) / params.data.root / name).is_dir()
-    if params.data.source == "builtin" and name not in params.zoo.order and not is_folder:
+    if params.data.source == "builtin" and name not in params.zoo.order:
         raise ConfigError(
             f"{name!r} is not a zoo generator and data.source is builtin; zoo generators not in the stream yet: "
-            f"{[g for g in params.zoo.order if g not in tasks] or 'none'}. To add a folder of your own, put it under "
-            f"data.root ({params.data.root}), or set data.source: folder and data.root to the dataset"
+            f"{[g for g in params.zoo.order if g not in tasks] or 'none'}. To add a folder of your own, set "
+            f"data.source: folder and data.root to the dataset (`lorax init --root FOLDER`)"
         )
     if params.data.source == "folder":
         data_root = Path(root) / params.data.root

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 # the columns of a version row, in this order; other scalar keys follow; these never become columns
-VERSION_COLUMNS = ("version", "task", "tasks", "parent", "aaf", "gate", "aliases")
-NOT_COLUMNS = {"gate_reason", "base", "registered_now", "skipped", "summary", "state_id"}
+VERSION_COLUMNS = ("version", "task", "tasks", "parent", "aaf", "gate", "union", "aliases")
+NOT_COLUMNS = {"gate_reason", "base", "registered_now", "skipped", "summary", "state_id", "gate_figures", "prepared",
+               "dvc_lock"}
 
 
 def cell(v: Any) -> str:
@@ -47,12 +48,19 @@ def format_versions(versions: list[dict[str, Any]]) -> str:
     if not versions:
         return "no version registered"
     rows = [{**v, **({"task": v.get("task") or (v.get("tasks") or [None])[-1], "tasks": len(v.get("tasks") or [])}
-                     if "tasks" in v else {})} for v in versions]
+                     if "tasks" in v else {}), **_union(v)} for v in versions]
     extra = sorted({k for r in rows for k, v in r.items()
                     if k not in VERSION_COLUMNS and k not in NOT_COLUMNS and _is_scalar(v)})
     columns = [c for c in VERSION_COLUMNS if any(c in r for r in rows)] + extra
     reasons = [f"v{r.get('version')} gate {r.get('gate')}: {r['gate_reason']}" for r in rows if r.get("gate_reason")]
     return "\n".join([table(rows, columns), *reasons])
+
+
+def _union(v: dict[str, Any]) -> dict[str, str]:
+    """The gate's headline figure: pooled accuracy on the union of the tasks, this version / the champion's."""
+    f = v.get("gate_figures") or {}
+    pooled = f.get("pooled") if isinstance(f, dict) else None
+    return {"union": f"{pooled['candidate']:.1f}/{pooled['champion']:.1f}"} if pooled else {}
 
 
 def format_stream(metrics: dict[str, Any]) -> str:

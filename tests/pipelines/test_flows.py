@@ -1,9 +1,11 @@
-"""The Prefect flows for real (a temporary Prefect API, a sqlite MLflow store, a tiny stream): the whole
-stream, a re-run that redoes nothing, the watch flow learning new folders (bad images quarantined), and two
+"""The Prefect flows for real (a temporary Prefect API, a sqlite MLflow store, a tiny stream in a DVC project): the
+whole stream, a re-run that redoes nothing, the watch flow learning new folders on top of the whole chain (one
+lineage with DVC: params.yaml's stream grows, dvc.lock records the flows' stages), bad images quarantined, and two
 watch runs at once that never train the same generator twice."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -17,15 +19,20 @@ from lorax.config import load_params
 from lorax.continual.summary import read_metrics
 from lorax.data import zoo
 from pipelines.summary_table import format_result
-from tests.helpers import write_project
+from tests.helpers import dvc, dvc_project
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    return write_project(tmp_path_factory.mktemp("flows") / "project", ["deconv", "nnconv"],
-                         data__bad_file_limit=0.1)
+    """A folder project (data.source: folder) whose first two task folders are zoo generators' images."""
+    root = dvc_project(tmp_path_factory.mktemp("flows") / "project", ["deconv", "nnconv"],
+                       data__bad_file_limit=0.1, data__source="folder")
+    params = load_params(root / "params.yaml")
+    for t in params.tasks:
+        zoo.synth_task(t, root / params.data.root, params.zoo)
+    return root
 
 
 def _versions(root: Path) -> list[dict]:
@@ -83,10 +90,10 @@ def _two_watch_runs_learn_each_new_folder_once(project: Path) -> None:
 
     _add_folder(project, "bilinconv", "newgan_a", bad=False)
     _add_folder(project, "pixshuf", "newgan_b", bad=True)
-    # what the continual flow made in the project's (DVC's) folders: the watch flow must leave it alone
-    dvc_outputs = {p: p.stat().st_mtime_ns for d in ("state", "memory", "reports", "data/manifests")
-                   for p in (project / d).rglob("*") if p.is_file()}
-    assert dvc_outputs
+    # what the continual flow made: the watch flow builds on it and changes none of it
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for d in ("state", "memory", "reports/eval")
+              for p in (project / d).rglob("*") if p.is_file()}
+    assert before
     results: list = [None, None]
     errors: list = []
 
@@ -105,21 +112,20 @@ def _two_watch_runs_learn_each_new_folder_once(project: Path) -> None:
     trained = [r["task"] for res in results for r in res["trained"]]
     assert sorted(trained) == ["newgan_a", "newgan_b"]  # each once, over both runs
     assert any(res["trained"] for res in results)
-    by_last = {}
-    for v in _versions(project):
-        by_last.setdefault(v["tasks"][-1], []).append(v["tasks"])
-    assert len(by_last["newgan_a"]) == 1 and len(by_last["newgan_b"]) == 1
-    # one at a time, in name order: newgan_b was learned after newgan_a (on top of it if it became champion)
-    a_tasks, b_tasks = by_last["newgan_a"][0], by_last["newgan_b"][0]
-    assert a_tasks[:-1] == ["deconv", "nnconv"] or a_tasks[:-1] == ["deconv"]
-    assert "newgan_b" not in a_tasks
-    # the champion's chain was grown in flows/ (the champion fetched from the registry), DVC's outputs untouched
-    assert {p: p.stat().st_mtime_ns for p in dvc_outputs} == dvc_outputs
-    assert not any((project / d / "newgan_a").exists() for d in ("state", "reports/eval"))
-    assert (project / "flows" / "state" / "newgan_a" / "state.json").is_file()
-    assert (project / "flows" / "state" / a_tasks[-2] / "state.json").is_file()  # the champion newgan_a grew
+    # one lineage: each new folder was appended to params.yaml's stream and learned on top of every task before it
+    assert load_params(project / "params.yaml").tasks == ["deconv", "nnconv", "newgan_a", "newgan_b"]
+    chain = {v["tasks"][-1]: v for v in _versions(project)}
+    assert [len(v["tasks"]) for v in _versions(project)] == [1, 2, 3, 4]
+    assert chain["newgan_b"]["tasks"] == ["deconv", "nnconv", "newgan_a", "newgan_b"]
+    assert chain["newgan_b"]["parent"] == chain["newgan_a"]["version"]
+    assert chain["newgan_a"]["parent"] == chain["nnconv"]["version"]
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before  # (DVC re-links, same bytes)
+    assert (project / "state" / "newgan_b" / "state.json").is_file()
+    # DVC knows what the flows made: nothing is stale, so `dvc repro` would redo none of it
+    status = dvc(project, "status").stdout
+    assert "up to date" in status, status
     # the bad files went through preparation's quarantine
-    q = pd.read_csv(project / "flows" / "manifests" / "newgan_b.quarantine.csv")
+    q = pd.read_csv(project / "data" / "manifests" / "newgan_b.quarantine.csv")
     reasons = {Path(f).name: r for f, r in zip(q["file"], q["reason"], strict=True)}
     assert set(reasons) == {"pixshuf_train_fake_00000.png", "notes.png", "tiny.png"}
     assert reasons["tiny.png"].startswith("smaller than crop") and reasons["notes.png"].startswith("not an image")
@@ -132,13 +138,9 @@ def _two_watch_runs_learn_each_new_folder_once(project: Path) -> None:
 
 def _new_generator_flow_skips_a_task_the_champion_knows(project: Path) -> None:
     from pipelines.flows import new_generator_flow
-    from pipelines.tracking.model_registry import champion
-    from pipelines.tracking.tracker import Tracker
 
-    params = load_params(project / "params.yaml")
-    champ = champion(Tracker(params, project).client, params.tracking.registered_model)
-    out = new_generator_flow(champ["tasks"][0], "params.yaml", str(project))
-    assert out["skipped"] == "in champion"
+    out = new_generator_flow("deconv", "params.yaml", str(project))
+    assert out["skipped"] == "already in the stream" and out["version"] == 1
 
 
 def _watch_flow_scans_an_inbox_with_the_champion(project: Path) -> None:
