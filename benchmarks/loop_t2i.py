@@ -163,7 +163,7 @@ def dvc_path(out: Path, data: Path, tasks: list[str], first: int, port: int) -> 
             run(lorax("stream", "add", t), root, log)
             res["steps"].append({"tasks": [t], "command": f"lorax stream add {t} && dvc repro",
                                  "seconds": run(["dvc", "repro"], root, log)})
-        res["dvc_status"] = subprocess.run(["dvc", "status"], cwd=root, env=env(), capture_output=True,
+        res["dvc_status"] = subprocess.run(["dvc", "status", "dvc.yaml"], cwd=root, env=env(), capture_output=True,
                                            text=True).stdout.strip()
         vs = versions(root)
         res["versions"] = vs
@@ -211,7 +211,7 @@ def prefect_path(out: Path, data: Path, tasks: list[str]) -> dict[str, Any]:
     for t in tasks[1:]:
         add_folder(root, data, t)
         res["steps"].append({"tasks": [t], "command": "flows watch", "seconds": run([*flows, "watch"], root, log)})
-    res["dvc_status"] = subprocess.run(["dvc", "status"], cwd=root, env=env(), capture_output=True,
+    res["dvc_status"] = subprocess.run(["dvc", "status", "dvc.yaml"], cwd=root, env=env(), capture_output=True,
                                        text=True).stdout.strip()
     res["versions"] = versions(root)
     return res

@@ -75,6 +75,11 @@ def test_a_running_server_follows_the_champion_without_failing_a_request(stream,
         worker.join(timeout=90)
         assert not worker.is_alive()
         assert json.loads(urllib.request.urlopen(f"{url}/version", timeout=30).read())["model_version"] == 2
+        code, body = _post(f"{url}/invocations", {"dataframe_records": [{"img": image}]})
+        assert code == 400 and "'image'" in body["message"] and "img" in body["message"]
+        assert "\n" not in body["message"]  # one line, no trace
+        code, body = _post(f"{url}/invocations", {"records": []})
+        assert code == 400 and "dataframe_records" in body["message"]
     finally:
         stop.set()
         httpd.shutdown()
