@@ -1,6 +1,7 @@
-"""Performance benchmarks (not tests): ``python -m benchmarks.superfeature``, ``python -m benchmarks.task_cost``.
+"""Benchmarks and experiments (not tests), run from a checkout: ``python -m benchmarks.NAME``.
 
-Results, with machine, date, command and load, are kept in ``benchmarks/RESULTS.md``.
+``benchmarks/README.md`` indexes them (question, command, output, where the figures are recorded); the speed
+figures, with machine, date, command and load, are kept in ``benchmarks/RESULTS.md``.
 """
 
 import json

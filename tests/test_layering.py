@@ -162,23 +162,78 @@ def test_old_command_spelling_runs_the_command() -> None:
     assert res.returncode == 0 and "add" in res.stdout
 
 
+def sections(path: Path) -> list[str]:
+    """A Markdown file's sections (split at headings outside code blocks); any other file whole."""
+    text = path.read_text(errors="ignore")
+    if path.suffix != ".md":
+        return [text]
+    out: list[str] = []
+    cur: list[str] = []
+    fence = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and line.startswith("#"):
+            out.append("\n".join(cur))
+            cur = []
+        cur.append(line)
+    return out + ["\n".join(cur)]
+
+
+def git(*args: str) -> tuple[int, str]:
+    import subprocess
+
+    res = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    return res.returncode, res.stdout.strip()
+
+
+def held_by_a_named_commit(text: str, rel: str) -> bool:
+    """``text`` names a commit ("commit abc1234") that holds ``rel`` (in a shallow clone that lacks the commit, the
+    naming is all that can be checked)."""
+    import re
+
+    for c in set(re.findall(r"\bcommit\s+([0-9a-f]{7,40})\b", text)):
+        if git("cat-file", "-e", f"{c}:{rel}")[0] == 0:
+            return True
+        unknown = git("cat-file", "-e", f"{c}^{{commit}}")[0] != 0
+        if unknown and git("rev-parse", "--is-shallow-repository")[1] == "true":
+            return True
+    return False
+
+
 def test_cited_documents_are_in_the_repository() -> None:
-    """What the code and docs cite (docs/*.md, benchmarks/*.md, upper-case top-level names) is a file of the repo, so a
-    clone can follow every reference."""
+    """What the code and docs cite (docs/*.md, benchmarks/*.md, upper-case top-level names, and the benchmark scripts,
+    ``benchmarks/NAME.py`` or ``benchmarks.NAME``) is a file of the repo, so a clone can follow every reference. A
+    removed benchmark may still be cited where its figures are recorded when the same section names a commit that
+    holds it ("script removed; run it at commit abc1234")."""
     import re
     import subprocess
 
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     cite = re.compile(r"(?<![\w/.-])((?:docs|benchmarks)/[\w.-]+\.md|[A-Z][A-Z_-]*\.md)\b")
+    bench = re.compile(r"(?<![\w/.-])benchmarks(?:/([a-z]\w*)\.py\b|\.([a-z]\w*))")
     missing = set()
     for rel in files:
         path = REPO / rel
         if path.suffix not in {".py", ".md", ".yaml", ".toml", ".txt", ""} or not path.is_file():
             continue
-        for ref in cite.findall(path.read_text(errors="ignore")):
-            if not (REPO / ref).is_file():
-                missing.add(f"{rel}: {ref}")
+        for section in sections(path):
+            for ref in cite.findall(section):
+                if not (REPO / ref).is_file():
+                    missing.add(f"{rel}: {ref}")
+            for script in {a or b for a, b in bench.findall(section)}:
+                ref = f"benchmarks/{script}.py"
+                if not (REPO / ref).is_file() and not held_by_a_named_commit(section, ref):
+                    missing.add(f"{rel}: {ref}")
     assert sorted(missing) == []
+
+
+def test_the_citation_check_sees_a_removed_script() -> None:
+    """A cited benchmark that is gone passes only where its section names a commit that holds it."""
+    head, gone = git("rev-parse", "--short", "HEAD")[1], "nowhere"
+    assert not held_by_a_named_commit(f"`python -m benchmarks.{gone}`, at commit {head}", f"benchmarks/{gone}.py")
+    assert not held_by_a_named_commit("`python -m benchmarks.realworld`, no commit named", "benchmarks/realworld.py")
+    assert held_by_a_named_commit(f"script removed; run it at commit {head}", "benchmarks/realworld.py")
 
 
 def test_tests_import_no_other_test_module() -> None:
