@@ -13,6 +13,8 @@ import logging
 import subprocess
 from pathlib import Path
 
+import yaml
+
 log = logging.getLogger(__name__)
 
 TASK_STAGES = ("synth", "prepare", "train", "select", "evaluate", "register")
@@ -22,15 +24,17 @@ def is_dvc_project(root: Path) -> bool:
     return (root / "dvc.yaml").is_file() and (root / ".dvc").is_dir()
 
 
-def record_stages(root: str | Path, tasks: list[str]) -> bool:
-    """``dvc commit`` the stream's stages for ``tasks`` (plus check, init and report); False when ``root`` is no
-    DVC project or DVC failed (logged with the command to run by hand: nothing the flow made is lost)."""
+def record_stages(root: str | Path, tasks: list[str], ran: list[str] | None = None) -> bool:
+    """``dvc commit`` the stream's stages for ``tasks`` (plus check, init and report) that ``dvc.lock`` does not
+    record yet or that ran now (``ran``: those tasks; None: all); False when ``root`` is no DVC project or DVC
+    failed (logged with the command to run by hand: nothing the flow made is lost). Stages already recorded and not
+    run again are left out: DVC would hash their outputs again for nothing."""
     from pipelines.cli.project import _tool, tool_env
 
     root = Path(root)
     if not is_dvc_project(root):
         return False
-    stages = ["check", "init", *[f"{s}@{t}" for t in tasks for s in TASK_STAGES], "report"]
+    stages = stages_to_record(root, tasks, ran)
     cmd = [_tool("dvc"), "commit", "--force", "--quiet", *stages]
     res = subprocess.run(cmd, cwd=root, env=tool_env(), capture_output=True, text=True)
     if res.returncode != 0:
@@ -39,3 +43,19 @@ def record_stages(root: str | Path, tasks: list[str]) -> bool:
         return False
     log.info("dvc.lock records the flow's stages for %s: `dvc status` shows them current", tasks)
     return True
+
+
+def stages_to_record(root: Path, tasks: list[str], ran: list[str] | None) -> list[str]:
+    """The stages of ``tasks`` to commit: those that ran now (with check and report), and any not in dvc.lock."""
+    every = ["check", "init", *[f"{s}@{t}" for t in tasks for s in TASK_STAGES], "report"]
+    redo = {"check", "report", *[f"{s}@{t}" for t in (tasks if ran is None else ran) for s in TASK_STAGES]}
+    known = _locked(root)
+    return [s for s in every if s in redo or s not in known]
+
+
+def _locked(root: Path) -> set[str]:
+    """The stages ``dvc.lock`` records (none when it is missing or unreadable: then every stage is committed)."""
+    try:
+        return set((yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return set()

@@ -178,7 +178,7 @@ def _grow(params: Params, layout: Layout) -> dict[str, Any]:
     if not prepared and layout.metrics.is_file():  # every task was already registered: nothing new to report
         return {"metrics": str(layout.metrics), "versions": versions, "prepared": prepared, "dvc_lock": None}
     metrics = run_report(params, layout)
-    recorded = record_stages(layout.root, params.tasks)
+    recorded = record_stages(layout.root, params.tasks, ran=list(prepared))
     return {"metrics": metrics, "versions": versions, "prepared": prepared, "dvc_lock": recorded}
 
 
