@@ -115,7 +115,8 @@ class Client:
             try:
                 with urllib.request.urlopen(req, timeout=120) as r:
                     rows = json.loads(r.read())["predictions"]
-                    self.log.append((time.time(), r.status, rows[0].get("model_version")))
+                    v = rows[0].get("model_version")
+                    self.log.append((time.time(), r.status, int(v) if v is not None else None))
             except urllib.error.HTTPError as e:
                 self.log.append((time.time(), e.code, None))
             except OSError:

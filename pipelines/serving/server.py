@@ -146,7 +146,8 @@ def _plain(v: Any) -> Any:
 def predictions_json(version: int, out: Any) -> list[dict[str, Any]]:
     frame = out if isinstance(out, pd.DataFrame) else pd.DataFrame(out)
     rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-    return [{**{k: _plain(v) for k, v in r.items()}, "model_version": version} for r in rows]
+    # the schema's model_version is text (lorax predict, the pyfunc): the version that answered, whatever the row said
+    return [{**{k: _plain(v) for k, v in r.items()}, "model_version": str(version)} for r in rows]
 
 
 def make_handler(follower: ChampionFollower, name: str) -> type[BaseHTTPRequestHandler]:
@@ -169,7 +170,7 @@ def make_handler(follower: ChampionFollower, name: str) -> type[BaseHTTPRequestH
             if self.path in ("/ping", "/health"):
                 self._send(200 if cur else 503, {"status": "ok" if cur else "no champion yet"})
             elif self.path == "/version":
-                self._send(200, {"model": name, "model_version": cur.version if cur else None})
+                self._send(200, {"model": name, "model_version": str(cur.version) if cur else None})
             else:
                 self._send(404, {"message": "POST /invocations; GET /ping, /health, /version"})
 

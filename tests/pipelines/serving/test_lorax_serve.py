@@ -67,14 +67,14 @@ def test_a_running_server_follows_the_champion_without_failing_a_request(stream,
         moved = time.time()
         v2 = register(1)  # passes the gate: the alias moves under the running server
         assert v2["aliases"] == ["champion"] and v2["version"] == 2
-        while time.time() < moved + 30 and not any(b.get("predictions", [{}])[0].get("model_version") == 2
+        while time.time() < moved + 30 and not any(b.get("predictions", [{}])[0].get("model_version") == "2"
                                                    for _, _, b in answers):
             time.sleep(0.2)
         time.sleep(1.0)
         stop.set()
         worker.join(timeout=90)
         assert not worker.is_alive()
-        assert json.loads(urllib.request.urlopen(f"{url}/version", timeout=30).read())["model_version"] == 2
+        assert json.loads(urllib.request.urlopen(f"{url}/version", timeout=30).read())["model_version"] == "2"
         code, body = _post(f"{url}/invocations", {"dataframe_records": [{"img": image}]})
         assert code == 400 and "'image'" in body["message"] and "img" in body["message"]
         assert "\n" not in body["message"]  # one line, no trace
@@ -85,7 +85,7 @@ def test_a_running_server_follows_the_champion_without_failing_a_request(stream,
         httpd.shutdown()
         follower.stop()
     assert all(code == 200 for code, _, _ in answers), [b for c, _, b in answers if c != 200][:2]
-    versions = [b["predictions"][0]["model_version"] for _, _, b in answers]
+    versions = [int(b["predictions"][0]["model_version"]) for _, _, b in answers]
     assert versions[0] == 1 and versions[-1] == 2 and versions == sorted(versions)  # swapped once, never back
     first_v2 = next(t for (_, t, b), v in zip(answers, versions, strict=True) if v == 2)
     assert first_v2 - moved < 30
