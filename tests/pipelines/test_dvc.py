@@ -196,13 +196,13 @@ def _exp_run_with_a_changed_setting(repo: Path) -> None:
     tasks = ("deconv", "nnconv", "bilinconv")
     assert changed == {"check"} | {f"{s}@{t}" for s in ("select", "evaluate") for t in tasks}
     n_before = versions(repo)
-    res = dvc(repo, "exp", "run", "-S", "tracking.gate.aaf_tolerance=100", "-S", "tracking.gate.max_task_drop=100")
+    res = dvc(repo, "exp", "run", "-S", "tracking.gate.union_tolerance=100", "-S", "tracking.gate.max_task_drop=100")
     # registration re-runs; the models are unchanged, so each keeps its version (registration is idempotent)
     assert stages_ran(res.stdout) == ["check", "register@deconv", "register@nnconv", "register@bilinconv"]
     assert versions(repo) == n_before
     from lorax.config import load_params
 
-    assert load_params(repo / "params.yaml").tracking.gate.aaf_tolerance == 100  # -S applied to the workspace
+    assert load_params(repo / "params.yaml").tracking.gate.union_tolerance == 100  # -S applied to the workspace
     assert "Ran experiment" in res.stdout + res.stderr
 
 
