@@ -34,8 +34,9 @@ import pandas as pd
 import torch
 
 from benchmarks.openset_t2i import PROTOCOL_T2I
-from lorax.config import add_settings_arguments, load_params, parse_overrides
+from lorax.config import load_params
 from lorax.continual.metrics import multi_real_correct
+from pipelines.cli.settings import add_settings_arguments, parse_overrides
 
 log = logging.getLogger("adapter_search")
 

@@ -48,7 +48,8 @@ from benchmarks.detect_ablation_tables import (
     render_markdown,
     summarize_runs,
 )
-from lorax.config import Params, add_settings_arguments, params_to_dict
+from lorax.config import Params, params_to_dict
+from pipelines.cli.settings import add_settings_arguments
 
 __all__ = ["GROUPS", "PAPER_RANKS", "Variant", "ablation_grid", "add_commands", "main", "parse_blocks",
            "parse_rank_set", "render_markdown", "run_ablation"]
@@ -237,7 +238,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from lorax.config import params_from_arguments
+    from pipelines.cli.settings import params_from_arguments
     from pipelines.cli.detect import parse_eval_extra
 
     params = params_from_arguments(args)

@@ -234,7 +234,7 @@ def _write(out: Path, result: dict[str, Any], train_task: str, others: list[str]
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
-    from lorax.config import parse_overrides
+    from pipelines.cli.settings import parse_overrides
 
     return parse_overrides(items)
 

@@ -15,7 +15,8 @@ import platform
 import time
 from pathlib import Path
 
-from lorax.config import add_settings_arguments, load_params, parse_overrides
+from lorax.config import load_params
+from pipelines.cli.settings import add_settings_arguments, parse_overrides
 from pipelines.train_stream import run_stream
 from lorax.registry import METHODS
 import lorax.continual.methods  # noqa: F401  (registers the methods)

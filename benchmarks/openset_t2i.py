@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from lorax.config import add_settings_arguments, load_params, parse_overrides
+from lorax.config import load_params
+from pipelines.cli.settings import add_settings_arguments, parse_overrides
 
 PROTOCOL_T2I = ["sd15", "sd21", "sdxl", "pixart512", "playground", "kandinsky3", "ddb"]
 

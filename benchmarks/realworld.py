@@ -182,7 +182,8 @@ def close_segments(out: Path, segments: list[list[float | None]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorax.config import add_settings_arguments, load_params, parse_overrides
+    from lorax.config import load_params
+    from pipelines.cli.settings import add_settings_arguments, parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_settings_arguments(ap, default="params.realworld.yaml")

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.realworld_levels import LEVELS, TASKS, extract, multi_real_accuracy
-from lorax.config import add_settings_arguments
 from lorax.utils.io import write_json
+from pipelines.cli.settings import add_settings_arguments
 
 T = len(TASKS)
 GRID = [  # (name, kind, C at the last task, samples)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lorax.config import add_settings_arguments
 from lorax.utils.io import write_json
+from pipelines.cli.settings import add_settings_arguments
 
 TASKS = ["biggan", "stylegan2", "ldif", "glid3", "dmin", "disco"]
 LEVELS = (4, 8, 12)

@@ -33,8 +33,9 @@ import time
 import torch
 
 from benchmarks import emit_json
-from lorax.config import AdapterConfig, ModelConfig
+from lorax.config import AdapterConfig
 from lorax.models.backbone_factory import create_backbone
+from lorax.models.config import ModelConfig
 from lorax.models.lorax_net import LoRAXNet
 
 MODES = ("floor", "sequential", "one_pass", "shared_trunk")

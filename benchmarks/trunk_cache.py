@@ -37,9 +37,10 @@ import torch.nn.functional as F
 
 from benchmarks import emit_json
 from benchmarks.superfeature import add_random_adapters
-from lorax.config import AdapterConfig, ModelConfig
+from lorax.config import AdapterConfig
 from lorax.continual.trunk_cache import TrunkCache, view_ids
 from lorax.models.backbone_factory import create_backbone
+from lorax.models.config import ModelConfig
 from lorax.models.lorax_net import LoRAXNet
 
 MODES = ("floor", "step_all", "step_last_k", "step_cached", "pass_all", "pass_cached")

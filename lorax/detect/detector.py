@@ -24,9 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lorax.config import DetectConfig, ModelConfig
+from lorax.detect.config import DetectConfig
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.backbones import Backbone
+from lorax.models.config import ModelConfig
 from lorax.models.mole import MoLELinear, apply_mole, balance_loss, mole_state_dict
 from lorax.registry import DETECTORS
 from lorax.utils.io import atomic_path

@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from lorax.config import ModelConfig
+from lorax.models.config import ModelConfig
 from lorax.models.backbones import Backbone, build_backbone
 from lorax.models.pretext import PRETEXT, pretext_checkpoint
 from lorax.models.weights.find import resolve_checkpoint

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorax.config import ModelConfig
+from lorax.models.config import ModelConfig
 from lorax.models.spectrum import ResidualSpectrum
 from lorax.models.weights.load import extract_open_clip_visual, load_backbone_weights, read_state_dict
 

@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from lorax.config import ModelConfig
+from lorax.models.config import ModelConfig
 from lorax.models.backbones import build_backbone
 from lorax.models.weights.cache import weights_cache_dir
 from lorax.utils.io import atomic_path, write_json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorax.config import add_settings_arguments
+from pipelines.cli.settings import add_settings_arguments
 
 
 def _tasks_arg(value: str | None) -> list[str] | None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lorax.config import add_settings_arguments
+from pipelines.cli.settings import add_settings_arguments
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +59,7 @@ def parse_eval_extra(items: list[str]) -> dict[str, Path]:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from lorax.config import params_from_arguments
+    from pipelines.cli.settings import params_from_arguments
     from lorax.detect.runner import run_detect
 
     overrides = {}

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from lorax.config import add_settings_arguments
+from pipelines.cli.settings import add_settings_arguments
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from lorax.config import add_settings_arguments
+from pipelines.cli.settings import add_settings_arguments
 from pipelines.init_params import PROFILES
 
 

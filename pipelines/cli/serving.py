@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lorax.config import add_settings_arguments
+from pipelines.cli.settings import add_settings_arguments
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorax.config import add_settings_arguments
+from pipelines.cli.settings import add_settings_arguments
 
 if TYPE_CHECKING:
     from lorax.config import Params
@@ -34,7 +34,7 @@ def check_method(params: Params) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lorax.config import params_from_arguments
+    from pipelines.cli.settings import params_from_arguments
     from pipelines.summary_table import format_stream
     from pipelines.layout import Layout
     from pipelines.train_stream import prepare_missing, run_stream

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorax.config import Params, flatten, params_to_dict
+from lorax.config import Params, params_to_dict
 from pipelines.tracking.env import environment_tags
+from pipelines.tracking.flat import flatten
 from pipelines.tracking.uri import TrackingUnavailable, artifact_location, check_reachable
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorax.config import ModelConfig
+from lorax.models.config import ModelConfig
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.mole import MoLELinear, MoLEMultiheadAttention, apply_mole, balance_loss, mole_state_dict
 

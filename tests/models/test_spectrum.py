@@ -56,7 +56,7 @@ def test_grid_must_divide_the_crop() -> None:
 def test_joins_every_embedding_and_agrees_across_paths(params) -> None:
     """LoRAX with adapters in the last block: the spectrum leads each adapter's embedding (identical for every
     task), and the grouped pass, the sequential loop and the backbone's own forward agree."""
-    from lorax.config import SpectrumConfig
+    from lorax.models.config import SpectrumConfig
     from lorax.continual.methods import build_method
 
     p = params.model_copy(deep=True)

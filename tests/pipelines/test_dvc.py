@@ -49,7 +49,8 @@ def repo(tmp_path_factory) -> Path:
 # settings plumbing every stage shares, the progress output (what a stage prints, not what it writes), and
 # tracking/registry code outside register (where runs are logged does not change a model, as for the tracking
 # settings).
-UNDECLARED_OK = ("__init__.py", "lorax/config.py", "lorax/utils/io.py", "lorax/utils/progress.py", "lorax/registry.py",
+UNDECLARED_OK = ("__init__.py", "lorax/config.py", "lorax/settings_base.py", "lorax/models/config.py",
+                 "lorax/detect/config.py", "lorax/utils/io.py", "lorax/utils/progress.py", "lorax/registry.py",
                  "pipelines/layout.py", "pipelines/warm.py", "pipelines/lifetime.py", "pipelines/locks.py",
                  "pipelines/tracking/", "pipelines/serving/")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from lorax.config import DetectConfig
+from lorax.detect.config import DetectConfig
 from tests.helpers import REPO
 
 TEMPLATE = re.compile(r"\$\{[^}]+\}")
