@@ -17,8 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# third-party packages whose import costs seconds: which of them a stage loads (LORAX_STAGE_MODULES)
-HEAVY = ("torch", "timm", "peft", "transformers", "open_clip", "mlflow", "prefect", "matplotlib", "sklearn", "dvc")
 QUIET = ("mlflow", "alembic", "urllib3", "matplotlib", "PIL", "filelock", "git")
 
 
@@ -53,8 +51,7 @@ class ImportClock:
 IMPORTS = ImportClock() if os.environ.get("LORAX_STAGE_TIMES") else None
 
 
-def run_stage(name: str, step: str | Callable[..., Any], *, task: bool = True, tracking: bool = False,
-              argv: list[str] | None = None) -> int:
+def run_stage(name: str, step: str | Callable[..., Any], *, task: bool = True, tracking: bool = False) -> int:
     """Parse ``[TASK] [--params P] [--root R]``, load the settings and call ``step(params, layout[, task][, tracker])``.
 
     ``step``: the function, or ``"module:function"`` (imported only here: a stage started as ``python -m`` first
@@ -63,7 +60,7 @@ def run_stage(name: str, step: str | Callable[..., Any], *, task: bool = True, t
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     from pipelines import lifetime
 
-    if argv is None and main_spec is not None and main_spec.name.startswith("pipelines."):
+    if main_spec is not None and main_spec.name.startswith("pipelines."):
         from pipelines import warm
 
         if not os.environ.get(warm.CHILD_ENV):  # a warm stage lives as long as its client, which watches
@@ -77,15 +74,14 @@ def run_stage(name: str, step: str | Callable[..., Any], *, task: bool = True, t
 
         module, _, func = step.partition(":")
         step = getattr(importlib.import_module(module), func)
-    if argv is None:  # a stage process (not a caller that passes its own arguments)
-        lifetime.stop_on_signals()
+    lifetime.stop_on_signals()
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=step.__doc__)
     if task:
         parser.add_argument("task", help="task (generator) name, a key of params.yaml stream")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--root", default=".", help="project root (paths in params.yaml are relative to it)")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     setup_logging(args.verbose)
     label = f"{name}@{args.task}" if task else name
 
@@ -138,8 +134,7 @@ def process_start() -> float:
 
 def record_times(label: str, step_start: float, step_imports: float = 0.0) -> None:
     """``LORAX_STAGE_TIMES=FILE``: append one JSON line per stage (start-up before the step, the step's own work),
-    the measurement behind docs/results.md's start-up share of ``dvc repro``. ``LORAX_STAGE_MODULES=FILE``: the
-    project's source files the stage loaded, which tests/pipelines/test_dvc.py checks against its declared deps."""
+    the measurement behind docs/results.md's start-up share of ``dvc repro`` (benchmarks/stage_overhead.py)."""
     import json
 
     now = time.time()
@@ -148,17 +143,6 @@ def record_times(label: str, step_start: float, step_imports: float = 0.0) -> No
             f.write(json.dumps({"stage": label, "startup_s": round(step_start - process_start(), 3),
                                 "step_s": round(now - step_start, 3), "step_imports_s": round(step_imports, 3),
                                 "warm": bool(os.environ.get("LORAX_WARM_CHILD")), "end": round(now, 3)}) + "\n")
-    if path := os.environ.get("LORAX_STAGE_MODULES"):
-        root = Path.cwd().resolve()
-        files = set()
-        for mod in list(sys.modules.values()):
-            f = getattr(mod, "__file__", None)
-            if f and mod.__name__.split(".")[0] in ("lorax", "pipelines"):
-                p = Path(f).resolve()
-                files.add(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p))
-        heavy = [m for m in HEAVY if m in sys.modules]
-        with open(path, "a") as f:
-            f.write(json.dumps({"stage": label, "files": sorted(files), "heavy": heavy}) + "\n")
 
 
 def exit_now(code: int) -> None:

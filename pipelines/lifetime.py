@@ -128,16 +128,18 @@ def holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def task_lock(locks: Path, state_dir: Path, task: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
-    """Hold the lock of ``state_dir`` while training ``task``; another holder is waited for up to ``wait_s``, then
-    :class:`TaskBusy` names its pid. The lock dies with its process (``flock``), so a killed trainer leaves none."""
+def task_lock(locks: Path, state_dir: Path, task: str) -> Iterator[None]:
+    """Hold the lock of ``state_dir`` while training ``task``; another holder is waited for up to
+    :data:`LOCK_WAIT_S`, then :class:`TaskBusy` names its pid. The lock dies with its process (``flock``), so a
+    killed trainer leaves none."""
     path = lock_path(locks, state_dir)
     with file_lock(path) as held:
         if held:
             yield
             return
-    log.info("task %s is being trained by process %s; waiting up to %.0fs for it to end", task, holder(path), wait_s)
-    with file_lock(path, blocking=True, timeout=wait_s) as held:
+    log.info("task %s is being trained by process %s; waiting up to %.0fs for it to end", task, holder(path),
+             LOCK_WAIT_S)
+    with file_lock(path, blocking=True, timeout=LOCK_WAIT_S) as held:
         if not held:
             raise TaskBusy(f"task {task}: {state_dir} is being trained by process {holder(path)} (lock {path}); "
                            f"wait for it to end or stop it (`kill {holder(path)}`), then re-run")

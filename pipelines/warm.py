@@ -35,14 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-IDLE_S = float(os.environ.get("LORAX_WARM_IDLE_S", 90.0))  # with no stage running, exit after this long idle
+IDLE_S = 90.0  # with no stage running, exit after this long idle
 PRELOAD = ("torch", "timm", "peft", "mlflow", "pandas", "pyarrow.parquet", "PIL.Image", "sklearn.linear_model",
            "matplotlib", "lorax.config", "lorax.continual.trainer", "lorax.continual.evaluation",
            "lorax.continual.selection", "lorax.serving.openset", "lorax.data.prepare", "lorax.data.zoo",
            "pipelines.steps", "pipelines.publish", "pipelines.tracking.tracker", "pipelines.tracking.model_registry",
            "pipelines.serving.pyfunc", "pipelines.serving.card")
-if "LORAX_WARM_PRELOAD" in os.environ:  # what a server imports before serving (comma-separated; tests: none)
-    PRELOAD = tuple(m for m in os.environ["LORAX_WARM_PRELOAD"].split(",") if m)
 CHILD_ENV = "LORAX_WARM_CHILD"  # set in a forked stage: it runs, never delegates again
 
 

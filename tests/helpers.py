@@ -76,6 +76,21 @@ def tiny_params(tmp_path: Path | None = None, **overrides: Any) -> Params:
 BIN = Path(sys.executable).parent
 
 
+def evaluate_task_list(method: Any, manifests: list[Any], params: Params, device: Any = None,
+                       store: Any = None) -> tuple[dict, Any]:
+    """The seen tasks' val rows evaluated in this process, with lorax.continual.evaluation's parts: metrics dict (one
+    column of R; with ``control`` when ``eval.resample_control`` is set) and a per-image table."""
+    from lorax.continual.evaluation import evaluate_controls, predict_verdict, score_val, val_rows
+
+    val = val_rows(manifests)
+    logits, fake, thr = predict_verdict(method, val, params, device, store=store)
+    result, table = score_val(val, logits, method.tasks, fake, thr)
+    control = evaluate_controls(method, val, params, device, store)
+    if control:
+        result["control"] = control
+    return result, table
+
+
 def tool_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"

@@ -66,10 +66,10 @@ def dataset_for(df: pd.DataFrame, method: Method, params: Params, train: bool, s
     return ManifestDataset(df, **kw)
 
 
-def loader_for(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int, batch_size: int | None = None,
-            ctx: distributed.DistContext | None = None, cache: FrozenFeatureCache | None = None,
-            device: torch.device | None = None, n_crops: int = 1,
-            resample: Resample | None = None) -> torch.utils.data.DataLoader:
+def loader_for(df: pd.DataFrame, method: Method, params: Params, train: bool, seed: int,
+               ctx: distributed.DistContext | None = None, cache: FrozenFeatureCache | None = None,
+               device: torch.device | None = None, n_crops: int = 1,
+               resample: Resample | None = None) -> torch.utils.data.DataLoader:
     """Batches of ``(images, class_ids, rows)`` (``cache``: cache slots instead of rows); same batches and crops
     as ``make_loader(seed=seed)``, whatever ``num_workers``; under DDP this rank's share of each global batch."""
     ctx = ctx or distributed.DistContext()
@@ -79,7 +79,7 @@ def loader_for(df: pd.DataFrame, method: Method, params: Params, train: bool, se
         ds, sampler = cache.dataset(ds), cache.sampler(gen)
     else:
         sampler = SeededSampler(len(ds), shuffle=train, generator=gen)
-    bs = batch_size or (params.train.batch_size if train else params.eval.batch_size)
+    bs = params.train.batch_size if train else params.eval.batch_size
     workers = params.train.num_workers
     return torch.utils.data.DataLoader(
         ds, batch_sampler=distributed.ShardedBatchSampler(sampler, bs, ctx.rank, ctx.world), num_workers=workers,
@@ -118,18 +118,15 @@ class BatchSource:
     """
 
     def __init__(self, rows: pd.DataFrame, method: Method, params: Params, seed: int, device: torch.device,
-                 ctx: distributed.DistContext, content_crops: bool | None = None) -> None:
-        """``content_crops``: draw the fixed crops from each image's content (default: exactly when the trunk
-        cache is used, which needs them; True without it gives the same batches as images, e.g. to compare)."""
+                 ctx: distributed.DistContext) -> None:
         self.rows, self.method, self.params, self.device, self.ctx = rows, method, params, device, ctx
         self.slots: FrozenFeatureCache | None = None
         self.tokens: TokenSlotDataset | None = None
         trunk = open_trunk_cache(method, params, device)  # frozen blocks' tokens of the fixed crops, on disk
         old_cached = wants_feature_cache(method, params)  # old adapters' embeddings of the fixed crops, per task
-        if old_cached or trunk is not None or content_crops:  # K fixed crops per row for the whole task
-            k = params.train.feature_cache_crops
-            content = trunk is not None if content_crops is None else content_crops
-            self.slots = FrozenFeatureCache(len(rows), k, seed, content_seeds(rows, k) if content else None)
+        if old_cached or trunk is not None:  # K fixed crops per row for the whole task
+            k = params.train.feature_cache_crops  # the trunk cache needs them drawn from each image's content
+            self.slots = FrozenFeatureCache(len(rows), k, seed, content_seeds(rows, k) if trunk is not None else None)
             base = dataset_for(rows, method, params, True, seed)
             if trunk is not None:
                 self.tokens = self._trunk_tokens(trunk, base)

@@ -260,17 +260,3 @@ def evaluate_controls(method: Method, val: pd.DataFrame, params: Params, device:
         result.pop("confusion", None)
         out[name] = {**result, "scale": view[0], "filter": view[1]}
     return out
-
-
-def evaluate_task_list(method: Method, manifests: list[pd.DataFrame], params: Params,
-                       device: torch.device | None = None,
-                       store: EmbeddingStore | None = None) -> tuple[dict, pd.DataFrame]:
-    """Evaluate on the val rows of the seen tasks: metrics dict (one column of R; with ``control`` when
-    ``eval.resample_control`` is set) and a per-image table."""
-    val = val_rows(manifests)
-    logits, fake, thr = predict_verdict(method, val, params, device, store=store)
-    result, table = score_val(val, logits, method.tasks, fake, thr)
-    control = evaluate_controls(method, val, params, device, store)
-    if control:
-        result["control"] = control
-    return result, table

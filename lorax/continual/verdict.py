@@ -7,7 +7,7 @@ binary head on the same super-feature (``continual.verdict: binary``):
 * a class-balanced logistic regression (L2, scikit-learn's ``C``; the standardisation folded into the weights) on
   the super-features of the rows the class head is fitted on (the task's train rows + the exemplar memory), so its
   ``fake_probability`` is calibrated to equal priors of real and fake;
-* ``C`` chosen among :data:`C_GRID` by the out-of-fold log-loss of a ``folds``-fold cross-fit on those rows;
+* ``C`` chosen among :data:`C_GRID` by the out-of-fold log-loss of a :data:`FOLDS`-fold cross-fit on those rows;
 * the threshold is the one of best balanced accuracy on the out-of-fold probabilities (cross-fitted: no row is
   scored by a head fitted on it; validation images are never used).
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 VERDICTS = ("binary", "argmax")
 C_GRID = (0.01, 0.1, 1.0, 10.0)
+FOLDS = 5  # of the cross-fit (fewer when a kind has fewer rows; at least 2)
 WEIGHTS_FILE = "verdict.safetensors"
 INFO_KEY = "verdict"
 
@@ -155,7 +156,7 @@ def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
     return float(-0.5 * (np.log(p[y == 1]).mean() + np.log(1 - p[y == 0]).mean()))
 
 
-def fit_verdict(features: np.ndarray, is_fake: np.ndarray, groups: np.ndarray | None = None, folds: int = 5,
+def fit_verdict(features: np.ndarray, is_fake: np.ndarray, groups: np.ndarray | None = None,
                 c_grid: tuple[float, ...] = C_GRID) -> Verdict:
     """Fit the binary head on ``features`` (N, D) and its threshold on out-of-fold probabilities (see module doc)."""
     x = np.asarray(features, dtype=np.float64)
@@ -165,7 +166,7 @@ def fit_verdict(features: np.ndarray, is_fake: np.ndarray, groups: np.ndarray | 
     n_min = int(min((y == 0).sum(), (y == 1).sum()))
     if n_min == 0:
         fit_binary_logistic(x[:1], y[:1], 1.0)  # raises the one-line error
-    k = max(2, min(folds, n_min))
+    k = max(2, min(FOLDS, n_min))
     with timed(log, f"verdict fit: C in {list(c_grid)} by a {k}-fold cross-fit on {len(y)} rows x {x.shape[1]} "
                     "features, then the final fit"):
         return _cross_fit(x, y, _folds(y, groups, k), k, c_grid)

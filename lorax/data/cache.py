@@ -161,10 +161,9 @@ def open_decode_cache(
     cache_dir: str | Path,
     max_mb: float,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
-    build: bool = True,
     follow_links: bool = False,
 ) -> DecodeCache | None:
-    """The decode cache of ``df``'s rows (building missing shards when ``build``), or None when it does not fit.
+    """The decode cache of ``df``'s rows (building missing shards), or None when it does not fit.
 
     Rows are grouped by (root, task, split) so the shards of a task's train and val splits are shared by every
     table that holds them (the growing evaluation set, later tasks); replayed exemplars form small shards of their own.
@@ -181,8 +180,6 @@ def open_decode_cache(
         part = df.iloc[rows]
         directory = cache_dir / shard_key(part, max_image_pixels)
         if not (directory / "meta.json").is_file():
-            if not build:
-                return None
             log.info("decode cache: decoding %d images into %s", len(part), directory)
         shard = Shard.build(part, directory, max_image_pixels, follow_links)
         if len(shard) != len(part):

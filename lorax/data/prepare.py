@@ -196,11 +196,10 @@ def prepare_task(
     out_dir: str | Path,
     cfg: DataConfig,
     crop: int,
-    workers: int | None = None,
 ) -> PrepareResult:
     """Scan, verify and write the manifest and quarantine report of one task (DVC calls this per task).
 
-    ``workers`` processes decode in parallel (None: 1 below 2000 files, else up to 8).
+    Below 2000 files one process decodes them, else up to 8 in parallel.
     """
     t0 = time.perf_counter()
     root, out_dir = Path(root), Path(out_dir)
@@ -210,7 +209,7 @@ def prepare_task(
     bad = {} if cfg.follow_links else _links_out(entries, root)
     entries_in = [(cd, f) for cd, f in entries if str(f) not in bad]
     results = _inspect_all([f for _, f in entries_in], cfg.max_image_pixels, crop,
-                           workers or _auto_workers(len(entries_in)))
+                           _auto_workers(len(entries_in)))
 
     rows = []
     for (cd, f), res in zip(entries_in, results, strict=True):
@@ -298,7 +297,6 @@ def prepare_tasks(
     out_dir: str | Path,
     cfg: DataConfig,
     crop: int,
-    workers: int | None = None,
 ) -> list[PrepareResult]:
     """Prepare ``tasks`` in order (their position is the task index); None = every task folder, sorted.
 
@@ -306,4 +304,4 @@ def prepare_tasks(
     """
     root = Path(root)
     tasks = layouts.check_tasks(root, tasks)
-    return [prepare_task(root, t, i, out_dir, cfg, crop, workers) for i, t in enumerate(tasks)]
+    return [prepare_task(root, t, i, out_dir, cfg, crop) for i, t in enumerate(tasks)]

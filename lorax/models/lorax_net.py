@@ -7,7 +7,7 @@ Only the newest adapter and the two heads train.
 
 The published implementation runs the full backbone once per adapter. Here blocks before the first adapted one
 run once per image (the shared trunk) and, with ``one_pass``, all adapters share one batched pass after it (on CPU
-in groups of at most ``cpu_group_rows`` rows, so the activations stay in cache); ``one_pass=False`` keeps the sequential loop as the reference the fast path is tested against.
+in groups of at most :data:`CPU_GROUP_ROWS` rows, so the activations stay in cache); ``one_pass=False`` keeps the sequential loop as the reference the fast path is tested against.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from lorax.config import AdapterConfig
 from lorax.models.adapters import LoraAdapterSet
 from lorax.models.backbones import Backbone
 
-CPU_GROUP_ROWS = 4096
+# Rows (images x tokens) of one grouped pass on CPU: a larger group spills the per-layer activations out of the
+# cache and runs slower per image than the loop (measured: benchmarks/RESULTS.md). None = one group.
+CPU_GROUP_ROWS: int | None = 4096
 
 
 def adapter_groups(names: list[str], rows_per_adapter: int, max_rows: int | None) -> list[list[str]]:
@@ -55,9 +57,6 @@ class LoRAXNet(nn.Module):
         self.head: nn.Linear | None = None
         self.div_head: nn.Linear | None = None
         self.one_pass = True
-        # Rows (images x tokens) of one grouped pass on CPU: a larger group spills the per-layer activations out of
-        # the cache and runs slower per image than the loop (measured: benchmarks/RESULTS.md). None = one group.
-        self.cpu_group_rows: int | None = CPU_GROUP_ROWS
 
     # -- structure ---------------------------------------------------------------------------------------------
     @property
@@ -146,7 +145,7 @@ class LoRAXNet(nn.Module):
         b = trunk.shape[0]
         tokens, shared = self._split_trunk(trunk)
         if one_pass and len(names) > 1:
-            limit = self.cpu_group_rows if tokens.device.type == "cpu" else None
+            limit = CPU_GROUP_ROWS if tokens.device.type == "cpu" else None
             rows = tokens.shape[:-1].numel()  # images x tokens entering the adapted blocks
             outs = []
             for group in adapter_groups(names, rows, limit):

@@ -42,19 +42,18 @@ class Row:
     path: str | None = None
 
 
-def image_root(configured: str | None = None, environ: dict[str, str] | None = None) -> str | None:
+def image_root(configured: str | None = None) -> str | None:
     """The resolved folder paths may be read from, or None (paths refused).
 
     :data:`ENV_ROOT` wins over ``configured`` (the model's saved ``image_root``); set but empty, it turns paths off.
     Raises :class:`RootError` when the folder does not exist: a typo must not silently refuse every path.
     """
-    env = os.environ if environ is None else environ
-    raw = env[ENV_ROOT] if ENV_ROOT in env else configured
+    raw = os.environ.get(ENV_ROOT, configured)
     if not raw:
         return None
     real = os.path.realpath(os.path.expanduser(raw))
     if not os.path.isdir(real):
-        source = ENV_ROOT if ENV_ROOT in env else "the model's image_root"
+        source = ENV_ROOT if ENV_ROOT in os.environ else "the model's image_root"
         raise RootError(f"{source}={raw}: no such folder; set it to the folder the server may read images from, "
                         "or leave it unset to accept only image bytes and base64")
     return real

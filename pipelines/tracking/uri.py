@@ -149,8 +149,8 @@ def _check_server(uri: str, where: str, timeout: float) -> None:
         )
 
 
-def check_reachable(cfg: TrackingConfig, root: str | Path = ".", timeout: float = REACH_TIMEOUT_S) -> str:
-    """Resolve the URI and check it can be used within ``timeout`` seconds; returns the URI.
+def check_reachable(cfg: TrackingConfig, root: str | Path = ".") -> str:
+    """Resolve the URI and check it can be used within :data:`REACH_TIMEOUT_S` seconds; returns the URI.
 
     http(s): the server must answer MLflow's REST API (:func:`_check_server`: refused, unresolvable or silent is
     "not reachable"; an answer that is not MLflow's JSON, e.g. another web service on that port, is "not an MLflow
@@ -164,7 +164,7 @@ def check_reachable(cfg: TrackingConfig, root: str | Path = ".", timeout: float 
     _, where = _source(cfg)
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        _check_server(uri, where, timeout)
+        _check_server(uri, where, REACH_TIMEOUT_S)
         return uri
     if parsed.scheme == "sqlite":
         path = uri[len("sqlite:///"):].partition("?")[0]

@@ -38,11 +38,11 @@ def test_verdict_fit_logs_every_fold(caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(80, 6)), np.r_[np.zeros(40, int), np.ones(40, int)]
     caplog.set_level(logging.INFO, logger="lorax.continual.verdict")
-    fit_verdict(x, y, folds=4)
+    fit_verdict(x, y)
     msgs = _messages(caplog, "lorax.continual.verdict")
-    assert msgs[0].startswith("verdict fit: C in [0.01, 0.1, 1.0, 10.0] by a 4-fold cross-fit on 80 rows x 6")
-    assert [m.split(" (")[0] for m in msgs[1:5]] == [f"verdict fit: fold {f}/4" for f in range(1, 5)]
-    assert re.search(r": done in \d+\.\d s$", msgs[5]) and len(msgs) == 6
+    assert msgs[0].startswith("verdict fit: C in [0.01, 0.1, 1.0, 10.0] by a 5-fold cross-fit on 80 rows x 6")
+    assert [m.split(" (")[0] for m in msgs[1:6]] == [f"verdict fit: fold {f}/5" for f in range(1, 6)]
+    assert re.search(r": done in \d+\.\d s$", msgs[6]) and len(msgs) == 7
 
 
 def test_head_refit_logs_start_end_and_its_lbfgs_iterations(caplog: pytest.LogCaptureFixture) -> None:

@@ -233,7 +233,7 @@ def test_not_used_without_a_trunk_or_when_off(zoo, tmp_path):
 def _run(manifests, params, out: Path):
     """Two tasks as `lorax train` runs them (train, select, evaluate): the accuracy matrix columns."""
     from lorax.continual.embedding_store import EmbeddingStore
-    from lorax.continual.evaluation import evaluate_task_list
+    from tests.helpers import evaluate_task_list
     from lorax.continual.selection import select_exemplars
     from lorax.continual.trainer import train_task
 
@@ -253,11 +253,14 @@ def _run(manifests, params, out: Path):
     return cols, method, memory
 
 
-def test_trunk_batches_equal_image_batches_of_the_same_crops(zoo, tmp_path):
+def test_trunk_batches_equal_image_batches_of_the_same_crops(zoo, tmp_path, monkeypatch):
     """The batch source with the trunk cache yields what the image source yields for the same (content) crops:
     same targets, same old embeddings and logits up to the fp16 rounding of the tokens."""
+    from lorax.continual import batches
     from lorax.continual.batches import BatchSource
     from lorax.continual.distributed import DistContext
+    from lorax.continual.feature_cache import FrozenFeatureCache
+    from lorax.continual.trunk_cache import content_seeds
 
     root, manifests = zoo
     on = _params(tmp_path, train__feature_cache=True)
@@ -265,7 +268,10 @@ def test_trunk_batches_equal_image_batches_of_the_same_crops(zoo, tmp_path):
     method = _method(on)
     rows = _train_rows(manifests)
     cached = BatchSource(rows, method, on, 7, CPU, DistContext())
-    plain = BatchSource(rows, method, off, 7, CPU, DistContext(), content_crops=True)
+    # the image source with the crops the trunk cache draws (from each image's content), not random ones
+    monkeypatch.setattr(batches, "FrozenFeatureCache",
+                        lambda n, k, seed, seeds=None: FrozenFeatureCache(n, k, seed, content_seeds(rows, k)))
+    plain = BatchSource(rows, method, off, 7, CPU, DistContext())
     assert cached.tokens is not None and plain.tokens is None and len(cached) == len(plain)
     n = 0
     with torch.no_grad():

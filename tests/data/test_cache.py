@@ -54,8 +54,10 @@ def test_shards_are_per_task_split_and_reused(manifest: pd.DataFrame, tmp_path: 
     open_decode_cache(manifest, d, max_mb=16)
     shards = sorted(p.name for p in d.iterdir())
     assert len(shards) == 2  # train, val
-    again = open_decode_cache(train, d, max_mb=16, build=False)  # the train shard is reused, nothing new
+    meta = {p.name: (p / "meta.json").stat().st_mtime_ns for p in d.iterdir()}
+    again = open_decode_cache(train, d, max_mb=16)  # the train shard is reused, nothing new
     assert again is not None and sorted(p.name for p in d.iterdir()) == shards
+    assert {p.name: (p / "meta.json").stat().st_mtime_ns for p in d.iterdir()} == meta  # nor rewritten
     # a subset (replayed exemplars) is a shard of its own; the full split's shard is untouched
     open_decode_cache(train.iloc[:3], d, max_mb=16)
     assert len(list(d.iterdir())) == 3
@@ -99,12 +101,13 @@ def test_trainer_loader_reads_the_cache(manifest: pd.DataFrame, tmp_path: Path):
     from lorax.continual.batches import loader_for
     from tests.helpers import tiny_params
 
-    off = tiny_params(tmp_path)
-    on = tiny_params(tmp_path, train__decode_cache=True, train__decode_cache_dir=str(tmp_path / "dc"))
+    five = {"train__batch_size": 5, "eval__batch_size": 5}
+    off = tiny_params(tmp_path, **five)
+    on = tiny_params(tmp_path, train__decode_cache=True, train__decode_cache_dir=str(tmp_path / "dc"), **five)
     method = build_method(off, ["deconv"])
     for train in (True, False):
-        a = list(loader_for(manifest, method, off, train=train, seed=4, batch_size=5))
-        b = list(loader_for(manifest, method, on, train=train, seed=4, batch_size=5))
+        a = list(loader_for(manifest, method, off, train=train, seed=4))
+        b = list(loader_for(manifest, method, on, train=train, seed=4))
         assert len(a) == len(b) == 3
         for (xa, ya, ra), (xb, yb, rb) in zip(a, b, strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ra, rb)

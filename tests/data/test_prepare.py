@@ -235,11 +235,15 @@ def test_cddb_test_folder_is_ignored_with_a_note(tmp_path: Path) -> None:
     assert res.n_images == 4 and any("ignored folders ['test']" in n for n in res.notes)
 
 
-def test_parallel_workers_give_the_same_manifest(tmp_path: Path) -> None:
+def test_parallel_workers_give_the_same_manifest(tmp_path: Path, monkeypatch) -> None:
+    from lorax.data import prepare
+
     root = write_cddb(tmp_path / "ds", ["t"], n=20)
     (root / "t" / "train" / "0_real" / "bad.png").write_bytes(b"junk")
-    a = prepare_task(root, "t", 0, tmp_path / "m1", cfg(), CROP, workers=1)
-    b = prepare_task(root, "t", 0, tmp_path / "m2", cfg(), CROP, workers=2)
+    monkeypatch.setattr(prepare, "_auto_workers", lambda n_files: 1)
+    a = prepare_task(root, "t", 0, tmp_path / "m1", cfg(), CROP)
+    monkeypatch.setattr(prepare, "_auto_workers", lambda n_files: 2)  # (many files get several processes)
+    b = prepare_task(root, "t", 0, tmp_path / "m2", cfg(), CROP)
     pd.testing.assert_frame_equal(read_manifest(a.manifest), read_manifest(b.manifest))
     assert a.bad == b.bad and len(a.bad) == 1
 

@@ -12,6 +12,7 @@ import pytest
 
 from lorax.continual.state import is_state, resume_dir
 from lorax.continual.trainer import CHECKPOINT, train_task
+from pipelines import lifetime
 from pipelines.lifetime import TaskBusy, lock_path, task_lock
 from tests.conftest import tiny_params
 
@@ -78,7 +79,8 @@ def test_an_older_projects_resume_folder_is_still_read(first_task, tmp_path, mon
     assert not out.with_name("deconv.partial").exists()
 
 
-def test_a_second_trainer_of_a_task_waits_then_stops_naming_the_first(tmp_path) -> None:
+def test_a_second_trainer_of_a_task_waits_then_stops_naming_the_first(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(lifetime, "LOCK_WAIT_S", 1.0)
     state = tmp_path / "state" / "deconv"
     locks = tmp_path / "locks"
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -89,7 +91,7 @@ def test_a_second_trainer_of_a_task_waits_then_stops_naming_the_first(tmp_path) 
         assert holder.stdout.readline().strip() == "held"
         t0 = time.monotonic()
         with pytest.raises(TaskBusy) as e:
-            with task_lock(locks, state, "deconv", wait_s=1.0):
+            with task_lock(locks, state, "deconv"):
                 pass
         assert time.monotonic() - t0 >= 1.0  # it waited for the first to end
         msg = str(e.value)
@@ -97,5 +99,5 @@ def test_a_second_trainer_of_a_task_waits_then_stops_naming_the_first(tmp_path) 
     finally:
         holder.kill()
         holder.wait()
-    with task_lock(locks, state, "deconv", wait_s=1.0):  # a killed holder leaves no lock behind
+    with task_lock(locks, state, "deconv"):  # a killed holder leaves no lock behind
         assert lock_path(locks, state).is_file()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import lifetime
 from pipelines._stage import run_stage
 from pipelines.tracking.errors import store_failure
 from tests.pipelines.conftest import tool_env, write_project
@@ -22,8 +23,11 @@ def error_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.strip() and not LOG_LINE.match(ln)]
 
 
-def init(project: Path, capsys) -> tuple[int, list[str]]:
-    code = run_stage("init", "pipelines.steps:init_step", task=False, tracking=True, argv=["--root", str(project)])
+def init(project: Path, capsys, monkeypatch) -> tuple[int, list[str]]:
+    """The init stage of ``python -m pipelines.init --root PROJECT``, run in this process (pytest keeps its signals)."""
+    monkeypatch.setattr(sys, "argv", ["pipelines/init.py", "--root", str(project)])
+    monkeypatch.setattr(lifetime, "stop_on_signals", lambda: None)
+    code = run_stage("init", "pipelines.steps:init_step", task=False, tracking=True)
     return code, error_lines(capsys.readouterr().err)
 
 
@@ -51,9 +55,10 @@ def foreign_db(path: Path) -> None:
     (lambda p: (p / "mlflow.db").write_text("not a database " * 200), "is not a sqlite database"),
     (lambda p: foreign_db(p / "mlflow.db"), "not an MLflow store (tables: invoices)"),
 ], ids=["a-folder", "not-sqlite", "not-mlflow"])
-def test_a_store_that_cannot_be_used_is_one_line_and_status_2(project: Path, capsys, store, expected) -> None:
+def test_a_store_that_cannot_be_used_is_one_line_and_status_2(project: Path, capsys, monkeypatch, store,
+                                                               expected) -> None:
     store(project)
-    code, lines = init(project, capsys)
+    code, lines = init(project, capsys, monkeypatch)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("stage init: error: tracking store sqlite:///") and expected in lines[0]
     assert not (project / "state").exists() and not (project / "memory").exists()
@@ -74,7 +79,7 @@ def test_a_read_only_store_is_one_line_and_status_2_in_a_stage_process(project: 
     assert not (project / "state").exists()
 
 
-def test_an_unreachable_server_is_one_line_and_status_2(project: Path, capsys) -> None:
+def test_an_unreachable_server_is_one_line_and_status_2(project: Path, capsys, monkeypatch) -> None:
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
@@ -82,7 +87,7 @@ def test_an_unreachable_server_is_one_line_and_status_2(project: Path, capsys) -
         port = s.getsockname()[1]
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("uri: null", f"uri: http://127.0.0.1:{port}"))
-    code, lines = init(project, capsys)
+    code, lines = init(project, capsys, monkeypatch)
     assert code == 2 and len(lines) == 1 and "is not reachable" in lines[0], lines
 
 

@@ -41,9 +41,13 @@ def test_an_edit_that_keeps_size_and_mtime_gets_a_new_key(project: Path) -> None
     assert warm.source_key(project.resolve()) == before
 
 
-def start(project: Path, sock: Path, **env: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.warm", str(sock)], cwd=project,
-                            env=tool_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(project: Path, sock: Path, idle_s: float) -> subprocess.Popen:
+    """The server of ``python -m pipelines.warm SOCK``, idle for ``idle_s`` at most, preloading nothing (its exit
+    is what is tested, not its imports)."""
+    code = (f"import sys; from pathlib import Path; from pipelines import warm; warm.IDLE_S = {idle_s!r}; "
+            f"warm.PRELOAD = (); sys.exit(warm.serve(Path({str(sock)!r})))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=tool_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while not sock.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
@@ -55,8 +59,7 @@ def start(project: Path, sock: Path, **env: str) -> subprocess.Popen:
 def test_the_server_removes_its_socket_when_it_exits(project: Path, how: str) -> None:
     sock = warm.runtime_dir() / f"faults-test-{os.getpid()}-{how}.sock"
     sock.unlink(missing_ok=True)
-    # (a server that preloads nothing: its exit is what is tested, not its imports)
-    proc = start(project, sock, LORAX_WARM_IDLE_S="1" if how == "idle" else "600", LORAX_WARM_PRELOAD="")
+    proc = start(project, sock, idle_s=1.0 if how == "idle" else 600.0)
     try:
         if how == "SIGTERM":
             proc.send_signal(signal.SIGTERM)

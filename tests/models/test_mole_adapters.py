@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from lorax.continual.methods import build_method
 from lorax.models.backbone_factory import create_backbone
+from lorax.models import lorax_net
 from lorax.models.lorax_net import LoRAXNet
 from lorax.models.mole import MoLELinear
 from lorax.models.mole_adapters import MoleAdapterLinear, MoleAdapterSet
@@ -91,7 +92,7 @@ def test_one_pass_equals_sequential_loop_and_balance_loss():
     assert n_layers <= bal_seq.item() <= 3 * n_layers  # each layer's loss is in [1, N]
 
 
-def test_one_pass_split_into_groups_equals_the_loop():
+def test_one_pass_split_into_groups_equals_the_loop(monkeypatch):
     """MoLE adapters through a grouped pass split into smaller groups (CPU row limit): same embeddings and balance
     loss as the loop."""
     net = _net()
@@ -100,7 +101,7 @@ def test_one_pass_split_into_groups_equals_the_loop():
         _perturb(net, t, i)
     net.eval()
     x = torch.randn(4, 3, 16, 16)
-    net.cpu_group_rows = 2 * net.trunk(x).shape[:-1].numel()  # groups [a, b] and [c]
+    monkeypatch.setattr(lorax_net, "CPU_GROUP_ROWS", 2 * net.trunk(x).shape[:-1].numel())  # groups [a, b] and [c]
     with torch.no_grad():
         seq = net.embeddings(x, one_pass=False)
         bal_seq = net.adapters.balance_loss()

@@ -6,6 +6,7 @@ import torch
 
 from lorax.models.adapters import _add_low_rank
 from lorax.models.backbone_factory import create_backbone
+from lorax.models import lorax_net
 from lorax.models.lorax_net import LoRAXNet, adapter_groups
 from tests.helpers import tiny_params
 
@@ -107,7 +108,7 @@ def test_adapter_groups_split_by_rows():
     assert adapter_groups(["a", "b"], 100, 50) == [["a"], ["b"]]  # one adapter per group at least
 
 
-def test_grouped_pass_split_into_groups_equals_the_loop():
+def test_grouped_pass_split_into_groups_equals_the_loop(monkeypatch):
     """On CPU a large group runs in several smaller grouped passes (a group of one takes the single route): same
     embeddings as one group and as the loop, and every adapter really ran (no group dropped or repeated)."""
     net = _net().eval()
@@ -115,22 +116,22 @@ def test_grouped_pass_split_into_groups_equals_the_loop():
     rows = net.trunk(x).shape[:-1].numel()
     with torch.inference_mode():
         seq = net.embeddings(x, one_pass=False)
-        net.cpu_group_rows = None
+        monkeypatch.setattr(lorax_net, "CPU_GROUP_ROWS", None)
         whole = net.embeddings(x, one_pass=True)
-        net.cpu_group_rows = 2 * rows  # groups [a, b] and [c]
+        monkeypatch.setattr(lorax_net, "CPU_GROUP_ROWS", 2 * rows)  # groups [a, b] and [c]
         split = net.embeddings(x, one_pass=True)
-        net.cpu_group_rows = rows  # three single passes
+        monkeypatch.setattr(lorax_net, "CPU_GROUP_ROWS", rows)  # three single passes
         singles = net.embeddings(x, one_pass=True)
     for out in (whole, split, singles):
         torch.testing.assert_close(out, seq, rtol=1e-5, atol=1e-5)
     assert min((seq[i] - seq[j]).abs().max() for i, j in ((0, 1), (1, 2), (0, 2))) > 1e-4
 
 
-def test_split_groups_training_gradients_equal_the_loop():
+def test_split_groups_training_gradients_equal_the_loop(monkeypatch):
     net = _net()
     net.train()
     x = torch.randn(3, 3, 16, 16)
-    net.cpu_group_rows = 2 * net.trunk(x).shape[:-1].numel()
+    monkeypatch.setattr(lorax_net, "CPU_GROUP_ROWS", 2 * net.trunk(x).shape[:-1].numel())
     grads = []
     for one_pass in (True, False):
         for p in net.trainable_parameters():
@@ -143,12 +144,12 @@ def test_split_groups_training_gradients_equal_the_loop():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_dropout_on_the_trained_adapter_only_same_as_the_loop():
+def test_dropout_on_the_trained_adapter_only_same_as_the_loop(monkeypatch):
     """Training with adapter dropout: the grouped pass drops only the trained (last) adapter's input, with the same
     masks as its own pass in the loop (same RNG draws), so embeddings and its gradients match the loop; the frozen
     adapters stay deterministic."""
     net = _net(adapter__dropout=0.5)
-    net.cpu_group_rows = None
+    monkeypatch.setattr(lorax_net, "CPU_GROUP_ROWS", None)
     net.train()
     x = torch.randn(2, 3, 16, 16)
     outs, grads = [], []

@@ -74,23 +74,50 @@ def test_the_pipeline_from_first_run_to_a_clone(repo: Path, tmp_path: Path) -> N
     _a_clone_of_the_shared_run_redoes_no_work(repo, tmp_path)
 
 
+# Put on PYTHONPATH as sitecustomize: when a stage process (``python -m pipelines.<stage>``) exits, it appends the
+# project source files it loaded to the file named below.
+RECORD_MODULES = """
+import atexit, json, sys
+from pathlib import Path
+
+
+def _record():
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is None or not spec.name.startswith("pipelines."):
+        return
+    root, files = Path.cwd().resolve(), set()
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and mod.__name__.split(".")[0] in ("lorax", "pipelines"):
+            p = Path(f).resolve()
+            files.add(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p))
+    with open(OUT, "a") as out:
+        out.write(json.dumps({"module": spec.name.split(".", 1)[1], "files": sorted(files)}) + "\\n")
+
+
+atexit.register(_record)
+"""
+STAGE_OF_MODULE = {"select_exemplars": "select", "check_params": "check"}
+
+
 def _first_run(repo: Path, tmp_path: Path) -> None:
-    loaded = tmp_path / "modules.jsonl"
+    loaded, site = tmp_path / "modules.jsonl", tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"OUT = {str(loaded)!r}\n" + RECORD_MODULES)
     # cold stages (LORAX_WARM=0): a stage forked from the warm server holds every module the server preloaded
-    res = dvc(repo, "repro", LORAX_STAGE_MODULES=str(loaded), LORAX_WARM="0")
+    res = dvc(repo, "repro", PYTHONPATH=str(site), LORAX_WARM="0")
     assert stages_ran(res.stdout) == ["check", "init", *(f"{s}@deconv" for s in STAGES), "report"]
     # every project source file a stage loaded is one of its declared deps (or a file deliberately left out)
     for line in loaded.read_text().splitlines():
         rec = json.loads(line)
-        deps = declared_code(rec["stage"])
-        module = {"select": "select_exemplars", "check": "check_params"}.get(rec["stage"].split("@")[0],
-                                                                             rec["stage"].split("@")[0])
+        module = rec["module"]
+        deps = declared_code(STAGE_OF_MODULE.get(module, module))
         assert f"pipelines/{module}.py" in deps
         missing = [f for f in rec["files"] if f.split("/")[0] in ("lorax", "pipelines")
                    and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
                    and not any(f.endswith(ok) if ok.endswith(".py") and "/" not in ok else f.startswith(ok)
                                for ok in UNDECLARED_OK)]
-        assert not missing, f"{rec['stage']} loads {missing} but dvc.yaml does not declare them"
+        assert not missing, f"{module} loads {missing} but dvc.yaml does not declare them"
     assert len(loaded.read_text().splitlines()) == 3 + len(STAGES)
     metrics = read_metrics(repo / "reports" / "metrics.json")
     # the keys of `lorax train`'s metrics.json (+ details)

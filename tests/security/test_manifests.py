@@ -65,7 +65,7 @@ def _run(stage: str, df: pd.DataFrame, params: Params, tmp_path: Path):
     the checks come before any model output)."""
     from lorax.continual.methods import build_method
     from lorax.continual.trainer import train_task
-    from lorax.continual.evaluation import evaluate_task_list
+    from tests.helpers import evaluate_task_list
     from lorax.continual.selection import select_exemplars
 
     if stage == "train":
@@ -189,7 +189,7 @@ def test_rows_served_from_the_embedding_store_are_still_checked(zoo, tmp_path: P
     """Every embedding of the val rows is stored after one evaluation; a file changed since must not reuse them."""
     from lorax.continual.embedding_store import EmbeddingStore
     from lorax.continual.methods import build_method
-    from lorax.continual.evaluation import evaluate_task_list
+    from tests.helpers import evaluate_task_list
 
     params, df = zoo
     method = build_method(params)

@@ -128,15 +128,19 @@ def test_a_fifo_under_the_root_is_refused_without_being_opened(tree) -> None:
     assert "not a regular file" in got[0].error
 
 
-def test_the_root_comes_from_the_operator_env_over_model(tree, tmp_path: Path) -> None:
+def test_the_root_comes_from_the_operator_env_over_model(tree, tmp_path: Path, monkeypatch) -> None:
     root, other = str(tree["root"]), tmp_path / "other"
     other.mkdir()
-    assert image_root(None, {}) is None
-    assert image_root(root, {}) == str(tree["root"].resolve())
-    assert image_root(root, {ENV_ROOT: str(other)}) == str(other.resolve())  # the env var wins
-    assert image_root(root, {ENV_ROOT: ""}) is None  # set but empty: paths off
+    monkeypatch.delenv(ENV_ROOT, raising=False)
+    assert image_root(None) is None
+    assert image_root(root) == str(tree["root"].resolve())
+    monkeypatch.setenv(ENV_ROOT, str(other))
+    assert image_root(root) == str(other.resolve())  # the env var wins
+    monkeypatch.setenv(ENV_ROOT, "")
+    assert image_root(root) is None  # set but empty: paths off
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path / "no-such"))
     with pytest.raises(RootError, match=f"^{ENV_ROOT}=.*no-such: no such folder"):
-        image_root(None, {ENV_ROOT: str(tmp_path / "no-such")})
+        image_root(None)
 
 
 def test_saved_root_env_override_and_mixed_batch_in_process(stream, tree, tmp_path: Path, monkeypatch) -> None:

@@ -21,6 +21,7 @@ from typing import ClassVar
 import pytest
 
 from lorax.config import TrackingConfig, load_params
+from pipelines.tracking import uri as tracking_uri
 from pipelines.tracking.uri import PROBE, TrackingUnavailable, check_reachable
 from tests.helpers import BIN, tool_env, write_project
 
@@ -121,9 +122,15 @@ def fake_server() -> Iterator[type[_Fake]]:
         srv.server_close()
 
 
+@pytest.fixture(autouse=True)
+def patient_probe(monkeypatch) -> None:
+    """The servers here all answer, if slowly on a loaded machine: the probe waits up to 10 s for them."""
+    monkeypatch.setattr(tracking_uri, "REACH_TIMEOUT_S", 10.0)
+
+
 def _refused(uri: str, tmp_path: Path) -> str:
     with pytest.raises(TrackingUnavailable) as e:
-        check_reachable(TrackingConfig(uri=uri), tmp_path, timeout=5)
+        check_reachable(TrackingConfig(uri=uri), tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and uri in msg and "tracking.uri in params.yaml" in msg
     return msg
@@ -135,8 +142,8 @@ CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_T
 def test_a_real_mlflow_server_passes(mlflow_server: str, tmp_path: Path, monkeypatch) -> None:
     for var in CREDENTIALS:
         monkeypatch.delenv(var, raising=False)
-    assert check_reachable(TrackingConfig(uri=mlflow_server), tmp_path, timeout=10) == mlflow_server
-    assert check_reachable(TrackingConfig(uri=mlflow_server + "/"), tmp_path, timeout=10) == mlflow_server + "/"
+    assert check_reachable(TrackingConfig(uri=mlflow_server), tmp_path) == mlflow_server
+    assert check_reachable(TrackingConfig(uri=mlflow_server + "/"), tmp_path) == mlflow_server + "/"
 
 
 def test_another_web_service_is_not_mlflow(plain_http_server: str, tmp_path: Path) -> None:
@@ -162,7 +169,7 @@ def test_mlflow_shaped_answers_pass(fake_server, tmp_path: Path, monkeypatch) ->
     for answer in ((200, "application/json", b"{}"),
                    (500, "application/json", json.dumps({"error_code": "INTERNAL_ERROR", "message": "x"}).encode())):
         fake_server.answer = answer
-        assert check_reachable(TrackingConfig(uri=fake_server.url), tmp_path, timeout=5) == fake_server.url
+        assert check_reachable(TrackingConfig(uri=fake_server.url), tmp_path) == fake_server.url
 
 
 def test_authentication(fake_server, tmp_path: Path, monkeypatch) -> None:
@@ -178,14 +185,14 @@ def test_authentication(fake_server, tmp_path: Path, monkeypatch) -> None:
     assert "refused the credentials" in _refused(fake_server.url, tmp_path)
     assert fake_server.seen[-1] == "Basic " + base64.b64encode(b"ann:pw").decode()
     fake_server.answer = (200, "application/json", b'{"experiments": []}')
-    assert check_reachable(TrackingConfig(uri=fake_server.url), tmp_path, timeout=5) == fake_server.url
+    assert check_reachable(TrackingConfig(uri=fake_server.url), tmp_path) == fake_server.url
 
 
 def test_an_s_override_is_named(plain_http_server: str, tmp_path: Path) -> None:
     write_project(tmp_path / "p", ["deconv"])
     params = load_params(tmp_path / "p" / "params.yaml", {"tracking.uri": plain_http_server})
     with pytest.raises(TrackingUnavailable) as e:
-        check_reachable(params.tracking, tmp_path, timeout=5)
+        check_reachable(params.tracking, tmp_path)
     assert f"(from -S tracking.uri={plain_http_server})" in str(e.value) and "params.yaml" not in str(e.value)
 
 
