@@ -1,7 +1,8 @@
 """The loop on real images, end to end: ``python -m benchmarks.loop_t2i --out outputs/loop_t2i``.
 
 What a user does with ``../shared/data/t2i`` and the real-image profile, in fresh project folders made from this
-checkout (code copied, ``git init``, ``dvc init``; each project its own MLflow store and caches):
+checkout (code copied, ``git init``, ``dvc init``; each project its own MLflow store and caches; the detector's pipeline
+left out):
 
 1. **DVC path** (``OUT/dvc``): ``lorax init --root data/t2i --tasks sd15,sd21,sdxl --profile realworld``,
    ``dvc repro``; then for each later generator its folder is copied in, ``lorax stream add NAME``, ``dvc repro``
@@ -33,8 +34,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["sd15", "sd21", "sdxl", "pixart512", "playground"]
-CODE = ("lorax", "pipelines", "dvc.yaml", "params.yaml", "params.realworld.yaml", ".dvcignore", ".gitignore",
-        "prefect.toml")
+EXTRA = ("params.realworld.yaml", "prefect.toml")  # beside what project_copy brings
 
 
 def env() -> dict[str, str]:
@@ -59,22 +59,15 @@ def run(cmd: list[str], cwd: Path, log: Path) -> float:
 
 
 def make_project(root: Path, data: Path, tasks: list[str]) -> Path:
-    """A fresh project: this checkout's code and settings, git + DVC initialised, ``tasks``' folders in data/t2i."""
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    for name in CODE:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif src.is_file():
-            shutil.copy(src, root / name)
+    """A fresh project (:func:`benchmarks.stage_overhead.project_copy`: this checkout's code and pipeline, git + DVC
+    initialised) with the real-image profile, the Prefect settings and ``tasks``' folders in data/t2i."""
+    from benchmarks.stage_overhead import project_copy
+
+    project_copy(root)
+    for name in EXTRA:
+        shutil.copy(REPO / name, root / name)
     for t in tasks:
         add_folder(root, data, t)
-    log = root / "commands.log"
-    run(["git", "init", "-q"], root, log)
-    run(["git", "add", "-A", "lorax", "pipelines", ".gitignore", ".dvcignore"], root, log)
-    run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "code"], root, log)
     return root
 
 
