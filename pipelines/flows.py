@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,15 +42,16 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
 from pipelines import publish, steps  # noqa: E402
-from pipelines.layout import INIT, Layout  # noqa: E402
+from pipelines.layout import Layout  # noqa: E402
 from pipelines.locks import file_lock  # noqa: E402
-from pipelines.stream_edit import append_to_stream  # noqa: E402
+from pipelines.stream_edit import append_to_stream, check_task_name, is_task_name  # noqa: E402
 from lorax.config import Params, load_params  # noqa: E402
 from pipelines.cli.project import parse_every  # noqa: E402
 
 GPU_TAG = "gpu"
 STREAM_LOCK_WAIT_S = 6 * 3600.0  # a second run waits for the first to finish its task, then finds it done
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+# what a task's registry record hands back to the flows (a fresh registration and a finished task alike)
+RECORD_KEYS = ("version", "tasks", "aaf", "gate", "gate_reason", "parent", "gate_figures")
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def run_evaluate(params: Params, layout: Layout, name: str) -> str:
 @task(name="register", task_run_name="register-{name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def run_register(params: Params, layout: Layout, name: str) -> dict[str, Any]:
     rec = publish.register_step(params, layout, name, _tracker(params, layout))
-    return {k: rec.get(k) for k in ("version", "tasks", "aaf", "gate", "gate_reason", "parent", "gate_figures")}
+    return {k: rec.get(k) for k in RECORD_KEYS}
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -192,7 +192,7 @@ def _registered(layout: Layout, name: str) -> dict[str, Any] | None:
     data = json.loads(rec.read_text())
     if data.get("state_id") != state_hash(state):
         return None
-    return {k: data.get(k) for k in ("version", "tasks", "aaf", "gate", "gate_reason", "parent", "gate_figures")}
+    return {k: data.get(k) for k in RECORD_KEYS}
 
 
 @flow(name="lorax-new-generator", flow_run_name="new-generator-{name}", log_prints=True)
@@ -201,11 +201,11 @@ def new_generator_flow(name: str, params_path: str = "params.yaml", root: str = 
     """Append task folder ``name`` (under data.root) to the stream, learn it on top of the chain's latest state
     and register the result (the gate decides on ``champion``)."""
     logger = get_run_logger()
-    if not _NAME.fullmatch(name) or name == INIT:
-        raise ValueError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init')")
+    check_task_name(name)
     path = Path(root) / params_path
-    layout = _layout(load_params(path, overrides), root)
-    _tracker(load_params(path, overrides), layout)  # a tracking server that is down fails here, before any work
+    first = load_params(path, overrides)
+    layout = _layout(first, root)
+    _tracker(first, layout)  # a tracking server that is down fails here, before any work
     with file_lock(layout.locks / "stream.lock", blocking=True, timeout=STREAM_LOCK_WAIT_S) as held:
         if not held:
             raise TimeoutError(f"task {name}: another run held the stream for {STREAM_LOCK_WAIT_S:.0f}s")
@@ -231,7 +231,7 @@ def new_tasks(params: Params, root: str) -> list[str]:
     from lorax.data.layouts import list_tasks
 
     found = list_tasks(_layout(params, root).data_root)
-    return [t for t in found if t not in params.tasks and _NAME.fullmatch(t) and t != INIT]
+    return [t for t in found if t not in params.tasks and is_task_name(t)]
 
 
 @task(name="scan-inbox", cache_policy=NO_CACHE, tags=[GPU_TAG])

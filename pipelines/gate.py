@@ -41,16 +41,14 @@ def judge(params: Params, layout: Layout, task: str) -> Judge:
 
 def compare_with_champion(params: Params, layout: Layout, task: str, before: dict[str, Any]) -> dict[str, Any]:
     """:func:`lorax.continual.comparison.compare`'s figures for the state after ``task`` against ``before``."""
-    from lorax.continual.comparison import compare
+    from lorax.continual.comparison import Truth, compare
+    from lorax.continual.evaluation import val_rows
     from pipelines.steps import _index, _manifests
 
     t0 = time.perf_counter()
     i = _index(params, task)
     tasks = params.tasks[: i + 1]
     manifests = _manifests(params, layout, i)
-    from lorax.continual.comparison import Truth
-    from lorax.continual.evaluation import val_rows
-
     val = val_rows([manifests[t] for t in tasks])
     truth = Truth.of(tasks, val["task_index"].to_numpy(), val["class_id"].to_numpy())
     log.info("gate: the state after %s and champion v%s (tasks %s) on %d val images of %s", task,

@@ -11,9 +11,14 @@ from pipelines.layout import INIT
 from pipelines.params_text import block_span
 
 
-def check_task_name(name: str) -> None:
+def is_task_name(name: str) -> bool:
     """A task name is a DVC stage key and a folder name: letters, digits, '_', '-', '.', and not 'init'."""
-    if name == INIT or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+    return name != INIT and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name) is not None
+
+
+def check_task_name(name: str) -> None:
+    """:func:`is_task_name`, or a ConfigError saying how to name the folder."""
+    if not is_task_name(name):
         raise ConfigError(f"task name {name!r}: use letters, digits, '_', '-', '.' (and not 'init'); rename the "
                           "folder")
 
