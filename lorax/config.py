@@ -169,34 +169,11 @@ class TrainConfig(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the training process)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
     one_pass: bool = Field(True, description="all adapters in one batched pass (same result as the sequential loop)")
-    feature_cache: bool = Field(
-        True,
-        description="LoRAX from its second task: the frozen adapters' embeddings of feature_cache_crops fixed crops "
-        "per training image are computed once per task, so a step runs only the newest adapter. Use it (the "
-        "default) unless you want a fresh random crop every epoch; it changes the crops, not the model "
-        "(docs/method-notes.md)")
-    feature_cache_crops: int = Field(
-        2, ge=1, description="fixed crops per training image per task when feature_cache or trunk_cache is on; "
-        "raise it towards epochs for more augmentation, at that many times the cache's cost")
-    trunk_cache: bool = Field(
-        False,
-        description="LoRAX with adapter.blocks last_k: the frozen blocks below the first adapter run once per fixed "
-        "crop and their tokens are kept on disk (fp16, content-addressed; lorax/continual/trunk_cache.py), reused "
-        "by every epoch, task, run and evaluation. Use it at real resolution (224 px), where the trunk is most of "
-        "the cost; the fixed crops then come from each image's content (the same in every task). No effect with "
-        "adapter.blocks all",
-    )
-    trunk_cache_dir: str = Field(
-        "cache/trunk", description="where the trunk cache lives (relative paths: from the working directory, like "
-        "decode_cache_dir); a cache: safe to delete, never a DVC output",
-    )
-    decode_cache: bool = Field(False, description="decode every image once into a uint8 memory-mapped cache "
-                               "(lorax/data/cache.py) and cut crops from it; use it when decoding dominates a step "
-                               "(large PNG/JPEG files, several epochs); same pixels, so same results")
-    decode_cache_dir: str = Field("cache/decoded", description="where the decode cache lives (relative: from the "
-                                  "working directory); safe to delete")
-    decode_cache_max_mb: float = Field(4096, ge=0, description="datasets whose decoded pixels exceed this many MB "
-                                       "are read from their files as usual")
+    views: int = Field(
+        2, ge=0, description="fixed training views per image (a random crop and flip drawn from the image's content, "
+        "so the same in every task and run); each epoch trains on one of them. LoRAX then pushes each view through "
+        "its frozen trunk and old adapters once (lorax/features/store.py) and a step runs only the newest adapter. "
+        "Raise it towards epochs for more augmentation; 0: a fresh random crop every epoch, nothing stored")
 
     @field_validator("device")
     @classmethod
@@ -226,12 +203,6 @@ class EvalConfig(Section):
     batch_size: int = Field(128, ge=1, description="evaluation batch size (images; each runs eval.crops crops)")
     crops: int = Field(1, ge=1, description="fixed crops per evaluated image, logits averaged (1: the centre crop); "
                        "for images larger than the crop")
-    embedding_cache: bool = Field(True, description="LoRAX (and the probe): keep each frozen adapter's embedding "
-                                  "of each image (evaluation, selection, calibration), so a new task only runs its "
-                                  "new adapter over old images; same results, so leave it on unless disk is short")
-    embedding_cache_dir: str = Field("cache/embeddings", description="under the project root (`lorax train`: its "
-                                     "--out folder); content-addressed by adapter tensors and pixels, so never "
-                                     "stale; safe to delete")
     resample_control: ResampleControl | None = Field(
         None, description="null: off; else every evaluation is reported twice, as is and resampled (metrics "
         "control.resampled.*), e.g. {scale: 0.9375, filter: lanczos}")
@@ -246,6 +217,22 @@ class EvalConfig(Section):
         if v is not None and any(not 1 <= q <= 100 for q in v):
             raise ValueError("JPEG qualities are 1..100, e.g. [90, 60]")
         return v
+
+
+class CacheConfig(Section):
+    """Where computed things are kept between runs (lorax/features/store.py, lorax/data/cache.py). No DVC stage
+    depends on this section and results never do: moving, deleting or filling the cache only costs time."""
+
+    enabled: bool = Field(True, description="keep the feature store on disk (the frozen trunk's tokens and the "
+                          "frozen adapters' embeddings of every view); off: in memory for the run only, same results")
+    dir: str = Field("cache", description="the cache folder (features/ and decoded/ under it); relative: from the "
+                     "project root (`lorax train`: the working directory)")
+    max_mb: float = Field(20000, ge=0, description="disk size of the feature store above which the least recently "
+                          "used shards are deleted (0: no limit)")
+    decode: bool = Field(False, description="decode every image once into a uint8 memory-mapped cache and cut crops "
+                         "from it; use it when decoding dominates a step (large PNG/JPEG files); same pixels")
+    decode_max_mb: float = Field(4096, ge=0, description="datasets whose decoded pixels exceed this many MB are read "
+                                 "from their files as usual")
 
 
 class GateConfig(Section):
@@ -294,6 +281,8 @@ class Params(Section):
                                        "exemplar memory")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training of each task")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="the feature store and the decode cache "
+                               "(no effect on results; no DVC stage depends on it)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and the model "
                                      "registry")
     detect: DetectConfig = Field(default_factory=DetectConfig, description="the binary real/fake detector")

@@ -3,7 +3,7 @@ validation images of every task seen, scored by :mod:`lorax.continual.comparison
 
 The champion's state is the local one of the chain when it is there (the DVC stream and the flows grow the same
 chain, so it usually is), else it is fetched from the registry once into ``cache/registry/``. Both passes go
-through the project's embedding store, so the old adapters' embeddings, already computed by the evaluation, are
+through the project's feature store, so the old adapters' embeddings, already computed by the evaluation, are
 read rather than recomputed.
 """
 
@@ -65,18 +65,18 @@ def compare_with_champion(params: Params, layout: Layout, task: str, before: dic
 
 def answers(state: Path, val, params: Params, layout: Layout, desc: str):
     """A state's :class:`~lorax.continual.comparison.Answers` on ``val``'s rows (its own settings; the project's
-    evaluation settings and embedding store)."""
+    evaluation settings and feature store)."""
     from lorax.config import parse_params
     from lorax.continual.comparison import Answers
     from lorax.continual.evaluation import predict_verdict
     from lorax.continual.metrics import fake_probability, softmax
     from lorax.continual.state import load_state
-    from pipelines.steps import embedding_store
+    from pipelines.steps import feature_store
 
     method, info = load_state(state)
     own = parse_params(info["params"], f"{state}/state.json")
     own = own.model_copy(update={"eval": params.eval, "train": params.train})
-    logits, fake, thr = predict_verdict(method, val, own, desc=desc, store=embedding_store(params, layout))
+    logits, fake, thr = predict_verdict(method, val, own, desc=desc, store=feature_store(params, layout))
     probs = softmax(logits)
     return Answers(list(method.tasks), probs, fake_probability(probs) if fake is None else fake, thr)
 

@@ -36,7 +36,7 @@ class Layout:
     """Where every step reads and writes.
 
     ``root`` holds the step outputs (state/, memory/); ``reports`` the evaluations, registry records, metrics and
-    plots; ``project`` is the project root, whose data, tracking store and embedding store every layout of the
+    plots; ``project`` is the project root, whose data, tracking store and feature store every layout of the
     project shares (equal to ``root`` for a project; ``lorax train --out`` keeps its own)."""
 
     root: Path

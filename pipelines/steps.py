@@ -54,11 +54,11 @@ def stream_run(layout: Layout, prev: str, required: bool = True) -> dict[str, An
     return dict(_state_info(layout.state(prev)).get("tracking") or {})
 
 
-def embedding_store(params: Params, layout: Layout):
-    """The project's store of frozen adapters' embeddings (``eval.embedding_cache``), or None."""
-    from lorax.continual.embedding_store import EmbeddingStore
+def feature_store(params: Params, layout: Layout):
+    """The project's feature store (``cache:``; relative folders from the project root)."""
+    from lorax.features import open_store
 
-    return EmbeddingStore.from_params(params, layout.project)
+    return open_store(params.cache, layout.project)
 
 
 def init_step(params: Params, layout: Layout, tracker=None) -> Path:
@@ -171,7 +171,7 @@ def _train_step(params: Params, layout: Layout, task: str, tracker=None) -> Path
     try:
         train_task(prev_state, manifests[task], memory, params, out, history=[manifests[t] for t in tasks[:i]],
                    callback=tracker.epoch_callback(run_id) if run_id else None, extra_info={"tracking": tracking},
-                   store=embedding_store(params, layout))
+                   store=feature_store(params, layout))
     except BaseException as e:
         if run_id:
             with contextlib.suppress(Exception):
@@ -202,7 +202,7 @@ def select_step(params: Params, layout: Layout, task: str) -> Path:
         prev_mem = layout.memory(params.stream[task].prev)
         memory = ExemplarMemory.load(prev_mem, layout.data_root) if prev_mem.is_file() else None
         mem = select_exemplars(method, _manifests(params, layout, i)[task], memory, params,
-                               store=embedding_store(params, layout))
+                               store=feature_store(params, layout))
         mem.save(out, layout.data_root)
     log.info("task %s: memory %d exemplars %s -> %s", task, len(mem), mem.class_counts(), out)
     return out
@@ -238,7 +238,7 @@ def _evaluate_step(params: Params, layout: Layout, task: str, openset: bool) -> 
     method, loaded_info = load_state(state, params=params)
     manifests = _manifests(params, layout, i)
     val = val_rows([manifests[t] for t in tasks])
-    store = embedding_store(params, layout)
+    store = feature_store(params, layout)
     logits, val_feats = predict_logits(method, val, params, features=True, store=store)
     result, table = score_val(val, logits, tasks, *verdict_scores(method, val_feats))
     result.update(task=task, task_index=i, tasks=tasks, state_id=sid)
@@ -269,7 +269,7 @@ def _add_missing_controls(params: Params, layout: Layout, task: str, result: dic
     method, _ = load_state(layout.state(task), params=params)
     manifests = _manifests(params, layout, i)
     val = val_rows([manifests[t] for t in params.tasks[: i + 1]])
-    control = evaluate_controls(method, val, params, store=embedding_store(params, layout), skip=have)
+    control = evaluate_controls(method, val, params, store=feature_store(params, layout), skip=have)
     result["control"] = {**(result.get("control") or {}), **control}
     write_json(layout.eval(task), result)
     return result
@@ -281,7 +281,7 @@ def calibrate_openset(params: Params, layout: Layout, task: str,
     version reports an unknown-generator score and flag (``lorax predict``, the served model, ``lorax scan``).
 
     The evaluate step passes what it has ``loaded``: (method, manifests, the val rows' super-features from its
-    evaluation pass, its embedding store), so only the calibration's train sample goes through the model here. Without it (a caller
+    evaluation pass, its feature store), so only the calibration's train sample goes through the model here. Without it (a caller
     outside the evaluate step), the state is loaded and calibrated through the Predictor."""
     from lorax.serving import openset
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from lorax.config import Params
-    from lorax.continual.embedding_store import EmbeddingStore
+    from lorax.features.store import FeatureStore
     from lorax.continual.methods import Method
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _class_head(method: Method) -> torch.nn.Linear:
 
 
 def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.device,
-              store: EmbeddingStore | None = None) -> dict[str, Any]:
+              store: FeatureStore | None = None) -> dict[str, Any]:
     """After a task's training: refit the class head (``continual.head`` refit | ncm) and fit the real/fake verdict
     (``continual.verdict: binary``; :mod:`lorax.continual.verdict`) on the eval-view super-features of ``rows``
     (this task's train rows + the replayed exemplars), computed once for both. Sets ``method.verdict``; returns the

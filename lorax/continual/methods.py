@@ -16,6 +16,7 @@ harness with the same metrics.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,18 @@ def grow_linear(old: nn.Linear | None, in_features: int, out_features: int) -> n
             new.bias[:o_out].copy_(old.bias)
         new = new.to(old.weight.device)
     return new
+
+
+@dataclass
+class Frozen:
+    """A training batch as LoRAX's frozen parts left it (:mod:`lorax.continual.frozen_parts`): the trunk's tokens
+    (B, L, D) and the old adapters' embeddings (T - 1, B, D; None in the first task)."""
+
+    trunk: torch.Tensor
+    old: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Frozen:
+        return Frozen(self.trunk.to(device), None if self.old is None else self.old.to(device))
 
 
 class Method(nn.Module):
@@ -153,9 +166,14 @@ class LoRAXMethod(Method):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for t in self.tasks for p in self.net.adapters.parameters(t)]
 
-    def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None,
-                from_trunk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net(x, old_emb, from_trunk)
+    def forward(self, x: torch.Tensor | Frozen) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and diversity logits of images, or of a :class:`Frozen` batch: the model's parts composed, with
+        only the newest adapter run on the stored trunk tokens."""
+        net = self.net
+        if not isinstance(x, Frozen):
+            return net(x)
+        new = net.branch(x.trunk, [self.tasks[-1]])
+        return net.classify(new if x.old is None else torch.cat([x.old.to(new.dtype), new], 0))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.super_features(x)

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from lorax.config import Params
-from lorax.continual.embedding_store import EmbeddingStore
+from lorax.features.store import FeatureStore
 from lorax.continual.evaluation import predict_logits
 from lorax.continual.memory import ExemplarMemory, per_class_budget
 from lorax.continual.methods import Method
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: ExemplarMemory | None,
                      params: Params, device: torch.device | None = None,
-                     store: EmbeddingStore | None = None) -> ExemplarMemory:
+                     store: FeatureStore | None = None) -> ExemplarMemory:
     """Memory after this task: old classes shrunk to the new per-class budget, new classes selected.
 
     Selection uses eval transforms (no augmentation) on all of the task's train rows at once, so it is

@@ -3,7 +3,7 @@
 
 ``train_task(previous_state, task_manifest, memory, params, out_dir) -> out_dir`` is the unit that the one-process
 stream (``lorax train``), the DVC stages and the Prefect flows all call. It reads as: the training rows, their batch
-source (:class:`~lorax.continual.batches.BatchSource`, which hides every cache), the epoch loop (one
+source (:class:`~lorax.continual.batch_source.BatchSource`, which hides the feature store), the epoch loop (one
 ``model(**inputs)`` per step), the state. It checkpoints every epoch into
 ``<out_dir>.resume/`` and resumes from there when re-run, and writes the final state atomically, so an interrupted
 task never damages the previous state.
@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 
 from lorax.config import Params
 from lorax.continual import distributed
-from lorax.continual.batches import BatchSource, autocast, resolve_device
-from lorax.continual.embedding_store import EmbeddingStore
+from lorax.continual.batch_source import BatchSource
+from lorax.continual.batches import autocast, resolve_device
+from lorax.features import open_store
+from lorax.features.store import FeatureStore
 from lorax.continual.head import fit_heads
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.methods import Method, build_method, count_trainable
@@ -96,15 +98,15 @@ def train_task(
     history: list[pd.DataFrame] | None = None,
     callback: EpochCallback | None = None,
     extra_info: dict[str, Any] | None = None,
-    store: EmbeddingStore | None = None,
+    store: FeatureStore | None = None,
 ) -> Path:
     """Add the task in ``task_manifest`` to the model in ``previous_state`` (None: first task) and train it.
 
     ``memory`` holds the exemplars of the earlier classes (replayed with this task's data); ``history`` the earlier
     tasks' manifests (only the joint oracle trains on them). Returns ``out_dir``, a complete state.
     Then :func:`~lorax.continual.head.fit_heads` refits the class head on those rows (``continual.head`` refit |
-    ncm) and fits the real/fake verdict (``continual.verdict``); ``store``: where it reads and keeps LoRAX's
-    embeddings.
+    ncm) and fits the real/fake verdict (``continual.verdict``); ``store``: the feature store its frozen parts'
+    outputs are read from and kept in (default: the ``cache:`` settings' store).
     """
     out_dir = Path(out_dir)
     task = str(task_manifest["task"].iloc[0])
@@ -116,7 +118,8 @@ def train_task(
     method.to(device)
     rows = training_rows(method, task_manifest, memory, history)
     seed = params.seed * 1000 + task_index
-    source = BatchSource(rows, method, params, seed, device, ctx)
+    store = store if store is not None else open_store(params.cache)
+    source = BatchSource(rows, method, params, seed, device, ctx, store)
     log.info("task %s: %d training rows, %d epochs of %d batches on %s", task, len(rows), params.train.epochs,
              len(source), device)
     epochs = _fit(method, source, params, task, learning_rate(params, task_index), seed, out_dir, ctx, callback)
@@ -187,7 +190,7 @@ def _fit(method: Method, source: BatchSource, params: Params, task: str, lr: flo
         for step, batch in enumerate(tqdm(batches, desc=desc, total=len(source), leave=False,
                                           disable=None if ctx.is_main else True)):
             with autocast(params, device):
-                out = model(**batch.inputs)
+                out = model(batch.x)
                 loss = method.loss(out, batch.targets)
             bad |= ~torch.isfinite(loss.detach())
             # on CUDA the check (a host sync) runs every 32 steps; non-finite steps never reach a saved state

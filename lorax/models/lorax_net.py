@@ -113,7 +113,7 @@ class LoRAXNet(nn.Module):
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """What the adapted blocks need from what no adapter touches (identical for every task): the trunk blocks'
         output tokens (B, L, D), followed by the shared features (:meth:`_shared_widths`) laid out, zero-padded,
-        in rows of width D, so one tensor carries both (the trunk cache stores it as is)."""
+        in rows of width D, so one tensor carries both (the feature store keeps it as is)."""
         bb = self.backbone
         shared = bb.pixel_features(x)
         tokens = bb.run_blocks(bb.stem(x), 0, self.branch_block, levels=shared)
@@ -138,7 +138,7 @@ class LoRAXNet(nn.Module):
 
     def branch(self, trunk: torch.Tensor, names: list[str] | None = None,
                one_pass: bool | None = None) -> torch.Tensor:
-        """Embeddings of ``names`` from the trunk's output (what :meth:`trunk` returns, or the trunk cache holds)."""
+        """Embeddings of ``names`` from the trunk's output (what :meth:`trunk` returns, or the feature store holds)."""
         names = list(self.tasks if names is None else names)
         one_pass = self.one_pass if one_pass is None else one_pass
         route = self.adapters.route
@@ -174,17 +174,10 @@ class LoRAXNet(nn.Module):
         feat = emb.permute(1, 0, 2).reshape(b, t * d)
         return self.head(feat), self.div_head(emb[-1])
 
-    def forward(self, x: torch.Tensor, old_emb: torch.Tensor | None = None,
-                from_trunk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and diversity logits. ``old_emb`` (T-1, B, D): cached embeddings of the frozen adapters;
-        ``from_trunk``: ``x`` holds trunk tokens (:mod:`lorax.continual.trunk_cache`), not images."""
-        embed = self.branch if from_trunk else self.embeddings
-        if old_emb is not None:
-            new = embed(x, [self.tasks[-1]])
-            emb = torch.cat([old_emb.to(new.dtype), new], 0)
-        else:
-            emb = embed(x)
-        return self.classify(emb)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and diversity logits of images: :meth:`classify` of :meth:`branch` of :meth:`trunk` (callers that
+        hold stored trunk tokens or old embeddings compose the parts themselves)."""
+        return self.classify(self.embeddings(x))
 
     def super_features(self, x: torch.Tensor) -> torch.Tensor:
         emb = self.embeddings(x)

@@ -1,0 +1,131 @@
+"""One task's training batches: images of the task's views, or for LoRAX what its frozen parts made of them.
+
+``train.views`` (K) fixed views per training row (:func:`lorax.features.views.train_views`), each epoch one of them
+per row (seeded); K = 0: a fresh random crop every epoch. For a method whose per-task adapters freeze (LoRAX), each
+view's trunk tokens and the old adapters' embeddings of it come from the feature store
+(:mod:`lorax.continual.frozen_parts`): computed once, in every task, run and process, and a step runs only the
+newest adapter on the stored tokens (the batch is a :class:`~lorax.continual.methods.Frozen`). Whether the store
+is on disk or in memory changes nothing but the time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from lorax.config import Params
+from lorax.continual import distributed
+from lorax.continual.batches import dataset_for, loader_for, sharded_loader, to_device
+from lorax.continual.frozen_parts import adapter_embeddings, trunk_producer, trunk_tokens
+from lorax.continual.methods import Frozen, Method
+from lorax.features.store import FeatureStore, StoreRows
+from lorax.features.views import Views, train_views
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One training step's share of a batch: ``method(x)`` gives the outputs ``method.loss`` compares with
+    ``targets``; ``n_mine`` of the rows are this rank's own, and its loss counts ``weight`` of the global batch."""
+
+    x: torch.Tensor | Frozen
+    targets: torch.Tensor
+    n_mine: int
+    weight: float
+
+
+class ViewSampler(Sampler[int]):
+    """One epoch: every row once in a seeded random order, each with one of its K views (seeded); yields slots."""
+
+    def __init__(self, n_rows: int, k: int, generator: torch.Generator) -> None:
+        self.n_rows, self.k, self.generator = n_rows, k, generator
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n_rows, generator=self.generator)
+        pick = torch.randint(0, self.k, (self.n_rows,), generator=self.generator)
+        yield from (order * self.k + pick[order]).tolist()
+
+
+class _Slots(Dataset):
+    """Slot ``row * K + k`` -> (view k of row: its pixels, or its stored trunk tokens; class id; slot)."""
+
+    def __init__(self, base: Dataset, views: Views, class_ids: np.ndarray, tokens: StoreRows | None) -> None:
+        self.base, self.views, self.class_ids, self.tokens = base, views, class_ids, tokens
+
+    def __len__(self) -> int:
+        return len(self.views.ids)
+
+    def __getitem__(self, slot: int) -> tuple[torch.Tensor, int, int]:
+        row, k = divmod(int(slot), self.views.k)
+        if self.tokens is not None:
+            return self.tokens[int(slot)], int(self.class_ids[row]), int(slot)
+        return self.base[(row, int(self.views.seeds[row, k]))][0], int(self.class_ids[row]), int(slot)
+
+
+class BatchSource:
+    """One task's training batches (see the module docstring), so the training loop only calls the model."""
+
+    def __init__(self, rows: pd.DataFrame, method: Method, params: Params, seed: int, device: torch.device,
+                 ctx: distributed.DistContext, store: FeatureStore) -> None:
+        self.rows, self.method, self.params, self.device, self.ctx = rows, method, params, device, ctx
+        self.views: Views | None = None
+        self.slots: _Slots | None = None
+        self.old: torch.Tensor | None = None  # (slots, T - 1, D): the frozen adapters' embeddings of every view
+        k = params.train.views
+        if k:
+            base = dataset_for(rows, method, params, True, seed)
+            self.views = train_views(rows, base, k)
+            tokens = None
+            if method.frozen_task_adapters:
+                trunk_tokens(method, params, store, base, rows, self.views, device, rank=ctx.rank, world=ctx.world,
+                             read=False)
+                ctx.barrier()
+                key = trunk_producer(method, params, device)[0]
+                store.refresh(key)  # the other ranks' shards
+                tokens = store.reader(key, self.views.ids)
+                if len(method.tasks) > 1:
+                    self.old = adapter_embeddings(method, params, store, base, rows, self.views, method.tasks[:-1],
+                                                  device, desc="old adapters")
+                    if device.type == "cuda":
+                        self.old = self.old.pin_memory()
+            self.slots = _Slots(base, self.views, rows["class_id"].to_numpy(dtype=np.int64), tokens)
+        self.steps = len(self._loader(seed))
+
+    def _loader(self, seed: int) -> torch.utils.data.DataLoader:
+        """One epoch's batches of ``(images or tokens, class ids, rows or slots)``, shuffled by ``seed``."""
+        if self.slots is None:
+            return loader_for(self.rows, self.method, self.params, train=True, seed=seed, ctx=self.ctx,
+                              device=self.device)
+        gen = torch.Generator().manual_seed(seed)
+        return sharded_loader(self.slots, ViewSampler(len(self.rows), self.views.k, gen), self.params.train.batch_size,
+                       self.params, self.ctx, gen, self.device)
+
+    def __len__(self) -> int:
+        """Steps per epoch."""
+        return self.steps
+
+    def epoch(self, seed: int) -> Iterator[Batch]:
+        """The batches of one epoch, on the device, shuffled (and cropped) by ``seed``."""
+        loader = self._loader(seed)
+        # Opening the loader draws a base seed from the generator its sampler shares, so the shuffle and the crops
+        # depend on how often it is opened: once before iterating keeps the batches of the earlier runs.
+        iter(loader)
+        frozen = self.slots is not None and self.slots.tokens is not None
+        for step, (x, y, key) in enumerate(loader):
+            x = to_device(x, self.device)
+            if frozen:
+                old = self.old[key].to(self.device, non_blocking=True).permute(1, 0, 2) if self.old is not None \
+                    else None
+                x = Frozen(x, old)
+            n_mine, weight = loader.batch_sampler.share(step)  # DDP: this rank's share of the global batch
+            yield Batch(x, y.to(self.device, non_blocking=True), n_mine, weight)

@@ -1,0 +1,31 @@
+"""The feature store (:mod:`lorax.features.store`) and the views it is keyed by (:mod:`lorax.features.views`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorax.features.store import FeatureStore
+
+_MEMORY: FeatureStore | None = None
+
+
+def open_store(cache: Any, project: str | Path | None = None) -> FeatureStore:
+    """The store of the ``cache:`` settings: ``<cache.dir>/features`` (relative: from ``project``, else the working
+    directory), or with ``cache.enabled: false`` this process's in-memory store (shared by every caller, so a run
+    computes each entry once either way and its results do not depend on the setting)."""
+    global _MEMORY
+    if not cache.enabled:
+        if _MEMORY is None:
+            _MEMORY = FeatureStore(None)
+        return _MEMORY
+    root = Path(cache.dir)
+    if not root.is_absolute() and project is not None:
+        root = Path(project) / root
+    return FeatureStore(root / "features", cache.max_mb)
+
+
+def decode_dir(cache: Any, project: str | Path | None = None) -> Path:
+    """Where the decode cache (:mod:`lorax.data.cache`) lives: ``<cache.dir>/decoded``."""
+    root = Path(cache.dir)
+    return (Path(project) / root if not root.is_absolute() and project is not None else root) / "decoded"
