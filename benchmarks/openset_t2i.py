@@ -81,12 +81,12 @@ def leave_one_out(feats: dict[str, dict[str, np.ndarray]], manifests: dict, seed
 
 def probe_features(params, manifests: dict, store_dir: Path) -> dict[str, np.ndarray]:
     """The probe's eval-view super-feature of every manifest row (stored ones read, the rest computed and added)."""
-    from lorax.continual.embedding_store import EmbeddingStore
     from lorax.continual.evaluation import predict_logits
     from lorax.continual.methods import build_method
+    from lorax.features.store import FeatureStore
 
     method = build_method(params, list(manifests))
-    store = EmbeddingStore(store_dir)
+    store = FeatureStore(store_dir)
     return {t: predict_logits(method, df, params, features=True, desc=f"features {t}", store=store)[1]
             for t, df in manifests.items()}
 

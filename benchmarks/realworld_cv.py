@@ -87,27 +87,21 @@ def run_features(run: Path):
     import pandas as pd
 
     from lorax.config import parse_params
-    from lorax.continual.embedding_store import EmbeddingStore, image_ids
-    from lorax.continual.evaluation import adapter_keys
+    from lorax.continual.evaluation import predict_logits
     from lorax.continual.state import load_state, read_info
+    from lorax.data.manifest import read_manifest
+    from lorax.features import open_store
 
     info = read_info(run / "state" / TASKS[-1])
     tasks = info["tasks"]
     params = parse_params(info["params"], str(run))  # the run's own settings (they make the store keys)
     method, _ = load_state(run / "state" / tasks[-1], params=params)
-    from lorax.data.manifest import read_manifest
-
     df = pd.concat([read_manifest(run.parent / "manifests" / f"{t}.parquet") for t in tasks], ignore_index=True)
     df = df[df["split"] == "train"].reset_index(drop=True)
-    store = EmbeddingStore.from_params(params, run)
-    ids = image_ids(df)
-    cols = []
-    for key in adapter_keys(method, params):
-        found, vals = store.lookup(key, ids)
-        if vals is None or not found.all():
-            raise SystemExit(f"{run}: the embedding store lacks {int((~found).sum()) if vals is not None else len(df)}"
-                             " train rows of an adapter")
-        cols.append(vals)
+    # the run's feature store holds these (its selection and head fits read them): read, not recomputed
+    _, feats = predict_logits(method, df, params, features=True, desc="train super-features",
+                              store=open_store(params.cache))
+    cols = [feats]
     src = pd.read_csv(Path(df["root"].iloc[0]) / "manifest.csv").set_index("path")["group"]
     groups = df["path"].map(src).fillna(df["path"]).astype(str).to_numpy()
     X = np.concatenate(cols, 1).astype(np.float32)[:, None]

@@ -1,6 +1,6 @@
 """The physical floor of a stream: one frozen-backbone forward of every crop the stream must see at least once.
 
-Every training image's fixed crops (``train.feature_cache_crops``) and every validation image's eval crops
+Every training image's fixed views (``train.views``) and every validation image's eval crops
 (``eval.crops``) go once through the frozen backbone (decoding included, no adapter, no gradient). A continual
 stream cannot cost less than this on the same machine; ``benchmarks.realworld --floor`` measures it in the same
 run as the streams, so their ratio is side by side.
@@ -30,7 +30,7 @@ def stream_floor(params: Any, manifests: Path) -> dict[str, Any]:
     frames = load_stream_manifests(manifests, params.tasks)
     jobs = []
     for df in frames.values():
-        for split, n in (("train", params.train.feature_cache_crops), ("val", params.eval.crops)):
+        for split, n in (("train", max(1, params.train.views)), ("val", params.eval.crops)):
             jobs += [(p, n) for p in abs_paths(df[df["split"] == split])]
     t0, crops, batch = time.time(), 0, []
     for path, n in tqdm(jobs, desc="floor: frozen forward of every crop once", unit="img"):

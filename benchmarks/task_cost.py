@@ -1,4 +1,4 @@
-"""Training cost per task against the task index: published LoRAX vs shared trunk + one pass + feature cache.
+"""Training cost per task against the task index: published LoRAX vs shared trunk + one pass + the feature store.
 
     python -m benchmarks.task_cost [--tasks 12] [--epochs 10] [--modes fast published] [--json]
 
@@ -8,8 +8,9 @@ for timing), then trains it with :func:`lorax.continual.trainer.train_task` and 
 
 * ``published``  adapters in all blocks, the sequential loop (one full backbone pass per adapter), no cache:
                  LoRAX as published; a step of task t costs ~t forward passes + one backward;
-* ``fast``       adapters in the last ``--last-k`` blocks (shared trunk), one grouped pass, ``train.feature_cache``
-                 (old adapters' embeddings of K fixed crops computed once per task) and the decode cache.
+* ``fast``       adapters in the last ``--last-k`` blocks (shared trunk), one grouped pass, ``train.views`` K fixed
+                 views per image whose trunk tokens and old adapters' embeddings come from the feature store
+                 (computed once), and the decode cache.
 
 Modes are interleaved task by task so that a change of machine load hits both alike. Reported per task: training
 seconds (``train_task``, including loading the previous state and building the cache) and its ratio to task 2,
@@ -61,15 +62,13 @@ def mode_params(mode: str, args: argparse.Namespace, work: Path, tasks: list[str
         "adapter.r": args.rank, "adapter.alpha": 0.25 * args.rank,
         "continual.memory_size": args.memory, "train.epochs": args.epochs, "train.batch_size": args.batch,
         "train.warmup_epochs": 1, "train.device": "cpu" if args.device == "cpu" else "auto",
-        "train.decode_cache_dir": str(work / "decoded"),
+        "cache.dir": str(work / "cache"),
     }
     if mode == "published":
-        ov.update({"adapter.blocks": "all", "train.one_pass": False, "train.feature_cache": False,
-                   "train.decode_cache": False})
+        ov.update({"adapter.blocks": "all", "train.one_pass": False, "train.views": 0, "cache.decode": False})
     else:
         ov.update({"adapter.blocks": "last_k", "adapter.last_k": args.last_k, "train.one_pass": True,
-                   "train.feature_cache": True, "train.feature_cache_crops": args.cache_crops,
-                   "train.decode_cache": True})
+                   "train.views": args.views, "cache.decode": True})
     for k, v in ov.items():
         set_by_path(raw, k, v)
     path = work / f"params-{mode}.yaml"
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch-size", type=int, default=4)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--last-k", type=int, default=3)
-    ap.add_argument("--cache-crops", type=int, default=2, help="train.feature_cache_crops of the fast mode")
+    ap.add_argument("--views", type=int, default=2, help="train.views of the fast mode")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, i.e. the cores); 1 "
                     "measures compute rather than thread wake-ups on a machine loaded by other work")
     ap.add_argument("--device", default="cpu")

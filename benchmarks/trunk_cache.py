@@ -1,4 +1,4 @@
-"""Training step at real resolution: all-block adapters vs last-k vs last-k with the frozen-trunk cache.
+"""Training step at real resolution: all-block adapters vs last-k vs last-k with the trunk's tokens from the feature store.
 
     python -m benchmarks.trunk_cache [--tasks 6] [--batch 8] [--repeats 3] [--json]
 
@@ -9,15 +9,15 @@ run, modes interleaved in every repeat (a change of machine load hits all alike)
 * ``floor``        N = ``--tasks`` plain forwards of the frozen backbone without adapters (the physical floor of a
                    pass that yields N embeddings);
 * ``step_all``     a training step with adapters in all blocks: forward + backward of the newest adapter and the
-                   heads, the N - 1 old embeddings given (``train.feature_cache``), batch B;
+                   heads, the N - 1 old embeddings given (as the feature store gives them), batch B;
 * ``step_last_k``  the same with adapters in the last ``--last-k`` blocks, uncached (the trunk runs every step);
-* ``step_cached``  last-k with ``train.trunk_cache``: the trunk tokens read from the on-disk cache (memory-mapped
-                   fp16), only the adapted blocks run;
+* ``step_cached``  last-k with the trunk's tokens read from the on-disk feature store (memory-mapped float32,
+                   ``lorax/features/store.py``), only the adapted blocks run;
 * ``pass_all`` / ``pass_cached``  the N-adapter super-feature (inference, one grouped pass): all-block from images,
                    and last-k from cached tokens; their ratio to ``floor`` is the cost of the adapters
                    over one plain backbone pass.
 
-Also the one-time cost of filling the cache (trunk forward + fp16 write) per image. Adapter B matrices are non-zero
+Also the one-time cost of filling the store (trunk forward + write) per image. Adapter B matrices are non-zero
 so every adapter really computes.
 """
 
@@ -32,13 +32,15 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmarks import emit_json
 from benchmarks.superfeature import add_random_adapters
 from lorax.config import AdapterConfig
-from lorax.continual.trunk_cache import TrunkCache, view_ids
+from lorax.features.store import FeatureStore
+from lorax.features.views import view_id
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.config import ModelConfig
 from lorax.models.lorax_net import LoRAXNet
@@ -66,26 +68,29 @@ def measure(args: argparse.Namespace) -> dict:
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (
         lambda: torch.autocast("cpu", enabled=False))
 
-    # the cache: filled once (timed), then read back through the memory map in every cached step
+    # the store: filled once (timed), then read back through the memory map in every cached step
     tmp = tempfile.TemporaryDirectory(prefix="trunk-bench-")
-    cache = TrunkCache(tmp.name, "bench")
-    ids = view_ids([f"{i:064x}" for i in range(bsz)], [(256, 256)] * bsz,
-                   [(0, 0, args.img_size, args.img_size)] * bsz, [False] * bsz)
+    cache = FeatureStore(tmp.name)
+    box = [0, 0, args.img_size, args.img_size]
+    ids = np.frombuffer(b"".join(view_id(f"{i:064x}", {"box": box, "flip": False}) for i in range(bsz)),
+                        dtype=np.uint8).reshape(bsz, 32)
     net_k = nets["last_k"]
     with torch.no_grad(), amp():
         net_k.trunk(x)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
-        cache.add(ids, net_k.trunk(x))
+        cache.add("bench", ids, net_k.trunk(x))
         _sync(device)
         fill_s = time.perf_counter() - t0
-    cache = TrunkCache(tmp.name, "bench")  # a fresh process's view: memory-mapped shard
+    cache = FeatureStore(tmp.name)  # a fresh process's view: memory-mapped shard
 
     def step(net: LoRAXNet, cached: bool) -> None:
         net.train()
         with amp():
-            inp = cache.get(ids).to(device, non_blocking=True) if cached else x
-            logits, div = net(inp, old, from_trunk=cached)
+            newest = [net.tasks[-1]]
+            new = net.branch(cache.get("bench", ids).to(device, non_blocking=True), newest) if cached else \
+                net.embeddings(x, newest)
+            logits, div = net.classify(torch.cat([old.to(new.dtype), new], 0))
             loss = F.cross_entropy(logits.float(), y) + 0.1 * F.cross_entropy(div.float(), y % 3)
         net.zero_grad(set_to_none=True)
         loss.backward()
@@ -100,7 +105,7 @@ def measure(args: argparse.Namespace) -> dict:
     def one_pass(net: LoRAXNet, cached: bool) -> None:
         net.eval()
         with amp():
-            net.branch(cache.get(ids).to(device), one_pass=True) if cached else net.embeddings(x, one_pass=True)
+            net.branch(cache.get("bench", ids).to(device), one_pass=True) if cached else net.embeddings(x, one_pass=True)
 
     runs = {
         "floor": floor,
@@ -129,7 +134,7 @@ def measure(args: argparse.Namespace) -> dict:
     res: dict = {m: round(ips[m], 3) for m in modes}
     res.update({f"{m}_median": round(bsz / statistics.median(times[m]), 3) for m in modes})
     res["fill_images_per_s"] = round(bsz / fill_s, 3)
-    res["tokens_mb_per_image"] = round(net_k.trunk(x[:1]).numel() * 2 / 2**20, 3)
+    res["tokens_mb_per_image"] = round(net_k.trunk(x[:1]).numel() * 4 / 2**20, 3)
 
     def ratio(a: str, b: str) -> float | None:
         return round(ips[a] / ips[b], 3) if a in ips and b in ips else None
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in MODES:
             if m in r:
                 print(f"{m:<13} {r[m]:>8.2f}  ({r[m + '_median']:.2f})")
-        print(f"fill (once)   {r['fill_images_per_s']:>8.2f}  ({r['tokens_mb_per_image']} MB of fp16 tokens per crop)")
+        print(f"fill (once)   {r['fill_images_per_s']:>8.2f}  ({r['tokens_mb_per_image']} MB of float32 tokens per crop)")
         for k, v in r["ratios"].items():
             print(f"{k}: {v}x")
         print(f"k/L = {r['k_over_L']}; load average after: {out['config']['load_average']}")

@@ -68,6 +68,9 @@ def tiny_params(tmp_path: Path | None = None, **overrides: Any) -> Params:
     if tmp_path is not None:
         ov.setdefault("data.root", str(tmp_path / "zoo"))
         ov.setdefault("data.manifests", str(tmp_path / "manifests"))
+        ov.setdefault("cache.dir", str(tmp_path / "cache"))
+    else:  # no folder of the test's own: the feature store stays in memory, never in the repository
+        ov.setdefault("cache.enabled", False)
     return load_params(PARAMS_YAML, ov)
 
 

@@ -134,5 +134,5 @@ def test_realworld_profile_deviates_only_where_marked():
     assert not unmarked, f"{path.name}: deviations from the defaults without a '# realworld:' mark: {unmarked}"
     stale = [k for k in marked if not any(d == k or d.startswith(k + ".") for d in dev)]
     assert not stale, f"{path.name}: '# realworld:' marks on values equal to the defaults: {stale}"
-    assert {k.split(".")[0] for k in marked} >= {"data", "stream", "model", "adapter", "train", "eval", "tracking",
+    assert {k.split(".")[0] for k in marked} >= {"data", "stream", "model", "adapter", "eval", "tracking",
                                                  "detect"}

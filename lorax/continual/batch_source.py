@@ -23,7 +23,8 @@ from lorax.config import Params
 from lorax.continual import distributed
 from lorax.continual.batches import dataset_for, loader_for, sharded_loader, to_device
 from lorax.continual.frozen_parts import adapter_embeddings, trunk_producer, trunk_tokens
-from lorax.continual.methods import Frozen, Method
+from lorax.continual.methods import Method
+from lorax.models.lorax_net import Frozen
 from lorax.features.store import FeatureStore, StoreRows
 from lorax.features.views import Views, train_views
 

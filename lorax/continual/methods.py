@@ -16,7 +16,6 @@ harness with the same metrics.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from torch import nn
 from lorax.config import Params
 from lorax.models.backbone_factory import create_backbone
 from lorax.models.backbones import Backbone
-from lorax.models.lorax_net import LoRAXNet, diversity_targets
+from lorax.models.lorax_net import Frozen, LoRAXNet, diversity_targets
 from lorax.registry import METHODS
 
 
@@ -40,18 +39,6 @@ def grow_linear(old: nn.Linear | None, in_features: int, out_features: int) -> n
             new.bias[:o_out].copy_(old.bias)
         new = new.to(old.weight.device)
     return new
-
-
-@dataclass
-class Frozen:
-    """A training batch as LoRAX's frozen parts left it (:mod:`lorax.continual.frozen_parts`): the trunk's tokens
-    (B, L, D) and the old adapters' embeddings (T - 1, B, D; None in the first task)."""
-
-    trunk: torch.Tensor
-    old: torch.Tensor | None = None
-
-    def to(self, device: torch.device) -> Frozen:
-        return Frozen(self.trunk.to(device), None if self.old is None else self.old.to(device))
 
 
 class Method(nn.Module):

@@ -12,6 +12,8 @@ in groups of at most :data:`CPU_GROUP_ROWS` rows, so the activations stay in cac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -30,6 +32,19 @@ def adapter_groups(names: list[str], rows_per_adapter: int, max_rows: int | None
         return [names]
     size = max(1, max_rows // max(1, rows_per_adapter))
     return [names[i:i + size] for i in range(0, len(names), size)]
+
+
+@dataclass
+class Frozen:
+    """A training batch as LoRAX's frozen parts left it (``lorax.continual.frozen_parts``): the trunk's tokens
+    (B, L, D) and the old adapters' embeddings (T - 1, B, D; None in the first task)."""
+
+    trunk: torch.Tensor
+    old: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Frozen:
+        return Frozen(self.trunk.to(device), None if self.old is None else self.old.to(device))
+
 
 
 class LoRAXNet(nn.Module):

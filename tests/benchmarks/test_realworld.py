@@ -12,7 +12,7 @@ def test_quick_protocol_writes_one_table_with_lorax_and_the_probe(tmp_path) -> N
     root = learnable_cddb(tmp_path / "data", ["biggan", "stylegan2"], n=3, size=48)
     out = tmp_path / "out"
     assert main(["--quick", "--data", str(root), "--out", str(out), "--methods", "lorax", "probe", "--memory", "8",
-                 "-S", f"train.trunk_cache_dir={tmp_path / 'trunk'}"]) == 0
+                 "-S", f"cache.dir={tmp_path / 'cache'}"]) == 0
     rows = json.loads((out / "realworld.json").read_text())
     assert list(rows) == ["lorax-m8", "probe"]
     for m in rows.values():

@@ -96,14 +96,14 @@ def test_workers_map_the_shard_themselves(manifest: pd.DataFrame, tmp_path: Path
 
 
 def test_trainer_loader_reads_the_cache(manifest: pd.DataFrame, tmp_path: Path):
-    """train.decode_cache on: the trainer's loader gives the same batches, and the pixels come from the shards."""
+    """cache.decode on: the trainer's loader gives the same batches, and the pixels come from the shards."""
     from lorax.continual.methods import build_method
     from lorax.continual.batches import loader_for
     from tests.helpers import tiny_params
 
     five = {"train__batch_size": 5, "eval__batch_size": 5}
     off = tiny_params(tmp_path, **five)
-    on = tiny_params(tmp_path, train__decode_cache=True, train__decode_cache_dir=str(tmp_path / "dc"), **five)
+    on = tiny_params(tmp_path, cache__decode=True, cache__dir=str(tmp_path / "c"), **five)
     method = build_method(off, ["deconv"])
     for train in (True, False):
         a = list(loader_for(manifest, method, off, train=train, seed=4))
@@ -111,9 +111,8 @@ def test_trainer_loader_reads_the_cache(manifest: pd.DataFrame, tmp_path: Path):
         assert len(a) == len(b) == 3
         for (xa, ya, ra), (xb, yb, rb) in zip(a, b, strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ra, rb)
-    assert len(list((tmp_path / "dc").glob("*/pixels.u8"))) == 2  # train and val shards
+    assert len(list((tmp_path / "c" / "decoded").glob("*/pixels.u8"))) == 2  # train and val shards
     ds = loader_for(manifest, method, on, train=False, seed=0).dataset
     assert ds.__class__.__name__ == "CachedManifestDataset"
-    tiny = tiny_params(tmp_path, train__decode_cache=True, train__decode_cache_dir=str(tmp_path / "dc2"),
-                       train__decode_cache_max_mb=0.001)
+    tiny = tiny_params(tmp_path, cache__decode=True, cache__dir=str(tmp_path / "c2"), cache__decode_max_mb=0.001)
     assert loader_for(manifest, method, tiny, train=False, seed=0).dataset.__class__.__name__ == "ManifestDataset"

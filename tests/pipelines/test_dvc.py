@@ -7,6 +7,7 @@ runner may shuffle tests)."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import os
 import signal
@@ -67,6 +68,7 @@ def declared_code(stage: str) -> list[str]:
 def test_the_pipeline_from_first_run_to_a_clone(repo: Path, tmp_path: Path) -> None:
     """First run; an added generator; a killed training that resumes; a code change; `dvc exp run`; a clone."""
     _first_run(repo, tmp_path)
+    _moving_or_deleting_the_cache_leaves_every_stage_current(repo)
     _added_generator_runs_only_its_stages(repo)
     _killed_training_resumes_and_leaves_earlier_tasks_alone(repo)
     _a_code_change_reruns_what_it_affects(repo)
@@ -139,6 +141,23 @@ def _first_run(repo: Path, tmp_path: Path) -> None:
     v = versions(repo)
     assert len(v) == 1 and v[0]["aliases"] == ["champion"] and v[0]["tasks"] == ["deconv"]
     assert dvc(repo, "status").stdout.strip().endswith("up to date.")
+
+
+def _moving_or_deleting_the_cache_leaves_every_stage_current(repo: Path) -> None:
+    """The feature store is a cache: no stage depends on where it is, or on whether it is there."""
+    import yaml
+
+    text = (repo / "params.yaml").read_text()
+    raw = yaml.safe_load(text)
+    assert raw["cache"]["dir"] == "cache" and any((repo / "cache" / "features").glob("*/*.safetensors"))
+    raw["cache"]["dir"] = "elsewhere/cache"
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (repo / "elsewhere").mkdir()
+    shutil.move(repo / "cache", repo / "elsewhere" / "cache")
+    assert dvc(repo, "status").stdout.strip().endswith("up to date.")
+    shutil.rmtree(repo / "elsewhere")
+    assert dvc(repo, "status").stdout.strip().endswith("up to date.")
+    (repo / "params.yaml").write_text(text)
 
 
 def _added_generator_runs_only_its_stages(repo: Path) -> None:

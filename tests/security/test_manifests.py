@@ -154,7 +154,7 @@ def test_prepare_quarantines_a_symlink_out_unless_follow_links(zoo, tmp_path: Pa
 def test_val_image_swapped_into_training_is_refused(zoo, tmp_path: Path, decode_cache: bool) -> None:
     """The row's path now names a val image; its hashes are still the train image's."""
     params, df = zoo
-    params = _with(params, train__decode_cache=decode_cache, train__decode_cache_dir=str(tmp_path / "cache"))
+    params = _with(params, cache__decode=decode_cache, cache__dir=str(tmp_path / "cache"))
     i, v = _first(df, "train"), _first(df, "val")
     swapped = _edit(df, i, path=df.loc[v, "path"])
     with pytest.raises(ManifestError, match="changed since the manifest was written") as e:
@@ -176,8 +176,7 @@ def _change_on_disk(path: Path) -> None:
 def test_image_changed_on_disk_after_preparation_is_refused(zoo, tmp_path: Path, stage: str,
                                                             decode_cache: bool) -> None:
     params, df = zoo
-    params = _with(params, train__decode_cache=decode_cache, train__decode_cache_dir=str(tmp_path / "cache"),
-                   eval__embedding_cache=False)
+    params = _with(params, cache__decode=decode_cache, cache__dir=str(tmp_path / "cache"))
     i = _first(df, "val" if stage == "evaluate" else "train")
     _change_on_disk(_file(df, i))
     with pytest.raises(ManifestError, match="changed since the manifest was written") as e:
@@ -185,27 +184,27 @@ def test_image_changed_on_disk_after_preparation_is_refused(zoo, tmp_path: Path,
     assert df.loc[i, "path"] in str(e.value)
 
 
-def test_rows_served_from_the_embedding_store_are_still_checked(zoo, tmp_path: Path) -> None:
+def test_rows_served_from_the_feature_store_are_still_checked(zoo, tmp_path: Path) -> None:
     """Every embedding of the val rows is stored after one evaluation; a file changed since must not reuse them."""
-    from lorax.continual.embedding_store import EmbeddingStore
+    from lorax.features.store import FeatureStore
     from lorax.continual.methods import build_method
     from tests.helpers import evaluate_task_list
 
     params, df = zoo
     method = build_method(params)
     method.add_task(TASK)
-    first, _ = evaluate_task_list(method, [df], params, store=EmbeddingStore(tmp_path / "emb"))
-    again, _ = evaluate_task_list(method, [df], params, store=EmbeddingStore(tmp_path / "emb"))  # all stored
+    first, _ = evaluate_task_list(method, [df], params, store=FeatureStore(tmp_path / "emb"))
+    again, _ = evaluate_task_list(method, [df], params, store=FeatureStore(tmp_path / "emb"))  # all stored
     assert again == first
     i = _first(df, "val")
     _change_on_disk(_file(df, i))
     with pytest.raises(ManifestError, match="changed since the manifest was written") as e:
-        evaluate_task_list(method, [df], params, store=EmbeddingStore(tmp_path / "emb"))
+        evaluate_task_list(method, [df], params, store=FeatureStore(tmp_path / "emb"))
     assert df.loc[i, "path"] in str(e.value)
 
 
 def test_edited_pixel_hash_cannot_pull_another_images_embedding(zoo, tmp_path: Path) -> None:
-    from lorax.continual.embedding_store import EmbeddingStore
+    from lorax.features.store import FeatureStore
     from lorax.continual.methods import build_method
     from lorax.continual.evaluation import predict_logits
 
@@ -213,10 +212,10 @@ def test_edited_pixel_hash_cannot_pull_another_images_embedding(zoo, tmp_path: P
     method = build_method(params)
     method.add_task(TASK)
     val = df[df["split"] == "val"].reset_index(drop=True)
-    ref, _ = predict_logits(method, val, params, store=EmbeddingStore(tmp_path / "emb"))
+    ref, _ = predict_logits(method, val, params, store=FeatureStore(tmp_path / "emb"))
     assert not np.allclose(ref[0], ref[1])  # two images the model tells apart
     edited = _edit(val, 0, pixel_sha256=val.loc[1, "pixel_sha256"])  # "row 0 has row 1's pixels"
-    got, _ = predict_logits(method, edited, params, store=EmbeddingStore(tmp_path / "emb"))
+    got, _ = predict_logits(method, edited, params, store=FeatureStore(tmp_path / "emb"))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
