@@ -8,11 +8,11 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
-from tests.helpers import BIN, PARAMS_YAML, TINY_OVERRIDES, tool_env
+from tests.helpers import BIN, PARAMS_YAML, TINY_OVERRIDES, tiny_params, tool_env
 
 
 def _train(tmp: Path, out: str, *sets: str) -> Path:
-    args = [str(BIN / "lorax"), "train", "--params", str(PARAMS_YAML), "--manifests", str(tmp / "m"),
+    args = [str(BIN / "lorax"), "train", "--params", str(PARAMS_YAML), "--manifests", str(tmp / "manifests"),
             "--out", str(tmp / out), "-S", f"data.root={tmp / 'zoo'}"]
     for k, v in TINY_OVERRIDES.items():
         args += ["-S", f"{k}={json.dumps(v)}"]
@@ -28,6 +28,12 @@ def _tensors(state_root: Path) -> dict[str, dict]:
 
 
 def test_the_zoo_stream_is_bit_identical_with_the_cache_on_and_off(tmp_path: Path) -> None:
+    from lorax.data.prepare import prepare_tasks
+    from lorax.data.zoo import synth_tasks
+
+    params = tiny_params(tmp_path)
+    synth_tasks(params.tasks, params.data.root, params.zoo)
+    prepare_tasks(params.data.root, params.tasks, params.data.manifests, params.data, params.model.img_size)
     on = _train(tmp_path, "on", f"cache.dir={tmp_path / 'cache'}")
     off = _train(tmp_path, "off", "cache.enabled=false", f"cache.dir={tmp_path / 'unused'}")
     assert any((tmp_path / "cache" / "features").glob("*/*.safetensors"))  # on: the store was on disk
