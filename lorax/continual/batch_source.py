@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from lorax.config import Params
 from lorax.continual import distributed
 from lorax.continual.batches import dataset_for, loader_for, sharded_loader, to_device
-from lorax.continual.frozen_parts import adapter_embeddings, trunk_producer, trunk_tokens
+from lorax.continual.frozen_parts import adapter_embeddings, adapter_producer, trunk_producer, trunk_tokens
 from lorax.continual.methods import Method
 from lorax.models.lorax_net import Frozen
 from lorax.features.store import FeatureStore, StoreRows
@@ -95,12 +95,26 @@ class BatchSource:
                 store.refresh(key)  # the other ranks' shards
                 tokens = store.reader(key, self.views.ids)
                 if len(method.tasks) > 1:
-                    self.old = adapter_embeddings(method, params, store, base, rows, self.views, method.tasks[:-1],
-                                                  device, desc="old adapters")
+                    self.old = self._old_embeddings(store, base)
                     if device.type == "cuda":
                         self.old = self.old.pin_memory()
             self.slots = _Slots(base, self.views, rows["class_id"].to_numpy(dtype=np.int64), tokens)
         self.steps = len(self._loader(seed))
+
+    def _old_embeddings(self, store: FeatureStore, base: Dataset) -> torch.Tensor:
+        """(slots, T - 1, D): the frozen adapters' embeddings of every view. With a store on disk under DDP, rank 0
+        computes the missing ones and the other ranks read them; in memory, every rank computes its own."""
+        method, ctx, old = self.method, self.ctx, self.method.tasks[:-1]
+        shared = store.persistent and ctx.world > 1
+        if shared and not ctx.is_main:
+            ctx.barrier()
+            for t in old:
+                store.refresh(adapter_producer(method, self.params, self.device, t)[0])
+        emb = adapter_embeddings(method, self.params, store, base, self.rows, self.views, old, self.device,
+                                 desc="old adapters")
+        if shared and ctx.is_main:
+            ctx.barrier()
+        return emb
 
     def _loader(self, seed: int) -> torch.utils.data.DataLoader:
         """One epoch's batches of ``(images or tokens, class ids, rows or slots)``, shuffled by ``seed``."""

@@ -146,6 +146,7 @@ class FeatureStore:
         self.root = Path(root) if root is not None else None
         self.max_mb = float(max_mb)
         self._producers: dict[str, _Producer] = {}
+        self._bytes: int | None = None  # the store's size on disk as last measured plus what this process wrote
 
     @property
     def persistent(self) -> bool:
@@ -178,8 +179,12 @@ class FeatureStore:
         if len(ids) == 0:
             return
         v = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-        self.producer(key).add(np.ascontiguousarray(ids, dtype=np.uint8), np.ascontiguousarray(v, dtype=np.float32))
-        self.evict()
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        self.producer(key).add(np.ascontiguousarray(ids, dtype=np.uint8), v)
+        if self._bytes is not None:
+            self._bytes += v.nbytes + len(ids) * ID_BYTES
+        if self._bytes is None or self._bytes > self.max_mb * 2**20:
+            self.evict()
 
     def get_or_compute(self, key: str, ids: np.ndarray, compute: Callable[[np.ndarray], Batches],
                        describe: Mapping[str, Any] | None = None, read: bool = True,
@@ -224,7 +229,13 @@ class FeatureStore:
         """Delete the least recently used shards until the store is within ``max_mb`` (a no-op in memory)."""
         if self.root is None or self.max_mb <= 0:
             return
-        shards = [(f.stat().st_mtime, f.stat().st_size, f) for f in self.root.glob("*/*.safetensors")]
+        shards = []
+        for f in self.root.glob("*/*.safetensors"):
+            try:
+                st = f.stat()
+            except OSError:  # another process evicted it meanwhile
+                continue
+            shards.append((st.st_mtime, st.st_size, f))
         total, limit = sum(s for _, s, _ in shards), self.max_mb * 2**20
         for _, size, f in sorted(shards):
             if total <= limit:
@@ -232,6 +243,7 @@ class FeatureStore:
             f.unlink(missing_ok=True)  # a process that mapped it keeps reading it; others compute it again
             total -= size
             log.info("feature store: evicted %s (cache.max_mb %g)", f, self.max_mb)
+        self._bytes = total
 
 
 class StoreRows:
