@@ -228,8 +228,10 @@ def test_run_detect_on_fixed_views(zoo: Path, tmp_path: Path) -> None:
     assert shards
     again = run_detect(params, zoo, tmp_path / "again", method="mole")  # a re-run reads every view
     assert _shards(tmp_path / "cache" / "features") == shards
+    off = tiny_params(None, **FIXED, cache__enabled=False)  # in memory: the same results
+    memory = run_detect(off, zoo, tmp_path / "memory", method="mole")
     for k in ("threshold", "map", "per_generator", "seen", "robustness"):
-        assert again[k] == metrics[k], k
+        assert again[k] == metrics[k] == memory[k], k
 
 
 @pytest.mark.skipif(not T2I.is_dir(), reason="../shared/data/t2i is not present")
