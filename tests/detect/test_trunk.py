@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from lorax.config import load_params
 from lorax.data.dataset import ManifestDataset, to_tensor
@@ -101,8 +102,6 @@ def test_views_are_seeded_and_augmented() -> None:
 def test_no_cache_setting_is_left_under_detect() -> None:
     assert not [k for k in DetectConfig.model_fields if "cache" in k]
     for name in ("params.yaml", "params.realworld.yaml"):
-        import yaml
-
         assert not [k for k in yaml.safe_load((REPO / name).read_text())["detect"] if "cache" in k], name
 
 
