@@ -11,7 +11,7 @@ Settings are the ``detect`` section of ``--params`` (``params.realworld.yaml``: 
 (also every method's head start) is chosen by grouped cross-validation on the training generator's train split only
 (groups = the t2i manifest's ``group`` column, the prompt), scored by AP on the held-out folds' crops clean, under
 JPEG 75 and under blur sigma 1. Nothing is chosen on another generator. Every crop goes through the frozen trunk once
-(:class:`lorax.detect.cached.TrunkStore`); the methods share those tensors.
+(:class:`lorax.detect.trunk_features.TrunkFeatures`: kept in the feature store); the methods share those tensors.
 
 Writes ``OUT/results.json`` and ``OUT/results.md``.
 """
@@ -37,10 +37,13 @@ from sklearn.model_selection import GroupKFold
 
 from lorax.config import Params, load_params
 from lorax.data.manifest import read_manifest
-from lorax.detect.cached import TrunkStore, fit_detector, score_frame
 from lorax.detect.evaluate import fit_threshold, generator_metrics
+from lorax.detect.fixed_views import fit_detector, score_frame
 from lorax.detect.runner import detect_params
 from lorax.detect.trunk import embed_from_trunk, perturbations
+from lorax.detect.trunk_features import TrunkFeatures
+from lorax.features import open_store
+from lorax.features.store import FeatureStore
 
 log = logging.getLogger("detect_t2i")
 
@@ -67,23 +70,22 @@ def robust_subset(df: pd.DataFrame, per_class: int) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def _features(store: TrunkStore, cached) -> np.ndarray:
-    det = store.encoder
-    out = [embed_from_trunk(det, cached.tokens[i:i + 64], cached.pre[i:i + 64], store.start).float()
+def _features(trunk: TrunkFeatures, cached) -> np.ndarray:
+    det = trunk.encoder
+    out = [embed_from_trunk(det, cached.tokens[i:i + 64], cached.pre[i:i + 64], trunk.start).float()
            for i in range(0, len(cached), 64)]
     return torch.cat(out).numpy()
 
 
-def cv_probe_c(store: TrunkStore, train_df: pd.DataFrame, groups: np.ndarray, cs: list[float], seed: int,
+def cv_probe_c(trunk: TrunkFeatures, train_df: pd.DataFrame, groups: np.ndarray, cs: list[float], seed: int,
                folds: int = 4) -> dict[str, Any]:
     """Grouped k-fold CV of the probe's C on the training split: fit on the training folds' views, AP of the
     held-out images' eval crops (clean, JPEG 75, blur 1), mean over folds and conditions."""
-    views = store.train(train_df, seed)
-    fv = _features(store, views)
-    held = {"clean": store.eval(train_df)}
-    pert = perturbations([75], [1], [])
-    held.update({name: store.eval(train_df, (name, pert[name])) for name in CV_PERTURB})
-    fh = {k: _features(store, v) for k, v in held.items()}
+    views = trunk.train(train_df, seed)
+    fv = _features(trunk, views)
+    held = {"clean": trunk.eval(train_df)}
+    held.update({name: trunk.eval(train_df, name) for name in CV_PERTURB})
+    fh = {k: _features(trunk, v) for k, v in held.items()}
     y = _labels(train_df)
     table: dict[str, dict[str, float]] = {}
     for c in cs:
@@ -106,29 +108,30 @@ def cv_probe_c(store: TrunkStore, train_df: pd.DataFrame, groups: np.ndarray, cs
     return {"table": table, "best": float(best), "folds": folds}
 
 
-def open_inputs(args: argparse.Namespace) -> tuple[Params, TrunkStore, dict[str, pd.DataFrame],
+def open_inputs(args: argparse.Namespace) -> tuple[Params, TrunkFeatures, dict[str, pd.DataFrame],
                                                   dict[str, pd.DataFrame]]:
-    """The detector's settings, its trunk store and the t2i / realworld manifests (the latter {} when not given):
-    what every t2i detection benchmark starts from, so they read the same profile and share one trunk cache."""
+    """The detector's settings, its frozen trunk's outputs (in the feature store: ``--cache``, else the profile's
+    ``cache:``) and the t2i / realworld manifests (the latter {} when not given): what every t2i detection
+    benchmark starts from, so they read the same profile and share one store."""
     params = detect_params(load_params(args.params, _overrides(args.set)))
     cfg, mcfg = params.detect, params.model
     torch.set_num_threads(args.threads)
-    store = TrunkStore(cfg.trunk_cache_dir if args.cache is None else args.cache, mcfg, cfg,
-                       batch_size=params.eval.batch_size)
-    return params, store, _frames(args.t2i), _frames(args.realworld) if args.realworld else {}
+    store = open_store(params.cache) if args.cache is None else FeatureStore(args.cache, params.cache.max_mb)
+    trunk = TrunkFeatures(store, mcfg, cfg, batch_size=params.eval.batch_size)
+    return params, trunk, _frames(args.t2i), _frames(args.realworld) if args.realworld else {}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    params, store, t2i, rw = open_inputs(args)
+    params, trunk, t2i, rw = open_inputs(args)
     cfg, mcfg = params.detect, params.model
     train_task = args.train_task
     train_df, val_df = _split(t2i[train_task], "train"), _split(t2i[train_task], "val")
     others = {t: _split(df, "val") for t, df in t2i.items() if t != train_task}
     result: dict[str, Any] = {"command": "python -m benchmarks.detect_t2i " + shlex.join(sys.argv[1:]),
                               "detect": cfg.model_dump(mode="json"), "model": mcfg.model_dump(mode="json"),
-                              "train_task": train_task, "trunk_start": store.start, "methods": {}}
+                              "train_task": train_task, "trunk_start": trunk.start, "methods": {}}
     t0 = time.perf_counter()
-    store.train(train_df, params.seed)
+    views = trunk.train(train_df, params.seed)
     result["trunk_train_seconds"] = time.perf_counter() - t0
 
     probe_c = cfg.probe_c
@@ -137,21 +140,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         groups = train_df["path"].map(dict(zip(gm["path"], gm["group"], strict=True)))
         if groups.isna().any():
             raise ValueError(f"{args.groups}: no group for {int(groups.isna().sum())} training images")
-        cv = cv_probe_c(store, train_df, groups.to_numpy(), [float(c) for c in args.cv_c.split(",")], params.seed)
+        cv = cv_probe_c(trunk, train_df, groups.to_numpy(), [float(c) for c in args.cv_c.split(",")], params.seed)
         result["cv"] = cv
         probe_c = cv["best"]
     result["probe_c"] = probe_c
 
     sets = {"val_" + train_task: val_df, **{t: df for t, df in others.items()},
             **{f"rw_{t}": df for t, df in rw.items()}}
-    cached = {name: store.eval(df) for name, df in sets.items()}
+    cached = {name: trunk.eval(df) for name, df in sets.items()}
     fitted: dict[str, tuple[Any, float]] = {}
     for method in args.methods.split(","):
         t1 = time.perf_counter()
-        det, history = fit_detector(mcfg, cfg, method, store.train(train_df, params.seed), store.start, params.seed,
-                                    probe_c=probe_c)
+        det, history = fit_detector(mcfg, cfg, method, views, trunk.start, params.seed, probe_c=probe_c)
         fit_s = time.perf_counter() - t1
-        scores = {name: score_frame(det, c, store.start, len(sets[name])) for name, c in cached.items()}
+        scores = {name: score_frame(det, c, trunk.start, len(sets[name])) for name, c in cached.items()}
         thr = fit_threshold(scores["val_" + train_task], _labels(val_df))
         per = {name: generator_metrics(s, _labels(sets[name]), thr) for name, s in scores.items()}
         result["methods"][method] = {"fit_seconds": fit_s, "threshold": thr, "per_set": per, "history": history}
@@ -169,12 +171,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return result
     for cond, fn in [("clean", None), *pert.items()]:
         for t, df in robust_frames.items():
-            c = store.eval(df, None if fn is None else (cond, fn), n_crops=1)
+            c = trunk.eval(df, None if fn is None else cond, n_crops=1)
             y = _labels(df)
             for method in result["methods"]:
                 if "robustness" in result["methods"][method]:
                     det, thr = fitted[method]
-                    ap = generator_metrics(score_frame(det, c, store.start, len(y)), y, thr)["ap"]
+                    ap = generator_metrics(score_frame(det, c, trunk.start, len(y)), y, thr)["ap"]
                     result["methods"][method]["robustness"][t][cond] = ap
         log.info("robustness %s done", cond)
         _write(args.out, result, train_task, list(others), list(rw))
@@ -247,7 +249,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--realworld", type=Path, help="manifests of ../shared/data/realworld (test only)")
     p.add_argument("--groups", type=Path, default=Path("../shared/data/t2i/manifest.csv"),
                    help="the t2i manifest.csv (its group column groups the CV folds)")
-    p.add_argument("--cache", help="trunk cache folder (default detect.trunk_cache_dir)")
+    p.add_argument("--cache", help="the feature store's folder (default: <cache.dir>/features of --params)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, required=True)

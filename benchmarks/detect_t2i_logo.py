@@ -31,8 +31,8 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import GroupKFold
 
 from benchmarks.detect_t2i import _f, _features, _labels, _mean, _split, common_parser, open_inputs, run_main
-from lorax.detect.cached import fit_detector, score_frame
 from lorax.detect.evaluate import fit_threshold, generator_metrics
+from lorax.detect.fixed_views import fit_detector, score_frame
 from lorax.detect.trunk import CachedSet
 
 log = logging.getLogger("detect_t2i_logo")
@@ -58,7 +58,7 @@ def _cv_c(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, rows: np.ndarray
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    params, store, t2i, rw = open_inputs(args)
+    params, trunk, t2i, rw = open_inputs(args)
     cfg, mcfg = params.detect, params.model
     gm = pd.read_csv(args.groups, usecols=["path", "group"])
     gmap = dict(zip(gm["path"], gm["group"], strict=True))
@@ -66,9 +66,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train = {t: _split(df, "train") for t, df in t2i.items()}
     val = {t: _split(df, "val") for t, df in t2i.items()}
     t0 = time.perf_counter()
-    tr_c = {t: store.eval(df) for t, df in train.items()}
-    val_c = {t: store.eval(df) for t, df in val.items()}
-    rw_c = {t: store.eval(df) for t, df in rw.items()}
+    tr_c = {t: trunk.eval(df) for t, df in train.items()}
+    val_c = {t: trunk.eval(df) for t, df in val.items()}
+    rw_c = {t: trunk.eval(df) for t, df in rw.items()}
     result: dict[str, Any] = {"command": "python -m benchmarks.detect_t2i_logo " + shlex.join(sys.argv[1:]),
                               "trunk_seconds": time.perf_counter() - t0, "logo": {}, "all": {}}
     cs = [float(c) for c in args.cv_c.split(",")]
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def feat(kind: str, t: str) -> np.ndarray:  # frozen features, once per set
         src = {"train": tr_c, "val": val_c, "rw": rw_c}[kind]
         if t not in feats.setdefault(kind, {}):
-            feats[kind][t] = _features(store, src[t])
+            feats[kind][t] = _features(trunk, src[t])
         return feats[kind][t]
 
     def probe(train_tasks: list[str]) -> tuple[Callable[[str, str], np.ndarray], float, float]:
@@ -102,13 +102,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sets = [tr_c[t] for t in train_tasks]
         offsets = list(np.cumsum([0] + [len(train[t]) for t in train_tasks[:-1]]))
         cached = _cat(sets, offsets)
-        feats = _features(store, cached)
+        feats = _features(trunk, cached)
         groups = np.concatenate([train[t]["path"].map(gmap).fillna(train[t]["path"]).to_numpy()
                                  for t in train_tasks])
         c = _cv_c(feats, cached.labels, groups, cached.rows, cs)
-        det, _ = fit_detector(mcfg, cfg, method, cached, store.start, params.seed, probe_c=c)
+        det, _ = fit_detector(mcfg, cfg, method, cached, trunk.start, params.seed, probe_c=c)
         vdf = pd.concat([val[t] for t in train_tasks], ignore_index=True)
-        vs = np.concatenate([score_frame(det, val_c[t], store.start, len(val[t])) for t in train_tasks])
+        vs = np.concatenate([score_frame(det, val_c[t], trunk.start, len(val[t])) for t in train_tasks])
         return det, fit_threshold(vs, _labels(vdf)), c
 
     def scorer(train_tasks: list[str], method: str) -> tuple[Callable[[str, str], np.ndarray], float, float]:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return probe(train_tasks)
         det, thr, c = fit(train_tasks, method)
         src = {"val": (val_c, val), "rw": (rw_c, rw)}
-        return (lambda kind, t: score_frame(det, src[kind][0][t], store.start, len(src[kind][1][t]))), thr, c
+        return (lambda kind, t: score_frame(det, src[kind][0][t], trunk.start, len(src[kind][1][t]))), thr, c
 
     for method in args.methods.split(","):
         if args.logo:

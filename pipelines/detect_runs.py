@@ -78,18 +78,20 @@ def tracked_run_detect(
     parent_run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
     root: str | Path = ".",
+    store: Any = None,
 ) -> dict[str, Any]:
     """:func:`~lorax.detect.runner.run_detect`, logged as one MLflow run when ``tracker`` is given.
 
     The run is created before training (so per-epoch metrics stream in), nested under ``parent_run_id`` when given,
     and ends FAILED (KILLED on Ctrl-C) if training fails. Returns the metrics; ``metrics["mlflow_run_id"]`` is set
-    when tracked.
+    when tracked. ``store``: the feature store of ``detect.views >= 1`` (default: ``cache:`` from the working
+    directory).
     """
     method = method or params.detect.method
     train_tasks = list(train_tasks or params.detect.train_tasks)
     if tracker is None:
         return run_detect(params, manifests_dir, out_dir, method=method, train_tasks=train_tasks,
-                          extra_eval=extra_eval)
+                          extra_eval=extra_eval, store=store)
     from pipelines.tracking.env import environment_tags
     from pipelines.tracking.tracker import run_params
 
@@ -114,7 +116,7 @@ def tracked_run_detect(
 
     try:
         metrics = run_detect(params, manifests_dir, out_dir, method=method, train_tasks=train_tasks,
-                             extra_eval=extra_eval, callback=epoch_cb)
+                             extra_eval=extra_eval, callback=epoch_cb, store=store)
     except BaseException as e:
         with contextlib.suppress(Exception):
             tracker.finish(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -142,8 +144,11 @@ def detect_step(params: Params, layout, tracker=None) -> dict[str, Any]:
     Writes ``reports/detect/`` (metrics.json, robustness.png, robustness.csv, per_generator.csv,
     detector.safetensors, scores.parquet) and logs one MLflow run when ``tracker`` is given.
     """
+    from lorax.features import open_store
+
     out = layout.root / DETECT_DIR
-    metrics = tracked_run_detect(params, layout.manifests, out, tracker, root=layout.root)
+    metrics = tracked_run_detect(params, layout.manifests, out, tracker, root=layout.root,
+                                 store=open_store(params.cache, layout.project))
     robustness_table(metrics).to_csv(out / "robustness.csv", index=False)
     per_generator_table(metrics).to_csv(out / "per_generator.csv", index=False)
     return metrics

@@ -35,22 +35,19 @@ class DetectConfig(Section):
                                       "from")
     scale_factors: list[float] = Field(default_factory=list, description="robustness: down-and-up scaling factors "
                                        "in (0, 1] (downscaled, then scaled back to the crop size)")
-    aug_scale_prob: float = Field(0.0, ge=0, le=1, description="with trunk_cache: probability of a down-and-up "
+    aug_scale_prob: float = Field(0.0, ge=0, le=1, description="with views >= 1: probability of a down-and-up "
                                   "scaling (factor ~ U[0.5, 1]) per training view")
-    trunk_cache: bool = Field(False, description="train and score through the frozen-trunk cache: fixed augmented "
-                              "training views, the blocks below the adapted ones run once per crop "
-                              "(lorax/detect/trunk.py)")
-    trunk_cache_dir: str = Field("cache/detect_trunk", description="with trunk_cache: where the trunk outputs are "
-                                 "kept (content-addressed; safe to delete)")
-    views: int = Field(2, ge=1, description="with trunk_cache: fixed augmented training views (random crop, flip, "
-                       "blur/JPEG/scale) per training image")
-    eval_crops: int = Field(1, ge=1, description="with trunk_cache: evaluation crops per image (1: centre; 4: the "
+    views: int = Field(0, ge=0, description="0: a fresh random crop, flip and blur/JPEG of every training image "
+                       "each epoch; k >= 1: k fixed augmented views (random crop, flip, blur/JPEG/scale) per training "
+                       "image, the frozen blocks below the adapted ones run once per view and kept in the feature "
+                       "store (cache:; lorax/detect/fixed_views.py)")
+    eval_crops: int = Field(1, ge=1, description="with views >= 1: evaluation crops per image (1: centre; 4: the "
                             "corners), logits averaged")
-    probe_c: float = Field(1.0, gt=0, description="with trunk_cache: inverse L2 strength of the logistic regression "
+    probe_c: float = Field(1.0, gt=0, description="with views >= 1: inverse L2 strength of the logistic regression "
                            "that is the probe and the head's start for every method")
-    weight_decay: float = Field(0.01, ge=0, description="with trunk_cache: AdamW weight decay (cosine lr decay)")
-    head_lr_scale: float = Field(1.0, ge=0, description="with trunk_cache: the head's lr is detect.lr times this")
-    head_init: Literal["probe", "zero"] = Field("probe", description="with trunk_cache: the head of an adapted "
+    weight_decay: float = Field(0.01, ge=0, description="with views >= 1: AdamW weight decay (cosine lr decay)")
+    head_lr_scale: float = Field(1.0, ge=0, description="with views >= 1: the head's lr is detect.lr times this")
+    head_init: Literal["probe", "zero"] = Field("probe", description="with views >= 1: the head of an adapted "
                                                 "method starts as the probe's logistic regression (probe) or at "
                                                 "zero (zero: the paper's start; the adapters then learn from the "
                                                 "first step)")

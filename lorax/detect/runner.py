@@ -4,7 +4,9 @@ The UnivFD / CNNSpot protocol: train on the ``train`` split of the training gene
 fit the decision threshold on their ``val`` split, evaluate on the ``val`` split of every other manifest in the
 folder (those images, and those generators, were never seen). Loss = BCE + ``detect.balance_weight`` x the summed
 load-balancing losses of the MoLE layers; AdamW at ``detect.lr`` (other AdamW settings at torch's defaults), constant
-rate, ``detect.epochs`` epochs; blur/JPEG augmentation with ``detect.aug_prob`` each.
+rate, ``detect.epochs`` epochs; blur/JPEG augmentation with ``detect.aug_prob`` each, drawn afresh every epoch.
+With ``detect.views >= 1`` the detector trains on that many fixed augmented views per image instead, the frozen
+trunk's outputs kept in the feature store (:mod:`lorax.detect.fixed_views`).
 
 Outputs in ``out_dir``: ``metrics.json`` (see :func:`run_detect`), ``detector.safetensors`` (adapters, routers,
 head, threshold and settings), ``scores.parquet`` (every evaluated image's fake probability), ``robustness.png``.
@@ -33,6 +35,8 @@ from lorax.data.manifest import read_manifest
 from lorax.detect import evaluate as E
 from lorax.detect.augment import BlurJpeg, augment_batch
 from lorax.detect.detector import Detector, build_detector, save_detector
+from lorax.features import open_store
+from lorax.features.store import FeatureStore
 from lorax.registry import DETECTORS
 from lorax.utils.io import write_text
 
@@ -206,10 +210,12 @@ def run_detect(
     train_tasks: list[str] | None = None,
     callback: EpochCallback | None = None,
     extra_eval: Mapping[str, str | Path] | None = None,
+    store: FeatureStore | None = None,
 ) -> dict[str, Any]:
     """Train on ``train_tasks`` (default ``detect.train_tasks``) with ``method`` (default ``detect.method``),
     evaluate on every other manifest in ``manifests_dir``, write the outputs to ``out_dir``; returns the metrics.
     The backbone is ``detect.model`` when set (the detector's own, e.g. a pretrained DINOv2), else ``model``.
+    ``detect.views >= 1``: fixed views, their trunk outputs in ``store`` (default: ``open_store(params.cache)``).
 
     Metrics: ``map``, ``mean_acc`` (over the evaluated generators, percent), ``per_generator`` {name: {ap, acc,
     real_acc, fake_acc, n_real, n_fake}}, ``threshold`` (on the fake probability), ``robustness`` {blur: {sigma:
@@ -244,9 +250,10 @@ def run_detect(
     eval_parts = {t: _split(frames[t], "val", t, manifests[t]) for t in eval_tasks}
 
     device = resolve_device(params.train.device)
-    if cfg.trunk_cache:
-        return _run_trunk_cached(params, method, train_tasks, eval_tasks, train_df, val_parts, eval_parts, extra_dirs,
-                                 out, device, callback)
+    if cfg.views >= 1:
+        store = store if store is not None else open_store(params.cache)
+        return _run_fixed_views(params, store, method, train_tasks, eval_tasks, train_df, val_parts, eval_parts,
+                                extra_dirs, out, device, callback)
     det = build_detector(params.model, cfg.model_copy(update={"method": method}), method, seed=params.seed).to(device)
     n_train = sum(p.numel() for p in det.trainable_parameters())
     n_backbone = sum(p.numel() for p in det.backbone.parameters() if not p.requires_grad)
@@ -305,17 +312,17 @@ def run_detect(
     return metrics
 
 
-def _run_trunk_cached(params: Params, method: str, train_tasks: list[str], eval_tasks: list[str],
-                      train_df: pd.DataFrame, val_parts: dict[str, pd.DataFrame], eval_parts: dict[str, pd.DataFrame],
-                      extra_dirs: Mapping[str, dict[str, Path]], out: Path, device: torch.device,
-                      callback: EpochCallback | None) -> dict[str, Any]:
-    """:func:`run_detect` through the frozen-trunk cache (``detect.trunk_cache``): same outputs and metric keys."""
-    from lorax.detect.cached import run_cached
+def _run_fixed_views(params: Params, store: FeatureStore, method: str, train_tasks: list[str],
+                     eval_tasks: list[str], train_df: pd.DataFrame, val_parts: dict[str, pd.DataFrame],
+                     eval_parts: dict[str, pd.DataFrame], extra_dirs: Mapping[str, dict[str, Path]], out: Path,
+                     device: torch.device, callback: EpochCallback | None) -> dict[str, Any]:
+    """:func:`run_detect` on fixed views (``detect.views >= 1``): same outputs and metric keys."""
+    from lorax.detect.fixed_views import run_fixed_views
 
     cfg = params.detect
     extra_parts = {name: {t: read_manifest(p) for t, p in found.items()} for name, found in extra_dirs.items()}
-    det, threshold, m, scores = run_cached(params, train_df, val_parts, eval_parts, extra_parts, method, device,
-                                           callback)
+    det, threshold, m, scores = run_fixed_views(params, store, train_df, val_parts, eval_parts, extra_parts, method,
+                                                device, callback)
     n_train = sum(p.numel() for p in det.trainable_parameters())
     n_backbone = sum(p.numel() for p in det.backbone.parameters() if not p.requires_grad)
     metrics = _clean({"method": method, "backbone": params.model.backbone, "train_tasks": train_tasks,
@@ -327,8 +334,9 @@ def _run_trunk_cached(params: Params, method: str, train_tasks: list[str], eval_
     E.plot_robustness(metrics["robustness"], metrics["map"], out / "robustness.png",
                       title=f"{method} on {params.model.backbone}, trained on {'+'.join(train_tasks)}")
     write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    log.info("detect %s (trunk cache): mAP %s, mean acc %s over %d unseen generators; threshold %.4f; %s", method,
-             _fmt(metrics["map"]), _fmt(metrics["mean_acc"]), len(eval_tasks), threshold, out / "metrics.json")
+    log.info("detect %s (%d fixed views): mAP %s, mean acc %s over %d unseen generators; threshold %.4f; %s", method,
+             cfg.views, _fmt(metrics["map"]), _fmt(metrics["mean_acc"]), len(eval_tasks), threshold,
+             out / "metrics.json")
     return metrics
 
 

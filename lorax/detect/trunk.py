@@ -3,14 +3,14 @@
 Every method adapts only the last ``detect.blocks`` blocks (the probe none), so the stem, the blocks below them,
 the pixel features (``model.spectrum``) and the feature levels under them (``model.feature_levels``) are the same
 for a crop whatever the adapters hold. :func:`encode_trunk` computes them once: the tokens entering the first
-adapted block (stored in float16) and the frozen features that join the embedding (``pre``). :func:`head_logits`
+adapted block and the frozen features that join the embedding (``pre``), both float32. :func:`head_logits`
 finishes the forward from there, so an epoch costs the adapted blocks only (at 224 px on DINOv2-S with 3 adapted
 blocks, about a quarter of the backbone's forward).
 
-Training views are fixed in advance (:func:`train_views`): for each training image, ``n`` random crops with a flip
-and the deployment augmentations (blur, JPEG, down-and-up scaling), each drawn with its probability from a seeded
-generator. Augmentation must act on pixels, before the trunk, which is why the views are fixed: a new draw would
-need a new trunk pass.
+Training views are fixed in advance (``detect.views`` per image, :mod:`lorax.detect.trunk_features`, which keeps
+the trunk's outputs in the feature store): a random crop with a flip and the deployment augmentations
+(:class:`RobustAug`: blur, JPEG, down-and-up scaling), each drawn with its probability. Augmentation must act on
+pixels, before the trunk, which is why the views are fixed: a new draw would need a new trunk pass.
 
 The head reads the features standardised by the training set's statistics (``Detector.set_feature_stats``) and can
 start from a logistic regression fitted on the frozen features (:func:`fit_probe_head`): the probe's solution, and
@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from lorax.data.dataset import ManifestDataset, to_tensor
 from lorax.detect.augment import gaussian_blur, jpeg, rescale
 from lorax.detect.detector import Detector
 
@@ -38,12 +38,12 @@ __all__ = [
     "CachedSet",
     "RobustAug",
     "encode_trunk",
-    "eval_views",
     "fit_probe_head",
     "head_logits",
+    "perturbation",
+    "perturbations",
     "predict_cached",
     "train_cached",
-    "train_views",
     "trunk_start",
 ]
 
@@ -63,23 +63,38 @@ class RobustAug:
     quality_range: tuple[int, int] = (30, 100)
     scale_range: tuple[float, float] = (0.5, 1.0)
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def draw(self, rng: np.random.Generator) -> list[list[Any]]:
+        """The operations one view gets, in the order they apply: ``[[name, value], ...]`` (scale, blur, jpeg)."""
         u = rng.random(3)
-        sigma = rng.uniform(*self.sigma_range)
+        sigma = float(rng.uniform(*self.sigma_range))
         quality = int(rng.integers(self.quality_range[0], self.quality_range[1] + 1))
-        scale = rng.uniform(*self.scale_range)
+        scale = float(rng.uniform(*self.scale_range))
+        ops: list[list[Any]] = []
         if u[2] < self.scale_prob:
-            img = rescale(img, scale)
+            ops.append(["scale", scale])
         if u[0] < self.blur_prob:
-            img = gaussian_blur(img, sigma)
+            ops.append(["blur", sigma])
         if u[1] < self.jpeg_prob:
-            img = jpeg(img, quality)
+            ops.append(["jpeg", quality])
+        return ops
+
+    @staticmethod
+    def apply(img: np.ndarray, ops: list[list[Any]]) -> np.ndarray:
+        """``img`` after the drawn operations (:meth:`draw`)."""
+        for name, value in ops:
+            img = OPS[name](img, value)
         return img
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.apply(img, self.draw(rng))
+
+
+OPS: dict[str, Callable[[np.ndarray, Any], np.ndarray]] = {"scale": rescale, "blur": gaussian_blur, "jpeg": jpeg}
 
 
 def trunk_start(det: Detector, blocks: int) -> int:
     """Index of the first block the trunk does not run: the first adapted block, or ``depth - blocks`` for the
-    probe (so every method of one ``detect.blocks`` shares one trunk cache)."""
+    probe (so every method of one ``detect.blocks`` reads the same stored trunk outputs)."""
     depth = det.backbone.depth
     start = depth - (blocks or depth)
     for name in det.mole:
@@ -92,16 +107,17 @@ def trunk_start(det: Detector, blocks: int) -> int:
 
 @torch.no_grad()
 def encode_trunk(det: Detector, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised crops (B, 3, S, S) -> (tokens entering block ``start`` as float16, frozen features (B, P))."""
+    """Normalised crops (B, 3, S, S) -> (tokens entering block ``start`` (B, L, D), frozen features (B, P)),
+    float32."""
     bb = det.backbone
     levels = bb.pixel_features(x)
     tokens = bb.run_blocks(bb.stem(x), 0, start, levels)
     pre = torch.cat(levels, -1) if levels else x.new_zeros(x.shape[0], 0)
-    return tokens.to(torch.float16), pre.float()
+    return tokens.float(), pre.float()
 
 
 def embed_from_trunk(det: Detector, tokens: torch.Tensor, pre: torch.Tensor, start: int) -> torch.Tensor:
-    """The backbone's features (B, feature_dim) from the cached trunk outputs; same as ``det.backbone(x)``."""
+    """The backbone's features (B, feature_dim) from the stored trunk outputs; same as ``det.backbone(x)``."""
     bb = det.backbone
     levels: list[torch.Tensor] = [pre] if pre.shape[1] else []
     out = bb.run_blocks(tokens.float(), start, None, levels)
@@ -109,14 +125,15 @@ def embed_from_trunk(det: Detector, tokens: torch.Tensor, pre: torch.Tensor, sta
 
 
 def head_logits(det: Detector, tokens: torch.Tensor, pre: torch.Tensor, start: int) -> torch.Tensor:
-    """Logits (B,) of the detector from the cached trunk outputs; same as ``det(x)`` for the crops they came from."""
+    """Logits (B,) of the detector from the stored trunk outputs; same as ``det(x)`` for the crops they came from."""
     return det.classify(embed_from_trunk(det, tokens, pre, start))
 
 
 @dataclass
 class CachedSet:
-    """Trunk outputs of a set of crops: ``tokens`` (N, L, D) float16, ``pre`` (N, P), ``labels`` (N,) 0/1,
-    ``rows`` (N,) the image each crop came from (position in its manifest frame)."""
+    """Trunk outputs of a set of crops (in memory; :mod:`lorax.detect.trunk_features` reads them from the feature
+    store): ``tokens`` (N, L, D) and ``pre`` (N, P) float32, ``labels`` (N,) 0/1, ``rows`` (N,) the image each crop
+    came from (position in its manifest frame)."""
 
     tokens: torch.Tensor
     pre: torch.Tensor
@@ -125,65 +142,6 @@ class CachedSet:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def _encode_arrays(det: Detector, crops: Iterable[tuple[np.ndarray, int, int]], start: int, batch_size: int,
-                   device: torch.device) -> CachedSet:
-    info = det.backbone.info
-    toks, pres, labels, rows, batch = [], [], [], [], []
-
-    def flush() -> None:
-        if not batch:
-            return
-        x = torch.stack([to_tensor(np.ascontiguousarray(a), info.mean, info.std) for a, _, _ in batch]).to(device)
-        t, p = encode_trunk(det, x, start)
-        toks.append(t.cpu())
-        pres.append(p.cpu())
-        labels.extend(lab for _, lab, _ in batch)
-        rows.extend(r for _, _, r in batch)
-        batch.clear()
-
-    det.eval()
-    for item in crops:
-        batch.append(item)
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    if not toks:
-        raise ValueError("no crops to encode: the manifest frame is empty")
-    return CachedSet(torch.cat(toks), torch.cat(pres), np.asarray(labels, dtype=int), np.asarray(rows, dtype=int))
-
-
-def train_views(det: Detector, df: pd.DataFrame, crop: int, n_views: int, aug: RobustAug, start: int, seed: int,
-                batch_size: int = 32, device: torch.device | str = "cpu", follow_links: bool = False) -> CachedSet:
-    """``n_views`` fixed training views per image of ``df`` (random crop, flip, :class:`RobustAug`), encoded."""
-    ds = ManifestDataset(df, train=True, crop=crop, follow_links=follow_links)
-    labels = (df["class_id"].to_numpy() % 2).astype(int)
-    rng = np.random.default_rng([seed, 7919])
-
-    def gen() -> Iterable[tuple[np.ndarray, int, int]]:
-        for i in range(len(df)):
-            for _ in range(n_views):
-                (img,) = ds.load(i, seed=int(rng.integers(0, 2**62)))
-                yield aug(np.ascontiguousarray(img), rng), int(labels[i]), i
-
-    return _encode_arrays(det, gen(), start, batch_size, torch.device(device))
-
-
-def eval_views(det: Detector, df: pd.DataFrame, crop: int, n_crops: int, start: int,
-               perturb: Perturb | None = None, batch_size: int = 32, device: torch.device | str = "cpu",
-               follow_links: bool = False) -> CachedSet:
-    """The ``n_crops`` fixed evaluation crops of every image of ``df`` (``perturb`` on each uint8 crop), encoded."""
-    ds = ManifestDataset(df, train=False, crop=crop, n_crops=n_crops, follow_links=follow_links)
-    labels = (df["class_id"].to_numpy() % 2).astype(int)
-
-    def gen() -> Iterable[tuple[np.ndarray, int, int]]:
-        for i in range(len(df)):
-            for img in ds.load(i):
-                img = np.ascontiguousarray(img)
-                yield (perturb(img) if perturb is not None else img), int(labels[i]), i
-
-    return _encode_arrays(det, gen(), start, batch_size, torch.device(device))
 
 
 @torch.no_grad()
@@ -274,14 +232,25 @@ def train_cached(det: Detector, cached: CachedSet, start: int, epochs: int, lr: 
     return history
 
 
+_PERTURB = {"jpeg": (jpeg, "quality", int), "blur": (gaussian_blur, "sigma", float),
+            "scale": (rescale, "factor", float)}
+
+
+def perturbation(name: str) -> Perturb:
+    """The test-time perturbation a name means: ``jpeg<q>`` (quality), ``blur<sigma>``, ``scale<factor>``; the name
+    is all of it (it is part of a stored view's id)."""
+    for prefix, (fn, arg, cast) in _PERTURB.items():
+        if name.startswith(prefix):
+            try:
+                return partial(fn, **{arg: cast(name[len(prefix):])})
+            except ValueError:
+                break
+    raise ValueError(f"unknown perturbation {name!r}: expected jpeg<quality>, blur<sigma> or scale<factor>")
+
+
 def perturbations(jpeg_qualities: Sequence[int], blur_sigmas: Sequence[float],
                   scales: Sequence[float]) -> dict[str, Perturb]:
     """Named test-time perturbations of a uint8 crop: ``jpeg<q>``, ``blur<sigma>``, ``scale<factor>``."""
-    out: dict[str, Perturb] = {}
-    for q in jpeg_qualities:
-        out[f"jpeg{int(q)}"] = lambda img, q=int(q): jpeg(img, q)
-    for s in blur_sigmas:
-        out[f"blur{float(s):g}"] = lambda img, s=float(s): gaussian_blur(img, s)
-    for f in scales:
-        out[f"scale{float(f):g}"] = lambda img, f=float(f): rescale(img, f)
-    return out
+    names = [f"jpeg{int(q)}" for q in jpeg_qualities] + [f"blur{float(s):g}" for s in blur_sigmas] + \
+        [f"scale{float(f):g}" for f in scales]
+    return {n: perturbation(n) for n in names}
