@@ -95,7 +95,7 @@ class BatchSource:
                 tokens = store.reader(key, self.views.ids)
                 if len(method.tasks) > 1:
                     self.old = adapter_embeddings(method, params, store, base, rows, self.views, method.tasks[:-1],
-                                                  device, desc="old adapters")
+                                                  device, desc="old adapters", files_checked=True)
                     if device.type == "cuda":
                         self.old = self.old.pin_memory()
             self.slots = _Slots(base, self.views, rows["class_id"].to_numpy(dtype=np.int64), tokens)
