@@ -342,3 +342,26 @@ def test_rows_whose_trunk_tokens_are_stored_are_checked_when_an_adapter_runs_on_
     with pytest.raises(ManifestError, match="changed since the manifest was written") as e:
         predict_logits(m0, rows, params, CPU, store=store)
     assert path in str(e.value) and count.trunk == 0
+
+
+def test_ranks_split_the_missing_trunk_tokens_whatever_each_saw(zoo, tmp_path):
+    """DDP with a store on disk: each rank computes its share of the missing views, then every rank reads them all.
+    The shares must cover every view even when one rank wrote before another looked (its missing set is smaller)."""
+    _, manifests = zoo
+    params = _params(tmp_path)
+    method = _method(params)
+    rows = _rows(manifests)
+    base = dataset_for(rows, method, params, True, 0)
+    views = train_views(rows, base, 2)
+    key = trunk_producer(method, params, CPU)[0]
+    ranks = [FeatureStore(tmp_path / "features") for _ in range(2)]
+    ranks[0].found(key, views.ids[:1])  # rank 0 looked before anything was written
+    count = _Count(method.net)
+    trunk_tokens(method, params, ranks[0], base, rows, views, CPU, rank=0, world=2, read=False)
+    trunk_tokens(method, params, ranks[1], base, rows, views, CPU, rank=1, world=2, read=False)  # looks later
+    for store in ranks:  # after the barrier
+        store.refresh(key)
+        assert store.found(key, views.ids).all()
+    assert count.trunk <= len(views.ids)  # and none computed twice
+    torch.testing.assert_close(ranks[1].get(key, views.ids), trunk_tokens(method, params, FeatureStore(None), base,
+                                                                          rows, views, CPU), **TOL)
