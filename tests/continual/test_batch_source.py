@@ -4,6 +4,7 @@ whether the feature store is on disk or in memory."""
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -100,6 +101,10 @@ def test_every_row_once_per_epoch_with_one_of_its_views(zoo, tmp_path, method_na
     assert len(source) == -(-len(rows) // params.train.batch_size)
     if method_name == "lorax":  # steps on the stored trunk tokens of the fixed views
         values = store.get(trunk_producer(method, params, CPU)[0], views.ids)
+        # the slots as DataLoader workers get them (pickled: the store's folder travels, the shards are re-opened)
+        slots = pickle.loads(pickle.dumps(source.slots))
+        x, y, s = slots[5]
+        assert torch.equal(x, values[5]) and y == rows["class_id"].iloc[2] and s == 5
     else:  # the fixed views' pixels; nothing stored
         base = dataset_for(rows, method, params, True, 0)
         values = torch.stack([base[(s // 3, int(views.seeds[s // 3, s % 3]))][0] for s in range(len(views.ids))])
@@ -250,6 +255,10 @@ def test_cache_on_or_off_trains_bit_identical_models(zoo, tmp_path, monkeypatch,
                   cache__dir=str(tmp_path / "unused"))
     off_states = _train_stream(manifests, off, tmp_path / "off")
     assert not (tmp_path / "unused").exists()
+    from lorax.continual.state import read_info
+
+    epochs = read_info(tmp_path / "on" / SECOND)["epochs"]
+    assert len(epochs) == 2 and all(np.isfinite(e["loss"]) for e in epochs)
     for name, other in (("read back", again), ("in memory", off_states)):
         for task, a, b in zip((FIRST, SECOND), on_states, other, strict=True):
             assert a.keys() == b.keys()
