@@ -171,7 +171,7 @@ def open_decode_cache(
     df = df.reset_index(drop=True)
     need = decoded_bytes(df)
     if need > max_mb * 2**20:
-        log.info("decode cache: %d images need %.0f MB > train.decode_cache_max_mb=%s; reading the files instead",
+        log.info("decode cache: %d images need %.0f MB > cache.decode_max_mb=%s; reading the files instead",
                  len(df), need / 2**20, max_mb)
         return None
     cache_dir = Path(cache_dir)
