@@ -111,7 +111,7 @@ class BatchSource:
             for t in old:
                 store.refresh(adapter_producer(method, self.params, self.device, t)[0])
         emb = adapter_embeddings(method, self.params, store, base, self.rows, self.views, old, self.device,
-                                 desc="old adapters")
+                                 desc="old adapters", files_checked=True)  # trunk_tokens checked or decoded them
         if shared and ctx.is_main:
             ctx.barrier()
         return emb

@@ -89,7 +89,9 @@ def trunk_tokens(method: Method, params: Params, store: FeatureStore, ds: Manife
             return net.trunk(x)
 
     def compute(missing: np.ndarray):
-        mine = missing[rank::world] if store.persistent else missing
+        mine = missing
+        if store.persistent and world > 1:  # by id, not by place: a rank that looked later misses fewer views
+            mine = missing[np.ascontiguousarray(views.ids[pos[missing], :8]).view("<u8")[:, 0] % world == rank]
         back = {int(s): i for i, s in enumerate(pos)}  # view slot -> position among the asked ids
         for slots, values in view_batches(fn, ds, views, pos[mine], params.eval.batch_size, device,
                                           params.train.num_workers, desc="trunk tokens"):
@@ -100,15 +102,18 @@ def trunk_tokens(method: Method, params: Params, store: FeatureStore, ds: Manife
 
 
 def adapter_embeddings(method: Method, params: Params, store: FeatureStore, ds: ManifestDataset, df: Any,
-                       views: Views, names: list[str], device: torch.device, desc: str = "embeddings") -> torch.Tensor:
+                       views: Views, names: list[str], device: torch.device, desc: str = "embeddings",
+                       files_checked: bool = False) -> torch.Tensor:
     """(views, len(names), D) embeddings of every view by each named adapter: stored ones read; the missing ones
-    computed from the stored trunk tokens, one batched pass per group of views missing the same adapters."""
+    computed from the stored trunk tokens, one batched pass per group of views missing the same adapters.
+    Rows none of whose views is decoded here have their files checked (``files_checked``: the caller just did)."""
     net, amp, ids = method.net, autocast(params, device), views.ids
     keys = [adapter_producer(method, params, device, t) for t in names]
     missing = np.stack([store.producer(k, d).found(ids) for k, d in keys], 1) == 0 if keys else \
         np.zeros((len(ids), 0), bool)
-    rows_done = ~missing.any(1).reshape(-1, views.k).any(1)
-    verify_files(df.iloc[np.flatnonzero(rows_done)], params.data.follow_links)  # the others: in the loaders
+    if not files_checked:  # decoded: the views whose trunk tokens are computed below; the loaders check those rows
+        decoded = missing.any(1) & ~store.producer(*trunk_producer(method, params, device)).found(ids)
+        verify_files(df.iloc[np.flatnonzero(~decoded.reshape(-1, views.k).any(1))], params.data.follow_links)
     groups: dict[tuple[int, ...], list[int]] = {}
     for r in np.flatnonzero(missing.any(1)):
         groups.setdefault(tuple(np.flatnonzero(missing[r]).tolist()), []).append(int(r))

@@ -1,4 +1,5 @@
-"""Grouped one-pass forward beyond test_lorax_net: reused weight stacks stay correct, gradients, trunk + cached embeddings."""
+"""Grouped one-pass forward beyond test_lorax_net: reused weight stacks stay correct, gradients, the parts (trunk,
+branch, classify) composed from separate passes."""
 
 from __future__ import annotations
 
@@ -63,15 +64,18 @@ def test_grouped_training_pass_gradients_equal_the_loop():
 
 
 def test_shared_trunk_with_cached_old_embeddings_equals_full_forward():
-    """forward(x, old_emb) with the frozen adapters' embeddings from a separate pass == the full forward."""
+    """The parts composed as LoRAX's training steps compose them (trunk tokens and the frozen adapters' embeddings
+    from separate passes, only the newest adapter run on the tokens) == the full forward."""
     net = _net(adapter__blocks="last_k", adapter__last_k=1).eval()
+    assert net.branch_block == 1  # a real trunk below the adapted block
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         old = net.embeddings(x, ["a", "b"])
-        cached = net(x, old_emb=old)
+        tokens = net.trunk(x)
+        composed = net.classify(torch.cat([old, net.branch(tokens, ["c"])], 0))
         full = net(x)
-    torch.testing.assert_close(cached[0], full[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cached[1], full[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(composed[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(composed[1], full[1], rtol=1e-5, atol=1e-5)
 
 
 def test_batch_of_identical_rows_is_computed_once_with_the_same_result():
