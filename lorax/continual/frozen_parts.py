@@ -52,10 +52,25 @@ def trunk_producer(method: Method, params: Params, device: torch.device) -> tupl
     return producer_key(settings), settings
 
 
+def _adapted_base_hash(method: Method) -> str:
+    """sha256 of the frozen base tensors of the adapted blocks (their weights under the adapters), hashed once."""
+    net = method.net
+    bb = net.backbone
+    memo = bb.__dict__.setdefault("_lorax_branch_hash", {})
+    if net.branch_block not in memo:
+        inside = tuple(bb.block_prefix(i) for i in range(net.branch_block, bb.depth))
+        adapters = {id(p) for p in method.adapter_parameters()}
+        base = {n: t for n, t in bb.model.state_dict(keep_vars=True).items()
+                if n.startswith(inside) and id(t) not in adapters and ".lora_" not in n}
+        memo[net.branch_block] = hash_tensors(base).hexdigest()
+    return memo[net.branch_block]
+
+
 def adapter_producer(method: Method, params: Params, device: torch.device, task: str) -> tuple[str, dict[str, Any]]:
-    """(key, description) of task ``task``'s branch: its adapter's tensors on top of the trunk."""
+    """(key, description) of task ``task``'s branch: its adapter's tensors and the adapted blocks' frozen base
+    weights, on top of the trunk."""
     settings = {"part": "adapter", "task": task, "trunk": trunk_producer(method, params, device)[0],
-                "adapter": params.adapter.model_dump(mode="json")}
+                "blocks": _adapted_base_hash(method), "adapter": params.adapter.model_dump(mode="json")}
     return producer_key(settings, method.net.adapters.state_dict(task)), settings
 
 

@@ -176,6 +176,17 @@ def test_producers_change_with_what_their_output_depends_on(zoo, tmp_path):
     assert adapter_producer(method, params, CPU, "a")[0] != a
     p = _params(tmp_path, model__normalize="imagenet")
     assert adapter_producer(_method(p), p, CPU, "a")[0] != a
+    # the frozen base weights under the adapters (a checkpoint that differs only there) are part of it too
+    other = _method(params)
+    a = adapter_producer(other, params, CPU, "a")[0]
+    bb = other.net.backbone
+    base = next(t for n, t in bb.model.state_dict(keep_vars=True).items()
+                if n.startswith(bb.block_prefix(other.net.branch_block)) and ".lora_" not in n and t.is_floating_point())
+    with torch.no_grad():
+        base.add_(1e-3)
+    bb.__dict__.pop("_lorax_branch_hash")  # hashed once per backbone (it is frozen); a new load hashes it again
+    assert adapter_producer(other, params, CPU, "a")[0] != a
+    assert trunk_producer(other, params, CPU)[0] == trunk  # below the branch nothing changed
     probe = _params(tmp_path, continual__method="probe")
     pm = build_method(probe, ["a"])
     assert features_producer(pm, probe, CPU)[0] not in (trunk, a)
