@@ -69,7 +69,7 @@ def tiny_params(tmp_path: Path | None = None, **overrides: Any) -> Params:
         ov.setdefault("data.root", str(tmp_path / "zoo"))
         ov.setdefault("data.manifests", str(tmp_path / "manifests"))
         ov.setdefault("cache.dir", str(tmp_path / "cache"))
-    else:  # no folder of the test's own: the feature store stays in memory, never in the repository
+    elif "cache.dir" not in ov:  # no folder of the test's own: the feature store stays in memory, never in the repo
         ov.setdefault("cache.enabled", False)
     return load_params(PARAMS_YAML, ov)
 
