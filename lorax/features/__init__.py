@@ -8,11 +8,13 @@ from typing import Any
 from lorax.features.store import FeatureStore
 
 _MEMORY: FeatureStore | None = None
+_OPEN: dict[tuple[str, float], FeatureStore] = {}  # one store per folder per process: its shards indexed once
 
 
 def open_store(cache: Any, project: str | Path | None = None) -> FeatureStore:
     """The store of the ``cache:`` settings: ``<cache.dir>/features`` (relative: from ``project``, else the working
-    directory), or with ``cache.enabled: false`` this process's in-memory store (shared by every caller, so a run
+    directory; the same object for the same folder within a process, which sees its own writes and reads another
+    process's through :meth:`FeatureStore.refresh`), or with ``cache.enabled: false`` this process's in-memory store (shared by every caller, so a run
     computes each entry once either way and its results do not depend on the setting)."""
     global _MEMORY
     if not cache.enabled:
@@ -22,7 +24,10 @@ def open_store(cache: Any, project: str | Path | None = None) -> FeatureStore:
     root = Path(cache.dir)
     if not root.is_absolute() and project is not None:
         root = Path(project) / root
-    return FeatureStore(root / "features", cache.max_mb)
+    key = (str((root / "features").resolve()), float(cache.max_mb))
+    if key not in _OPEN:  # opening a producer reads and checks its shards: once per process, not per step
+        _OPEN[key] = FeatureStore(root / "features", cache.max_mb)
+    return _OPEN[key]
 
 
 def decode_dir(cache: Any, project: str | Path | None = None) -> Path:
