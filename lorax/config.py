@@ -221,7 +221,8 @@ class EvalConfig(Section):
 
 class CacheConfig(Section):
     """Where computed things are kept between runs (lorax/features/store.py, lorax/data/cache.py). No DVC stage
-    depends on this section and results never do: moving, deleting or filling the cache only costs time."""
+    but `check` reads this section and results never depend on it: moving, deleting or filling the cache only costs
+    time."""
 
     enabled: bool = Field(True, description="keep the feature store on disk (the frozen trunk's tokens and the "
                           "frozen adapters' embeddings of every view); off: in memory for the run only, same results")
@@ -282,7 +283,7 @@ class Params(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="training of each task")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="the feature store and the decode cache "
-                               "(no effect on results; no DVC stage depends on it)")
+                               "(no effect on results; only the check stage reads it)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and the model "
                                      "registry")
     detect: DetectConfig = Field(default_factory=DetectConfig, description="the binary real/fake detector")

@@ -144,7 +144,8 @@ def _first_run(repo: Path, tmp_path: Path) -> None:
 
 
 def _moving_or_deleting_the_cache_leaves_every_stage_current(repo: Path) -> None:
-    """The feature store is a cache: no stage depends on where it is, or on whether it is there."""
+    """The feature store is a cache: moving it (and cache.dir with it) or deleting it re-runs only `check`, whose
+    record is constant, so no stage's outputs are touched and the pipeline is current again."""
     import yaml
 
     text = (repo / "params.yaml").read_text()
@@ -154,10 +155,14 @@ def _moving_or_deleting_the_cache_leaves_every_stage_current(repo: Path) -> None
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (repo / "elsewhere").mkdir()
     shutil.move(repo / "cache", repo / "elsewhere" / "cache")
+    status = dvc(repo, "status").stdout
+    assert "check:" in status and "init:" not in status and "train@" not in status and "evaluate@" not in status
+    assert stages_ran(dvc(repo, "repro").stdout) == ["check"]
     assert dvc(repo, "status").stdout.strip().endswith("up to date.")
-    shutil.rmtree(repo / "elsewhere")
+    shutil.rmtree(repo / "elsewhere")  # deleted: nothing at all to redo
     assert dvc(repo, "status").stdout.strip().endswith("up to date.")
     (repo / "params.yaml").write_text(text)
+    assert stages_ran(dvc(repo, "repro").stdout) == ["check"]
 
 
 def _added_generator_runs_only_its_stages(repo: Path) -> None:
