@@ -75,6 +75,26 @@ def tiny_params(tmp_path: Path | None = None, **overrides: Any) -> Params:
 
 
 
+def store_params(root: Path, **overrides: Any) -> Params:
+    """:func:`tiny_params` for the feature-store tests: a depth-3 model whose last block alone is adapted (blocks
+    0-1 are the frozen trunk), no adapter dropout, and the store under ``root``."""
+    deep = {**TINY_OVERRIDES["model.kwargs"], "depth": 3}
+    base = {"adapter__blocks": "last_k", "adapter__last_k": 1, "adapter__dropout": 0.0, "model__kwargs": deep,
+            "cache__dir": str(root / "cache")}
+    return tiny_params(root, **{**base, **overrides})
+
+
+def prepared_zoo(root: Path, params: Params) -> dict:
+    """The params' zoo synthesised and prepared under ``root``; its manifests by task."""
+    from lorax.data.manifest import load_stream_manifests
+    from lorax.data.prepare import prepare_tasks
+    from lorax.data.zoo import synth_tasks
+
+    synth_tasks(params.tasks, params.data.root, params.zoo)
+    prepare_tasks(params.data.root, params.tasks, params.data.manifests, params.data, params.model.img_size)
+    return load_stream_manifests(params.data.manifests, params.tasks)
+
+
 # -- projects on disk, real DVC ------------------------------------------------------------------------------------
 BIN = Path(sys.executable).parent
 

@@ -22,32 +22,22 @@ from lorax.continual.frozen_parts import trunk_producer
 from lorax.continual.methods import Frozen, build_method
 from lorax.data.manifest import ManifestError
 from lorax.features.store import FeatureStore
-from tests.helpers import TINY_OVERRIDES, tiny_params
+from tests.helpers import prepared_zoo, store_params
 
 CPU = torch.device("cpu")
-DEEP = {**TINY_OVERRIDES["model.kwargs"], "depth": 3}  # blocks 0-1: the frozen trunk under a last-block adapter
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 FIRST, SECOND = "deconv", "nnconv"
 
 
 def _params(root: Path, **ov):
-    base = {"adapter__blocks": "last_k", "adapter__last_k": 1, "adapter__dropout": 0.0, "model__kwargs": DEEP,
-            "cache__dir": str(root / "cache")}
-    return tiny_params(root, **{**base, **ov})
+    return store_params(root, **ov)
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """The tiny two-task zoo, prepared (12 train images per class and task)."""
-    from lorax.data.manifest import load_stream_manifests
-    from lorax.data.prepare import prepare_tasks
-    from lorax.data.zoo import synth_tasks
-
     root = tmp_path_factory.mktemp("batches")
-    params = _params(root)
-    synth_tasks(params.tasks, params.data.root, params.zoo)
-    prepare_tasks(params.data.root, params.tasks, params.data.manifests, params.data, params.model.img_size)
-    return root, load_stream_manifests(params.data.manifests, params.tasks)
+    return root, prepared_zoo(root, _params(root))
 
 
 def _method(params, tasks=("a",)):
