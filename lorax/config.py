@@ -222,12 +222,13 @@ class EvalConfig(Section):
 class CacheConfig(Section):
     """Where computed things are kept between runs (lorax/features/store.py, lorax/data/cache.py). No DVC stage
     but `check` reads this section and results never depend on it: moving, deleting or filling the cache only costs
-    time."""
+    time. Moved with $LORAX_CACHE_DIR (``dir: null``), the cache makes no stage stale at all."""
 
     enabled: bool = Field(True, description="keep the feature store on disk (the frozen trunk's tokens and the "
                           "frozen adapters' embeddings of every view); off: in memory for the run only, same results")
-    dir: str = Field("cache", description="the cache folder (features/ and decoded/ under it); relative: from the "
-                     "project root (`lorax train`: the working directory)")
+    dir: str | None = Field(None, description="the cache folder (features/ and decoded/ under it); null: "
+                            "$LORAX_CACHE_DIR, else cache/; relative: from the project root (`lorax train`: the "
+                            "working directory). Keep a machine's own place in the variable: no stage reads it")
     max_mb: float = Field(20000, ge=0, description="disk size of the feature store above which the least recently "
                           "used shards are deleted (0: no limit)")
     decode: bool = Field(False, description="decode every image once into a uint8 memory-mapped cache and cut crops "

@@ -34,6 +34,7 @@ def params(tmp_path: Path) -> Params:
     return tiny_params(tmp_path)
 
 
+os.environ.pop("LORAX_CACHE_DIR", None)  # a developer's own cache folder must not leak into the tests' projects
 _MLFLOW_ENV = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorax.features import open_store, store as store_mod
+from lorax.features import cache_root, decode_dir, open_store, store as store_mod
 from lorax.features.store import FORMAT, FeatureStore, StoreRows, hash_tensors, producer_key
 
 KEY = "k" * 32
@@ -258,3 +258,19 @@ def test_an_unwritable_cache_dir_is_one_line_naming_the_setting(tmp_path) -> Non
     with pytest.raises(ValueError, match=r"^cache\.dir: cannot write the feature store under .*a-file") as e:
         store.get_or_compute(KEY, _ids(2), lambda m: iter([(m, torch.ones(len(m), 2))]), {"part": "trunk"})
     assert "\n" not in str(e.value) and "cache.enabled: false" in str(e.value)
+
+
+def test_the_cache_folder_comes_from_the_setting_else_the_variable_else_cache(tmp_path, monkeypatch) -> None:
+    """`cache.dir: null` lets a machine keep its cache anywhere ($LORAX_CACHE_DIR) without editing params.yaml (which
+    DVC reads); a folder written in the settings wins; relative folders resolve from the project."""
+    null, given = SimpleNamespace(dir=None), SimpleNamespace(dir="mine")
+    monkeypatch.delenv("LORAX_CACHE_DIR", raising=False)
+    assert cache_root(null, tmp_path) == tmp_path / "cache"
+    monkeypatch.setenv("LORAX_CACHE_DIR", str(tmp_path / "far" / "away"))
+    assert cache_root(null, tmp_path) == tmp_path / "far" / "away"
+    assert decode_dir(null, tmp_path) == tmp_path / "far" / "away" / "decoded"
+    assert cache_root(given, tmp_path) == tmp_path / "mine"
+    monkeypatch.setenv("LORAX_CACHE_DIR", "rel")
+    assert cache_root(null, tmp_path) == tmp_path / "rel"
+    on = SimpleNamespace(enabled=True, dir=None, max_mb=0)
+    assert open_store(on, tmp_path).root == tmp_path / "rel" / "features"

@@ -144,17 +144,22 @@ def _first_run(repo: Path, tmp_path: Path) -> None:
 
 
 def _moving_or_deleting_the_cache_leaves_every_stage_current(repo: Path) -> None:
-    """The feature store is a cache: moving it (and cache.dir with it) or deleting it re-runs only `check`, whose
-    record is constant, so no stage's outputs are touched and the pipeline is current again."""
+    """The feature store is a cache: moving it (pointing $LORAX_CACHE_DIR at the new place, `cache.dir: null`) or
+    deleting it makes no stage stale, not even `check`; writing the new place into params.yaml instead re-runs only
+    `check`, whose record is constant, so no stage's outputs are touched."""
     import yaml
 
     text = (repo / "params.yaml").read_text()
     raw = yaml.safe_load(text)
-    assert raw["cache"]["dir"] == "cache" and any((repo / "cache" / "features").glob("*/*.safetensors"))
-    raw["cache"]["dir"] = "elsewhere/cache"
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert raw["cache"]["dir"] is None and any((repo / "cache" / "features").glob("*/*.safetensors"))
     (repo / "elsewhere").mkdir()
     shutil.move(repo / "cache", repo / "elsewhere" / "cache")
+    moved = str(repo / "elsewhere" / "cache")
+    assert dvc(repo, "status", LORAX_CACHE_DIR=moved).stdout.strip().endswith("up to date.")
+    assert stages_ran(dvc(repo, "repro", LORAX_CACHE_DIR=moved).stdout) == []
+    # the same move written into params.yaml: only the 1-s check (a misspelt key there must still stop dvc repro)
+    raw["cache"]["dir"] = "elsewhere/cache"
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     status = dvc(repo, "status").stdout
     assert "check:" in status and "init:" not in status and "train@" not in status and "evaluate@" not in status
     assert stages_ran(dvc(repo, "repro").stdout) == ["check"]
