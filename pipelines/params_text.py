@@ -147,13 +147,13 @@ def set_path(lines: list[str], dotted: str, value: object) -> None:
             lines[k:block_end] = [_with_value(lines[k], value)]
             return
         if inline:  # a flow value on the way: set the rest of the key inside it
-            import yaml as _yaml
-
-            node = _yaml.safe_load(inline)
+            node = yaml.safe_load(inline)
             node = node if isinstance(node, dict) else {}
             cur = node
             for p in parts[i + 1:-1]:
-                cur = cur.setdefault(p, {}) if isinstance(cur.get(p), dict) else cur.setdefault(p, {}) or {}
+                if not isinstance(cur.get(p), dict):
+                    cur[p] = {}
+                cur = cur[p]
             cur[parts[-1]] = value
             lines[k] = _with_value(lines[k], node)
             return
