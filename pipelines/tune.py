@@ -100,12 +100,21 @@ def search_mode(params: Params) -> str:
     return "product" if n <= params.tune.max_runs else "coordinate"
 
 
+# evaluations that do not enter the tuned metric: off in the tuning runs (about a third of a realworld run's time)
+# unless the grid names them
+UNSCORED = {"eval.resample_control": None, "eval.jpeg_control": None}
+
+
 def base_settings(params: Params, cache_root: str | Path = ".") -> dict[str, Any]:
-    """The raw settings every run starts from: ``params`` with the stream cut to the tuned tasks and the feature
-    store at one absolute folder (relative ``cache.dir``: from ``cache_root``), shared by all runs."""
+    """The raw settings every run starts from: ``params`` with the stream cut to the tuned tasks, the shortcut
+    controls off (:data:`UNSCORED`) and the feature store at one absolute folder (relative ``cache.dir``: from
+    ``cache_root``), shared by all runs."""
     raw = params_to_dict(params)
     tasks = tuned_tasks(params)
     raw["stream"] = {t: {"prev": "init" if i == 0 else tasks[i - 1]} for i, t in enumerate(tasks)}
+    for k, v in UNSCORED.items():
+        if k not in params.tune.grid:
+            set_by_path(raw, k, v)
     cache = Path(params.cache.dir)
     raw["cache"]["dir"] = str((cache if cache.is_absolute() else Path(cache_root) / cache).resolve())
     return raw

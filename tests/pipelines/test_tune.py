@@ -139,7 +139,7 @@ def test_a_large_grid_is_searched_one_key_at_a_time(tmp_path):
     """Coordinate search from the params' own values (no training: a stand-in stream scores the settings)."""
     from pipelines.tune import tune
 
-    params = tiny_params(tmp_path, tune__folds=2, tune__max_runs=3, adapter__last_k=1,
+    params = tiny_params(tmp_path, tune__folds=2, tune__max_runs=3, adapter__last_k=1, eval__jpeg_control=[90],
                          tune__grid={"model.img_size": [12, 16], "train.views": [1, 2], "adapter.blocks": ["all", "last_k"]})
     prepared_zoo(tmp_path, params)
     ran: list[tuple] = []
@@ -147,6 +147,7 @@ def test_a_large_grid_is_searched_one_key_at_a_time(tmp_path):
     def fake_stream(p, manifests, out):
         ran.append((p.model.img_size, p.train.views, p.adapter.blocks, Path(manifests).name))
         assert p.tasks == ["deconv", "nnconv"] and Path(p.cache.dir).is_absolute()
+        assert p.eval.jpeg_control is None  # the controls do not enter the metric: off
         score = 50 + 10 * (p.model.img_size == 12) + 5 * (p.train.views == 1) + 0 * (p.adapter.blocks == "last_k")
         return {"pooled_acc": score, "bwt": -1.0}
 
