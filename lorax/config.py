@@ -3,8 +3,8 @@ their loading (``params.yaml`` plus dotted-key overrides) with one-line errors.
 
 Every section of ``params.yaml`` maps to a pydantic model that forbids unknown keys (:class:`lorax.settings_base.
 Section`), so a typo fails at start with the key's dotted path instead of being silently ignored. The sections live
-here, except the backbone's (:mod:`lorax.models.config`) and the detector's (:mod:`lorax.detect.config`), kept beside
-their code; :class:`Params` assembles them all. Each field's default is what the project runs with and its
+here, except the backbone's (:mod:`lorax.models.config`), the detector's (:mod:`lorax.detect.config`), kept beside
+their code, and ``lorax tune``'s (:mod:`lorax.tune_config`); :class:`Params` assembles them all. Each field's default is what the project runs with and its
 ``description`` says what it means; ``params.yaml`` states the same values (with short comments) and
 tests/test_config.py fails when the two disagree or a field is undocumented. Change a default in its section and in
 ``params.yaml`` together. Command-line arguments (``--params``, ``-S``) are read in ``pipelines/cli/settings.py``,
@@ -25,6 +25,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from lorax.detect.config import DetectConfig
 from lorax.models.config import ModelConfig
 from lorax.settings_base import Section
+from lorax.tune_config import TuneConfig, schema_key_problem
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -288,6 +289,8 @@ class Params(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and the model "
                                      "registry")
     detect: DetectConfig = Field(default_factory=DetectConfig, description="the binary real/fake detector")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="`lorax tune`: the settings chosen by grouped "
+                             "cross-validation on the train split of the stream's first tasks (val never read)")
 
     @property
     def tasks(self) -> list[str]:
@@ -325,6 +328,10 @@ class Params(Section):
         if self.train.epochs == 0 and self.continual.head == "linear":
             raise ValueError("train.epochs: 0 trains nothing, and continual.head linear would leave the head at its "
                              "random init; use >= 1, or continual.head refit (the head fitted in closed form)")
+        for key in self.tune.grid:
+            problem = schema_key_problem(Params, key)
+            if problem:
+                raise ValueError(f"tune.grid: {problem}")
         return self
 
 

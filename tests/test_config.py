@@ -75,7 +75,7 @@ def test_every_field_is_documented():
     assert {m.__name__ for m in models} >= {"ZooConfig", "DataConfig", "StreamItem", "ModelConfig", "PretextConfig",
                                             "AdapterConfig", "MoleAdapterConfig", "ContinualConfig", "TrainConfig",
                                             "EvalConfig", "ResampleControl", "TrackingConfig", "GateConfig",
-                                            "DetectConfig"}
+                                            "DetectConfig", "TuneConfig"}
     undocumented = sorted(f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items()
                           if not (f.description or "").strip())
     assert not undocumented, f"fields without a description: {undocumented}"

@@ -14,6 +14,7 @@ from lorax.config import ConfigError
 COMMAND_MODULES = [
     "pipelines.cli.data",
     "pipelines.cli.train",
+    "pipelines.cli.tune",
     "pipelines.cli.weights",
     "pipelines.cli.models",
     "pipelines.cli.detect",
