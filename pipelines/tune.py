@@ -29,6 +29,7 @@ import numpy as np
 from lorax.config import ConfigError, Params, params_to_dict, parse_params, set_by_path
 from lorax.data.folds import folds_digest, train_folds
 from lorax.data.manifest import load_stream_manifests, manifest_path, write_manifest
+from lorax.features import cache_root as cache_folder
 from lorax.tune_config import METRIC_KEYS
 from lorax.utils.io import read_json, write_json
 
@@ -107,16 +108,15 @@ UNSCORED = {"eval.resample_control": None, "eval.jpeg_control": None}
 
 def base_settings(params: Params, cache_root: str | Path = ".") -> dict[str, Any]:
     """The raw settings every run starts from: ``params`` with the stream cut to the tuned tasks, the shortcut
-    controls off (:data:`UNSCORED`) and the feature store at one absolute folder (relative ``cache.dir``: from
-    ``cache_root``), shared by all runs."""
+    controls off (:data:`UNSCORED`) and the feature store at one absolute folder (the cache folder of
+    :func:`lorax.features.cache_root`; relative: from ``cache_root``), shared by all runs."""
     raw = params_to_dict(params)
     tasks = tuned_tasks(params)
     raw["stream"] = {t: {"prev": "init" if i == 0 else tasks[i - 1]} for i, t in enumerate(tasks)}
     for k, v in UNSCORED.items():
         if k not in params.tune.grid:
             set_by_path(raw, k, v)
-    cache = Path(params.cache.dir)
-    raw["cache"]["dir"] = str((cache if cache.is_absolute() else Path(cache_root) / cache).resolve())
+    raw["cache"]["dir"] = str(cache_folder(params.cache, cache_root).resolve())
     return raw
 
 
