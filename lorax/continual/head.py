@@ -122,11 +122,14 @@ def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.
               store: FeatureStore | None = None) -> dict[str, Any]:
     """After a task's training: refit the class head (``continual.head`` refit | ncm) and fit the real/fake verdict
     (``continual.verdict: binary``; :mod:`lorax.continual.verdict`) on the eval-view super-features of ``rows``
-    (this task's train rows + the replayed exemplars), computed once for both. Sets ``method.verdict``; returns the
-    state info's ``head`` entry (the verdict's entry is written by :func:`~lorax.continual.state.save_state`)."""
+    (this task's train rows + the replayed exemplars), and calibrates the prediction sets (``continual.set_coverage``;
+    :mod:`lorax.continual.conformal`), the features computed once for all. Sets ``method.verdict`` and
+    ``method.sets``; returns the state info's ``head`` entry (the verdict's and sets' entries are written by
+    :func:`~lorax.continual.state.save_state`)."""
     c = params.continual
     method.verdict = None
-    if c.head == "linear" and c.verdict == "argmax":
+    method.sets = None
+    if c.head == "linear" and c.verdict == "argmax" and not c.set_coverage:
         return {}
     from lorax.continual.evaluation import predict_logits  # the model stack: only when a head is fitted
 
@@ -143,6 +146,11 @@ def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.
         method.verdict.info["seconds"] = round(time.time() - t0, 2)
         v = method.verdict
         log.info("%s (%.1f s)", describe({**v.info, "kind": "binary", "threshold": v.threshold}), time.time() - t0)
+    if c.set_coverage:  # prediction sets (lorax.continual.conformal), on the refit head's out-of-fold probabilities
+        from lorax.continual.conformal import fit_sets
+        from lorax.data.groups import row_groups
+
+        method.sets = fit_sets(feats, rows, _class_head(method).out_features, params, row_groups(rows))
     return info
 
 
