@@ -5,7 +5,8 @@ Label space: the T generators (a fake image's label is its task) and ``real`` (a
 the T real classes it sits in: the multi-real rule). A label's score is read from the class probabilities: generator
 g -> p(fake class of g); real -> the sum of the real classes' probabilities (:func:`label_scores`).
 
-Calibration: class-conditional (Mondrian) split-conformal on OUT-OF-FOLD probabilities of the rows the head is fitted
+Calibration (:func:`lorax.continual.head.fit_sets`, beside the head refit it cross-fits): class-conditional
+(Mondrian) split-conformal on OUT-OF-FOLD probabilities of the rows the head is fitted
 on (the task's train rows + the exemplar memory; validation images are never used):
 
 * the rows are split into :data:`FOLDS` grouped folds (:func:`lorax.data.groups.row_groups`, as the verdict does:
@@ -31,21 +32,12 @@ approximation (the guarantee is exact for the out-of-fold heads, and close for t
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from lorax.config import Params
-
-log = logging.getLogger(__name__)
 
 REAL = "real"  # the label of a real photo
 FOLDS = 5
@@ -209,68 +201,3 @@ class PredictionSets:
         b = t["score_bias"].numpy() if "score_bias" in t else None
         info = {k: v for k, v in entry.items() if k not in ("coverage", "thresholds")}
         return cls(float(entry["coverage"]), t["thresholds"].numpy().astype(np.float64), w, b, info)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def oof_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, kind: str, C: float, max_iter: int,
-                      fold: np.ndarray, k: int) -> np.ndarray:
-    """(N, n_classes) probabilities of every row from a head (``kind``: refit | ncm) fitted on the other folds."""
-    import torch
-
-    from lorax.continual.head import refit_head
-
-    out = np.full((len(y), n_classes), 1.0 / n_classes)
-    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    for f in range(k):
-        test, train = fold == f, fold != f
-        if not test.any() or not train.any():
-            continue
-        w, b = refit_head(xt[torch.from_numpy(train)], torch.from_numpy(y[train]), n_classes, kind, C, max_iter)
-        out[test] = _softmax(x[test] @ w.double().numpy().T + b.double().numpy())
-    return out
-
-
-def fit_sets(features: np.ndarray, rows: pd.DataFrame, n_classes: int, params: Params,
-             groups: np.ndarray | None = None) -> PredictionSets:
-    """Calibrate the sets on ``rows`` (the head's rows: train split + memory; a val row raises) and their
-    eval-view super-features (see the module doc)."""
-    c = params.continual
-    coverage = float(c.set_coverage)
-    if "split" in rows.columns and (rows["split"].astype(str) == "val").any():
-        raise ValueError("prediction sets: calibration rows include validation images; only the train split and "
-                         "the exemplar memory may calibrate")
-    t0 = time.time()
-    x = np.asarray(features, dtype=np.float64)
-    y = rows["class_id"].to_numpy(np.int64)
-    n_tasks = n_classes // 2
-    kind = c.head if c.head in ("refit", "ncm") else "refit"
-    from lorax.continual.verdict import _folds
-
-    labels = true_labels(y, n_tasks)
-    k = max(2, min(FOLDS, len(np.unique(groups)) if groups is not None else len(y)))
-    fold = _folds(labels, groups, k) if groups is not None else np.random.default_rng(0).permutation(len(y)) % k
-    probs = oof_probabilities(x, y, n_classes, kind, c.head_c, c.head_max_iter, fold, k)
-    thresholds, info = mondrian_thresholds(label_scores(probs), labels, coverage)
-    weight = bias = None
-    if c.head not in ("refit", "ncm"):  # a trained head: the sets keep their own (refit) score model
-        import torch
-
-        from lorax.continual.head import refit_head
-
-        w, b = refit_head(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y), n_classes, "refit", c.head_c,
-                          c.head_max_iter)
-        weight, bias = w.numpy(), b.numpy()
-    inside = members(label_scores(probs), thresholds)
-    info.update(score_model=("own refit (trained head)" if weight is not None else f"the model's head ({kind})"),
-                folds=k, rows=len(y), oof_coverage=round(100 * float(inside[np.arange(len(y)), labels].mean()), 2),
-                oof_size=round(float(inside.sum(axis=1).mean()), 3), seconds=round(time.time() - t0, 2))
-    log.info("prediction sets at %.0f%%: %d-fold cross-fit on %d rows, thresholds %s%s (%.1f s)", 100 * coverage, k,
-             len(y), np.round(thresholds, 3).tolist(),
-             f", pooled quantile for labels {info['pooled_labels']}" if info["pooled_labels"] else "",
-             info["seconds"])
-    return PredictionSets(coverage, thresholds, weight, bias, info)
