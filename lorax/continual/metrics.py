@@ -335,7 +335,8 @@ def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarra
     if set_scores is not None and set_thresholds is not None:
         from lorax.continual import conformal
 
-        inside = conformal.members(np.asarray(set_scores)[keep], set_thresholds,
+        cols = [*range(n_tasks_seen), np.shape(set_scores)[1] - 1]  # the seen generators and real
+        inside = conformal.members(np.asarray(set_scores)[keep][:, cols], np.asarray(set_thresholds)[cols],
                                    conformal.true_labels(pred, n_tasks_seen))
         sets = conformal.set_metrics(inside, conformal.true_labels(targets, n_tasks_seen), task_ids, n_tasks_seen)
     return {

@@ -146,3 +146,20 @@ def test_a_trained_stream_reports_and_serves_its_sets(stream, predictor) -> None
     assert all(isinstance(g, list) and g and set(g) <= labels for g in table["generators"])
     res = predictor.predict(stream.val_images(stream.params.tasks[0])[:3], progress=False)
     assert all(isinstance(g, list) and set(g) <= labels for g in res.table["generators"])
+
+
+def test_evaluate_logits_reports_set_coverage_and_size() -> None:
+    from lorax.continual.metrics import evaluate_logits
+
+    logits = np.log(np.array([[0.1, 0.6, 0.1, 0.2], [0.7, 0.1, 0.1, 0.1], [0.1, 0.3, 0.1, 0.5], [0.4, 0.1, 0.4, 0.1]]))
+    targets, task_ids = np.array([1, 0, 3, 2]), np.array([0, 0, 1, 1])
+    scores = conformal.label_scores(softmax(logits))
+    m = evaluate_logits(logits, targets, task_ids, 2, set_scores=scores, set_thresholds=np.array([0.75, 0.75, 0.5]))
+    # sets (generators in at score >= 0.25, real at >= 0.5): [a], [real], [b, a], [real]: every true label covered
+    assert m["set_coverage"] == 100.0 and m["set_size"] == 1.25
+    assert m["set_size_per_task"] == [1.0, 1.5] and m["set_coverage_per_label"] == [100.0, 100.0, 100.0]
+    assert "set_coverage" not in evaluate_logits(logits, targets, task_ids, 2)
+    # a model with more tasks than evaluated: the seen generators and real are read from its label scores
+    wide = np.concatenate([scores[:, :2], np.zeros((4, 1)), scores[:, 2:]], axis=1)
+    m1 = evaluate_logits(logits, targets, task_ids, 2, set_scores=wide, set_thresholds=np.array([0.75, 0.75, 0, 0.5]))
+    assert m1["set_coverage"] == 100.0 and m1["set_size"] == 1.25
