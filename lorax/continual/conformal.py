@@ -27,7 +27,7 @@ holding ``real`` the other way round. An ``unknown`` row (open-set) names no gen
 its set: the calibrated set over the known labels, possibly empty.
 
 The final head is fitted on all rows, the out-of-fold heads on (k-1)/k of them: the usual cross-conformal
-approximation (the guarantee is exact for the out-of-fold heads, and close for the final one).
+approximation (exact for a row scored by an out-of-fold head; close, not guaranteed, for the final one).
 """
 
 from __future__ import annotations
