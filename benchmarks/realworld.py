@@ -62,7 +62,8 @@ QUICK: dict[str, Any] = {
 # train a head that the refit then replaces, so it trains none
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"probe": {"train.epochs": 0}}
 COLUMNS = [("pooled_acc", "pooled acc"), ("aaf", "AAF"), ("bwt", "BWT"), ("binary_ap", "binary AP"),
-           ("balanced_acc", "balanced acc"), ("real_acc", "real called real")]
+           ("balanced_acc", "balanced acc"), ("real_acc", "real called real"), ("set_coverage", "set coverage"),
+           ("set_size", "set size")]
 JPEG_CONTROL = [90, 60]
 
 

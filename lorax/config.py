@@ -150,6 +150,11 @@ class ContinualConfig(Section):
         "fitted with the class head on the task's train rows + memory, its threshold cross-fitted there for best "
         "balanced accuracy and stored with the model; lorax/continual/verdict.py) | argmax (the kind of the most "
         "probable class)")
+    set_coverage: float | None = Field(
+        0.9, ge=0.0, lt=1.0, description="prediction sets: every answer carries the labels (generators, real) it "
+        "cannot rule out at this coverage, calibrated class by class (split-conformal) on cross-fitted "
+        "probabilities of the task's train rows + memory and stored with the model; lorax/continual/conformal.py "
+        "(null or 0: off)")
 
 
 class TrainConfig(Section):

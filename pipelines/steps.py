@@ -229,7 +229,8 @@ def _evaluate_step(params: Params, layout: Layout, task: str, openset: bool) -> 
             calibrate_openset(params, layout, task)  # a no-op when current
         return _add_missing_controls(params, layout, task, read_json(out))
     from lorax.continual.state import load_state
-    from lorax.continual.evaluation import evaluate_controls, predict_logits, score_val, val_rows, verdict_scores
+    from lorax.continual.evaluation import (evaluate_controls, predict_logits, score_val, set_scores, val_rows,
+                                            verdict_scores)
     from lorax.serving.schema import write_csv
 
     info = _state_info(state)
@@ -240,7 +241,8 @@ def _evaluate_step(params: Params, layout: Layout, task: str, openset: bool) -> 
     val = val_rows([manifests[t] for t in tasks])
     store = feature_store(params, layout)
     logits, val_feats = predict_logits(method, val, params, features=True, store=store)
-    result, table = score_val(val, logits, tasks, *verdict_scores(method, val_feats))
+    result, table = score_val(val, logits, tasks, *verdict_scores(method, val_feats),
+                              sets=set_scores(method, logits, val_feats))
     result.update(task=task, task_index=i, tasks=tasks, state_id=sid)
     control = evaluate_controls(method, val, params, store=store)  # eval.resample_control: {} when off
     if control:
@@ -252,6 +254,9 @@ def _evaluate_step(params: Params, layout: Layout, task: str, openset: bool) -> 
     log.info("task %s: accuracy per task %s, mean %.2f, binary %.2f (real called real %.1f, balanced %.1f)", task,
              {t: round(a, 2) for t, a in zip(tasks, result["task_acc"], strict=True)}, result["mean_acc"],
              result["binary_acc"], result["real_acc"], result["balanced_acc"])
+    if "set_coverage" in result:
+        log.info("task %s: prediction sets cover %.1f%% of val images (target %.0f%%), mean size %.2f labels", task,
+                 result["set_coverage"], 100 * method.sets.coverage, result["set_size"])
     return result
 
 def _add_missing_controls(params: Params, layout: Layout, task: str, result: dict[str, Any]) -> dict[str, Any]:

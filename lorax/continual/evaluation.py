@@ -110,15 +110,27 @@ def verdict_scores(method: Method, feats: np.ndarray | None) -> tuple[np.ndarray
     return verdict.fake_probability(feats), verdict.threshold
 
 
+def set_scores(method: Method, logits: np.ndarray, feats: np.ndarray | None
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(label scores (N, T+1), thresholds)`` of the method's prediction sets (:mod:`lorax.continual.conformal`)
+    on rows with ``logits`` and super-features ``feats``; ``(None, None)`` when it has none."""
+    sets = getattr(method, "sets", None)
+    if sets is None:
+        return None, None
+    return sets.scores(M.softmax(logits), feats), sets.thresholds
+
+
 def score_val(val: pd.DataFrame, logits: np.ndarray, tasks: list[str], fake_score: np.ndarray | None = None,
-              threshold: float | None = None) -> tuple[dict, pd.DataFrame]:
+              threshold: float | None = None,
+              sets: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> tuple[dict, pd.DataFrame]:
     """Metrics dict (one column of R) and the per-image table of ``val_rows``' logits (``fake_score`` /
-    ``threshold``: the verdict of :func:`predict_verdict`)."""
+    ``threshold``: the verdict of :func:`predict_verdict`; ``sets``: :func:`set_scores`)."""
     targets = val["class_id"].to_numpy()
     task_ids = val["task_index"].to_numpy()
-    result = M.evaluate_logits(logits, targets, task_ids, len(tasks), fake_score, threshold)
+    result = M.evaluate_logits(logits, targets, task_ids, len(tasks), fake_score, threshold, *sets)
     table = M.prediction_table([str(p) for p in abs_paths(val)], logits, targets, task_ids, task_names=tasks,
-                               fake_score=fake_score, threshold=threshold)
+                               fake_score=fake_score, threshold=threshold, set_scores=sets[0],
+                               set_thresholds=sets[1])
     return result, table
 
 
@@ -132,9 +144,12 @@ def evaluate_controls(method: Method, val: pd.DataFrame, params: Params, device:
     for name, view in control_views(params.eval.resample_control, params.eval.jpeg_control).items():
         if name in skip:
             continue
-        logits, fake, thr = predict_verdict(method, val, params, device, desc=f"eval ({name})", store=store,
-                                            resample=view)
-        result, _ = score_val(val, logits, method.tasks, fake, thr)
+        sets = getattr(method, "sets", None)
+        logits, feats = predict_logits(method, val, params, device, desc=f"eval ({name})", store=store,
+                                       resample=view, features=getattr(method, "verdict", None) is not None or (
+                                           sets is not None and sets.needs_features))
+        result, _ = score_val(val, logits, method.tasks, *verdict_scores(method, feats),
+                              sets=set_scores(method, logits, feats))
         result.pop("confusion", None)
         out[name] = {**result, "scale": view[0], "filter": view[1]}
     return out

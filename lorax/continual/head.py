@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from lorax.config import Params
     from lorax.features.store import FeatureStore
+    from lorax.continual.conformal import PredictionSets
     from lorax.continual.methods import Method
 
 log = logging.getLogger(__name__)
@@ -122,11 +123,14 @@ def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.
               store: FeatureStore | None = None) -> dict[str, Any]:
     """After a task's training: refit the class head (``continual.head`` refit | ncm) and fit the real/fake verdict
     (``continual.verdict: binary``; :mod:`lorax.continual.verdict`) on the eval-view super-features of ``rows``
-    (this task's train rows + the replayed exemplars), computed once for both. Sets ``method.verdict``; returns the
-    state info's ``head`` entry (the verdict's entry is written by :func:`~lorax.continual.state.save_state`)."""
+    (this task's train rows + the replayed exemplars), and calibrates the prediction sets (``continual.set_coverage``;
+    :mod:`lorax.continual.conformal`), the features computed once for all. Sets ``method.verdict`` and
+    ``method.sets``; returns the state info's ``head`` entry (the verdict's and sets' entries are written by
+    :func:`~lorax.continual.state.save_state`)."""
     c = params.continual
     method.verdict = None
-    if c.head == "linear" and c.verdict == "argmax":
+    method.sets = None
+    if c.head == "linear" and c.verdict == "argmax" and not c.set_coverage:
         return {}
     from lorax.continual.evaluation import predict_logits  # the model stack: only when a head is fitted
 
@@ -143,6 +147,10 @@ def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.
         method.verdict.info["seconds"] = round(time.time() - t0, 2)
         v = method.verdict
         log.info("%s (%.1f s)", describe({**v.info, "kind": "binary", "threshold": v.threshold}), time.time() - t0)
+    if c.set_coverage:  # prediction sets (lorax.continual.conformal), on the refit head's out-of-fold probabilities
+        from lorax.data.groups import row_groups
+
+        method.sets = fit_sets(feats, rows, _class_head(method).out_features, params, row_groups(rows))
     return info
 
 
@@ -163,3 +171,64 @@ def refit_class_head(method: Method, rows: pd.DataFrame, params: Params, feats: 
         head.weight.copy_(w.to(head.weight.device))
         head.bias.copy_(b.to(head.bias.device))
     return {"head": {"kind": c.head, "c": c.head_c, "rows": len(rows), "seconds": round(time.time() - t0, 2)}}
+
+
+def _softmax_np(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def oof_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, kind: str, C: float, max_iter: int,
+                      fold: np.ndarray, k: int) -> np.ndarray:
+    """(N, n_classes) probabilities of every row from a head (``kind``: refit | ncm) fitted on the other folds."""
+    out = np.full((len(y), n_classes), 1.0 / n_classes)
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    for f in range(k):
+        test, train = fold == f, fold != f
+        if not test.any() or not train.any():
+            continue
+        w, b = refit_head(xt[torch.from_numpy(train)], torch.from_numpy(y[train]), n_classes, kind, C, max_iter)
+        out[test] = _softmax_np(x[test] @ w.double().numpy().T + b.double().numpy())
+    return out
+
+
+def fit_sets(features: np.ndarray, rows: pd.DataFrame, n_classes: int, params: Params,
+             groups: np.ndarray | None = None) -> PredictionSets:
+    """Calibrate the prediction sets (:mod:`lorax.continual.conformal`) on ``rows`` (the head's rows: train split +
+    memory; a val row raises) and their eval-view super-features ``features``: Mondrian split-conformal on the
+    out-of-fold probabilities of a ``FOLDS``-fold grouped cross-fit of the head (``continual.head`` refit | ncm;
+    a trained ``linear`` head: a logistic refit, kept with the sets as their score model)."""
+    c = params.continual
+    coverage = float(c.set_coverage)
+    if "split" in rows.columns and (rows["split"].astype(str) == "val").any():
+        raise ValueError("prediction sets: calibration rows include validation images; only the train split and "
+                         "the exemplar memory may calibrate")
+    t0 = time.time()
+    x = np.asarray(features, dtype=np.float64)
+    y = np.array(rows["class_id"], dtype=np.int64)  # a writable copy (torch takes it as is)
+    n_tasks = n_classes // 2
+    kind = c.head if c.head in ("refit", "ncm") else "refit"
+    from lorax.continual.conformal import (FOLDS, PredictionSets, label_scores, members, mondrian_thresholds,
+                                           true_labels)
+    from lorax.continual.verdict import _folds
+
+    labels = true_labels(y, n_tasks)
+    k = max(2, min(FOLDS, len(np.unique(groups)) if groups is not None else len(y)))
+    fold = _folds(labels, groups, k) if groups is not None else np.random.default_rng(0).permutation(len(y)) % k
+    probs = oof_probabilities(x, y, n_classes, kind, c.head_c, c.head_max_iter, fold, k)
+    thresholds, info = mondrian_thresholds(label_scores(probs), labels, coverage)
+    weight = bias = None
+    if c.head not in ("refit", "ncm"):  # a trained head: the sets keep their own (refit) score model
+        w, b = refit_head(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y), n_classes, "refit", c.head_c,
+                          c.head_max_iter)
+        weight, bias = w.numpy(), b.numpy()
+    inside = members(label_scores(probs), thresholds)
+    info.update(score_model=("own refit (trained head)" if weight is not None else f"the model's head ({kind})"),
+                folds=k, rows=len(y), oof_coverage=round(100 * float(inside[np.arange(len(y)), labels].mean()), 2),
+                oof_size=round(float(inside.sum(axis=1).mean()), 3), seconds=round(time.time() - t0, 2))
+    log.info("prediction sets at %.0f%%: %d-fold cross-fit on %d rows, thresholds %s%s (%.1f s)", 100 * coverage, k,
+             len(y), np.round(thresholds, 3).tolist(),
+             f", pooled quantile for labels {info['pooled_labels']}" if info["pooled_labels"] else "",
+             info["seconds"])
+    return PredictionSets(coverage, thresholds, weight, bias, info)

@@ -283,7 +283,8 @@ def _check_eval_inputs(logits: np.ndarray, targets: np.ndarray, task_ids: np.nda
 
 
 def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarray, n_tasks_seen: int,
-                    fake_score: np.ndarray | None = None, threshold: float | None = None) -> dict:
+                    fake_score: np.ndarray | None = None, threshold: float | None = None,
+                    set_scores: np.ndarray | None = None, set_thresholds: np.ndarray | None = None) -> dict:
     """All metrics of one evaluation after training ``n_tasks_seen`` tasks.
 
     ``fake_score`` / ``threshold``: the model's verdict (:mod:`lorax.continual.verdict`): its fake probability of
@@ -302,7 +303,9 @@ def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarra
     of real images called real), ``fake_acc`` and ``balanced_acc`` (their mean) of the decision
     (``verdict_threshold``: the stored threshold; None when the argmax decides), and :func:`binary_decision`'s
     ``binary_acc_fitted`` (threshold cross-fitted on these val images: a reference, not the deployed decision),
-    ``binary_threshold`` (fitted on them), ``binary_ap``.
+    ``binary_threshold`` (fitted on them), ``binary_ap``. With the prediction sets' ``set_scores`` (N, T+1) and
+    ``set_thresholds`` (:mod:`lorax.continual.conformal`), also :func:`~lorax.continual.conformal.set_metrics`'s
+    ``set_coverage`` (%), ``set_size`` (labels) and their per-task and per-label lists.
     """
     logits, targets, task_ids = _check_eval_inputs(logits, targets, task_ids, n_tasks_seen)
     keep = task_ids < n_tasks_seen
@@ -328,7 +331,16 @@ def evaluate_logits(logits: np.ndarray, targets: np.ndarray, task_ids: np.ndarra
     fake_acc = float(100.0 * called_fake[is_fake].mean()) if is_fake.any() else float("nan")
     task_ap = per_task_ap(fake_p, targets, n_tasks_seen)
     finite_ap = [a for a in task_ap if np.isfinite(a)]
+    sets = {}
+    if set_scores is not None and set_thresholds is not None:
+        from lorax.continual import conformal
+
+        cols = [*range(n_tasks_seen), np.shape(set_scores)[1] - 1]  # the seen generators and real
+        inside = conformal.members(np.asarray(set_scores)[keep][:, cols], np.asarray(set_thresholds)[cols],
+                                   conformal.true_labels(pred, n_tasks_seen))
+        sets = conformal.set_metrics(inside, conformal.true_labels(targets, n_tasks_seen), task_ids, n_tasks_seen)
     return {
+        **sets,
         "task_acc": task_acc,
         "mean_acc": float(np.mean(task_acc)),
         "pooled_acc": float(100.0 * correct.mean()),
@@ -355,13 +367,16 @@ def prediction_table(
     task_names: Sequence[str] | None = None,
     fake_score: np.ndarray | None = None,
     threshold: float | None = None,
+    set_scores: np.ndarray | None = None,
+    set_thresholds: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """One row per image in the row schema of ``lorax predict`` (:mod:`lorax.serving.schema`; no open-set score,
     no registry version, no image size: those stay null), then ``task`` (the image's task), ``target`` (its true
     class, ``<task>/<real|fake>``) and ``correct`` (multi-real).
 
     Uses all logit columns (the head's classes); ``task_names`` names them (default: the task indices).
-    ``fake_score`` / ``threshold``: the model's verdict, as in :func:`evaluate_logits`.
+    ``fake_score`` / ``threshold`` / ``set_scores`` / ``set_thresholds``: the model's verdict and prediction sets,
+    as in :func:`evaluate_logits`.
     """
     from lorax.serving.schema import COLUMNS, DTYPES, EVAL_COLUMNS, decided_rows
 
@@ -374,7 +389,8 @@ def prediction_table(
     if len(names) < n_tasks:
         raise ValueError(f"{n_tasks} tasks in the logits, {len(names)} in task_names")
     classes = class_names(names[:n_tasks])
-    pred, decided = decided_rows(softmax(logits), classes, fake_score, threshold)
+    pred, decided = decided_rows(softmax(logits), classes, fake_score, threshold, set_scores=set_scores,
+                                 set_thresholds=set_thresholds)
     n = len(paths)
     table: dict[str, list] = {c: [None] * n for c in COLUMNS}
     table.update(path=list(paths), status=["ok"] * n, **decided)

@@ -96,6 +96,9 @@ def save_state(method, out_dir: str | Path, params: Params, extra: dict[str, Any
     verdict = getattr(method, "verdict", None)  # the real/fake head (lorax.continual.verdict), when fitted
     if verdict is not None:
         extra = {**(extra or {}), "verdict": verdict.save(tmp)}
+    sets = getattr(method, "sets", None)  # the prediction sets' calibration (lorax.continual.conformal)
+    if sets is not None:
+        extra = {**(extra or {}), "sets": sets.save(tmp)}
     info = {
         "format": FORMAT,
         "method": method.name,
@@ -135,4 +138,7 @@ def load_state(state_dir: str | Path, device: str | torch.device = "cpu", params
     from lorax.continual.verdict import Verdict
 
     method.verdict = Verdict.load(state_dir, info.get("verdict"))
+    from lorax.continual.conformal import PredictionSets
+
+    method.sets = PredictionSets.load(state_dir, info.get("sets"))
     return method.to(device), info

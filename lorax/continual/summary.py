@@ -25,13 +25,16 @@ if TYPE_CHECKING:
 
 # figures of the last evaluation copied into metrics.json (as is, and under each control)
 LAST_EVAL_KEYS = ("pooled_acc", "pooled_acc_argmax", "binary_acc", "balanced_acc", "real_acc", "fake_acc",
-                  "verdict_threshold", "binary_acc_fitted", "binary_threshold", "binary_ap", "mean_ap")
+                  "verdict_threshold", "binary_acc_fitted", "binary_threshold", "binary_ap", "mean_ap",
+                  "set_coverage", "set_size")
+# per-task lists of the last evaluation copied into the details (prediction sets: lorax/continual/conformal.py)
+LAST_EVAL_LISTS = ("set_coverage_per_task", "set_size_per_task", "set_coverage_per_label")
 
 
 # metrics.json: scalars only, one column each in `dvc metrics show reports/metrics.json` (~170 characters wide);
 # the rest (fake_acc, the times, ...) is in the details file
 HEADLINE_KEYS = ("method", "n_tasks", "aa", "aaf", "bwt", "forgetting", "pooled_acc", "binary_acc", "balanced_acc",
-                 "real_acc", "mean_ap", "trainable_params")
+                 "real_acc", "mean_ap", "set_coverage", "set_size", "trainable_params")
 DETAILS_FILE = "metrics_details.json"
 
 
@@ -40,6 +43,8 @@ def _stream_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
     R = M.AccuracyMatrix([e["task_acc"] for e in evals])
     last = {k: round(float(evals[-1][k]), 4) for k in LAST_EVAL_KEYS
             if evals[-1].get(k) is not None and np.isfinite(float(evals[-1][k]))}
+    last.update({k: [None if v is None or not np.isfinite(v) else round(float(v), 4) for v in evals[-1][k]]
+                 for k in LAST_EVAL_LISTS if evals[-1].get(k) is not None})
     return {**{k: round(float(v), 4) for k, v in R.summary().items()}, **last, "acc_matrix": R.to_list()}
 
 
@@ -52,7 +57,9 @@ def control_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize_stream(params: Params, evals: list[dict[str, Any]], states: list[Path]) -> dict[str, Any]:
     """metrics.json: aa, aaf, bwt, forgetting, binary_acc, acc_matrix (percent), tasks, parameters, seconds; the
     last evaluation's pooled accuracy and binary decision (LAST_EVAL_KEYS); ``control.resampled.*``: the same
-    figures with every evaluated image resampled first, when ``eval.resample_control`` is set."""
+    figures with every evaluated image resampled first, when ``eval.resample_control`` is set; ``set_coverage``
+    (%) and ``set_size`` (labels) of the prediction sets, overall and per task (``set_coverage_per_task``, in the
+    details), when the model has them."""
     info = read_info(states[-1])
     figures = _stream_figures(evals)
     control = control_figures(evals)

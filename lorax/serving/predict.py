@@ -8,7 +8,7 @@ are averaged; an image smaller than the crop is an error row. A file that cannot
 
 Output columns (one row per input, in input order) are :data:`COLUMNS`, the row schema of
 :mod:`lorax.serving.schema` (verdict, fake probability and its threshold, generator, a fixed-length ``top`` list,
-unknown flag and score, model version), shared with the served model and the evaluation's predictions.
+the prediction set ``generators``, unknown flag and score, model version), shared with the served model and the evaluation's predictions.
 
 With a detector attached (``Predictor.detector``, ``lorax predict --detector``), its columns
 (:data:`lorax.serving.detector.DETECTOR_COLUMNS`: its fake probability and verdict, and ``agreement``) follow.
@@ -83,6 +83,7 @@ class Predictor:
         self.mean, self.std = image_norm(method)
         self.openset = openset
         self.verdict = getattr(method, "verdict", None)  # the stored real/fake decision (None: argmax)
+        self.sets = getattr(method, "sets", None)  # the calibrated prediction sets (None: no generators column)
         self.detector = None  # a lorax.serving.detector.DetectorScorer: its verdict is added beside ours
         self.model_version: str | None = None  # the registry version loaded (None: a local state folder)
 
@@ -153,6 +154,8 @@ class Predictor:
         feats: np.ndarray | None = None
         scores = np.full(n, np.nan)
         fake_p = np.full(n, np.nan)
+        n_labels = len(self.tasks) + 1
+        set_s = np.full((n, n_labels), np.nan)
         errors: list[str | None] = [None] * n
         sizes = np.full((n, 2), -1, dtype=np.int64)
         pending: list[tuple[int, torch.Tensor]] = []
@@ -168,6 +171,8 @@ class Predictor:
                 fake_p[rows] = self.verdict.fake_probability(ft)
             if self.openset is not None:
                 scores[rows] = self.openset.score(ft)
+            if self.sets is not None:
+                set_s[rows] = self.sets.scores(M.softmax(lg), ft)
             if keep_features:
                 if feats is None:
                     feats = np.full((n, ft.shape[1]), np.nan, dtype=np.float32)
@@ -191,7 +196,7 @@ class Predictor:
         bar.close()
         if feats is None:
             feats = np.full((n, 0), np.nan, dtype=np.float32)
-        table = self._table(names, logits, fake_p, scores, errors, sizes)
+        table = self._table(names, logits, fake_p, scores, errors, sizes, set_s)
         if self.detector is not None:
             from lorax.serving.detector import with_detector
 
@@ -199,7 +204,7 @@ class Predictor:
         return Prediction(table, logits, feats)
 
     def _table(self, names: list[str], logits: np.ndarray, fake_score: np.ndarray, scores: np.ndarray,
-               errors: list[str | None], sizes: np.ndarray) -> pd.DataFrame:
+               errors: list[str | None], sizes: np.ndarray, set_scores: np.ndarray | None = None) -> pd.DataFrame:
         n = len(names)
         ok = np.array([e is None for e in errors], dtype=bool)
         cols: dict[str, list[Any]] = {c: [None] * n for c in COLUMNS}
@@ -218,8 +223,11 @@ class Predictor:
             if self.openset is not None:
                 score = scores[rows]
                 over = score > self.openset.threshold
+            sets = self.sets if set_scores is not None else None
             _, decided = decided_rows(probs, self.classes, None if verdict is None else fake_score[rows],
-                                      None if verdict is None else verdict.threshold, score, over)
+                                      None if verdict is None else verdict.threshold, score, over,
+                                      None if sets is None else set_scores[rows],
+                                      None if sets is None else sets.thresholds)
             for c, values in decided.items():
                 for i, v in zip(rows, values, strict=True):
                     cols[c][i] = v

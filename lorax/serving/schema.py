@@ -14,6 +14,12 @@ Every consumer builds its rows here, so the three never disagree (:data:`COLUMNS
 * ``top``: the :data:`TOP_K` most probable classes, ``{"class": "<task>/<real|fake>", "probability": p}`` each,
   most probable first; always :data:`TOP_K` entries, padded with nulls when the model has fewer classes (or none,
   on an error row). A list in JSON and parquet, a JSON string in CSV (:func:`write_csv`);
+* ``generators``: the prediction set (:mod:`lorax.continual.conformal`): the labels the model cannot rule out at
+  its calibrated coverage (``continual.set_coverage``, e.g. 90%), each a generator (task) name or ``real``, most
+  probable first, e.g. ``["sd15", "ddb"]``. It always holds the row's own answer (``real`` when the verdict is real,
+  else the named generator), so a real verdict beside ``["real", "sd21"]`` reads "called real, but sd21 cannot be
+  ruled out"; on an ``unknown`` row nothing is forced in (it may be empty). A list in JSON and parquet, a JSON
+  string in CSV; null when the model has no calibrated sets (or on an error row);
 * ``unknown`` / ``unknown_score``: the open-set score (:mod:`lorax.serving.openset`) and its rule: unknown only when
   the verdict is fake and the score is above the calibration's threshold; ``generator`` is then null, so a row never
   names a generator it also calls unknown. A real verdict is never unknown (a photo has no generator to be unknown).
@@ -37,15 +43,16 @@ import pandas as pd
 TOP_K = 3
 COLUMNS = [
     "path", "status", "error", "width", "height", "verdict", "fake_probability", "threshold", "generator",
-    "generator_probability", "top", "unknown", "unknown_score", "model_version",
+    "generator_probability", "top", "generators", "unknown", "unknown_score", "model_version",
 ]
 DTYPES = {
     "path": "string", "status": "string", "error": "string", "width": "Int64", "height": "Int64",
     "verdict": "string", "fake_probability": "Float64", "threshold": "Float64", "generator": "string",
-    "generator_probability": "Float64", "top": "object", "unknown": "boolean", "unknown_score": "Float64",
+    "generator_probability": "Float64", "top": "object", "generators": "object", "unknown": "boolean", "unknown_score": "Float64",
     "model_version": "string",
 }
 EVAL_COLUMNS = ["task", "target", "correct"]
+LIST_COLUMNS = ("top", "generators")  # lists in JSON and parquet, JSON text in CSV
 ARGMAX_THRESHOLD = 0.5
 
 
@@ -65,13 +72,16 @@ def scores(probs: np.ndarray, fake_score: np.ndarray | None, threshold: float | 
 
 
 def decided_rows(probs: np.ndarray, classes: Sequence[str], fake_score: np.ndarray | None, threshold: float | None,
-                 unknown_score: np.ndarray | None = None, over_threshold: np.ndarray | None = None
+                 unknown_score: np.ndarray | None = None, over_threshold: np.ndarray | None = None,
+                 set_scores: np.ndarray | None = None, set_thresholds: np.ndarray | None = None
                  ) -> tuple[np.ndarray, dict[str, list[Any]]]:
     """The decided class of each row and the decision columns (``verdict`` .. ``unknown_score``) as lists.
 
     ``probs``: (N, C) class probabilities; ``fake_score`` / ``threshold``: the stored verdict (None: argmax rule);
     ``unknown_score`` / ``over_threshold``: the open-set score and whether it is above the calibration's threshold
-    (None: no calibration)."""
+    (None: no calibration); ``set_scores`` (N, T+1) / ``set_thresholds`` (T+1,): the prediction sets' label scores
+    and calibrated thresholds (:class:`lorax.continual.conformal.PredictionSets`; None: no sets)."""
+    from lorax.continual import conformal
     from lorax.continual.verdict import decide
 
     probs = np.asarray(probs, dtype=np.float64)
@@ -83,7 +93,15 @@ def decided_rows(probs: np.ndarray, classes: Sequence[str], fake_score: np.ndarr
     order = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K]
     n = len(probs)
     cols: dict[str, list[Any]] = {c: [None] * n for c in ("verdict", "fake_probability", "threshold", "generator",
-                                                          "generator_probability", "top", "unknown", "unknown_score")}
+                                                          "generator_probability", "top", "generators", "unknown",
+                                                          "unknown_score")}
+    if set_scores is not None and set_thresholds is not None:
+        answer = conformal.true_labels(pred, len(classes) // 2)  # the row's own label: always in its set ...
+        if unknown is not None:
+            answer = np.where(unknown, -1, answer)  # ... unless it names no generator (unknown)
+        inside = conformal.members(set_scores, set_thresholds, answer)
+        names = conformal.label_names([c.rsplit("/", 1)[0] for c in classes[1::2]])
+        cols["generators"] = conformal.named_sets(inside, set_scores, names)
     for i in range(n):
         c = int(pred[i])
         named = bool(fake[i]) and not (unknown is not None and unknown[i])
@@ -102,20 +120,23 @@ def decided_rows(probs: np.ndarray, classes: Sequence[str], fake_score: np.ndarr
 
 
 def csv_ready(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with ``top`` as JSON text (a CSV cell holds no list)."""
-    if "top" not in table.columns:
-        return table
-    return table.assign(top=[json.dumps(v) if isinstance(v, list) else v for v in table["top"]])
+    """``table`` with ``top`` and ``generators`` as JSON text (a CSV cell holds no list)."""
+    lists = {c: [json.dumps(v) if isinstance(v, list) else v for v in table[c]]
+             for c in LIST_COLUMNS if c in table.columns}
+    return table.assign(**lists) if lists else table
 
 
 def write_csv(table: pd.DataFrame, path: str | Path) -> None:
-    """The table as CSV, ``top`` as a JSON string; read it back with :func:`read_csv`."""
+    """The table as CSV, ``top`` and ``generators`` as JSON strings; read it back with :func:`read_csv`."""
     csv_ready(table).to_csv(path, index=False)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
-    """A CSV written by :func:`write_csv`, ``top`` parsed back into lists."""
+    """A CSV written by :func:`write_csv`, ``top`` and ``generators`` parsed back into lists (``generators``: None
+    where empty)."""
     table = pd.read_csv(path)
     if "top" in table.columns:
         table["top"] = [json.loads(v) if isinstance(v, str) else empty_top() for v in table["top"]]
+    if "generators" in table.columns:
+        table["generators"] = [json.loads(v) if isinstance(v, str) else None for v in table["generators"]]
     return table

@@ -125,6 +125,10 @@ def _predict(args: argparse.Namespace) -> int:
     n_unknown = int(table["unknown"].fillna(False).sum())
     print(f"{len(table)} images: {int(ok.sum()) - n_fake} real, {n_fake} fake ({n_unknown} flagged as unknown "
           f"generator), {int((~ok).sum())} unreadable -> {out}")
+    sized = [len(g) for g in table["generators"] if isinstance(g, list)]
+    if sized and predictor.sets is not None:
+        print(f"prediction sets at {100 * predictor.sets.coverage:.0f}% coverage (column generators): mean "
+              f"{sum(sized) / len(sized):.2f} labels, {sum(n == 1 for n in sized)} of {len(sized)} images a single one")
     if "agreement" in table.columns:
         n_dis = int((table["agreement"] == "disagree").sum())
         print(f"detector: {int((table['detector_verdict'] == 'fake').sum())} fake; disagrees with the attributor on "

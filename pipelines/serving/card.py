@@ -126,8 +126,8 @@ def write_model_card(state_dir: str | Path, metrics: dict[str, Any] | None, out_
     summary = {}
     if R is not None and np.isfinite(R[np.triu_indices(len(tasks))]).all():
         summary = M.summarize(R)
-    for k in ("aa", "aaf", "bwt", "forgetting", "binary_acc", "mean_ap"):
-        v = metrics.get(k, last.get(k) if k in ("binary_acc", "mean_ap") else None)
+    for k in ("aa", "aaf", "bwt", "forgetting", "binary_acc", "mean_ap", "set_coverage", "set_size"):
+        v = metrics.get(k, last.get(k) if k in ("binary_acc", "mean_ap", "set_coverage", "set_size") else None)
         if v is not None:
             summary[k] = float(v)
     if "aaf" not in summary and acc is not None:
@@ -167,7 +167,9 @@ def write_model_card(state_dir: str | Path, metrics: dict[str, Any] | None, out_
     ]
     labels = {"aa": "AA (average incremental accuracy)", "aaf": "AAF (average accuracy after the last task)",
               "bwt": "BWT (backward transfer)", "forgetting": "forgetting (-BWT)",
-              "binary_acc": "binary real/fake accuracy", "mean_ap": "mean AP (real vs fake)"}
+              "binary_acc": "binary real/fake accuracy", "mean_ap": "mean AP (real vs fake)",
+              "set_coverage": "prediction-set coverage (true label in `generators`)",
+              "set_size": "prediction-set mean size (labels)"}
     lines += [f"| {labels[k]} | {_fmt(summary[k])} |" for k in labels if k in summary] or ["| (none given) | |"]
     lines += ["", "## Tasks", "", "| # | task | accuracy now | AP | val images |", "|---|---|---|---|---|"]
     for i, t in enumerate(tasks):

@@ -11,7 +11,7 @@ optional ``name`` column labelling the rows; any other column, or no ``image`` c
 whole (one line naming the expected columns). A list, an array or MLflow's ``inputs`` list is taken as the ``image``
 column. It returns one row per input, in order, in the row schema of ``lorax predict``
 (:data:`lorax.serving.schema.COLUMNS`: status and error, verdict, fake probability and threshold, generator, ``top``
-classes, unknown flag and score, ``model_version``; ``path`` is the row's name); a model saved with a detector
+classes, the prediction set ``generators``, unknown flag and score, ``model_version``; ``path`` is the row's name); a model saved with a detector
 (``save_attributor(detector=...)``) adds the detector's columns and ``agreement``. ``model_version`` is the
 ``model_version`` of the model config it was loaded with (``mlflow.pyfunc.load_model(uri, model_config=
 {"model_version": N})``), else null. The same code as ``lorax predict`` scores the images, so ``mlflow models

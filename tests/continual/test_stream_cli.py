@@ -43,7 +43,9 @@ def test_metrics_json_is_a_short_row_of_scalars_and_the_details_hold_the_rest(zo
     head = json.loads((out / "metrics.json").read_text())
     details = json.loads((out / "metrics_details.json").read_text())
     assert all(v is None or isinstance(v, (str, int, float)) for v in head.values()), head
-    assert 8 <= len(head) <= 20 and {"aa", "aaf", "bwt", "binary_acc", "n_tasks", "trainable_params"} <= set(head)
+    assert 8 <= len(head) <= 20 and {"aa", "aaf", "bwt", "binary_acc", "n_tasks", "trainable_params", "set_coverage",
+                                     "set_size"} <= set(head)
+    assert len(details["set_coverage_per_task"]) == len(details["set_size_per_task"]) == 2  # prediction sets
     assert head["n_tasks"] == 2 and head["trainable_params"] == details["trainable_params_per_task"][-1]
     assert len(details["acc_matrix"]) == 2 and details["tasks"] == ["deconv", "nnconv"]
     assert not set(head) & set(details)

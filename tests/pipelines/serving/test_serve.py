@@ -66,7 +66,8 @@ def test_served_model_answers_like_lorax_predict(stream, registry, tmp_path: Pat
 
     assert list(got.columns) == COLUMNS
     assert list(got["model_version"]) == [None] * 5  # `mlflow models serve` passes no model_config
-    for col in [c for c in COLUMNS if c not in ("top", "model_version")]:
+    assert list(got["generators"]) == list(expected["generators"])  # the prediction sets: lists in the JSON answer
+    for col in [c for c in COLUMNS if c not in ("top", "generators", "model_version")]:
         for a, b in zip(got[col], expected[col], strict=True):
             if pd.isna(b):
                 assert pd.isna(a), col
