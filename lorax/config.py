@@ -130,7 +130,7 @@ class TraceConfig(Section):
     fixed high-pass of ``patches`` patches of ``patch`` px read at the image's native resolution (never resized)."""
 
     patch: int = Field(64, ge=4, description="patch side in px, cut from the decoded image at native resolution "
-                       "(an image smaller than this is reflect-padded, never resized)")
+                       "(an image smaller than this is mirror-padded at its bottom / right, never resized)")
     patches: int = Field(16, ge=1, description="patches per image: drawn from the image's content per training view, "
                          "a fixed grid in evaluation; the image embedding is their mean")
     width: int = Field(32, ge=1, description="channels of the first convolutions (doubled at each downsampling block)")
