@@ -65,6 +65,10 @@ class Predictor:
                  crops: int | None = None, batch_size: int | None = None, openset: Any = None) -> None:
         from lorax.continual.batches import image_norm
 
+        if getattr(method, "trace_experts", False):
+            raise ServingError(f"method {method.name}: serving trace experts is not supported yet (the served path "
+                               "cuts model.img_size crops; the experts read native-resolution patch grids, see "
+                               "lorax/continual/trace_parts.py); evaluate it with `lorax train` / `dvc repro`")
         self.method = method.eval()
         self.info = info
         self.device = torch.device(device)

@@ -116,3 +116,13 @@ def test_trace_methods_need_fixed_views(streams):
     with pytest.raises(ValueError, match="train.views"):
         BatchSource(rows[rows["split"] == "train"], method, params, 0, torch.device("cpu"), DistContext(),
                     open_store(params.cache))
+
+
+def test_serving_refuses_a_trace_state_with_a_clear_message(streams):
+    from lorax.serving.errors import ServingError
+    from lorax.serving.predict import Predictor
+
+    _, out = streams
+    params, run, _ = out["trace"]
+    with pytest.raises(ServingError, match="not supported yet"):
+        Predictor.from_state(run / "state" / params.tasks[-1], device="cpu")
