@@ -12,7 +12,7 @@ from pipelines.cli.settings import add_settings_arguments
 if TYPE_CHECKING:
     from lorax.config import Params
 
-METHOD_HELP = "continual method (default: continual.method): lorax, finetune, der, joint, probe"
+METHOD_HELP = "continual method (default: continual.method): lorax, finetune, der, joint, probe, trace, lorax+trace"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
