@@ -126,3 +126,30 @@ def test_serving_refuses_a_trace_state_with_a_clear_message(streams):
     params, run, _ = out["trace"]
     with pytest.raises(ServingError, match="not supported yet"):
         Predictor.from_state(run / "state" / params.tasks[-1], device="cpu")
+
+
+def test_results_do_not_depend_on_the_store_on_disk(streams, tmp_path):
+    """The same stream with the store in memory (cache.enabled false) gives the same figures."""
+    _, out = streams
+    params, _, metrics = out["trace"]
+    mem = params.model_copy(deep=True)
+    mem.cache.enabled = False
+    again = run_stream(mem, params.data.manifests, tmp_path / "in_memory")
+    assert again["acc_matrix"] == metrics["acc_matrix"] and again["binary_acc"] == metrics["binary_acc"]
+
+
+def test_an_expert_producer_is_keyed_by_its_tensors_and_settings():
+    from lorax.continual.methods import build_method
+    from lorax.continual.trace_parts import expert_producer
+
+    params = tiny_params(continual__method="trace")
+    method = build_method(params, ["a", "b"])
+    cpu = torch.device("cpu")
+    keys = {t: expert_producer(method, params, cpu, t)[0] for t in ("a", "b")}
+    assert keys["a"] != keys["b"]
+    with torch.no_grad():
+        next(method.expert("b").parameters()).add_(1.0)
+    assert expert_producer(method, params, cpu, "b")[0] != keys["b"]
+    assert expert_producer(method, params, cpu, "a")[0] == keys["a"]
+    wider = tiny_params(continual__method="trace", trace__patches=6)
+    assert expert_producer(method, wider, cpu, "a")[0] != keys["a"]
