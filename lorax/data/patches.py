@@ -64,6 +64,11 @@ def cut(img: np.ndarray, boxes: list[Box]) -> np.ndarray:
     return np.stack([img[t:b, l:r] for l, t, r, b in boxes])
 
 
+def patch_tensor(img: np.ndarray, boxes: list[Box]) -> torch.Tensor:
+    """(n, 3, p, p) uint8: :func:`cut`'s boxes channel-first, what a trace expert reads (evaluation and serving)."""
+    return torch.from_numpy(np.ascontiguousarray(cut(img, boxes).transpose(0, 3, 1, 2)))
+
+
 class NativePatches(Dataset):
     """Item ``i`` -> ((n, 3, p, p) uint8 patches of row ``rows[i]`` at ``boxes[i]``, i).
 
@@ -98,8 +103,7 @@ class NativePatches(Dataset):
         return img
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        patches = cut(self.image(self.rows[i]), self.boxes[i])
-        return torch.from_numpy(np.ascontiguousarray(patches.transpose(0, 3, 1, 2))), i
+        return patch_tensor(self.image(self.rows[i]), self.boxes[i]), i
 
 
 def sizes(df: pd.DataFrame) -> list[tuple[int, int]]:

@@ -118,16 +118,6 @@ def test_trace_methods_need_fixed_views(streams):
                     open_store(params.cache))
 
 
-def test_serving_refuses_a_trace_state_with_a_clear_message(streams):
-    from lorax.serving.errors import ServingError
-    from lorax.serving.predict import Predictor
-
-    _, out = streams
-    params, run, _ = out["trace"]
-    with pytest.raises(ServingError, match="not supported yet"):
-        Predictor.from_state(run / "state" / params.tasks[-1], device="cpu")
-
-
 def test_results_do_not_depend_on_the_store_on_disk(streams, tmp_path):
     """The same stream with the store in memory (cache.enabled false) gives the same figures."""
     _, out = streams
