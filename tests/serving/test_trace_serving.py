@@ -69,6 +69,13 @@ def test_served_probabilities_equal_the_evaluations(streams, name):
     assert (got.table["status"] == "ok").all()
     np.testing.assert_allclose(softmax(got.logits), softmax(ref), atol=1e-5)
     np.testing.assert_allclose(got.features, ref_feats, atol=1e-5)
+    if name == "lorax+trace":  # eval.crops 2: each adapter's embedding is the mean over two crops, as in evaluation
+        two = params.model_copy(deep=True)
+        two.eval.crops = 2
+        ref2, _ = predict_logits(method, val, two, torch.device("cpu"), store=open_store(params.cache))
+        got2 = Predictor.from_state(state, device="cpu", crops=2, openset=None).predict(paths, progress=False)
+        np.testing.assert_allclose(softmax(got2.logits), softmax(ref2), atol=1e-5)
+        assert not np.allclose(ref2, ref, atol=1e-4)  # the second crop counts
     written = read_csv(run / "eval" / f"{params.tasks[-1]}.predictions.csv")  # what the evaluation wrote
     assert list(written["path"]) == paths
     for c in ("verdict", "generator"):
