@@ -19,7 +19,7 @@ from lorax.config import load_params
 from pipelines.cli.settings import add_settings_arguments, parse_overrides
 from pipelines.train_stream import run_stream
 from lorax.registry import METHODS
-import lorax.continual.methods  # noqa: F401  (registers the methods)
+import lorax.continual.trace_methods  # noqa: F401  (registers the methods, trace and lorax+trace too)
 
 
 def table(rows: dict[str, dict]) -> str:

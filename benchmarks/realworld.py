@@ -40,7 +40,8 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "t2i": {"tasks": ["sd15", "sd21", "sdxl", "pixart512", "playground", "kandinsky3", "ddb"],
             "root": "../shared/data/t2i", "scenario": "t2i-7"},
 }
-METHODS = ["lorax", "joint", "finetune", "probe"]
+METHODS = ["lorax", "joint", "finetune", "probe"]  # the default rows
+CHOICES = [*METHODS, "der", "trace", "lorax+trace"]  # every registered method may be asked for by name
 CONTROL = {"scale": 0.9375, "filter": "lanczos"}  # 256 -> 240 px
 # --quick: the first two tasks and a tiny random ConViT on 32 px crops; checks the plumbing, not the figures
 QUICK: dict[str, Any] = {
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="dataset root (default: the protocol's folder)")
     ap.add_argument("--manifests", help="manifest folder (default: OUT/manifests; prepared when missing)")
     ap.add_argument("--out", default="outputs/realworld")
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=CHOICES)
     ap.add_argument("--memory", nargs="+", type=int, default=[500, 100], help="LoRAX exemplar budgets")
     ap.add_argument("--quick", action="store_true", help="2 tasks, tiny random model: a plumbing check")
     args = ap.parse_args(argv)

@@ -126,9 +126,24 @@ class AdapterConfig(Section):
         return v
 
 
+class TraceConfig(Section):
+    """Trace experts (methods ``trace`` and ``lorax+trace``; lorax/models/trace.py): per task a small residual CNN on a
+    fixed high-pass of ``patches`` patches of ``patch`` px read at the image's native resolution (never resized)."""
+
+    patch: int = Field(64, ge=4, description="patch side in px, cut from the decoded image at native resolution "
+                       "(an image smaller than this is mirror-padded at its bottom / right, never resized)")
+    patches: int = Field(16, ge=1, description="patches per image: drawn from the image's content per training view, "
+                         "a fixed grid in evaluation; the image embedding is their mean")
+    width: int = Field(32, ge=1, description="channels of the first convolutions (doubled at each downsampling block)")
+    depth: int = Field(2, ge=1, description="residual blocks after the stem (each two 3x3 convolutions; every block "
+                       "after the first halves the resolution)")
+    dim: int = Field(64, ge=1, description="width of one expert's image embedding")
+    sigma: float = Field(1.0, gt=0, description="Gaussian sigma of the fixed high-pass (image minus its blur)")
+
+
 class ContinualConfig(Section):
-    method: str = Field("lorax", description="continual method: lorax | finetune | der | joint | probe "
-                        "(lorax/continual/methods.py)")
+    method: str = Field("lorax", description="continual method: lorax | finetune | der | joint | probe | trace | "
+                        "lorax+trace (lorax/continual/methods.py, lorax/continual/trace_methods.py)")
     memory_size: int = Field(500, ge=0, description="total exemplar budget M (paper: 500, 1000 or 1500; 0: no "
                              "memory)")
     memory_mode: Literal["fixed_total", "fixed_per_class"] = Field(
@@ -285,6 +300,8 @@ class Params(Section):
                                           "before it}, in task order: task i owns classes 2i (real) and 2i+1 (fake)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the frozen backbone")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="the per-task adapters")
+    trace: TraceConfig = Field(default_factory=TraceConfig, description="the per-task trace experts (methods trace, "
+                               "lorax+trace)")
     continual: ContinualConfig = Field(default_factory=ContinualConfig, description="the continual method and its "
                                        "exemplar memory")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training of each task")

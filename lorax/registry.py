@@ -38,7 +38,8 @@ class Registry:
         return name in self._items
 
 
-# Continual-learning methods (lorax, finetune, der, joint, probe): see lorax/continual/methods.py
+# Continual-learning methods (lorax, finetune, der, joint, probe; trace, lorax+trace): see lorax/continual/methods.py
+# and lorax/continual/trace_methods.py
 METHODS = Registry("continual method")
 # Real-vs-fake detector methods (mole, probe, shared, separate): see lorax/detect/
 DETECTORS = Registry("detector method")

@@ -29,7 +29,7 @@ def check_settings(params: Params) -> None:
     from pipelines.tracking.tracker import experiment_name
 
     if params.continual.method not in BUILTIN_METHODS:
-        from lorax.continual.methods import METHODS  # registers the methods (imports torch: only for other names)
+        from lorax.continual.trace_methods import METHODS  # registers every method (imports torch)
 
         if params.continual.method not in METHODS:
             raise ConfigError(f"continual.method: unknown method {params.continual.method!r}; allowed: "

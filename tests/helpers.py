@@ -41,6 +41,10 @@ TINY_OVERRIDES: dict[str, Any] = {
     "model.normalize": "auto",
     "model.kwargs": {"depth": 2, "local_up_to_layer": 1, "patch_size": 4, "num_heads": 2, "embed_dim": 32},
     "model.feature_levels": [],  # the tiny model has 2 blocks (the real-image profile names blocks 4 and 8)
+    "trace.patch": 8,  # trace experts: 8 px patches of the 24 px zoo images, 4 per image, a narrow network
+    "trace.patches": 4,
+    "trace.width": 4,
+    "trace.dim": 8,
     "adapter.r": 4,
     "adapter.alpha": 1.0,
     "continual.memory_size": 8,

@@ -24,6 +24,9 @@ from lorax.continual import distributed
 from lorax.continual.batches import dataset_for, loader_for, sharded_loader, to_device
 from lorax.continual.frozen_parts import adapter_embeddings, adapter_producer, trunk_producer, trunk_tokens
 from lorax.continual.methods import Method
+from lorax.continual.trace_methods import TraceInput, uses_traces
+from lorax.continual.trace_parts import native_dataset, trace_embeddings, trace_train_views, view_patches
+from lorax.data.patches import NativePatches
 from lorax.models.lorax_net import Frozen
 from lorax.features.store import FeatureStore, StoreRows
 from lorax.features.views import Views, train_views
@@ -36,7 +39,7 @@ class Batch:
     """One training step's share of a batch: ``method(x)`` gives the outputs ``method.loss`` compares with
     ``targets``; ``n_mine`` of the rows are this rank's own, and its loss counts ``weight`` of the global batch."""
 
-    x: torch.Tensor | Frozen
+    x: torch.Tensor | Frozen | TraceInput
     targets: torch.Tensor
     n_mine: int
     weight: float
@@ -58,19 +61,27 @@ class ViewSampler(Sampler[int]):
 
 
 class _Slots(Dataset):
-    """Slot ``row * K + k`` -> (view k of row: its pixels, or its stored trunk tokens; class id; slot)."""
+    """Slot ``row * K + k`` -> (view k of row: its pixels, or its stored trunk tokens, and with trace experts its
+    native patches (a pair then); class id; slot)."""
 
-    def __init__(self, base: Dataset, views: Views, class_ids: np.ndarray, tokens: StoreRows | None) -> None:
-        self.base, self.views, self.class_ids, self.tokens = base, views, class_ids, tokens
+    def __init__(self, base: Dataset | None, views: Views | None, class_ids: np.ndarray, tokens: StoreRows | None,
+                 patches: NativePatches | None = None, k: int = 1) -> None:
+        self.base, self.views, self.class_ids, self.tokens, self.patches = base, views, class_ids, tokens, patches
+        self.k = views.k if views is not None else k
 
     def __len__(self) -> int:
-        return len(self.views.ids)
+        return len(self.class_ids) * self.k
 
-    def __getitem__(self, slot: int) -> tuple[torch.Tensor, int, int]:
-        row, k = divmod(int(slot), self.views.k)
+    def __getitem__(self, slot: int) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], int, int]:
+        row, k = divmod(int(slot), self.k)
+        parts = []
         if self.tokens is not None:
-            return self.tokens[int(slot)], int(self.class_ids[row]), int(slot)
-        return self.base[(row, int(self.views.seeds[row, k]))][0], int(self.class_ids[row]), int(slot)
+            parts.append(self.tokens[int(slot)])
+        elif self.base is not None:
+            parts.append(self.base[(row, int(self.views.seeds[row, k]))][0])
+        if self.patches is not None:
+            parts.append(self.patches[int(slot)][0])
+        return (parts[0] if len(parts) == 1 else tuple(parts)), int(self.class_ids[row]), int(slot)
 
 
 class BatchSource:
@@ -83,9 +94,14 @@ class BatchSource:
         self.slots: _Slots | None = None
         self.old: torch.Tensor | None = None  # (slots, T - 1, D): the frozen adapters' embeddings of every view
         k = params.train.views
+        traces = uses_traces(method)
+        self.trace_old: torch.Tensor | None = None  # (slots, T - 1, dim): the frozen trace experts' embeddings
+        if traces and not k:
+            raise ValueError(f"continual.method {method.name}: trace experts train on fixed views; set train.views "
+                             ">= 1 (0 draws fresh crops every epoch, which the feature store cannot keep)")
         if k:
-            base = dataset_for(rows, method, params, True, seed)
-            self.views = train_views(rows, base, k)
+            base = dataset_for(rows, method, params, True, seed) if method.base_backbone() is not None else None
+            self.views = train_views(rows, base, k) if base is not None else None
             tokens = None
             if method.frozen_task_adapters:
                 trunk_tokens(method, params, store, base, rows, self.views, device, rank=ctx.rank, world=ctx.world,
@@ -98,7 +114,15 @@ class BatchSource:
                     self.old = self._old_embeddings(store, base)
                     if device.type == "cuda":
                         self.old = self.old.pin_memory()
-            self.slots = _Slots(base, self.views, rows["class_id"].to_numpy(dtype=np.int64), tokens)
+            patches = None
+            if traces:
+                native = native_dataset(rows, params)
+                tviews = trace_train_views(rows, params, k)
+                patches = view_patches(native, tviews)
+                if len(method.tasks) > 1:  # every rank its own (the experts are small)
+                    self.trace_old = trace_embeddings(method, params, store, native, rows, tviews, method.tasks[:-1],
+                                                      device, desc="old trace experts")
+            self.slots = _Slots(base, self.views, rows["class_id"].to_numpy(dtype=np.int64), tokens, patches, k)
         self.steps = len(self._loader(seed))
 
     def _old_embeddings(self, store: FeatureStore, base: Dataset) -> torch.Tensor:
@@ -122,7 +146,7 @@ class BatchSource:
             return loader_for(self.rows, self.method, self.params, train=True, seed=seed, ctx=self.ctx,
                               device=self.device)
         gen = torch.Generator().manual_seed(seed)
-        return sharded_loader(self.slots, ViewSampler(len(self.rows), self.views.k, gen), self.params.train.batch_size,
+        return sharded_loader(self.slots, ViewSampler(len(self.rows), self.slots.k, gen), self.params.train.batch_size,
                        self.params, self.ctx, gen, self.device)
 
     def __len__(self) -> int:
@@ -136,11 +160,18 @@ class BatchSource:
         # depend on how often it is opened: once before iterating keeps the batches of the earlier runs.
         iter(loader)
         frozen = self.slots is not None and self.slots.tokens is not None
+        traces = self.slots is not None and self.slots.patches is not None
         for step, (x, y, key) in enumerate(loader):
-            x = to_device(x, self.device)
+            x = [to_device(t, self.device) for t in x] if isinstance(x, list | tuple) else to_device(x, self.device)
+            patches = x.pop() if traces and isinstance(x, list) else (x if traces else None)
+            if isinstance(x, list):
+                (x,) = x
             if frozen:
                 old = self.old[key].to(self.device, non_blocking=True).permute(1, 0, 2) if self.old is not None \
                     else None
                 x = Frozen(x, old)
+            if traces:
+                old = self.trace_old[key].to(self.device, non_blocking=True) if self.trace_old is not None else None
+                x = TraceInput(patches, old, x if frozen else None)
             n_mine, weight = loader.batch_sampler.share(step)  # DDP: this rank's share of the global batch
             yield Batch(x, y.to(self.device, non_blocking=True), n_mine, weight)

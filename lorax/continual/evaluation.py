@@ -17,6 +17,8 @@ from lorax.continual.batches import autocast, dataset_for, loader_for, resolve_d
 from lorax.continual.frozen_parts import adapter_embeddings, crop_mean
 from lorax.continual.frozen_parts import frozen_features as stored_features
 from lorax.continual.methods import Method, logits_and_features
+from lorax.continual.trace_methods import uses_traces
+from lorax.continual.trace_parts import native_dataset, trace_embeddings, trace_eval_views
 from lorax.data.dataset import Resample, control_views
 from lorax.data.manifest import abs_paths
 from lorax.features import open_store
@@ -50,6 +52,9 @@ def _predict_logits(method: Method, df: pd.DataFrame, params: Params, device: to
     device = device or resolve_device(params.train.device)
     method.to(device).eval()
     n_crops, bs = params.eval.crops, params.eval.batch_size
+    if uses_traces(method):
+        store = store if store is not None else open_store(params.cache)
+        return _trace_logits(method, df, params, device, features, desc, store, resample)
     if method.frozen_task_adapters or frozen_features(method):
         store = store if store is not None else open_store(params.cache)
         ds = dataset_for(df, method, params, False, 0, n_crops, resample)
@@ -78,6 +83,28 @@ def _predict_logits(method: Method, df: pd.DataFrame, params: Params, device: to
             logits.append(crop_mean(out.float(), n_crops))
     # one device -> host copy at the end: no per-batch sync
     return torch.cat(logits).cpu().numpy(), (torch.cat(feats).cpu().numpy() if features else None)
+
+
+def _trace_logits(method: Method, df: pd.DataFrame, params: Params, device: torch.device, features: bool, desc: str,
+                  store: FeatureStore, resample: Resample | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A trace method (:mod:`lorax.continual.trace_methods`): every expert's embedding of each row's patch grid at
+    native resolution from the store (for ``lorax+trace`` beside every adapter's embedding of its crops) -> the
+    head. The super-feature is the per-task slices in task order (adapter, expert)."""
+    native = native_dataset(df, params)
+    emb = trace_embeddings(method, params, store, native, df, trace_eval_views(df, params, resample), method.tasks,
+                           device, f"{desc} (trace)")  # (N, T, dim)
+    if method.frozen_task_adapters:  # lorax+trace: (N, T, adapter dim) beside
+        ds = dataset_for(df, method, params, False, 0, params.eval.crops, resample)
+        views = eval_views(df, params.model.img_size, params.eval.crops, resample)
+        ada = crop_mean(adapter_embeddings(method, params, store, ds, df, views, method.tasks, device, desc,
+                                           files_checked=True), params.eval.crops)
+        emb = torch.cat([ada, emb], -1)
+        parts = [method.net.classify(e.permute(1, 0, 2).to(device))[0].float().cpu()
+                 for e in torch.split(emb, params.eval.batch_size)]
+    else:
+        parts = [method.classify(e.to(device))[0].float().cpu() for e in torch.split(emb, params.eval.batch_size)]
+    out = torch.cat(parts).numpy() if parts else np.zeros((0, method.n_classes), np.float32)
+    return out, (emb.reshape(len(emb), -1).numpy() if features else None)
 
 
 def frozen_features(method: Method) -> bool:

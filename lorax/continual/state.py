@@ -126,6 +126,7 @@ def load_tensor_groups(state_dir: str | Path) -> dict[str, dict[str, torch.Tenso
 
 def load_state(state_dir: str | Path, device: str | torch.device = "cpu", params: Params | None = None):
     """Rebuild the method saved in ``state_dir`` (settings from its ``state.json`` unless ``params`` given)."""
+    from lorax.continual import trace_methods  # noqa: F401  (registers trace, lorax+trace)
     from lorax.continual.methods import build_method
 
     info = read_info(state_dir)

@@ -77,6 +77,9 @@ def summarize_stream(params: Params, evals: list[dict[str, Any]], states: list[P
         "final_task_acc": evals[-1]["task_acc"],
         "n_tasks": len(info["tasks"]),
         "trainable_params": info["trainable_params_per_task"][-1],  # the last task's
+        # trace methods: each task's expert (parameters, seconds of its training forward passes) beside the adapter
+        **{k: info[k] for k in ("trace_params_per_task", "trace_forward_seconds_per_task", "adapter_params_per_task")
+           if k in info},
     }
 
 

@@ -34,6 +34,7 @@ from lorax.continual.head import fit_heads
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.methods import Method, build_method, count_trainable
 from lorax.continual.state import load_state, resume_dir, resume_dirs, save_state
+from lorax.continual.trace_methods import uses_traces
 from lorax.data.manifest import check_no_val_in_training
 from lorax.models.backbone_factory import weights_record
 from lorax.utils.io import atomic_path
@@ -136,6 +137,7 @@ def train_task(
         "backbone_pretrained": bool(params.model.pretrained),
         "backbone_weights": weights_record(params.model),
         **head_info,
+        **_trace_cost(method, prev_info),
         **(extra_info or {}),
     }
     if ctx.is_main:
@@ -250,6 +252,25 @@ def _save_checkpoint(ckpt: Path, task: str, epoch: int, trainable: list[torch.nn
 
 
 def _backbone_param_count(method: Method) -> int:
-    """Size of one backbone, without the per-task LoRA/MoLE weights that peft injects into LoRAX's backbone."""
+    """Size of one backbone, without the per-task LoRA/MoLE weights that peft injects into LoRAX's backbone (0: a
+    method without one, ``trace``)."""
+    if method.base_backbone() is None:
+        return 0
     skip = {id(p) for p in method.adapter_parameters()}
     return sum(p.numel() for p in method.base_backbone().parameters() if id(p) not in skip)
+
+
+def _trace_cost(method: Method, prev_info: dict[str, Any]) -> dict[str, Any]:
+    """A trace method's newest expert, per task beside the adapter's count: its parameters and the seconds its
+    forward passes took in training (backward not included); for ``lorax+trace`` the adapter's own parameters."""
+    experts = getattr(method, "experts", None)
+    if not uses_traces(method) or experts is None:
+        return {}
+    cost = experts.cost()
+    out = {"trace_params_per_task": prev_info.get("trace_params_per_task", []) + [cost["params"]],
+           "trace_forward_seconds_per_task": prev_info.get("trace_forward_seconds_per_task", [])
+           + [cost["forward_seconds"]]}
+    if method.frozen_task_adapters:
+        n = sum(p.numel() for p in method.net.adapters.parameters(method.tasks[-1]))
+        out["adapter_params_per_task"] = prev_info.get("adapter_params_per_task", []) + [n]
+    return out

@@ -6,6 +6,10 @@ crop policy: never resized; an image larger than the crop is scored on ``eval.cr
 are averaged; an image smaller than the crop is an error row. A file that cannot be used becomes a row with
 ``status = "error"`` and the reason; it never stops the run.
 
+A trace method (``trace``, ``lorax+trace``; :mod:`lorax.serving.trace`) also reads the evaluation's fixed grid of
+native-resolution patches of the decoded image (mirror-padded when smaller than a patch, never resized) through every
+task's expert; ``trace`` reads no crops, so any image size is served.
+
 Output columns (one row per input, in input order) are :data:`COLUMNS`, the row schema of
 :mod:`lorax.serving.schema` (verdict, fake probability and its threshold, generator, a fixed-length ``top`` list,
 the prediction set ``generators``, unknown flag and score, model version), shared with the served model and the evaluation's predictions.
@@ -38,6 +42,7 @@ from lorax.data.images import BadImage, DataError, crop_image, open_image, to_rg
 from lorax.serving.errors import ServingError
 from lorax.serving.inputs import Refused
 from lorax.serving.schema import COLUMNS, DTYPES, decided_rows, empty_top, write_csv
+from lorax.serving.trace import TraceItem, grid_patches, trace_logits_and_features, trace_settings
 from lorax.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -80,7 +85,10 @@ class Predictor:
         if self.batch_size < 1:
             raise ServingError(f"--batch-size: must be >= 1, got {self.batch_size}")
         self.amp = bool(params.get("train", {}).get("amp", False)) and self.device.type == "cuda"
-        self.mean, self.std = image_norm(method)
+        # trace methods (lorax/serving/trace.py): (patch, patches) of the native patch grid; lorax+trace reads crops
+        self.trace = trace_settings(params) if getattr(method, "trace_experts", False) else None
+        self.uses_crops = self.trace is None or bool(getattr(method, "frozen_task_adapters", False))
+        self.mean, self.std = image_norm(method) if self.uses_crops else (None, None)
         self.openset = openset
         self.verdict = getattr(method, "verdict", None)  # the stored real/fake decision (None: argmax)
         self.sets = getattr(method, "sets", None)  # the calibrated prediction sets (None: no generators column)
@@ -103,8 +111,10 @@ class Predictor:
         return cls(method, info, dev, crops, batch_size, openset)
 
     # -- images --------------------------------------------------------------------------------------------
-    def load(self, source: str | Path | bytes | Refused, name: str) -> tuple[torch.Tensor, int, int]:
-        """(crops x C x H x W tensor, width, height) of one image; :class:`BadImage` says why not.
+    def load(self, source: str | Path | bytes | Refused, name: str) -> tuple[torch.Tensor | TraceItem, int, int]:
+        """(crops x C x H x W tensor, width, height) of one image; :class:`BadImage` says why not. A trace method
+        gets a :class:`~lorax.serving.trace.TraceItem`: the image's native patch grid (any size: an image smaller
+        than the patch is mirror-padded) and, for ``lorax+trace``, its crops.
 
         A :class:`Refused` input is never opened; a path must be a regular file (checked from ``stat``, so a FIFO
         or device cannot block or stream forever).
@@ -115,19 +125,27 @@ class Predictor:
             raise BadImage(name, "file not found" + (" (dangling symlink)" if Path(source).is_symlink() else ""))
         img = open_image(source, self.max_pixels, name=name)
         w, h = img.size
-        if w < self.crop or h < self.crop:
-            raise BadImage(name, f"image {w}x{h} is smaller than the model's crop {self.crop}; crop, never resize")
-        boxes = crop_boxes(w, h, self.crop, self.crops)
-        crops = [to_tensor(to_rgb_array(crop_image(img, box, name), name), self.mean, self.std) for box in boxes]
-        return torch.stack(crops), w, h
+        crops = None
+        if self.uses_crops:
+            if w < self.crop or h < self.crop:
+                raise BadImage(name, f"image {w}x{h} is smaller than the model's crop {self.crop}; crop, never resize")
+            boxes = crop_boxes(w, h, self.crop, self.crops)
+            crops = torch.stack([to_tensor(to_rgb_array(crop_image(img, box, name), name), self.mean, self.std)
+                                 for box in boxes])
+        if self.trace is not None:
+            return TraceItem(grid_patches(to_rgb_array(img, name), *self.trace), crops), w, h
+        return crops, w, h
 
     # -- inference -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _run_batch(self, xs: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    def _run_batch(self, xs: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         from lorax.continual.methods import logits_and_features  # a model is loaded: its modules are imported
 
-        x = torch.cat(xs).to(self.device)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else torch.autocast("cpu", enabled=False)
+        if self.trace is not None:  # every expert over the patch grids (+ lorax+trace's adapters over the crops)
+            logits, feats = trace_logits_and_features(self.method, xs, self.device, ctx)
+            return logits.numpy(), feats.numpy()
+        x = torch.cat(xs).to(self.device)
         with ctx:
             logits, feats = logits_and_features(self.method, x)
         logits, feats = logits.float().cpu(), feats.float().cpu()
@@ -158,7 +176,7 @@ class Predictor:
         set_s = np.full((n, n_labels), np.nan)
         errors: list[str | None] = [None] * n
         sizes = np.full((n, 2), -1, dtype=np.int64)
-        pending: list[tuple[int, torch.Tensor]] = []
+        pending: list[tuple[int, Any]] = []  # (row, crops tensor or TraceItem)
 
         def flush() -> None:
             nonlocal feats

@@ -12,7 +12,7 @@ from pipelines.cli.settings import add_settings_arguments
 if TYPE_CHECKING:
     from lorax.config import Params
 
-METHOD_HELP = "continual method (default: continual.method): lorax, finetune, der, joint, probe"
+METHOD_HELP = "continual method (default: continual.method): lorax, finetune, der, joint, probe, trace, lorax+trace"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def check_method(params: Params) -> None:
     """Fail before any work on an unknown continual method, listing the known ones."""
     from lorax.config import ConfigError
-    from lorax.continual.methods import METHODS  # registers the methods
+    from lorax.continual.trace_methods import METHODS  # registers the methods (with trace, lorax+trace)
 
     if params.continual.method not in METHODS:
         raise ConfigError(f"continual.method (--method): unknown method {params.continual.method!r}; "

@@ -27,7 +27,8 @@ NAMES = METHODS.names()
 METRIC_KEYS = {"aa", "aaf", "bwt", "forgetting", "binary_acc", "acc_matrix", "tasks", "trainable_params_per_task",
                "backbone_params", "seconds_per_task"}
 # methods whose whole backbone trains (in the slow optimizer group); the others train adapters or a head only
-FULL_BACKBONE = {"finetune": True, "joint": True, "der": True, "lorax": False, "probe": False}
+FULL_BACKBONE = {"finetune": True, "joint": True, "der": True, "lorax": False, "probe": False, "trace": False,
+                 "lorax+trace": False}
 
 
 def test_the_paper_methods_are_registered():
@@ -84,7 +85,7 @@ def test_two_task_stream_writes_metrics(zoo, name):
     # parameter accounting: the backbone's own size for every method, and what trains per task
     backbone = create_backbone(params.model)
     b, d = _n(backbone.parameters()), backbone.embed_dim
-    assert on_disk["backbone_params"] == b
+    assert on_disk["backbone_params"] == (0 if name == "trace" else b)  # trace alone has no backbone
     expected = {
         "probe": [2 * d + 2, 2 * d * 2 + 4],
         "finetune": [b + 2 * d + 2, b + 2 * d * 2 + 4],
@@ -93,6 +94,18 @@ def test_two_task_stream_writes_metrics(zoo, name):
     }
     if name == "lorax":
         expected[name] = [build_method(params, params.tasks[: i + 1]).net.analytic_trainable_params() for i in (0, 1)]
+    if name in ("trace", "lorax+trace"):  # the newest expert, reported beside the total
+        expert = sum(p.numel() for p in build_method(params, params.tasks[:1]).experts.list[0].parameters())
+        assert on_disk["trace_params_per_task"] == [expert, expert]
+        assert len(on_disk["trace_forward_seconds_per_task"]) == 2
+        e = params.trace.dim + (d if name == "lorax+trace" else 0)  # one task's slice of the super-feature
+        head = [e * 2 + 2 + 3 * e + 3, e * 2 * 4 + 4 + 3 * e + 3]
+        if name == "trace":
+            expected[name] = [expert + h for h in head]
+        else:
+            lora = build_method(params, params.tasks[:1]).net.adapters.analytic_params()
+            assert on_disk["adapter_params_per_task"] == [lora, lora]
+            expected[name] = [expert + lora + h for h in head]
     if name in expected:
         assert on_disk["trainable_params_per_task"] == expected[name]
 
