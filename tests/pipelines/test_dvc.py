@@ -51,7 +51,7 @@ def repo(tmp_path_factory) -> Path:
 # tracking/registry code outside register (where runs are logged does not change a model, as for the tracking
 # settings).
 UNDECLARED_OK = ("__init__.py", "lorax/config.py", "lorax/settings_base.py", "lorax/models/config.py",
-                 "lorax/detect/config.py", "lorax/utils/io.py", "lorax/utils/progress.py", "lorax/registry.py",
+                 "lorax/detect/config.py", "lorax/tune_config.py", "lorax/utils/io.py", "lorax/utils/progress.py", "lorax/registry.py",
                  "pipelines/layout.py", "pipelines/warm.py", "pipelines/lifetime.py", "pipelines/locks.py",
                  "pipelines/tracking/", "pipelines/serving/")
 
