@@ -54,7 +54,7 @@ def compare_with_champion(params: Params, layout: Layout, task: str, before: dic
     log.info("gate: the state after %s and champion v%s (tasks %s) on %d val images of %s", task,
              before["version"], before["tasks"], len(val), tasks)
     candidate = answers(layout.state(task), val, params, layout, "gate: candidate")
-    champion = answers(champion_state(layout, before), val, params, layout, f"gate: champion v{before['version']}")
+    champion = answers(champion_state(layout, before, params), val, params, layout, f"gate: champion v{before['version']}")
     figures = compare(candidate, champion, truth)
     figures["champion_version"] = before["version"]
     log.info("gate: pooled on the union %.1f (candidate) vs %.1f (champion v%s), %.0f s",
@@ -81,15 +81,17 @@ def answers(state: Path, val, params: Params, layout: Layout, desc: str):
     return Answers(list(method.tasks), probs, fake_probability(probs) if fake is None else fake, thr)
 
 
-def champion_state(layout: Layout, before: dict[str, Any]) -> Path:
+def champion_state(layout: Layout, before: dict[str, Any], params: Params) -> Path:
     """The champion's state folder: the chain's local one when its content matches, else a copy fetched from the
-    registry into ``cache/registry/<state id>/`` (kept for the next gate)."""
+    registry into ``<cache folder>/registry/<state id>/`` (kept for the next gate; the folder of
+    :func:`lorax.features.cache_root`)."""
     from lorax.continual.state import state_hash
+    from lorax.features import cache_root
 
     local = layout.state(before["tasks"][-1])
     if local.is_dir() and before.get("state_id") and state_hash(local) == before["state_id"]:
         return local
-    dest = layout.project / "cache" / "registry" / str(before.get("state_id") or before["version"])[:16]
+    dest = cache_root(params.cache, layout.project) / "registry" / str(before.get("state_id") or before["version"])[:16]
     done = dest / "state.path"
     if done.is_file() and Path(done.read_text()).is_dir():
         return Path(done.read_text())
