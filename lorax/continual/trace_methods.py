@@ -70,6 +70,23 @@ class _Experts(nn.Module):
     def cost(self) -> dict[str, float]:
         return {"params": count_parameters(self.list[-1]), "forward_seconds": round(self.seconds, 2)}
 
+    def of(self, tasks: list[str], task: str) -> TraceExpert:
+        """The expert of ``task`` (experts are in the order of ``tasks``)."""
+        return self.list[tasks.index(task)]
+
+    def keep_old_frozen(self) -> None:
+        """After ``Module.train()``: the old experts stay in eval mode (only the newest trains)."""
+        for e in self.list[:-1]:
+            e.eval()
+
+    def tensor_groups(self, tasks: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """``experts/<task>``: each expert's tensors, for the state (:meth:`Method.tensor_groups`)."""
+        return {f"experts/{t}": _cpu(e.state_dict()) for t, e in zip(tasks, self.list, strict=True)}
+
+    def load_tensor_groups(self, tasks: list[str], groups: dict[str, dict[str, torch.Tensor]]) -> None:
+        for t, e in zip(tasks, self.list, strict=True):
+            e.load_state_dict(groups[f"experts/{t}"])
+
 
 def _with_old(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
     """(B, T, dim): the old experts' stored embeddings, then the newest one's."""
@@ -89,7 +106,7 @@ class TraceMethod(Method):
         self.aux_weight = params.continual.diversity_weight
 
     def expert(self, task: str) -> TraceExpert:
-        return self.experts.list[self.tasks.index(task)]
+        return self.experts.of(self.tasks, task)
 
     def add_task(self, name: str) -> None:
         new = self.experts.add()
@@ -117,19 +134,17 @@ class TraceMethod(Method):
 
     def train(self, mode: bool = True) -> TraceMethod:
         super().train(mode)
-        for e in self.experts.list[:-1]:
-            e.eval()
+        self.experts.keep_old_frozen()
         return self
 
     def tensor_groups(self) -> dict[str, dict[str, torch.Tensor]]:
-        groups = {f"experts/{t}": _cpu(e.state_dict()) for t, e in zip(self.tasks, self.experts.list, strict=True)}
+        groups = self.experts.tensor_groups(self.tasks)
         groups["heads"] = _cpu({"head.weight": self.head.weight, "head.bias": self.head.bias,
                                 "div_head.weight": self.div_head.weight, "div_head.bias": self.div_head.bias})
         return groups
 
     def load_tensor_groups(self, groups: dict[str, dict[str, torch.Tensor]]) -> None:
-        for t, e in zip(self.tasks, self.experts.list, strict=True):
-            e.load_state_dict(groups[f"experts/{t}"])
+        self.experts.load_tensor_groups(self.tasks, groups)
         with torch.no_grad():
             for key, v in groups["heads"].items():
                 mod, attr = key.split(".")
@@ -149,7 +164,7 @@ class LoRAXTraceMethod(LoRAXMethod):
         self.experts = _Experts(params)
 
     def expert(self, task: str) -> TraceExpert:
-        return self.experts.list[self.tasks.index(task)]
+        return self.experts.of(self.tasks, task)
 
     @property
     def pair_dim(self) -> int:
@@ -183,20 +198,15 @@ class LoRAXTraceMethod(LoRAXMethod):
 
     def train(self, mode: bool = True) -> LoRAXTraceMethod:
         super().train(mode)
-        for e in self.experts.list[:-1]:
-            e.eval()
+        self.experts.keep_old_frozen()
         return self
 
     def tensor_groups(self) -> dict[str, dict[str, torch.Tensor]]:
-        groups = super().tensor_groups()
-        groups.update({f"experts/{t}": _cpu(e.state_dict()) for t, e in zip(self.tasks, self.experts.list,
-                                                                             strict=True)})
-        return groups
+        return {**super().tensor_groups(), **self.experts.tensor_groups(self.tasks)}
 
     def load_tensor_groups(self, groups: dict[str, dict[str, torch.Tensor]]) -> None:
         super().load_tensor_groups(groups)
-        for t, e in zip(self.tasks, self.experts.list, strict=True):
-            e.load_state_dict(groups[f"experts/{t}"])
+        self.experts.load_tensor_groups(self.tasks, groups)
 
 
 def uses_traces(method: Method) -> bool:
