@@ -24,6 +24,7 @@ from tests.helpers import (  # noqa: E402,F401  (re-exported: tests import them 
     REALWORLD,
     REPO,
     TINY_OVERRIDES,
+    prepared_zoo,
     tiny_cli_sets,
     tiny_params,
 )
@@ -128,3 +129,23 @@ def registry(stream, tmp_path_factory):
                        run_id=run_id, state_id=state_hash(stream.state))
     assert "champion" in rec["aliases"]
     return uri
+
+
+TRACE_METHODS = ("trace", "lorax+trace")
+
+
+@pytest.fixture(scope="session")
+def trace_streams(tmp_path_factory):
+    """The tiny 2-task zoo stream trained once per session with each trace method (read, never changed, by
+    tests/continual/test_trace_methods.py and tests/serving/test_trace_serving.py): the manifests, and per method
+    ``(params, run folder, metrics)``."""
+    from pipelines.train_stream import run_stream
+
+    root = tmp_path_factory.mktemp("trace")
+    manifests = prepared_zoo(root, tiny_params(root))
+    out = {}
+    for name in TRACE_METHODS:
+        params = tiny_params(root, continual__method=name)
+        run = root / f"out_{name}"
+        out[name] = params, run, run_stream(params, params.data.manifests, run)
+    return manifests, out

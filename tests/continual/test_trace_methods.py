@@ -15,20 +15,14 @@ from lorax.continual.trainer import training_rows
 from lorax.features import open_store
 from lorax.models.trace import TraceExpert
 from pipelines.train_stream import run_stream
-from tests.helpers import prepared_zoo, tiny_params
+from tests.helpers import tiny_params
 
 METHODS = ("trace", "lorax+trace")
 
 
-@pytest.fixture(scope="module")
-def streams(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trace")
-    manifests = prepared_zoo(root, tiny_params(root))
-    out = {}
-    for name in METHODS:
-        params = tiny_params(root, continual__method=name)
-        out[name] = params, root / f"out_{name}", run_stream(params, params.data.manifests, root / f"out_{name}")
-    return manifests, out
+@pytest.fixture
+def streams(trace_streams):
+    return trace_streams  # trained once per session (tests/conftest.py)
 
 
 def _no_expert(*a, **k):

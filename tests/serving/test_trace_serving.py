@@ -21,28 +21,18 @@ from lorax.features import open_store
 from lorax.serving.inputs import Refused
 from lorax.serving.predict import Predictor
 from lorax.serving.schema import read_csv
-from pipelines.train_stream import run_stream
-from tests.helpers import prepared_zoo, tiny_params
 
 METHODS = ("trace", "lorax+trace")
 
 
-@pytest.fixture(scope="module")
-def streams(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trace_serving")
-    manifests = prepared_zoo(root, tiny_params(root))
-    out = {}
-    for name in METHODS:
-        params = tiny_params(root, continual__method=name)
-        run = root / f"out_{name}"
-        run_stream(params, params.data.manifests, run)
-        out[name] = params, run
-    return manifests, out
+@pytest.fixture
+def streams(trace_streams):
+    return trace_streams  # trained once per session (tests/conftest.py)
 
 
 def _last(streams, name):
     manifests, out = streams
-    params, run = out[name]
+    params, run, _ = out[name]
     return params, run, run / "state" / params.tasks[-1], val_rows([manifests[t] for t in params.tasks])
 
 
@@ -161,7 +151,7 @@ def test_the_gate_scores_a_trace_candidate_against_its_champion(streams):
     from pipelines.layout import Layout
 
     _, out = streams
-    params, run = out["trace"]
+    params, run, _ = out["trace"]
     layout = Layout.run(params, run, params.data.manifests)
     first = params.tasks[0]
     before = {"version": 1, "tasks": [first], "state_id": state_hash(layout.state(first))}
