@@ -56,12 +56,20 @@ _NOTED: set[tuple[str, str]] = set()
 
 def unrooted(df: pd.DataFrame, data_root: str | Path | None) -> pd.DataFrame:
     """``df`` as stored: rows under ``data_root`` get ``root`` ``.`` (their ``path`` is already relative to it);
-    rows of another folder keep it. No ``data_root``: unchanged."""
+    rows of another folder keep it, relative to ``data_root`` as :func:`rooted` reads it. In memory a relative root
+    is relative to the working directory (``lorax data prepare --root data/x``), so it is compared and rewritten
+    after resolving. No ``data_root``: unchanged."""
     if data_root is None or "root" not in df.columns or not len(df):
         return df
     base = os.path.abspath(data_root)
-    roots = [HERE if os.path.isabs(r) and os.path.abspath(r) == base else r for r in df["root"].astype(str)]
-    return df.assign(root=roots)
+
+    def stored(r: str) -> str:
+        if os.path.isabs(r) and os.path.abspath(r) != base:
+            return r
+        full = os.path.abspath(r)
+        return HERE if full == base else os.path.relpath(full, base)
+
+    return df.assign(root=[stored(r) for r in df["root"].astype(str)])
 
 
 def rooted(df: pd.DataFrame, data_root: str | Path, source: object = "a manifest") -> pd.DataFrame:

@@ -273,3 +273,15 @@ def test_foreign_parquet_in_out_dir_is_skipped_with_a_note(tmp_path: Path) -> No
     res = prepare_task(root, "t", 0, tmp_path / "m", cfg(), CROP)
     assert any("scores.parquet in the leakage check: not a lorax manifest" in n for n in res.notes)
     assert "note: skipped" in res.summary()
+
+
+def test_a_root_given_relative_to_the_working_directory_reads_back(tmp_path: Path, monkeypatch) -> None:
+    """`lorax data prepare` with data.root's relative default (data/zoo): the manifest stores the rows as lying
+    under data.root, not under data.root/data/zoo (a relative root used to be stored as given and re-joined)."""
+    write_cddb(tmp_path / "data" / "ds", ["alpha"], n=2)
+    monkeypatch.chdir(tmp_path)
+    prepare_tasks(Path("data/ds"), ["alpha"], Path("m"), cfg(), CROP)
+    assert set(pd.read_parquet("m/alpha.parquet")["root"]) == {"."}
+    for data_root in (Path("data/ds"), tmp_path / "data" / "ds", None):  # relative, absolute, the stored hint
+        df = read_manifest(Path("m/alpha.parquet"), data_root)
+        assert all(Path(r, p).is_file() for r, p in zip(df["root"], df["path"], strict=True))
