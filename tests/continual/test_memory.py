@@ -99,7 +99,7 @@ def test_memory_add_shrink_keeps_herding_prefix():
     assert r.loc[r.class_id == 0, "path"].tolist() == [f"t0/0/{k:03d}.png" for k in H2[:4]]
     assert r.loc[r.class_id == 1, "path"].tolist() == [f"t0/1/{k:03d}.png" for k in H1[:4]]
     assert r.loc[r.class_id == 0, "rank"].tolist() == [0, 1, 2, 3]
-    assert list(mem.manifest().columns) == MANIFEST_COLUMNS
+    assert list(mem.manifest().columns) == [*MANIFEST_COLUMNS, "calib"]  # the prediction sets read the kind
 
     # new task: 3 samples per class, budget 10 -> a class with fewer samples keeps all of them
     mem.shrink(2)
