@@ -152,6 +152,11 @@ class ContinualConfig(Section):
     memory_per_class: int = Field(20, ge=0, description="exemplars per class when memory_mode is fixed_per_class")
     selection: Literal["herding", "random", "closest"] = Field(
         "herding", description="how exemplars are chosen: herding (iCaRL) | random | closest (to the class mean)")
+    calibration_share: float = Field(
+        0.3, ge=0.0, lt=1.0, description="share of each class's exemplar slots drawn at random (not by the "
+        "selection) when the class is learned, kept proportionally when the memory shrinks: an old class's "
+        "prediction sets are calibrated on these rows alone, which are exchangeable with its test images "
+        "(lorax/continual/memory.py; 0: every slot selected, sets calibrated on all memory rows as before)")
     diversity_weight: float = Field(0.1, ge=0.0, description="w in loss = CE(head) + w * CE(diversity head)")
     head: Literal["linear", "refit", "ncm"] = Field(
         "linear", description="the class head after each task: linear (the AdamW-trained head as is) | refit (refit "

@@ -136,3 +136,9 @@ def test_realworld_profile_deviates_only_where_marked():
     assert not stale, f"{path.name}: '# realworld:' marks on values equal to the defaults: {stale}"
     assert {k.split(".")[0] for k in marked} >= {"data", "stream", "model", "adapter", "eval", "tracking",
                                                  "detect"}
+
+
+@pytest.mark.parametrize("share", [1.0, -0.1, 2])
+def test_calibration_share_out_of_range_names_the_key(share):
+    with pytest.raises(ConfigError, match=r"continual\.calibration_share"):
+        parse_params({"stream": {"deconv": {"prev": "init"}}, "continual": {"calibration_share": share}})

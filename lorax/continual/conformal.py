@@ -18,6 +18,16 @@ on (the task's train rows + the exemplar memory; validation images are never use
 * the non-conformity of a row is ``1 - score(its true label)``; label y's threshold is the ``ceil((n_y+1)(1-a))``-th
   smallest of its n_y rows' non-conformities (the finite-sample correction, ``a = 1 - coverage``); a label with
   fewer than :func:`min_rows` rows falls back to the pooled quantile of all rows (``info["pooled_labels"]``);
+* which rows calibrate (``info["calibration"]``): an OLD task's classes have only memory rows, and the memory's
+  selected rows (herding: the most typical images) score more confidently than a test image, so their labels would
+  be under-covered. When the memory holds calibration exemplars (``continual.calibration_share``: a random share of
+  each class's slots, ``calib = True``, :mod:`lorax.continual.memory`), the thresholds are computed on the current
+  task's train rows + the calibration exemplars only; the selected memory rows are still scored (they fit the
+  out-of-fold heads) but calibrate nothing. The ``real`` label is treated the same way: the current task's real
+  train rows + the old real classes' calibration exemplars. A label left with fewer than :func:`min_rows` such rows
+  takes the widest threshold (the pooled one or any label's own, whichever is larger): conservative, since its
+  exchangeable rows are too few to say how its scores look (``info["fallback"]``). A memory without calibration
+  exemplars (share 0, or a table saved before the column) calibrates on all rows, as before;
 * an answer's set holds every label whose score is at least ``1 - threshold``, most probable first.
 
 Consistency with the row (:mod:`lorax.serving.schema`): the row's own answer is always in its set (``real`` when the
@@ -78,10 +88,12 @@ def conformal_quantile(nonconformity: np.ndarray, coverage: float) -> float:
     return float(s[k - 1]) if 1 <= k <= len(s) else float("inf")
 
 
-def mondrian_thresholds(scores: np.ndarray, labels: np.ndarray, coverage: float
+def mondrian_thresholds(scores: np.ndarray, labels: np.ndarray, coverage: float, conservative: bool = False
                         ) -> tuple[np.ndarray, dict[str, Any]]:
     """Per label, the non-conformity quantile of its rows (out-of-fold ``scores`` (N, L), true ``labels`` (N,));
-    labels with fewer than :func:`min_rows` rows take the pooled one. Returns (thresholds (L,), info)."""
+    labels with fewer than :func:`min_rows` rows take the pooled one, or with ``conservative`` the widest of the
+    pooled one and every other label's own (used when the rows a label lacks were dropped as not exchangeable with
+    its test images: nothing says its scores look like the pool's). Returns (thresholds (L,), info)."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     nonconf = 1.0 - scores[np.arange(len(labels)), labels]
@@ -94,12 +106,15 @@ def mondrian_thresholds(scores: np.ndarray, labels: np.ndarray, coverage: float
         counts.append(len(mine))
         if len(mine) < need:
             fallback.append(y)
-            q[y] = pooled
         else:
             q[y] = conformal_quantile(mine, coverage)
+    own = [q[y] for y in range(scores.shape[1]) if y not in fallback]
+    fill = max([pooled, *own]) if conservative else pooled
+    q[fallback] = fill
     q = np.minimum(q, 1.0)  # a non-conformity is at most 1: an infinite quantile means "always in the set"
     return q, {"rows_per_label": counts, "pooled_quantile": min(pooled, 1.0), "pooled_labels": fallback,
-               "min_label_rows": need}
+               "min_label_rows": need,
+               "fallback": "widest (max of the pooled quantile and every label's own)" if conservative else "pooled"}
 
 
 def members(scores: np.ndarray, thresholds: np.ndarray, answer: np.ndarray | None = None) -> np.ndarray:

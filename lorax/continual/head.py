@@ -193,6 +193,18 @@ def oof_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, kind: str, C
     return out
 
 
+def calibration_rows(rows: pd.DataFrame) -> tuple[np.ndarray, str]:
+    """(mask, description) of the rows whose non-conformities calibrate the sets (:mod:`lorax.continual.conformal`):
+    when some memory rows are calibration exemplars (``calib`` True), every row but the memory's selected ones
+    (``calib`` False: herding's typical images); the train rows (no ``calib`` value) always count. Else all rows."""
+    if "calib" not in rows.columns:
+        return np.ones(len(rows), dtype=bool), "all rows (no exemplar memory)"
+    flag = rows["calib"]
+    if not flag.eq(True).any():
+        return np.ones(len(rows), dtype=bool), "all rows (no calibration exemplars in the memory)"
+    return ~flag.eq(False).to_numpy(bool), "train rows + the memory's calibration exemplars"
+
+
 def fit_sets(features: np.ndarray, rows: pd.DataFrame, n_classes: int, params: Params,
              groups: np.ndarray | None = None) -> PredictionSets:
     """Calibrate the prediction sets (:mod:`lorax.continual.conformal`) on ``rows`` (the head's rows: train split +
@@ -217,18 +229,22 @@ def fit_sets(features: np.ndarray, rows: pd.DataFrame, n_classes: int, params: P
     k = max(2, min(FOLDS, len(np.unique(groups)) if groups is not None else len(y)))
     fold = _folds(labels, groups, k) if groups is not None else np.random.default_rng(0).permutation(len(y)) % k
     probs = oof_probabilities(x, y, n_classes, kind, c.head_c, c.head_max_iter, fold, k)
-    thresholds, info = mondrian_thresholds(label_scores(probs), labels, coverage)
+    use, how = calibration_rows(rows)
+    thresholds, info = mondrian_thresholds(label_scores(probs)[use], labels[use], coverage,
+                                           conservative=not use.all())
+    info["calibration"] = how
     weight = bias = None
     if c.head not in ("refit", "ncm"):  # a trained head: the sets keep their own (refit) score model
         w, b = refit_head(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y), n_classes, "refit", c.head_c,
                           c.head_max_iter)
         weight, bias = w.numpy(), b.numpy()
-    inside = members(label_scores(probs), thresholds)
+    inside = members(label_scores(probs), thresholds)[use]
     info.update(score_model=("own refit (trained head)" if weight is not None else f"the model's head ({kind})"),
-                folds=k, rows=len(y), oof_coverage=round(100 * float(inside[np.arange(len(y)), labels].mean()), 2),
+                folds=k, rows=len(y), calibration_rows=int(use.sum()),
+                oof_coverage=round(100 * float(inside[np.arange(len(inside)), labels[use]].mean()), 2),
                 oof_size=round(float(inside.sum(axis=1).mean()), 3), seconds=round(time.time() - t0, 2))
-    log.info("prediction sets at %.0f%%: %d-fold cross-fit on %d rows, thresholds %s%s (%.1f s)", 100 * coverage, k,
-             len(y), np.round(thresholds, 3).tolist(),
-             f", pooled quantile for labels {info['pooled_labels']}" if info["pooled_labels"] else "",
+    log.info("prediction sets at %.0f%%: %d-fold cross-fit on %d rows, calibrated on %d (%s), thresholds %s%s "
+             "(%.1f s)", 100 * coverage, k, len(y), int(use.sum()), how, np.round(thresholds, 3).tolist(),
+             f", {info['fallback']} quantile for labels {info['pooled_labels']}" if info["pooled_labels"] else "",
              info["seconds"])
     return PredictionSets(coverage, thresholds, weight, bias, info)

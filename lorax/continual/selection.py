@@ -41,5 +41,6 @@ def select_exemplars(method: Method, task_manifest: pd.DataFrame, memory: Exempl
     else:
         feats = np.zeros((len(rows), 1), dtype=np.float32)
     with timed(log, f"exemplar selection ({c.selection}): {budget} per class from {len(rows)} rows"):
-        memory.add_classes(rows, feats, method=c.selection, budget=budget, seed=params.seed)
+        memory.add_classes(rows, feats, method=c.selection, budget=budget, seed=params.seed,
+                           calibration_share=c.calibration_share)
     return memory

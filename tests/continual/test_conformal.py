@@ -163,3 +163,82 @@ def test_evaluate_logits_reports_set_coverage_and_size() -> None:
     wide = np.concatenate([scores[:, :2], np.zeros((4, 1)), scores[:, 2:]], axis=1)
     m1 = evaluate_logits(logits, targets, task_ids, 2, set_scores=wide, set_thresholds=np.array([0.75, 0.75, 0, 0.5]))
     assert m1["set_coverage"] == 100.0 and m1["set_size"] == 1.25
+
+
+# A stream where herding keeps the typical rows: a quarter of each generator's images carry a faint trace (they sit
+# 70% of the way to the real photos' mean); herding, which tracks the class mean with typical rows, keeps too few of
+# them, so an old generator's memory scores more confidently than its test images do.
+S_T, S_D, S_HARD, S_LAM, S_SPREAD = 4, 8, 0.25, 0.7, 2.0
+
+
+def _faint_traces(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    means = np.random.default_rng(0).normal(size=(S_T + 1, S_D))
+    rng = np.random.default_rng(seed)
+    x, y = [], []
+    for c in range(2 * S_T):
+        lam = np.where(rng.uniform(size=(n, 1)) < S_HARD, S_LAM, 0.0) if c % 2 else np.zeros((n, 1))
+        mean = (1 - lam) * means[c // 2] + lam * means[S_T] if c % 2 else means[S_T]
+        x.append(S_SPREAD * mean + rng.normal(size=(n, S_D)))
+        y.append(np.full(n, c))
+    return np.concatenate(x), np.concatenate(y)
+
+
+def _old_label_coverage(tmp_path, share: float, seed: int) -> tuple[float, dict]:
+    """Mean coverage (%) of the old generators' labels on fresh images, after the last task of a 4-task stream: the
+    task's 400 train rows per class + a memory of 40 herded (or 40 * share random + the rest herded) rows per old
+    class, as fit_heads sees them."""
+    from lorax.continual.memory import ExemplarMemory
+
+    params = tiny_params(tmp_path, continual__head="refit", continual__set_coverage=0.9)
+    x, y = _faint_traces(400, seed)
+    rows = pd.DataFrame({"class_id": y, "split": "train", "path": [f"{c}/{k:05d}" for k, c in enumerate(y)],
+                         "i": np.arange(len(y))})
+    mem = ExemplarMemory()
+    for t in range(S_T - 1):
+        r = rows[rows.class_id // 2 == t]
+        mem.add_classes(r, x[r.i.to_numpy()], "herding", budget=40, seed=seed, calibration_share=share)
+    fit = pd.concat([rows[rows.class_id // 2 == S_T - 1], mem.manifest()], ignore_index=True)
+    xf = x[fit.i.to_numpy()]
+    sets = fit_sets(xf, fit, 2 * S_T, params)
+    w, b = refit_head(torch.from_numpy(xf).float(), torch.from_numpy(fit.class_id.to_numpy(np.int64).copy()), 2 * S_T,
+                      "refit")
+    xt, yt = _faint_traces(1000, seed + 1000)
+    inside = conformal.members(sets.scores(softmax(xt @ w.double().numpy().T + b.double().numpy())), sets.thresholds)
+    m = conformal.set_metrics(inside, conformal.true_labels(yt, S_T), yt // 2, S_T)
+    return float(np.mean(m["set_coverage_per_label"][:S_T - 1])), sets.info
+
+
+def test_calibration_exemplars_restore_old_labels_coverage(tmp_path) -> None:
+    """90% sets; six seeded streams (3 old generator labels each, 1000 fresh images per class). Herded memory alone
+    under-covers the old labels (about 87%); calibrating them on a random half of the slots brings them back to the
+    target (about 91%). Six seeds, so one lucky draw of 20 calibration rows does not decide it."""
+    herded, mixed = [], []
+    for seed in range(6):
+        cov0, info0 = _old_label_coverage(tmp_path, 0.0, seed)
+        cov5, info5 = _old_label_coverage(tmp_path, 0.5, seed)
+        herded.append(cov0)
+        mixed.append(cov5)
+        assert info0["calibration"].startswith("all rows") and info0["fallback"] == "pooled"
+        assert info5["calibration"] == "train rows + the memory's calibration exemplars"
+        assert info5["rows_per_label"][:S_T - 1] == [20] * (S_T - 1)  # only the random half calibrates them
+    assert np.mean(herded) < 90 - 1.5, herded
+    assert np.mean(mixed) >= 90 - 2, mixed
+    assert np.mean(mixed) > np.mean(herded) + 2, (herded, mixed)
+
+
+def test_too_few_calibration_rows_fall_back_to_the_widest_threshold(tmp_path) -> None:
+    params = tiny_params(tmp_path, continual__head="refit", continual__set_coverage=0.9)
+    x, y = _synthetic(60, 1.5, seed=1)
+    rows = _rows(y)
+    old = y // 2 == 0  # task 0's classes: memory rows, only 5 of each flagged for calibration
+    rows["calib"] = pd.Series([None] * len(y), dtype=object)
+    rows.loc[old, "calib"] = [k % 60 < 5 for k in range(int(old.sum()))]
+    sets = fit_sets(x, rows, 2 * T, params)
+    assert sets.info["pooled_labels"] == [0] and sets.info["fallback"].startswith("widest")
+    assert sets.info["calibration_rows"] == len(y) - 110
+    assert sets.thresholds[0] == pytest.approx(max(sets.thresholds[1:].max(), sets.info["pooled_quantile"]))
+    # a memory without calibration exemplars (all False: share 0 or an old table) calibrates as before on all rows
+    rows["calib"] = rows["calib"].map(lambda v: False if v is not None else None)
+    same = fit_sets(x, rows, 2 * T, params)
+    np.testing.assert_array_equal(same.thresholds, fit_sets(x, _rows(y), 2 * T, params).thresholds)
+    assert same.info["rows_per_label"][0] == 60 and same.info["calibration"].startswith("all rows")

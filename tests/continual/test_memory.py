@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lorax.continual.memory import ExemplarMemory, closest_to_mean, herding, per_class_budget, random_select
+from lorax.continual.memory import (ExemplarMemory, _class_seed, calibration_draw, closest_to_mean, herding,
+                                   per_class_budget, random_select, split_budget)
 from lorax.data.manifest import MANIFEST_COLUMNS
 
 # 1-D: normalised to [+1, -1, +1, +1, -1], class mean 0.2. Step k picks argmin |0.2 - (S + x)/k|:
@@ -99,7 +100,7 @@ def test_memory_add_shrink_keeps_herding_prefix():
     assert r.loc[r.class_id == 0, "path"].tolist() == [f"t0/0/{k:03d}.png" for k in H2[:4]]
     assert r.loc[r.class_id == 1, "path"].tolist() == [f"t0/1/{k:03d}.png" for k in H1[:4]]
     assert r.loc[r.class_id == 0, "rank"].tolist() == [0, 1, 2, 3]
-    assert list(mem.manifest().columns) == MANIFEST_COLUMNS
+    assert list(mem.manifest().columns) == [*MANIFEST_COLUMNS, "calib"]  # the prediction sets read the kind
 
     # new task: 3 samples per class, budget 10 -> a class with fewer samples keeps all of them
     mem.shrink(2)
@@ -143,3 +144,63 @@ def test_memory_bad_input_and_round_trip(tmp_path):
     assert back.class_counts() == {0: 2, 1: 2}
     with pytest.raises(FileNotFoundError, match="exemplar memory not found"):
         ExemplarMemory.load(tmp_path / "nope.parquet")
+
+
+def test_calibration_share_draws_at_random_and_the_reduction_keeps_its_share():
+    rng = np.random.default_rng(0)
+    rows, feats = _rows(0, 100, 100), rng.normal(size=(200, 5))
+    mem = ExemplarMemory()
+    mem.add_classes(rows, feats, "herding", budget=50, seed=3, calibration_share=0.3)
+    assert mem.class_counts() == {0: 50, 1: 50} and mem.calib_counts() == {0: 15, 1: 15}
+    r = mem.rows()
+    first = r[r.class_id == 0]
+    cal0 = first.loc[first.calib, "path"].tolist()
+    assert not set(cal0) & set(first.loc[~first.calib, "path"])  # the two kinds are disjoint
+    # the calibration rows are the seeded random draw (in draw order), not herding's picks
+    assert first.loc[first.calib, "rank"].tolist() == list(range(15))
+    canonical = sorted(rows.loc[rows.class_id == 0, "path"])
+    assert cal0 == [canonical[i] for i in calibration_draw(100, 50, 0.3, _class_seed(3, 0))]
+    # the other slots are herding's answer on the rows left after the draw
+    rest = [i for i in range(100) if i not in set(calibration_draw(100, 50, 0.3, _class_seed(3, 0)))]
+    feats0 = feats[:100][np.argsort(rows.loc[rows.class_id == 0, "path"].to_numpy(), kind="stable")]
+    assert first.loc[~first.calib, "path"].tolist() == [canonical[rest[i]] for i in herding(feats0[rest], 35)]
+
+    for budget, n_cal in ((20, 6), (7, 2), (3, 1)):  # round(20 * 15/50) = 6, round(7 * 6/20) = 2, round(3 * 2/7) = 1
+        before = mem.rows()
+        mem.shrink(budget)
+        after = mem.rows()
+        assert mem.class_counts() == {0: budget, 1: budget} and mem.calib_counts() == {0: n_cal, 1: n_cal}
+        for c in (0, 1):
+            b, a = before[before.class_id == c], after[after.class_id == c]
+            # each kind keeps a prefix of its order: the random rows a prefix of their draw (still a random subset
+            # of the earlier random rows), the herded ones the iCaRL reduction
+            assert a.loc[a.calib, "path"].tolist() == b.loc[b.calib, "path"].tolist()[:n_cal]
+            assert a.loc[~a.calib, "path"].tolist() == b.loc[~b.calib, "path"].tolist()[:budget - n_cal]
+
+
+def test_split_budget_and_bad_share():
+    assert split_budget(20, 15, 35) == (6, 14)
+    assert split_budget(60, 15, 35) == (15, 35)  # more room than rows: all kept
+    assert split_budget(10, 0, 35) == (0, 10)  # an old table: all selected rows, the plain reduction
+    assert split_budget(10, 8, 2) == (8, 2)  # round(10 * 8 / 10): nothing to cut
+    assert split_budget(4, 1, 1) == (1, 1)
+    assert len(calibration_draw(10, 50, 0.3, 0)) == 3  # a class smaller than its slots: the share of its rows
+    assert len(calibration_draw(100, 50, 0.0, 0)) == 0
+    with pytest.raises(ValueError, match=r"continual.calibration_share must be in \[0, 1\)"):
+        calibration_draw(100, 50, 1.0, 0)
+
+
+def test_a_memory_table_without_the_calib_column_loads_as_all_selected(tmp_path):
+    rows = _rows(0, 6, 5)
+    mem = ExemplarMemory()
+    mem.add_classes(rows, np.arange(22.0).reshape(11, 2), "herding", budget=4)
+    old = tmp_path / "old.parquet"
+    mem.rows().drop(columns=["calib"]).to_parquet(old, index=False)  # as saved before the column existed
+    back = ExemplarMemory.load(old)
+    assert back.rows()["calib"].dtype == bool and not back.rows()["calib"].any()
+    assert back.calib_counts() == {0: 0, 1: 0}
+    pd.testing.assert_frame_equal(back.rows(), mem.rows())
+    back.shrink(2)  # the plain iCaRL reduction
+    assert back.rows()["rank"].tolist() == [0, 1, 0, 1]
+    back.add_classes(_rows(1, 3, 3), np.eye(6, 3) + 0.1, "herding", budget=2, calibration_share=0.5)
+    assert back.calib_counts() == {0: 0, 1: 0, 2: 1, 3: 1}
