@@ -26,8 +26,8 @@ on (the task's train rows + the exemplar memory; validation images are never use
   out-of-fold heads) but calibrate nothing. The ``real`` label is treated the same way: the current task's real
   train rows + the old real classes' calibration exemplars. A label left with fewer than :func:`min_rows` such rows
   takes the widest threshold (the pooled one or any label's own, whichever is larger): conservative, since its
-  exchangeable rows are too few to say how its scores look (``info["fallback"]``). A memory without calibration
-  exemplars (share 0, or a table saved before the column) calibrates on all rows, as before;
+  exchangeable rows are too few to say how its scores look (``info["fallback_rule"]``: the rule;
+  ``info["pooled_labels"]``: the labels it was applied to). A memory without calibration exemplars (share 0, or a table saved before the column) calibrates on all rows, as before;
 * an answer's set holds every label whose score is at least ``1 - threshold``, most probable first.
 
 Consistency with the row (:mod:`lorax.serving.schema`): the row's own answer is always in its set (``real`` when the
@@ -114,7 +114,8 @@ def mondrian_thresholds(scores: np.ndarray, labels: np.ndarray, coverage: float,
     q = np.minimum(q, 1.0)  # a non-conformity is at most 1: an infinite quantile means "always in the set"
     return q, {"rows_per_label": counts, "pooled_quantile": min(pooled, 1.0), "pooled_labels": fallback,
                "min_label_rows": need,
-               "fallback": "widest (max of the pooled quantile and every label's own)" if conservative else "pooled"}
+               "fallback_rule": "widest (max of the pooled quantile and every label's own)" if conservative
+               else "pooled"}
 
 
 def members(scores: np.ndarray, thresholds: np.ndarray, answer: np.ndarray | None = None) -> np.ndarray:

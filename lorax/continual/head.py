@@ -245,6 +245,6 @@ def fit_sets(features: np.ndarray, rows: pd.DataFrame, n_classes: int, params: P
                 oof_size=round(float(inside.sum(axis=1).mean()), 3), seconds=round(time.time() - t0, 2))
     log.info("prediction sets at %.0f%%: %d-fold cross-fit on %d rows, calibrated on %d (%s), thresholds %s%s "
              "(%.1f s)", 100 * coverage, k, len(y), int(use.sum()), how, np.round(thresholds, 3).tolist(),
-             f", {info['fallback']} quantile for labels {info['pooled_labels']}" if info["pooled_labels"] else "",
+             f", {info['fallback_rule']} quantile for labels {info['pooled_labels']}" if info["pooled_labels"] else "",
              info["seconds"])
     return PredictionSets(coverage, thresholds, weight, bias, info)

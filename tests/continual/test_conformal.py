@@ -218,7 +218,7 @@ def test_calibration_exemplars_restore_old_labels_coverage(tmp_path) -> None:
         cov5, info5 = _old_label_coverage(tmp_path, 0.5, seed)
         herded.append(cov0)
         mixed.append(cov5)
-        assert info0["calibration"].startswith("all rows") and info0["fallback"] == "pooled"
+        assert info0["calibration"].startswith("all rows") and info0["fallback_rule"] == "pooled"
         assert info5["calibration"] == "train rows + the memory's calibration exemplars"
         assert info5["rows_per_label"][:S_T - 1] == [20] * (S_T - 1)  # only the random half calibrates them
     assert np.mean(herded) < 90 - 1.5, herded
@@ -234,7 +234,7 @@ def test_too_few_calibration_rows_fall_back_to_the_widest_threshold(tmp_path) ->
     rows["calib"] = pd.Series([None] * len(y), dtype=object)
     rows.loc[old, "calib"] = [k % 60 < 5 for k in range(int(old.sum()))]
     sets = fit_sets(x, rows, 2 * T, params)
-    assert sets.info["pooled_labels"] == [0] and sets.info["fallback"].startswith("widest")
+    assert sets.info["pooled_labels"] == [0] and sets.info["fallback_rule"].startswith("widest")
     assert sets.info["calibration_rows"] == len(y) - 110
     assert sets.thresholds[0] == pytest.approx(max(sets.thresholds[1:].max(), sets.info["pooled_quantile"]))
     # a memory without calibration exemplars (all False: share 0 or an old table) calibrates as before on all rows
