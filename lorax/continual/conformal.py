@@ -27,7 +27,8 @@ on (the task's train rows + the exemplar memory; validation images are never use
   train rows + the old real classes' calibration exemplars. A label left with fewer than :func:`min_rows` such rows
   takes the widest threshold (the pooled one or any label's own, whichever is larger): conservative, since its
   exchangeable rows are too few to say how its scores look (``info["fallback_rule"]``: the rule;
-  ``info["pooled_labels"]``: the labels it was applied to). A memory without calibration exemplars (share 0, or a table saved before the column) calibrates on all rows, as before;
+  ``info["pooled_labels"]``: the labels it was applied to). A memory without calibration exemplars (share 0, or
+  a table saved before the column) calibrates on all rows, as before;
 * an answer's set holds every label whose score is at least ``1 - threshold``, most probable first.
 
 Consistency with the row (:mod:`lorax.serving.schema`): the row's own answer is always in its set (``real`` when the
