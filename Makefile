@@ -27,4 +27,4 @@ test-all: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf data state memory reports flows cache mlflow.db mlartifacts outputs dvc_plots
+	rm -rf data state memory reports flows cache mlflow.db mlartifacts outputs dvc_plots dvc.lock .dvc/cache .dvc/tmp

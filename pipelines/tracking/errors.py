@@ -19,6 +19,9 @@ FS_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk qu
              errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
 FIX = ("free space or make it writable, or point tracking.uri / MLFLOW_TRACKING_URI at a store that is; "
        "nothing already done is lost: re-run to continue")
+LOST = ("the store was replaced or deleted while DVC kept the stages' outputs (e.g. mlflow.db removed by hand): point "
+        "tracking.uri / MLFLOW_TRACKING_URI at the store the stream was trained with, or start the stream again "
+        "(`make clean` also drops dvc.lock and DVC's cache; then `dvc repro`)")
 MLFLOW_TABLES = {"experiments", "runs", "alembic_version"}
 
 
@@ -80,6 +83,8 @@ def store_failure(e: BaseException) -> str | None:
             return f"the tracking store's sqlite database failed: {_first_line(x)}; {FIX}"
         mlflow_exc = sys.modules.get("mlflow.exceptions")
         if mlflow_exc is not None and isinstance(x, mlflow_exc.MlflowException):
+            if getattr(x, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" and "Run " in str(x):
+                return f"the MLflow tracking store lacks a run an earlier stage recorded ({_first_line(x)}); {LOST}"
             return f"the MLflow tracking store failed: {_first_line(x)}; {FIX}"
         sa_exc = sys.modules.get("sqlalchemy.exc")
         if sa_exc is not None and isinstance(x, sa_exc.SQLAlchemyError):

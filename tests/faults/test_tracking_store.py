@@ -140,3 +140,16 @@ def test_only_the_projects_own_copied_store_is_re_pointed(tmp_path: Path) -> Non
     moved = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_experiment_by_name("lorax-zoo-5")
     assert moved.artifact_location == (copy / "mlartifacts" / "lorax-zoo-5").as_uri()
     assert client.get_experiment_by_name("lorax-zoo-5").artifact_location.startswith(original.as_uri())
+
+
+def test_a_run_missing_from_the_store_names_the_lost_store(tmp_path: Path) -> None:
+    """A stage reading a run an earlier stage recorded, from a store that no longer holds it (mlflow.db deleted while
+    DVC kept the outputs): the line says the store was replaced, not that the disk is full."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(Exception) as e:
+        client.get_run("893d1401da684694995750ced57f51a9")
+    line = store_failure(e.value)
+    assert line is not None and "\n" not in line and "lacks a run an earlier stage recorded" in line
+    assert "make clean" in line and "free space" not in line
