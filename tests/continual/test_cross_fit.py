@@ -145,6 +145,8 @@ def test_the_saved_model_is_the_cross_fit_0_model(crossfit):
         for k in a:
             assert torch.equal(a[k], b[k]), (rel, k)
     head_on, head_off = load_file(str(on / "heads.safetensors")), load_file(str(off / "heads.safetensors"))
+    for k in ("div_head.weight", "div_head.bias"):  # trained with the adapter: the same too
+        assert torch.equal(head_on[k], head_off[k])
     assert not torch.equal(head_on["head.weight"], head_off["head.weight"])  # only the fit on the features changed
 
 
