@@ -62,7 +62,8 @@ def crossfit(tmp_path_factory):
         state = train_task(layout.state(first), manifests[second], memory, on, root / "on" / second)
     finally:
         mp.undo()
-    return {"off": off, "on": on, "state": state, "state_off": layout.state(second), **seen}
+    return {"off": off, "on": on, "state": state, "state_off": layout.state(second), "root": root,
+            "manifests": manifests, **seen}
 
 
 def _features(state: Path, rows: pd.DataFrame, params, newest: dict | None = None) -> np.ndarray:
@@ -148,6 +149,31 @@ def test_the_saved_model_is_the_cross_fit_0_model(crossfit):
     for k in ("div_head.weight", "div_head.bias"):  # trained with the adapter: the same too
         assert torch.equal(head_on[k], head_off[k])
     assert not torch.equal(head_on["head.weight"], head_off["head.weight"])  # only the fit on the features changed
+
+
+@pytest.mark.parametrize("method", ["trace", "lorax+trace"])
+def test_trace_methods_cross_fit_their_experts(crossfit, method, monkeypatch):
+    """The first task of the trace methods: the whole super-feature is the newest slice (adapter and / or expert);
+    each copy's producers (both, for lorax+trace) are keyed apart from the final model's."""
+    import lorax.continual.trainer as trainer_mod
+    from lorax.continual.cross_fit import newest_keys
+    from lorax.continual.state import load_state, read_info
+    from lorax.continual.trainer import train_task
+
+    seen = {}
+    real = trainer_mod.cross_fit_features
+    monkeypatch.setattr(trainer_mod, "cross_fit_features", lambda *a, **kw: seen.setdefault("x", real(*a, **kw)))
+    params = tiny_params(crossfit["root"], continual__method=method, continual__head="refit", continual__cross_fit=2)
+    first = params.tasks[0]
+    state = train_task(None, crossfit["manifests"][first], None, params, crossfit["root"] / method / first)
+    cross = seen["x"]
+    final, _ = load_state(state, params=params)
+    width = final.pair_dim if method == "lorax+trace" else params.trace.dim
+    assert cross.newest.shape == (len(cross.fold), width)
+    keys = newest_keys(final, params, torch.device("cpu"))
+    assert len(keys) == {"trace": 1, "lorax+trace": 2}[method]
+    assert all(len(ks) == len(keys) and not set(ks) & set(keys) for ks in cross.keys)
+    assert read_info(state)["cross_fit"]["folds"] == 2
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
