@@ -11,6 +11,10 @@ standardised with those rows' mean and std:
 The standardisation is folded into the returned weights, ``W' = W / std``, ``b' = b - W' . mean``, so the result is
 an ordinary ``nn.Linear`` on the raw super-feature: it replaces the trained head in the state and evaluation,
 prediction and serving read it unchanged.
+
+``continual.cross_fit: k`` (:mod:`lorax.continual.cross_fit`): the refit, the verdict and the prediction sets are
+fitted on super-features whose newest-task slice is out of fold (from k copies of the task, each trained without
+the row's fold) instead of the newest adapter's in-sample one.
 """
 
 from __future__ import annotations
