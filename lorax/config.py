@@ -35,6 +35,10 @@ ZOO_ORDER = ["deconv", "nnconv", "bilinconv", "pixshuf", "deconv3", "bicubconv",
              "dilconv"]
 
 
+# continual.cross_fit: the methods whose newest task trains a new producer (an adapter, a trace expert, or both)
+CROSS_FIT_METHODS = ("lorax", "lorax+trace", "trace")
+
+
 class ConfigError(ValueError):
     """A settings problem, with the offending key and what is allowed."""
 
@@ -175,6 +179,20 @@ class ContinualConfig(Section):
         "cannot rule out at this coverage, calibrated class by class (split-conformal) on cross-fitted "
         "probabilities of the task's train rows + memory and stored with the model; lorax/continual/conformal.py "
         "(null or 0: off)")
+    cross_fit: int = Field(
+        0, description="cross-fitted heads: k >= 2 trains k extra copies of the newest task's adapter / trace expert, "
+        "each on k - 1 grouped folds (lorax.data.groups.row_groups) of the task's train rows + memory, and the head "
+        "refit, the verdict and the prediction sets are fitted on the super-features whose newest slice comes from "
+        "the copy that never saw the row (out of fold); the saved model is the full-data one. Needs continual.head "
+        "refit | ncm and a method whose tasks train a producer (lorax, lorax+trace, trace); lorax/continual/"
+        "cross_fit.py (0: off)")
+
+    @field_validator("cross_fit")
+    @classmethod
+    def _cross_fit_folds(cls, v: int) -> int:
+        if v == 1 or v < 0:
+            raise ValueError(f"{v} is not a number of folds; allowed: 0 (off) or k >= 2")
+        return v
 
 
 class TrainConfig(Section):
@@ -355,6 +373,13 @@ class Params(Section):
         if self.train.epochs == 0 and self.continual.head == "linear":
             raise ValueError("train.epochs: 0 trains nothing, and continual.head linear would leave the head at its "
                              "random init; use >= 1, or continual.head refit (the head fitted in closed form)")
+        if self.continual.cross_fit:
+            if self.continual.head == "linear":
+                raise ValueError(f"continual.cross_fit: {self.continual.cross_fit} needs continual.head: refit or ncm "
+                                 "(a trained linear head has nothing to refit on the out-of-fold features)")
+            if self.continual.method not in CROSS_FIT_METHODS:
+                raise ValueError(f"continual.cross_fit: method {self.continual.method!r} trains no per-task producer "
+                                 f"to cross-fit; allowed: {list(CROSS_FIT_METHODS)}, or 0 (off)")
         for key in self.tune.grid:
             problem = schema_key_problem(Params, key)
             if problem:

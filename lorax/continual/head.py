@@ -11,6 +11,10 @@ standardised with those rows' mean and std:
 The standardisation is folded into the returned weights, ``W' = W / std``, ``b' = b - W' . mean``, so the result is
 an ordinary ``nn.Linear`` on the raw super-feature: it replaces the trained head in the state and evaluation,
 prediction and serving read it unchanged.
+
+``continual.cross_fit: k`` (:mod:`lorax.continual.cross_fit`): the refit, the verdict and the prediction sets are
+fitted on super-features whose newest-task slice is out of fold (from k copies of the task, each trained without
+the row's fold) instead of the newest adapter's in-sample one.
 """
 
 from __future__ import annotations
@@ -120,13 +124,14 @@ def _class_head(method: Method) -> torch.nn.Linear:
 
 
 def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.device,
-              store: FeatureStore | None = None) -> dict[str, Any]:
+              store: FeatureStore | None = None, newest: np.ndarray | None = None) -> dict[str, Any]:
     """After a task's training: refit the class head (``continual.head`` refit | ncm) and fit the real/fake verdict
     (``continual.verdict: binary``; :mod:`lorax.continual.verdict`) on the eval-view super-features of ``rows``
     (this task's train rows + the replayed exemplars), and calibrates the prediction sets (``continual.set_coverage``;
-    :mod:`lorax.continual.conformal`), the features computed once for all. Sets ``method.verdict`` and
-    ``method.sets``; returns the state info's ``head`` entry (the verdict's and sets' entries are written by
-    :func:`~lorax.continual.state.save_state`)."""
+    :mod:`lorax.continual.conformal`), the features computed once for all. ``newest``: the out-of-fold newest-task
+    slice of every row (``continual.cross_fit``; :mod:`lorax.continual.cross_fit`), which then replaces the in-sample
+    one in all three fits. Sets ``method.verdict`` and ``method.sets``; returns the state info's ``head`` entry (the
+    verdict's and sets' entries are written by :func:`~lorax.continual.state.save_state`)."""
     c = params.continual
     method.verdict = None
     method.sets = None
@@ -135,6 +140,10 @@ def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.
     from lorax.continual.evaluation import predict_logits  # the model stack: only when a head is fitted
 
     _, feats = predict_logits(method, rows, params, device, features=True, desc="head fit", store=store)
+    if newest is not None:  # continual.cross_fit: the newest slice out of fold, the old slices as they are
+        from lorax.continual.cross_fit import splice
+
+        feats = splice(feats, newest)
     info = refit_class_head(method, rows, params, feats) if c.head != "linear" else {}
     if c.verdict == "binary":
         from lorax.continual.verdict import describe, fit_verdict

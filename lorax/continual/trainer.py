@@ -30,6 +30,7 @@ from lorax.continual.batch_source import BatchSource
 from lorax.continual.batches import autocast, resolve_device
 from lorax.features import open_store
 from lorax.features.store import FeatureStore
+from lorax.continual.cross_fit import CrossFit, cross_fit_features
 from lorax.continual.head import fit_heads
 from lorax.continual.memory import ExemplarMemory
 from lorax.continual.methods import Method, build_method, count_trainable
@@ -106,12 +107,16 @@ def train_task(
     ``memory`` holds the exemplars of the earlier classes (replayed with this task's data); ``history`` the earlier
     tasks' manifests (only the joint oracle trains on them). Returns ``out_dir``, a complete state.
     Then :func:`~lorax.continual.head.fit_heads` refits the class head on those rows (``continual.head`` refit |
-    ncm) and fits the real/fake verdict (``continual.verdict``); ``store``: the feature store its frozen parts'
-    outputs are read from and kept in (default: the ``cache:`` settings' store).
+    ncm) and fits the real/fake verdict (``continual.verdict``), with ``continual.cross_fit`` on the out-of-fold
+    newest slices of k fold copies of the task (:mod:`lorax.continual.cross_fit`); ``store``: the feature store its
+    frozen parts' outputs are read from and kept in (default: the ``cache:`` settings' store).
     """
     out_dir = Path(out_dir)
     task = str(task_manifest["task"].iloc[0])
     ctx = distributed.context()  # torchrun: one process per device, each a share of every batch
+    if params.continual.cross_fit and ctx.distributed:
+        raise ValueError("continual.cross_fit: the fold copies train in one process; run without torchrun, or set "
+                         "continual.cross_fit: 0")
     device = ctx.device or resolve_device(params.train.device)
     t0 = time.time()
     method, prev_info = _grown_method(previous_state, task_manifest, params)
@@ -125,7 +130,23 @@ def train_task(
              len(source), device)
     epochs = _fit(method, source, params, task, learning_rate(params, task_index), seed, out_dir, ctx, callback)
 
-    head_info = fit_heads(method, rows, params, device, store) if ctx.is_main else {}
+    cross: CrossFit | None = None
+    if params.continual.cross_fit:  # the head / verdict / sets fitted on out-of-fold newest slices
+
+        def train_copy(copy_rows: pd.DataFrame, scratch: Path) -> Method:
+            """The task trained again from the same start (initialisation and training seeds) on ``copy_rows``."""
+            copy, _ = _grown_method(previous_state, task_manifest, params)
+            copy.to(device)
+            copy_source = BatchSource(copy_rows, copy, params, seed, device, ctx, store)
+            _fit(copy, copy_source, params, task, learning_rate(params, task_index), seed, scratch, ctx, None)
+            return copy
+
+        cross = cross_fit_features(rows, params, device, store, train_copy, resume_dir(out_dir) / "cross_fit")
+    head_info = fit_heads(method, rows, params, device, store, cross.newest if cross else None) if ctx.is_main \
+        else {}
+    if cross is not None:
+        head_info = {**head_info, "cross_fit": cross.info(),
+                     "cross_fit_seconds_per_task": prev_info.get("cross_fit_seconds_per_task", []) + [cross.seconds]}
     method.to("cpu").eval()
     info = {
         "task": task,
