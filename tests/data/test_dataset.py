@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import runpy
 from pathlib import Path
@@ -137,7 +138,10 @@ def test_loader_reproduces_and_reshuffles(manifest: pd.DataFrame) -> None:
 
 def test_loader_with_workers_matches_in_process(manifest: pd.DataFrame) -> None:
     one = list(make_loader(manifest, True, CROP, HALF, HALF, batch_size=7, num_workers=0, seed=3))
-    two = list(make_loader(manifest, True, CROP, HALF, HALF, batch_size=7, num_workers=2, seed=3))
+    loader = make_loader(manifest, True, CROP, HALF, HALF, batch_size=7, num_workers=2, seed=3)
+    two = list(loader)
+    del loader  # persistent workers: shut them down here, not when a later test's garbage collection finds them
+    gc.collect()
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) for x, y in zip(one, two, strict=True))
 
 
