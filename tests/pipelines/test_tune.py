@@ -173,3 +173,21 @@ def test_set_path_keeps_comments_and_layout():
     raw = yaml.safe_load(new)
     assert raw["model"]["img_size"] == 112 and raw["model"]["kwargs"] == {"depth": 4}
     assert raw["tracking"]["gate"]["max_ap_drop"] == 3.0
+
+
+def test_trace_experts_on_or_off_is_chosen_like_any_setting(tmp_path):
+    """The realworld profile's grid switches the trace experts (``continual.method: [lorax, lorax+trace]``): both
+    run as real streams on the folds and the tuned file names the winner."""
+    from pipelines.tune import tune
+
+    params = tiny_params(tmp_path, tune__folds=2, tune__tasks=2, eval__jpeg_control=[],
+                         tune__grid={"continual.method": ["lorax", "lorax+trace"]})
+    prepared_zoo(tmp_path, params)
+    result = tune(params, params.data.manifests, tmp_path / "work")
+    assert result.search == "product"
+    table = {r["continual.method"]: r for r in result.table()}
+    assert set(table) == {"lorax", "lorax+trace"}
+    for row in table.values():
+        assert len(row["folds"]) == 2 and all(0.0 <= f <= 100.0 for f in row["folds"])
+    chosen = table[result.chosen["continual.method"]]
+    assert chosen["chosen"] and chosen["mean"] == max(r["mean"] for r in table.values())  # ties: the faster
