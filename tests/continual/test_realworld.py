@@ -52,7 +52,10 @@ def test_profile_is_a_complete_valid_params_file():
     raw, base = yaml.safe_load(PROFILE.read_text()), yaml.safe_load(PARAMS_YAML.read_text())
     keys = _keys(raw)
     own = {k for k in keys if k.startswith("detect.model.")}  # the detector's own backbone section, when given
-    assert keys - own == _keys(base)  # every setting of params.yaml is there: nothing falls back to a code default
+    grids = {k for k in keys | _keys(base) if k.startswith("tune.grid.")}  # a grid's keys are candidates, not settings
+    # every setting of params.yaml is there: nothing falls back to a code default
+    assert keys - own - grids == _keys(base) - grids
+    assert "continual.method" in params.tune.grid  # the user's data decides on the trace experts
     model_keys = {k.removeprefix("model.") for k in _keys(base) if k.startswith("model.")}
     assert {k.removeprefix("detect.model.") for k in own} <= model_keys
     assert params.data.source == "folder" and params.model.img_size == 112
