@@ -177,10 +177,10 @@ def test_set_path_keeps_comments_and_layout():
 
 def test_trace_experts_on_or_off_is_chosen_like_any_setting(tmp_path):
     """The realworld profile's grid switches the trace experts (``continual.method: [lorax, lorax+trace]``): both
-    run as real streams on the folds and the tuned file names the winner."""
+    run as real streams on the folds and the result names the better one."""
     from pipelines.tune import tune
 
-    params = tiny_params(tmp_path, tune__folds=2, tune__tasks=2, eval__jpeg_control=[],
+    params = tiny_params(tmp_path, tune__folds=2, tune__tasks=2,
                          tune__grid={"continual.method": ["lorax", "lorax+trace"]})
     prepared_zoo(tmp_path, params)
     result = tune(params, params.data.manifests, tmp_path / "work")
