@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from lorax.settings_base import Section
 
-# tune.metric -> the key of metrics.json it reads (higher is better)
+# tune.metric -> the key of metrics.json it reads (higher is better); ``coverage`` is derived from the per-task set
+# coverage instead (pipelines.tune.fold_metric)
 METRIC_KEYS = {"pooled": "pooled_acc", "aa": "aa", "balanced": "balanced_acc"}
 # top-level sections a grid may not name: the stream is the project's data, tune is the search itself
 NOT_TUNABLE = {"stream": "the stream is the project's data, not a setting", "tune": "tune: is the search itself"}
@@ -26,9 +27,11 @@ class TuneConfig(Section):
     tasks: int = Field(2, ge=1, description="the first N tasks of the stream are tuned on (all when it is shorter)")
     folds: int = Field(3, ge=2, description="grouped folds of the tuned tasks' train rows (a source/prompt group is "
                        "never on both sides, lorax/data/groups.py); each fold's held-out rows play val")
-    metric: Literal["pooled", "aa", "balanced"] = Field(
+    metric: Literal["pooled", "aa", "balanced", "coverage"] = Field(
         "pooled", description="what is maximised, averaged over the folds: pooled (multi-real accuracy after the last "
-        "tuned task) | aa (average accuracy) | balanced (the verdict's balanced accuracy); ties: fewer seconds")
+        "tuned task) | aa (average accuracy) | balanced (the verdict's balanced accuracy) | coverage (the prediction "
+        "sets: each task's held-out set coverage after the last tuned task, capped at continual.set_coverage, "
+        "averaged over the tasks; ties: higher pooled); ties: fewer seconds")
     search: Literal["auto", "product", "coordinate"] = Field(
         "auto", description="product: every combination of the grid | coordinate: one key at a time from the params' "
         "own values, keeping each key's best | auto: product when it has at most max_runs combinations")

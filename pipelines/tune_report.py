@@ -30,10 +30,15 @@ def table_frame(result: TuneResult) -> pd.DataFrame:
 def format_table(result: TuneResult) -> str:
     """The table as text: one line per setting, the chosen one marked with '*'."""
     df = table_frame(result)
+    pooled = result.metric != "pooled"  # the accuracy beside another metric (coverage's tie-break)
     cells = [[("*" if r["chosen"] else " ")] + [str(r[k]) for k in result.keys]
-             + [f"{r['mean']:.2f} +- {r['std']:.2f}", f"{r['bwt']:.2f}", f"{r['seconds']:.0f}", r["folds"]]
+             + [f"{r['mean']:.2f} +- {r['std']:.2f}", f"{r['bwt']:.2f}"]
+             + ([f"{r['pooled']:.2f}" if r["pooled"] == r["pooled"] and r["pooled"] is not None else "-"]
+                if pooled else [])
+             + [f"{r['seconds']:.0f}", r["folds"]]
              for _, r in df.iterrows()]
-    head = [" "] + result.keys + [f"{result.metric} (fold mean +- std)", "BWT", "s/run", "per fold"]
+    head = ([" "] + result.keys + [f"{result.metric} (fold mean +- std)", "BWT"] + (["pooled"] if pooled else [])
+            + ["s/run", "per fold"])
     widths = [max(len(str(c)) for c in col) for col in zip(head, *cells, strict=True)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [head, *cells]]
     tasks = ", ".join(result.tasks)

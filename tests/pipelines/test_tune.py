@@ -191,3 +191,52 @@ def test_trace_experts_on_or_off_is_chosen_like_any_setting(tmp_path):
         assert len(row["folds"]) == 2 and all(0.0 <= f <= 100.0 for f in row["folds"])
     chosen = table[result.chosen["continual.method"]]
     assert chosen["chosen"] and chosen["mean"] == max(r["mean"] for r in table.values())  # ties: the faster
+
+
+def test_coverage_metric_caps_each_task_and_breaks_ties_by_accuracy(tmp_path):
+    """``tune.metric: coverage``: a task above the target cannot make up for one below it, and of the settings whose
+    sets reach the target on every task the more accurate wins (stand-in streams: the rule, not the training)."""
+    from pipelines.tune import tune
+
+    params = tiny_params(tmp_path, tune__folds=2, tune__metric="coverage", continual__set_coverage=0.9,
+                         tune__grid={"continual.calibration_share": [0.1, 0.3, 0.5]})
+    prepared_zoo(tmp_path, params)
+    figures = {0.1: ([99.0, 81.0], 70.0),  # mean 90.0 uncapped, but one task under-covered: the lowest score
+               0.3: ([92.0, 90.0], 65.0),  # every task reaches 90: ties with 0.5, less accurate
+               0.5: ([95.0, 96.0], 68.0)}
+
+    def fake_stream(p, manifests, out):
+        cov, pooled = figures[p.continual.calibration_share]
+        return {"pooled_acc": pooled, "bwt": 0.0, "set_coverage_per_task": cov}
+
+    result = tune(params, params.data.manifests, tmp_path / "work", run_stream=fake_stream)
+    table = {r["continual.calibration_share"]: r for r in result.table()}
+    assert table[0.1]["mean"] == pytest.approx((90.0 + 81.0) / 2)  # 99 counts as 90
+    assert table[0.3]["mean"] == table[0.5]["mean"] == 90.0
+    assert table[0.5]["pooled"] == 68.0
+    assert result.chosen == {"continual.calibration_share": 0.5}
+    with pytest.raises(ConfigError, match="continual.set_coverage is off"):
+        tune(tiny_params(tmp_path, tune__metric="coverage", continual__set_coverage=None), params.data.manifests,
+             tmp_path / "work2", run_stream=fake_stream)
+
+
+def test_calibration_share_is_chosen_by_held_out_set_coverage(tmp_path):
+    """A real tune of the memory's calibration share on the tiny zoo: every fold's figure is the capped per-task
+    coverage of that fold run's own metrics, and the table carries its accuracy."""
+    from pipelines.tune import tune
+
+    params = tiny_params(tmp_path, tune__folds=2, tune__tasks=2, tune__metric="coverage",
+                         tune__grid={"continual.calibration_share": [0.0, 0.5]})
+    prepared_zoo(tmp_path, params)
+    result = tune(params, params.data.manifests, tmp_path / "work")
+    target = 100.0 * params.continual.set_coverage
+    assert len(result.runs) == 4
+    for run in result.runs:
+        details = json.loads((Path(run.out) / "metrics_details.json").read_text())
+        per_task = details["set_coverage_per_task"]
+        assert len(per_task) == 2
+        assert run.metric == pytest.approx(sum(min(c, target) for c in per_task) / 2)
+        assert 0.0 <= run.metric <= target and run.pooled is not None
+    table = result.table()
+    best = max(table, key=lambda r: (r["mean"], r["pooled"]))
+    assert best["chosen"] and result.chosen == {"continual.calibration_share": best["continual.calibration_share"]}
