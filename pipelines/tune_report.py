@@ -101,8 +101,9 @@ def log_to_mlflow(params, result: TuneResult, files: list[Path], root: str | Pat
     tracker.log_metrics(run_id, {f"best.{result.metric}": best["mean"], f"best.{result.metric}_std": best["std"],
                                  "best.bwt": best["bwt"], "best.seconds": best["seconds"], "runs": len(result.runs)})
     for i, row in enumerate(table):
+        extra = {"cv.pooled": row["pooled"]} if result.metric != "pooled" and row["pooled"] is not None else {}
         tracker.log_metrics(run_id, {f"cv.{result.metric}": row["mean"], "cv.bwt": row["bwt"],
-                                     "cv.seconds": row["seconds"]}, step=i)
+                                     "cv.seconds": row["seconds"], **extra}, step=i)
     tracker.log_table(run_id, table_frame(result), "tune/table.json")
     for f in files:
         tracker.log_artifact(run_id, f, "tune")

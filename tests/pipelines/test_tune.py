@@ -226,6 +226,7 @@ def test_calibration_share_is_chosen_by_held_out_set_coverage(tmp_path):
     from pipelines.tune import tune
 
     params = tiny_params(tmp_path, tune__folds=2, tune__tasks=2, tune__metric="coverage",
+                         tracking__uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                          tune__grid={"continual.calibration_share": [0.0, 0.5]})
     prepared_zoo(tmp_path, params)
     result = tune(params, params.data.manifests, tmp_path / "work")
@@ -240,3 +241,12 @@ def test_calibration_share_is_chosen_by_held_out_set_coverage(tmp_path):
     table = result.table()
     best = max(table, key=lambda r: (r["mean"], r["pooled"]))
     assert best["chosen"] and result.chosen == {"continual.calibration_share": best["continual.calibration_share"]}
+    from mlflow import MlflowClient
+
+    from pipelines.tune_report import format_table, log_to_mlflow
+
+    assert "pooled" in format_table(result).splitlines()[1]  # the accuracy beside the coverage metric
+    run_id, uri = log_to_mlflow(params, result, [], root=tmp_path)
+    history = MlflowClient(uri).get_metric_history(run_id, "cv.pooled")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [r["pooled"] for r in table]
+    assert MlflowClient(uri).get_run(run_id).data.metrics["best.coverage"] == best["mean"]
