@@ -226,7 +226,8 @@ class Search:
                 metrics = self.run_stream(p, fold_dir, out)
                 run = Run(setting=dict(setting), fold=f, metric=fold_metric(p, metrics),
                           bwt=float(metrics.get("bwt") or 0.0), seconds=round(time.perf_counter() - t0, 1),
-                          out=str(out), pooled=float(metrics["pooled_acc"]))
+                          out=str(out),
+                          pooled=None if metrics.get("pooled_acc") is None else float(metrics["pooled_acc"]))
                 write_json(record, run.__dict__)
                 log.info("%s: %s %.2f, BWT %.2f, %.0f s", what, self.params.tune.metric, run.metric, run.bwt,
                          run.seconds)
