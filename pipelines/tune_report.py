@@ -33,7 +33,7 @@ def format_table(result: TuneResult) -> str:
     pooled = result.metric != "pooled"  # the accuracy beside another metric (coverage's tie-break)
     cells = [[("*" if r["chosen"] else " ")] + [str(r[k]) for k in result.keys]
              + [f"{r['mean']:.2f} +- {r['std']:.2f}", f"{r['bwt']:.2f}"]
-             + ([f"{r['pooled']:.2f}" if r["pooled"] == r["pooled"] and r["pooled"] is not None else "-"]
+             + ([f"{r['pooled']:.2f}" if pd.notna(r["pooled"]) else "-"]
                 if pooled else [])
              + [f"{r['seconds']:.0f}", r["folds"]]
              for _, r in df.iterrows()]
