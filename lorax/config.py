@@ -154,6 +154,12 @@ class ContinualConfig(Section):
         "fixed_total", description="fixed_total: memory_size split evenly over the classes seen | fixed_per_class: "
         "memory_per_class exemplars per class")
     memory_per_class: int = Field(20, ge=0, description="exemplars per class when memory_mode is fixed_per_class")
+    replay_size: int | None = Field(
+        None, ge=1, description="exemplars a task's gradient training replays: the first by rank of each class, "
+        "replay_size // classes each (each kind in proportion, as when the memory shrinks); the whole memory still "
+        "feeds the head refit, the verdict and the prediction sets, at the cost of one forward pass of the newest "
+        "adapter / expert per memory row. So a memory larger than the training can afford still shows the head "
+        "more of every old class (docs/results.md \"A larger memory for the head\"). null: the whole memory")
     selection: Literal["herding", "random", "closest"] = Field(
         "herding", description="how exemplars are chosen: herding (iCaRL) | random | closest (to the class mean)")
     calibration_share: float = Field(
@@ -380,6 +386,10 @@ class Params(Section):
             if self.continual.method not in CROSS_FIT_METHODS:
                 raise ValueError(f"continual.cross_fit: method {self.continual.method!r} trains no per-task producer "
                                  f"to cross-fit; allowed: {list(CROSS_FIT_METHODS)}, or 0 (off)")
+        if self.continual.replay_size is not None and self.continual.cross_fit:
+            raise ValueError(f"continual.replay_size: {self.continual.replay_size} cannot be combined with "
+                             f"continual.cross_fit: {self.continual.cross_fit} (the fold copies train on every fit "
+                             "row); set one of them to null / 0")
         for key in self.tune.grid:
             problem = schema_key_problem(Params, key)
             if problem:

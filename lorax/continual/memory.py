@@ -252,6 +252,17 @@ class ExemplarMemory:
             keep[pos[order_other]] = True
         self._rows = r[keep].reset_index(drop=True)
 
+    def replay(self, size: int | None) -> ExemplarMemory:
+        """The exemplars a task's training replays (``continual.replay_size``): a copy shrunk to ``size //
+        classes`` per class (:meth:`shrink`: the first by rank, each kind in proportion), or this memory itself when
+        ``size`` is None or the memory holds no more. With herding the kept rows are the ones a memory of that size
+        would have selected (a prefix of the greedy order)."""
+        if size is None or len(self) <= size:
+            return self
+        copy = ExemplarMemory(self._rows.copy())
+        copy.shrink(max(1, size // len(self.classes())))
+        return copy
+
     def save(self, path: str | Path, data_root: str | Path | None = None) -> Path:
         """Write the table as parquet (atomic replace); rows under ``data_root`` are stored relative to it, as in
         the manifests they come from (:func:`lorax.data.manifest.unrooted`)."""

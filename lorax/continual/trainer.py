@@ -122,12 +122,16 @@ def train_task(
     method, prev_info = _grown_method(previous_state, task_manifest, params)
     task_index = len(method.tasks) - 1
     method.to(device)
-    rows = training_rows(method, task_manifest, memory, history)
+    rows = training_rows(method, task_manifest, memory, history)  # what the head, verdict and sets are fitted on
+    replay = memory.replay(params.continual.replay_size) if memory is not None else None
+    trained = rows if replay is memory else training_rows(method, task_manifest, replay, history)
     seed = params.seed * 1000 + task_index
     store = store if store is not None else open_store(params.cache)
-    source = BatchSource(rows, method, params, seed, device, ctx, store)
-    log.info("task %s: %d training rows, %d epochs of %d batches on %s", task, len(rows), params.train.epochs,
-             len(source), device)
+    source = BatchSource(trained, method, params, seed, device, ctx, store)
+    replayed = len(replay) if replay is not None and method.uses_memory and not method.cumulative_data else 0
+    log.info("task %s: %d training rows (%d of %d exemplars replayed), %d epochs of %d batches on %s", task,
+             len(trained), replayed, len(memory) if memory is not None else 0, params.train.epochs, len(source),
+             device)
     epochs = _fit(method, source, params, task, learning_rate(params, task_index), seed, out_dir, ctx, callback)
 
     cross: CrossFit | None = None
@@ -154,6 +158,7 @@ def train_task(
         "trainable_params_per_task": prev_info.get("trainable_params_per_task", []) + [count_trainable(method)],
         "seconds_per_task": prev_info.get("seconds_per_task", []) + [round(time.time() - t0, 2)],
         "epochs": epochs,
+        "training_rows": len(trained), "replayed_exemplars": replayed, "fit_rows": len(rows),
         "backbone_params": _backbone_param_count(method),
         "backbone_pretrained": bool(params.model.pretrained),
         "backbone_weights": weights_record(params.model),

@@ -148,3 +148,36 @@ def test_non_finite_loss_names_task_epoch_step_and_keeps_previous_state(zoo, tmp
     # and the previous state still loads and continues with sane settings
     good = train_task(state0, manifests[SECOND], memory0, params, out)
     assert read_info(good)["tasks"] == [FIRST, SECOND]
+
+
+def test_replay_size_trains_on_a_prefix_of_the_memory_and_fits_on_all_of_it(zoo, tmp_path):
+    """``continual.replay_size``: the gradient training sees exactly ``memory.replay(size)`` (the same tensors as a
+    run given that smaller memory), while the verdict / head fits read the whole memory."""
+    params, manifests, state0, memory0 = zoo
+    size = len(memory0) // 2
+    small = memory0.replay(size)
+    per_class = size // len(memory0.classes())
+    assert set(small.class_counts().values()) == {per_class}
+    for c in small.classes():  # the first by rank of each kind
+        kept, full = small.rows(), memory0.rows()
+        for kind in (True, False):
+            k = kept[(kept["class_id"] == c) & (kept["calib"] == kind)]["path"].tolist()
+            f = full[(full["class_id"] == c) & (full["calib"] == kind)]["path"].tolist()
+            assert k == f[:len(k)]
+    assert memory0.replay(None) is memory0 and memory0.replay(len(memory0)) is memory0
+
+    replayed = params.model_copy(deep=True)
+    replayed.continual.replay_size = size
+    a = train_task(state0, manifests[SECOND], memory0, replayed, tmp_path / "a")
+    b = train_task(state0, manifests[SECOND], small, params, tmp_path / "b")
+    assert _hashes(a / "tensors") == _hashes(b / "tensors")
+    n_train = int((manifests[SECOND]["split"] == "train").sum())
+    ia, ib = read_info(a), read_info(b)
+    assert ia["training_rows"] == ib["training_rows"] == n_train + len(small)
+    assert ia["replayed_exemplars"] == len(small)
+    assert ia["fit_rows"] == n_train + len(memory0) > ib["fit_rows"] == n_train + len(small)
+
+
+def test_replay_size_with_cross_fit_is_refused():
+    with pytest.raises(ValueError, match="replay_size"):
+        tiny_params(continual__replay_size=10, continual__cross_fit=2, continual__head="refit")
