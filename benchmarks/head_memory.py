@@ -1,0 +1,159 @@
+"""How much would the last head gain from seeing more of every old class? ``python -m benchmarks.head_memory``.
+
+A finished stream's last state keeps its frozen super-feature (every adapter / expert / backbone part is frozen);
+only its class head, refit after the task on the task's train rows + the exemplar memory (``continual.head:
+refit``), depends on how many rows of each old class it saw. This refits that head, with the same solver and C
+(:func:`lorax.continual.head.refit_head`), on:
+
+* ``own``: the state's own fit rows (the task's train rows + the memory it was trained with): must reproduce the
+  state's accuracy (a check that the features and the solver are the state's);
+* ``own, class-balanced``: the same rows, each class weighted by ``rows / (classes x its rows)`` (is the newest
+  task's larger class count what biases the head?);
+* ``k per old class``: the task's train rows + ``k`` train rows of every old class drawn at random (seeded), for each
+  ``--per-class`` k: what a memory of about ``k x old classes`` rows would give the head, the features held fixed.
+
+Pooled multi-real accuracy on the val rows of every task, and per task. Features come from the stream's feature
+store (``-S cache.dir=`` the stream's cache), so only rows it never stored go through the model. Val is read for
+the report only: this is a diagnosis of a finished run, not a way to choose a setting (``lorax tune`` chooses on the
+train split).
+
+    python -m benchmarks.head_memory --run OUT/lorax+trace --manifests M --data ../shared/data/t2i \\
+        -S cache.dir=C --out outputs/head_memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.cli.settings import add_settings_arguments, parse_overrides
+
+
+def weighted_refit(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lorax.continual.head.refit_head`'s objective with each class weighted by ``n / (K n_c)``."""
+    from lorax.continual.head import standardizer
+    from lorax.utils.linalg import row_space
+
+    x = x.double()
+    mean, std = standardizer(x)
+    z = (x - mean) / std
+    basis = row_space(z)
+    r, v = basis if basis is not None else (z, None)
+    counts = torch.bincount(y, minlength=n_classes).double().clamp_min(1)
+    sw = (len(y) / (n_classes * counts))[y]
+    w = torch.zeros(n_classes, r.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
+                            history_size=20, line_search_fn="strong_wolfe")
+    scale = 1.0 / (C * len(y))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        ce = torch.nn.functional.cross_entropy(r @ w.T + b, y, reduction="none")
+        loss = (ce * sw).mean() + 0.5 * scale * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    wz = w.detach() @ v.T if v is not None else w.detach()
+    w_raw = wz / std
+    return w_raw.float(), (b.detach() - w_raw @ mean).float()
+
+
+def head_memory(run: Path, manifests: dict, cache: Any, per_class: list[int], seed: int = 0) -> dict[str, Any]:
+    """The refits of the last state's head (module docstring); ``manifests``: every task's, in stream order."""
+    import pandas as pd
+
+    from lorax.continual import metrics as M
+    from lorax.continual.evaluation import predict_logits, val_rows
+    from lorax.continual.head import refit_head
+    from lorax.continual.memory import ExemplarMemory
+    from lorax.continual.state import load_state
+    from lorax.features import open_store
+
+    tasks = list(manifests)
+    method, _ = load_state(run / "state" / tasks[-1])
+    p = method.params.model_copy(deep=True)
+    p.cache = cache
+    c = p.continual
+    store = open_store(cache)
+    last = manifests[tasks[-1]]
+    new = last[last["split"] == "train"]
+    root = new["root"].iloc[0] if "root" in new.columns and len(new) else None
+    memory = ExemplarMemory.load(run / "memory" / f"{tasks[-2]}.parquet", root).manifest() if len(tasks) > 1 \
+        else new.iloc[:0]
+    val = val_rows([manifests[t] for t in tasks])
+    state_logits, fv = predict_logits(method, val, p, features=True, desc="head_memory val", store=store)
+    target, task_ids, k = val["class_id"].to_numpy(), val["task_index"].to_numpy(), 2 * len(tasks)
+
+    def score(logits: np.ndarray) -> dict[str, Any]:
+        ok = M.multi_real_correct(logits.argmax(1), target)
+        return {"pooled": round(float(100 * ok.mean()), 2),
+                "per_task": [round(float(100 * ok[task_ids == i].mean()), 1) for i in range(len(tasks))]}
+
+    def fit(rows: pd.DataFrame, balanced: bool = False) -> dict[str, Any]:
+        _, f = predict_logits(method, rows, p, features=True, desc="head_memory fit", store=store)
+        x, y = torch.from_numpy(np.array(f, np.float32)), torch.as_tensor(rows["class_id"].to_numpy(np.int64))
+        w, b = (weighted_refit(x, y, k, c.head_c, c.head_max_iter) if balanced
+                else refit_head(x, y, k, "refit", c.head_c, c.head_max_iter))
+        return {**score(fv @ w.numpy().T + b.numpy()), "rows": len(rows)}
+
+    own = pd.concat([new, memory], ignore_index=True)
+    out: dict[str, Any] = {"state": score(state_logits), "own": fit(own), "own_balanced": fit(own, balanced=True)}
+    rng = np.random.default_rng(seed)
+    for n in per_class:
+        parts = [new]
+        for t in tasks[:-1]:
+            tr = manifests[t][manifests[t]["split"] == "train"]
+            for _, g in tr.groupby("class_id"):
+                parts.append(g.iloc[np.sort(rng.choice(len(g), min(n, len(g)), replace=False))])
+        out[f"{n}_per_old_class"] = fit(pd.concat(parts, ignore_index=True))
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["| head fitted on | rows | pooled | per task |", "|---|---|---|---|"]
+    for name, r in res.items():
+        lines.append(f"| {name} | {r.get('rows', '-')} | {r['pooled']:.1f} | {', '.join(map(str, r['per_task']))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_arguments(ap, default="params.realworld.yaml")
+    ap.add_argument("--run", required=True, help="a finished stream's run folder (holding state/ and memory/)")
+    ap.add_argument("--manifests", required=True, help="the stream's manifests")
+    ap.add_argument("--data", help="dataset root the manifests' rows live under (default: data.root)")
+    ap.add_argument("--per-class", nargs="*", type=int, default=[20, 41, 80, 140, 200])
+    ap.add_argument("--out", default="outputs/head_memory")
+    args = ap.parse_args(argv)
+    from lorax.config import load_params
+    from lorax.continual.state import read_info
+    from lorax.data.manifest import load_stream_manifests
+
+    run = Path(args.run)
+    states = run / "state"
+    p = load_params(args.params, parse_overrides(args.set))
+    last = max((d for d in states.iterdir() if (d / "state.json").is_file()),
+               key=lambda d: len(read_info(d)["tasks"]))
+    tasks = read_info(last)["tasks"]
+    manifests = load_stream_manifests(args.manifests, tasks, args.data or p.data.root)
+    res = head_memory(run, manifests, p.cache, args.per_class, seed=p.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "head_memory.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (out / "head_memory.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
