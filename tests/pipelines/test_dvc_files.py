@@ -77,3 +77,19 @@ def test_only_check_reads_the_cache_section() -> None:
             continue
         declared = [p if isinstance(p, str) else next(iter(p)) for p in body.get("params") or []]
         assert not [p for p in declared if p == "cache" or p.startswith("cache.") or p.endswith(".yaml")], name
+
+
+def test_every_learner_setting_makes_its_stage_stale() -> None:
+    """A continual or trace setting left out of its stage's params would let `dvc repro` keep a state trained with the
+    old value: the exemplar choice belongs to `select`, everything else of `continual:` and `trace:` to `train`."""
+    from lorax.config import ContinualConfig
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = {name: {p for p in stages[name]["do"]["params"] if isinstance(p, str)} for name in ("train", "select")}
+    selection = {"memory_size", "memory_mode", "memory_per_class", "selection", "calibration_share"}
+    assert {f"continual.{k}" for k in selection} <= declared["select"]
+    train = declared["train"]
+    missing = [k for k in ContinualConfig.model_fields if k not in selection and f"continual.{k}" not in train
+               and "continual" not in train]
+    assert not missing, f"continual settings no stage declares (a change would not retrain): {missing}"
+    assert {"trace", "model", "adapter", "train"} <= train
