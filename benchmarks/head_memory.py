@@ -100,7 +100,7 @@ def head_memory(run: Path, manifests: dict, cache: Any, per_class: list[int], se
 
     def fit(rows: pd.DataFrame, balanced: bool = False) -> dict[str, Any]:
         _, f = predict_logits(method, rows, p, features=True, desc="head_memory fit", store=store)
-        x, y = torch.from_numpy(np.array(f, np.float32)), torch.as_tensor(rows["class_id"].to_numpy(np.int64))
+        x, y = torch.from_numpy(np.array(f, np.float32)), torch.tensor(rows["class_id"].to_numpy(np.int64))
         w, b = (weighted_refit(x, y, k, c.head_c, c.head_max_iter) if balanced
                 else refit_head(x, y, k, "refit", c.head_c, c.head_max_iter))
         return {**score(fv @ w.numpy().T + b.numpy()), "rows": len(rows)}
