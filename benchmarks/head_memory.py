@@ -34,39 +34,6 @@ import torch
 from pipelines.cli.settings import add_settings_arguments, parse_overrides
 
 
-def weighted_refit(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`lorax.continual.head.refit_head`'s objective with each class weighted by ``n / (K n_c)``."""
-    from lorax.continual.head import standardizer
-    from lorax.utils.linalg import row_space
-
-    x = x.double()
-    mean, std = standardizer(x)
-    z = (x - mean) / std
-    basis = row_space(z)
-    r, v = basis if basis is not None else (z, None)
-    counts = torch.bincount(y, minlength=n_classes).double().clamp_min(1)
-    sw = (len(y) / (n_classes * counts))[y]
-    w = torch.zeros(n_classes, r.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
-                            history_size=20, line_search_fn="strong_wolfe")
-    scale = 1.0 / (C * len(y))
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        ce = torch.nn.functional.cross_entropy(r @ w.T + b, y, reduction="none")
-        loss = (ce * sw).mean() + 0.5 * scale * (w * w).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    wz = w.detach() @ v.T if v is not None else w.detach()
-    w_raw = wz / std
-    return w_raw.float(), (b.detach() - w_raw @ mean).float()
-
-
 def head_memory(run: Path, manifests: dict, cache: Any, per_class: list[int], seed: int = 0) -> dict[str, Any]:
     """The refits of the last state's head (module docstring); ``manifests``: every task's, in stream order."""
     import pandas as pd
@@ -101,8 +68,7 @@ def head_memory(run: Path, manifests: dict, cache: Any, per_class: list[int], se
     def fit(rows: pd.DataFrame, balanced: bool = False) -> dict[str, Any]:
         _, f = predict_logits(method, rows, p, features=True, desc="head_memory fit", store=store)
         x, y = torch.from_numpy(np.array(f, np.float32)), torch.tensor(rows["class_id"].to_numpy(np.int64))
-        w, b = (weighted_refit(x, y, k, c.head_c, c.head_max_iter) if balanced
-                else refit_head(x, y, k, "refit", c.head_c, c.head_max_iter))
+        w, b = refit_head(x, y, k, "refit", c.head_c, c.head_max_iter, balanced)
         return {**score(fv @ w.numpy().T + b.numpy()), "rows": len(rows)}
 
     own = pd.concat([new, memory], ignore_index=True)

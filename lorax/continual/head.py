@@ -49,17 +49,18 @@ def standardizer(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torc
 
 
 def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
-                 max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression on (already standardised) ``z``: min C * sum CE + 0.5 |W|^2 (no bias penalty).
-    Returns ``(W (K, D), b (K))`` in float64; deterministic (full-batch L-BFGS from zero; in the row space of ``z``
-    when it is wider than tall, :func:`row_space`)."""
+                 max_iter: int = 300, balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on (already standardised) ``z``: min C * sum CE + 0.5 |W|^2 (no bias penalty);
+    ``balanced``: each row's CE weighted by ``n / (classes x its class's rows)`` (scikit-learn's
+    ``class_weight="balanced"``). Returns ``(W (K, D), b (K))`` in float64; deterministic (full-batch L-BFGS from
+    zero; in the row space of ``z`` when it is wider than tall, :func:`row_space`)."""
     from lorax.utils.linalg import row_space
 
     z = z.double()
     basis = row_space(z)
     if basis is not None:
         r, v = basis
-        w, b = fit_logistic(r, y, n_classes, C, max_iter)
+        w, b = fit_logistic(r, y, n_classes, C, max_iter, balanced)
         return w @ v.T, b
     n, d = z.shape
     w = torch.zeros(n_classes, d, dtype=torch.float64, requires_grad=True)
@@ -68,10 +69,17 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.
                             history_size=20, line_search_fn="strong_wolfe")
     scale = 1.0 / (C * n)  # the objective divided by C * n: same minimiser, better-conditioned numbers
     progress = bar(desc=f"head refit L-BFGS ({n} x {d})", total=max_iter, unit="eval")
+    weight = None
+    if balanced:
+        counts = torch.bincount(y, minlength=n_classes).double().clamp_min(1)
+        weight = (n / (n_classes * counts))[y]
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + 0.5 * scale * (w * w).sum()
+        logits = z @ w.T + b
+        ce = (torch.nn.functional.cross_entropy(logits, y) if weight is None  # the unweighted path as it always was
+              else (torch.nn.functional.cross_entropy(logits, y, reduction="none") * weight).mean())
+        loss = ce + 0.5 * scale * (w * w).sum()
         loss.backward()
         progress.update()
         return loss
@@ -98,9 +106,9 @@ def fit_ncm(z: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Ten
 
 
 def refit_head(features: torch.Tensor, y: torch.Tensor, n_classes: int, kind: str = "refit", C: float = 1.0,
-               max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+               max_iter: int = 300, balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight (K, D), bias (K))`` in float32 of a linear head on the RAW ``features`` (N, D): fitted on the
-    standardised features, the standardisation folded in."""
+    standardised features, the standardisation folded in (``balanced``: :func:`fit_logistic`'s class weights)."""
     if kind not in ("refit", "ncm"):
         raise ValueError(f"continual.head: {kind!r} is not a refit head (refit | ncm)")
     x = features.double().cpu()
@@ -110,7 +118,7 @@ def refit_head(features: torch.Tensor, y: torch.Tensor, n_classes: int, kind: st
         log.warning("head refit: classes %s have no rows (no exemplar memory?): they are never predicted", missing)
     mean, std = standardizer(x)
     z = (x - mean) / std
-    w, b = fit_ncm(z, y, n_classes) if kind == "ncm" else fit_logistic(z, y, n_classes, C, max_iter)
+    w, b = fit_ncm(z, y, n_classes) if kind == "ncm" else fit_logistic(z, y, n_classes, C, max_iter, balanced)
     w_raw = w / std
     b_raw = b - w_raw @ mean
     return w_raw.float(), b_raw.float()

@@ -131,3 +131,21 @@ def test_wide_fits_solve_the_full_problem():
     loss = loss + 0.5 / (C * n) * (wb * wb).sum()
     gw, gb = torch.autograd.grad(loss, [wb, bb])
     assert gw.norm() < 1e-4 * max(1.0, wb.norm().item() / (C * n)) and abs(gb.item()) < 1e-5
+
+
+def test_balanced_refit_weights_the_rare_class_up():
+    """``balanced``: a class with few rows gets the weight of a common one, so its region grows (and the default
+    stays the unweighted fit)."""
+    from lorax.continual.head import refit_head
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200, 4, generator=g), torch.randn(10, 4, generator=g) + 1.0])
+    y = torch.cat([torch.zeros(200, dtype=torch.long), torch.ones(10, dtype=torch.long)])
+    probe = torch.randn(400, 4, generator=g) + 0.5
+    plain = refit_head(x, y, 2)
+    again = refit_head(x, y, 2, balanced=False)
+    assert torch.equal(plain[0], again[0]) and torch.equal(plain[1], again[1])
+    w, b = refit_head(x, y, 2, balanced=True)
+    rare_plain = ((probe @ plain[0].T + plain[1]).argmax(1) == 1).float().mean()
+    rare_bal = ((probe @ w.T + b).argmax(1) == 1).float().mean()
+    assert rare_bal > rare_plain + 0.1
