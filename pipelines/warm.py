@@ -162,30 +162,35 @@ def serve(path: Path) -> int:
 
     lock = path.with_suffix(".starting")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop is an exit: the socket is removed (finally)
-    try:
-        for name in PRELOAD:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass  # an optional extra (e.g. open_clip) is imported by the stage that needs it
-        if threading.active_count() != 1:  # forking with other threads alive is unsafe: serve nobody
-            return 1
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        path.unlink(missing_ok=True)
-        old_umask = os.umask(0o177)
-        try:
-            listener.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        bound = path.stat()  # the socket file this server made (a socket's fstat is not its file's inode)
-        listener.listen(16)
-    finally:
-        lock.unlink(missing_ok=True)
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
+    listener: socket.socket | None = None
+    bound: os.stat_result | None = None  # the socket file this server made (a socket's fstat is not its file's inode)
     children: dict[int, socket.socket] = {}  # pid -> client connection
-    idle_since = time.monotonic()
     try:
+        try:
+            for name in PRELOAD:
+                try:
+                    importlib.import_module(name)
+                except ImportError:
+                    pass  # an optional extra (e.g. open_clip) is imported by the stage that needs it
+            if threading.active_count() != 1:  # forking with other threads alive is unsafe: serve nobody
+                return 1
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            path.unlink(missing_ok=True)
+            old_umask = os.umask(0o177)
+            # a stop between the bind and knowing the file would leave the socket behind: hold it until both are done
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                listener.bind(str(path))
+                bound = path.stat()
+            finally:
+                os.umask(old_umask)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            listener.listen(16)
+        finally:
+            lock.unlink(missing_ok=True)
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
+        idle_since = time.monotonic()
         while children or time.monotonic() - idle_since < IDLE_S:
             for key, _ in sel.select(timeout=0.1):
                 if key.fileobj is listener:
@@ -213,11 +218,13 @@ def serve(path: Path) -> int:
         for pid in children:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):  # our socket only: a newer server may have bound the path since
-            now = path.stat()
-            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
-                path.unlink()
-        listener.close()
+        if bound is not None:
+            with contextlib.suppress(OSError):  # our socket only: a newer server may have bound the path since
+                now = path.stat()
+                if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+                    path.unlink()
+        if listener is not None:
+            listener.close()
     return 0
 
 

@@ -158,11 +158,29 @@ def survivors(root: Path) -> list[str]:
     return [f"{pid} {cmd}" for pid, (_, cmd) in procs.items() if pid not in servers and pid != os.getpid()]
 
 
+def wait_for_next_checkpoint(ckpt: Path, timeout_s: float = 120) -> None:
+    """Until the epoch checkpoint is replaced by the next epoch's (written atomically: a new file). The trainer
+    writes an epoch's checkpoint just before it reports the epoch (a resumed task never reports one twice), so a
+    kill right after the first checkpoint rightly records epoch 0; on a loaded machine that gap is wide enough to hit.
+    The second checkpoint comes after the first epoch was reported, which is the case this test is about."""
+    first = ckpt.stat().st_ino
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if ckpt.stat().st_ino != first:
+                return
+        except FileNotFoundError:  # between the old file and the rename of the new one, or the task finished
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"{ckpt} was not replaced by a next epoch's in {timeout_s} s")
+
+
 def test_kill_9_of_dvc_repro_takes_its_stage_along_and_the_rerun_resumes(repo: Path) -> None:
     append_to_stream(repo / "params.yaml", "nnconv", root=repo)
     ckpt = repo / "state" / "nnconv.resume" / "checkpoint.pt"
     proc = repro_until(repo, ckpt)
     try:
+        wait_for_next_checkpoint(ckpt)
         os.kill(proc.pid, signal.SIGKILL)  # DVC alone, as `kill -9 <pid>` does
         proc.wait()
         deadline = time.time() + 30
