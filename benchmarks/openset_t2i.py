@@ -56,7 +56,7 @@ def heldout_case(feats: dict[str, np.ndarray], manifests: dict, known: list[str]
     reads may hold anything); ``columns``: the feature columns the case reads (default all); ``logits`` (rows as
     ``feats``): the model's, for the energy and max-softmax baselines' AUROC of the fakes."""
     from lorax.serving.openset import MAX_PER_CLASS, calibration_rows, fit, set_threshold
-    from lorax.serving.scan import val_halves
+    from lorax.serving.scan import energy_score, msp_score, val_halves
 
     cols = slice(None) if columns is None else columns
 
@@ -72,11 +72,9 @@ def heldout_case(feats: dict[str, np.ndarray], manifests: dict, known: list[str]
         parts.append(of(t, sub["_row"]))
         labels.append(sub["class_id"].to_numpy())
     x, y = np.concatenate(parts), np.concatenate(labels)
-    cal, test = [], []
-    for t in known:
-        half, rest = val_halves(manifests[t], seed)
-        cal.append(of(t, half.index))
-        test.append(of(t, rest.index))
+    halves = {t: val_halves(manifests[t], seed) for t in known}
+    cal = [of(t, half.index) for t, (half, _) in halves.items()]
+    test = [of(t, rest.index) for t, (_, rest) in halves.items()]
     stats = set_threshold(fit(x, y, 2 * len(known)), np.concatenate(cal))
     s_known = stats.score(np.concatenate(test))
     hv = manifests[held][manifests[held]["split"] == "val"]
@@ -91,9 +89,9 @@ def heldout_case(feats: dict[str, np.ndarray], manifests: dict, known: list[str]
         def lg(t: str, index) -> np.ndarray:
             return logits[t][manifests[t].index.get_indexer(index)]
 
-        known_lg = np.concatenate([lg(t, val_halves(manifests[t], seed)[1].index) for t in known])
+        known_lg = np.concatenate([lg(t, rest.index) for t, (_, rest) in halves.items()])
         fake_lg = lg(held, hv.index[is_fake])
-        for name, score in (("energy", _energy), ("msp", _msp)):
+        for name, score in (("energy", energy_score), ("msp", msp_score)):
             out[f"auroc_{name}_fakes"] = auroc_of(score(known_lg), score(fake_lg))
     return {**out, "auroc_fakes": auroc(s_val[is_fake]), "auroc_all_val": auroc(s_val),
             "auroc_reals": auroc(s_val[~is_fake]),
@@ -108,17 +106,6 @@ def auroc_of(known: np.ndarray, unknown: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(np.r_[np.zeros(len(known)), np.ones(len(unknown))], np.r_[known, unknown]))
-
-
-def _energy(lg: np.ndarray) -> np.ndarray:
-    m = lg.max(1, keepdims=True)
-    return -(m[:, 0] + np.log(np.exp(lg - m).sum(1)))
-
-
-def _msp(lg: np.ndarray) -> np.ndarray:
-    from lorax.continual.metrics import softmax
-
-    return -softmax(lg).max(1)
 
 
 def feature_parts(method: Any, params: Any) -> dict[str, np.ndarray | None]:

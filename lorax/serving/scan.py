@@ -184,6 +184,19 @@ def scan_inbox(predictor: Predictor, inbox: list[str | Path], out: str | Path, *
     return summary
 
 
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    """The energy baseline's unknown score: minus the log-sum-exp of the logits (high = unlike every class)."""
+    m = logits.max(1, keepdims=True)
+    return -(m[:, 0] + np.log(np.exp(logits - m).sum(1)))
+
+
+def msp_score(logits: np.ndarray) -> np.ndarray:
+    """The max-softmax baseline's unknown score: minus the top class probability."""
+    from lorax.continual.metrics import softmax
+
+    return -softmax(logits).max(1)
+
+
 def val_halves(df: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A task's val rows split in two, half of each class each (seeded): the open-set threshold's half and the
     known test half of a held-out evaluation."""
@@ -208,7 +221,6 @@ def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    from lorax.continual.metrics import softmax
     from lorax.data.manifest import abs_paths
     from lorax.serving.openset import calibrate
 
@@ -224,10 +236,8 @@ def evaluate_heldout(predictor: Predictor, known: dict[str, Any], unknown: dict[
     def scores(res) -> dict[str, np.ndarray]:
         ok = (res.table["status"] == "ok").to_numpy()
         lg = res.logits[ok]
-        p = softmax(lg)
-        m = lg.max(1, keepdims=True)
         return {"mahalanobis": res.table["unknown_score"].to_numpy(dtype=float)[ok],
-                "energy": -(m[:, 0] + np.log(np.exp(lg - m).sum(1))), "msp": -p.max(1),
+                "energy": energy_score(lg), "msp": msp_score(lg),
                 "fake_p": res.table["fake_probability"].to_numpy(dtype=float)[ok],
                 "called_fake": (res.table["verdict"] == "fake").to_numpy(dtype=bool)[ok]}
 
