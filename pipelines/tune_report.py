@@ -60,12 +60,14 @@ def table_files(result: TuneResult, out: Path) -> tuple[Path, Path]:
 
 def write_tuned_params(params_file: str | Path, out: str | Path, result: TuneResult,
                        overrides: dict[str, Any] | None = None) -> Path:
-    """``out`` = the text of ``params_file`` with the chosen keys that differ from its values set (nothing else
-    changes); it must load (with the ``-S`` overrides that are not grid keys) and hold the chosen values."""
+    """``out`` = the text of ``params_file`` with the chosen keys that differ from the file's own values set (nothing
+    else changes); it must load (with the ``-S`` overrides that are not grid keys) and hold the chosen values."""
     src, out = Path(params_file), Path(out)
     lines = src.read_text().splitlines(keepends=True)
-    for k, v in chosen_changes(result).items():
-        set_path(lines, k, v)
+    own = params_to_dict(load_params(src))  # a -S override of a grid key moved result.start off the file's value
+    for k, v in result.chosen.items():
+        if get_path(own, k) != v:
+            set_path(lines, k, v)
     tmp = out.with_name(out.name + ".tmp")
     write_text(tmp, "".join(lines))
     try:

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.cli.settings import add_settings_arguments
+from lorax.config import ConfigError
+from pipelines.cli.settings import add_settings_arguments, parse_overrides
 from pipelines.init_params import PROFILES
 
 
@@ -47,6 +48,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ini.add_argument("--params", default="params.yaml", help="the file to write (default: %(default)s)")
     ini.add_argument("--force", action="store_true", help="replace the params of a stream that has already run "
                      "(a copy is kept as params.yaml.bak)")
+    ini.add_argument("--tune", action="store_true", help="then choose the profile's tune.grid on your folder's train "
+                     "split (`lorax tune`, val never read) and write the chosen settings into --params; run it from "
+                     "the project root")
+    ini.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="with --tune: a setting of the tuning runs only, e.g. -S train.epochs=2 (repeatable)")
+    ini.add_argument("--no-track", action="store_true", help="with --tune: do not log the table to MLflow")
     ini.set_defaults(func=_init)
 
     demo = sub.add_parser("demo", help="the main job: `dvc repro` of the built-in zoo, then where to look")
@@ -83,7 +90,13 @@ def _init(args: argparse.Namespace) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     command = shlex.join(["lorax", "init", "--root", args.root] + (["--tasks", args.tasks] if args.tasks else [])
-                         + ["--profile", args.profile])
+                         + ["--profile", args.profile] + (["--tune"] if args.tune else []))
+    if args.set and not args.tune:
+        raise ConfigError("-S: settings of the tuning runs; give --tune too (or edit the written params file)")
+    project_dir = Path(args.params).resolve().parent
+    if args.tune and project_dir != Path.cwd().resolve():
+        raise ConfigError(f"--tune runs from the project root: cd {project_dir} and run `lorax init` there "
+                          "(the params' relative folders are read from there)")
     res = init_params(args.params, args.root, tasks, args.profile, args.force, command)
     p = res.params
     project = res.path.resolve().parent
@@ -99,12 +112,34 @@ def _init(args: argparse.Namespace) -> int:
               f"{res.path} --manifests DIR --out OUT` without DVC)")
     elif ensure_dvc(project):
         print(f"ran `dvc init` in {project} (there was no .dvc/)")
+    if args.tune:
+        tune_written(res.path, parse_overrides(args.set), track=not args.no_track)
     print("Next:\n"
           "  dvc repro                 # prepares every task's manifest, trains the stream, registers the champion\n"
           "  lorax stream add NAME     # when a new task folder NAME appears under data.root; then `dvc repro`\n"
           "  lorax models list         # the registered versions and the champion\n"
           "  dvc repro pipelines/detection/dvc.yaml   # optional: the real/fake detector, trained on the first task")
     return 0
+
+
+def tune_written(params_file: Path, overrides: dict, track: bool = True) -> dict:
+    """``lorax init --tune``: prepare the tuned tasks' manifests under the tune's work folder (``<stem>.tune/``, not
+    the pipeline's own, so `dvc repro` still prepares its stages), then ``lorax tune`` the file in place."""
+    from lorax.config import load_params
+    from lorax.data.prepare import prepare_tasks
+    from pipelines.cli.tune import run_tune
+    from pipelines.tune import tuned_tasks
+
+    params = load_params(params_file, overrides)
+    work = params_file.with_name(params_file.stem + ".tune")
+    manifests = work / "manifests"
+    tasks = tuned_tasks(params)
+    print(f"tuning {', '.join(f'{k}: {v}' for k, v in params.tune.grid.items())} on the train split of {tasks} "
+          f"({params.tune.folds} grouped folds; val is never read)")
+    for r in prepare_tasks(root=params.data.root, tasks=tasks, out_dir=manifests, cfg=params.data,
+                           crop=params.model.img_size):
+        print(r.summary())
+    return run_tune(params_file, params_file, overrides, manifests=manifests, work=work, track=track)
 
 
 def _stream_add(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from pipelines.cli.settings import add_settings_arguments
 
@@ -27,23 +28,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from pipelines.cli.settings import params_from_arguments, parse_overrides
+    from pipelines.cli.settings import parse_overrides
+
+    run_tune(args.params, Path(args.out), parse_overrides(args.set), manifests=args.manifests,
+             work=Path(args.work) if args.work else None, track=not args.no_track)
+    return 0
+
+
+def run_tune(params_file: str | Path, out: Path, overrides: dict[str, Any], manifests: str | Path | None = None,
+             work: Path | None = None, track: bool = True) -> dict[str, Any]:
+    """Tune ``params_file`` (with ``overrides`` for the tuning runs) and write ``out`` (may be ``params_file``
+    itself: only the chosen keys change); print and save the table, log it to MLflow when ``track``. The one path
+    of ``lorax tune`` and ``lorax init --tune``; returns the chosen settings."""
+    from lorax.config import load_params
     from pipelines.cli.train import check_method
     from pipelines.tune import tune
     from pipelines.tune_report import format_table, log_to_mlflow, table_files, write_tuned_params
 
-    params = params_from_arguments(args)
+    params = load_params(params_file, overrides)
     check_method(params)
-    out = Path(args.out)
-    work = Path(args.work) if args.work else out.with_name(out.with_suffix("").name + ".tune")
-    result = tune(params, Path(args.manifests or params.data.manifests), work)
-    write_tuned_params(args.params, out, result, parse_overrides(args.set))
+    work = work or out.with_name(out.with_suffix("").name + ".tune")
+    result = tune(params, Path(manifests or params.data.manifests), work)
+    write_tuned_params(params_file, out, result, overrides)
     json_file, csv_file = table_files(result, out)
     print(format_table(result))
     changed = {k: v for k, v in result.chosen.items() if result.start.get(k) != v}
     print(f"chosen: {result.chosen} ({'changed: ' + str(changed) if changed else 'the params already held it'})")
     print(f"tuned params: {out}; table: {json_file}, {csv_file}; runs: {work}")
-    if not args.no_track:
+    if track:
         run_id, uri = log_to_mlflow(params, result, [json_file, csv_file, out])
         print(f"MLflow run {run_id} in {uri}")
-    return 0
+    return result.chosen

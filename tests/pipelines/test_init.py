@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from lorax.data.images import DataError
 from pipelines.cli import main
 from pipelines.init_params import init_params
 from pipelines.stream_edit import append_to_stream
-from tests.helpers import REPO, dvc, dvc_project, noise_images, stages_ran, write_cddb
+from tests.helpers import REPO, TINY_OVERRIDES, dvc, dvc_project, noise_images, stages_ran, write_cddb
 
 
 @pytest.fixture
@@ -108,3 +110,41 @@ def test_dvc_repro_prepares_a_task_of_the_written_params(tmp_path: Path) -> None
     out = dvc(root, "repro", "prepare@b", LORAX_WARM="0")
     assert stages_ran(out.stdout) == ["check", "synth@b", "prepare@b"]
     assert (root / "data" / "manifests_mine" / "b.parquet").is_file()
+
+
+def test_init_tune_writes_the_settings_chosen_on_the_train_split(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`lorax init --tune`: the written params get tune.grid's winner on the folder's train folds (the tiny model
+    and grid through -S, which shape the tuning runs only); the manifests stay in the tune's own folder."""
+    write_cddb(tmp_path / "mine", ["b", "a"], n=6)
+    project = tmp_path / "proj"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    tiny = {k: v for k, v in TINY_OVERRIDES.items() if not k.startswith(("zoo.", "stream"))}
+    sets = [f"{k}={json.dumps(v)}" for k, v in tiny.items()]
+    sets += ["tune.folds=2", "tune.grid={model.img_size: [12, 16]}", f"cache.dir={tmp_path / 'cache'}"]
+    argv = ["init", "--root", "../mine", "--profile", "zoo", "--tune", "--no-track"]
+    assert main([*argv, *[x for s in sets for x in ("-S", s)]]) == 0
+    doc = json.loads((project / "params.tune.json").read_text())
+    assert doc["tasks"] == ["a", "b"] and doc["folds"] == 2 and len(doc["runs"]) == 4  # 2 settings x 2 folds
+    p = load_params(project / "params.yaml")
+    assert p.model.img_size == doc["chosen"]["model.img_size"] in (12, 16)  # the zoo profile's own is 28
+    assert p.model.backbone == load_params(REPO / "params.yaml").model.backbone  # -S stayed in the tuning runs
+    text = (project / "params.yaml").read_text()
+    assert text.startswith("# lorax init: written by `lorax init --root ../mine --profile zoo --tune` from params.yaml")
+    assert "# builtin (the zoo, synthesised)" in text  # the profile's comments kept
+    assert sorted(f.name for f in (project / "params.tune" / "manifests").glob("*.parquet")) == ["a.parquet",
+                                                                                                 "b.parquet"]
+    assert not (project / p.data.manifests).exists()  # the pipeline's prepare stage still owns those
+    assert "chosen: {'model.img_size'" in capsys.readouterr().out
+
+
+def test_init_settings_without_tune_or_outside_the_project_are_refused(tmp_path: Path, folder: Path,
+                                                                      monkeypatch, capsys) -> None:
+    (tmp_path / "proj").mkdir()
+    monkeypatch.chdir(tmp_path / "proj")
+    assert main(["init", "--root", "../mine", "-S", "train.epochs=1"]) == 2
+    assert "give --tune too" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "--root", "mine", "--params", "proj/params.yaml", "--tune"]) == 2
+    assert re.search(r"--tune runs from the project root: cd \S*proj", capsys.readouterr().err)
+    assert not (tmp_path / "proj" / "params.yaml").exists()  # refused before anything was written
