@@ -2,8 +2,8 @@
 
 The six-task stream of ``../shared/data/realworld`` (biggan, stylegan2, ldif, glid3, dmin, disco) with
 ``params.realworld.yaml``, through the library (:func:`pipelines.train_stream.run_stream`), for each method
-(``continual.method``: lorax, joint, finetune, probe) and, for LoRAX, each exemplar budget (``--memory``; the other
-methods use the first). Every run is evaluated as is and under the resampling control (``eval.resample_control``,
+(``continual.method``: lorax, joint, finetune, probe) and, for LoRAX, each exemplar budget (``--memory``, default the
+settings file's own ``continual.memory_size``; the other methods use the first). Every run is evaluated as is and under the resampling control (``eval.resample_control``,
 Lanczos 256 -> 240 px before cropping; switched on here if the settings file has it off), so a model that learned
 "resampled means real" shows. The val split is scored only: nothing is chosen on it.
 
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifests", help="manifest folder (default: OUT/manifests; prepared when missing)")
     ap.add_argument("--out", default="outputs/realworld")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=CHOICES)
-    ap.add_argument("--memory", nargs="+", type=int, default=[500, 100], help="LoRAX exemplar budgets")
+    ap.add_argument("--memory", nargs="+", type=int, help="LoRAX exemplar budgets (default: the params' own "
+                    "continual.memory_size, e.g. 2000 in params.realworld.yaml, replaying continual.replay_size)")
     ap.add_argument("--quick", action="store_true", help="2 tasks, tiny random model: a plumbing check")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if common.eval.jpeg_control is None:
             control["eval.jpeg_control"] = JPEG_CONTROL
         per_method = METHOD_OVERRIDES if common.continual.head != "linear" else {}
-        for name, method, size in runs(args.methods, args.memory):
+        for name, method, size in runs(args.methods, args.memory or [common.continual.memory_size]):
             ov = {**base, **per_method.get(method, {}), "continual.method": method, "continual.memory_size": size,
                   **user, **control}
             rows[name] = run_one(args.params, ov, manifests, out / name)
