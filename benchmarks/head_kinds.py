@@ -1,0 +1,187 @@
+"""Is the linear head the wall? ``python -m benchmarks.head_kinds``: other heads on a finished stream's features.
+
+The refit head is a logistic regression on the standardised super-feature; on t2i its joint ceiling (every train row
+of every task) was about 68 pooled with the probe's features (docs/results.md). A head that draws curved borders
+could find what a linear one cannot. This fits each head kind on the last state's frozen super-features (read
+through the stream's feature store: nothing is trained but the heads):
+
+* ``cv``: grouped ``--folds``-fold cross-validation over every task's train rows (the dataset's groups, e.g. one t2i
+  prompt, never straddle a fold), pooled multi-real accuracy on the held-out folds: the figure to choose by (val is
+  not read for it);
+* ``joint``: fitted on every train row, scored on val: the ceiling of each head with no memory limit (a diagnosis);
+* ``memory``: fitted on what the last head was fitted on (the last task's train rows + the memory before it),
+  scored on val: what the stream itself would get from that head.
+
+Head kinds: ``logistic`` (the stream's own refit, :func:`lorax.continual.head.refit_head`), ``lda`` (shrinkage
+LDA: one shared covariance), ``svm`` (RBF kernel), ``mlp`` (one hidden layer, early stopping), ``knn`` (cosine, 15
+neighbours, distance-weighted); all on standardised features.
+
+    python -m benchmarks.head_kinds --run OUT/probe --manifests M --data ../shared/data/t2i -S cache.dir=C \\
+        --out outputs/head_kinds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines.cli.settings import add_settings_arguments, parse_overrides
+
+Fit = Callable[[np.ndarray, np.ndarray, int], Callable[[np.ndarray], np.ndarray]]
+
+
+def _logistic(c: float, max_iter: int) -> Fit:
+    def fit(x: np.ndarray, y: np.ndarray, k: int) -> Callable[[np.ndarray], np.ndarray]:
+        from lorax.continual.head import refit_head
+
+        w, b = refit_head(torch.tensor(x), torch.tensor(y), k, "refit", c, max_iter)
+        return lambda z: z @ w.double().numpy().T + b.double().numpy()
+    return fit
+
+
+def _sklearn(make: Callable[[int], Any]) -> Fit:
+    """A scikit-learn classifier on standardised features; its class scores spread over all ``k`` classes."""
+    def fit(x: np.ndarray, y: np.ndarray, k: int) -> Callable[[np.ndarray], np.ndarray]:
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        model = make(k).fit((x - mean) / std, y)
+
+        def scores(z: np.ndarray) -> np.ndarray:
+            zs = (z - mean) / std
+            raw = model.predict_proba(zs) if hasattr(model, "predict_proba") else model.decision_function(zs)
+            if raw.ndim == 1:  # a two-class decision function: one margin
+                raw = np.stack([-raw, raw], 1)
+            out = np.full((len(z), k), -np.inf)
+            out[:, model.classes_] = raw
+            return out
+        return scores
+    return fit
+
+
+def head_kinds(c: float = 1.0, max_iter: int = 300, seed: int = 0) -> dict[str, Fit]:
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.svm import SVC
+
+    return {
+        "logistic": _logistic(c, max_iter),
+        "lda": _sklearn(lambda k: LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")),
+        "svm": _sklearn(lambda k: SVC(kernel="rbf", C=10.0, gamma="scale", decision_function_shape="ovr")),
+        "mlp": _sklearn(lambda k: MLPClassifier((512,), alpha=1e-2, early_stopping=True, max_iter=400,
+                                                random_state=seed)),
+        "knn": _sklearn(lambda k: KNeighborsClassifier(15, weights="distance", metric="cosine")),
+    }
+
+
+def pooled(scores: np.ndarray, target: np.ndarray) -> float:
+    from lorax.continual.metrics import multi_real_correct
+
+    return round(float(100 * multi_real_correct(scores.argmax(1), target).mean()), 2)
+
+
+def evaluate_heads(kinds: dict[str, Fit], train: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   val: tuple[np.ndarray, np.ndarray], memory: tuple[np.ndarray, np.ndarray], k: int
+                   ) -> dict[str, dict[str, Any]]:
+    """Per head kind: ``cv`` (mean and per fold over ``train``'s fold ids), ``joint`` and ``memory`` (on ``val``)
+    and seconds. ``train`` = (features, class ids, fold ids), ``val``/``memory`` = (features, class ids)."""
+    x, y, folds = train
+    out: dict[str, dict[str, Any]] = {}
+    for name, fit in kinds.items():
+        t0 = time.perf_counter()
+        per_fold = []
+        for f in sorted(set(folds.tolist())):
+            held = folds == f
+            per_fold.append(pooled(fit(x[~held], y[~held], k)(x[held]), y[held]))
+        out[name] = {"cv": round(float(np.mean(per_fold)), 2), "cv_std": round(float(np.std(per_fold)), 2),
+                     "cv_folds": per_fold, "joint": pooled(fit(x, y, k)(val[0]), val[1]),
+                     "memory": pooled(fit(*memory, k)(val[0]), val[1]),
+                     "seconds": round(time.perf_counter() - t0, 1)}
+    return out
+
+
+def stream_features(run: Path, manifests: dict[str, pd.DataFrame], cache: Any, folds: int, seed: int
+                    ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], tuple[np.ndarray, ...], int]:
+    """The last state's super-features of every train row (with grouped fold ids), of every val row, and of the
+    rows its head was fitted on (last task's train rows + the memory before it), through the stream's store."""
+    from lorax.continual.evaluation import predict_logits, val_rows
+    from lorax.continual.memory import ExemplarMemory
+    from lorax.continual.state import load_state
+    from lorax.data.folds import assign_folds
+    from lorax.features import open_store
+
+    tasks = list(manifests)
+    method, _ = load_state(run / "state" / tasks[-1])
+    p = method.params.model_copy(deep=True)
+    p.cache = cache
+    store = open_store(cache)
+
+    def feats(rows: pd.DataFrame, what: str) -> tuple[np.ndarray, np.ndarray]:
+        _, f = predict_logits(method, rows, p, features=True, desc=f"head_kinds {what}", store=store)
+        return np.asarray(f, np.float64), rows["class_id"].to_numpy(np.int64)
+
+    train = pd.concat([m[m["split"] == "train"] for m in manifests.values()], ignore_index=True)
+    last = manifests[tasks[-1]]
+    new = last[last["split"] == "train"]
+    root = new["root"].iloc[0] if "root" in new.columns and len(new) else None
+    memory = ExemplarMemory.load(run / "memory" / f"{tasks[-2]}.parquet", root).manifest() if len(tasks) > 1 \
+        else new.iloc[:0]
+    x, y = feats(train, "train")
+    return ((x, y, assign_folds(train, folds, seed)), feats(val_rows([manifests[t] for t in tasks]), "val"),
+            feats(pd.concat([new, memory], ignore_index=True), "memory"), 2 * len(tasks))
+
+
+def markdown(res: dict[str, dict[str, Any]]) -> str:
+    lines = ["| head | train CV pooled (mean +- std) | val, fitted on every train row | val, fitted on task + memory "
+             "| s |", "|---|---|---|---|---|"]
+    for name, r in res.items():
+        lines.append(f"| {name} | {r['cv']:.1f} +- {r['cv_std']:.1f} | {r['joint']:.1f} | {r['memory']:.1f} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_arguments(ap, default="params.realworld.yaml")
+    ap.add_argument("--run", required=True, help="a finished stream's run folder (holding state/ and memory/)")
+    ap.add_argument("--manifests", required=True, help="the stream's manifests")
+    ap.add_argument("--data", help="dataset root the manifests' rows live under (default: data.root)")
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--heads", nargs="+", help="head kinds (default: all)")
+    ap.add_argument("--out", default="outputs/head_kinds")
+    args = ap.parse_args(argv)
+    from lorax.config import load_params
+    from lorax.continual.state import read_info
+    from lorax.data.manifest import load_stream_manifests
+
+    run = Path(args.run)
+    p = load_params(args.params, parse_overrides(args.set))
+    last = max((d for d in (run / "state").iterdir() if (d / "state.json").is_file()),
+               key=lambda d: len(read_info(d)["tasks"]))
+    tasks = read_info(last)["tasks"]
+    manifests = load_stream_manifests(args.manifests, tasks, args.data or p.data.root)
+    kinds = head_kinds(p.continual.head_c, p.continual.head_max_iter, p.seed)
+    unknown = set(args.heads or []) - set(kinds)
+    if unknown:
+        ap.error(f"--heads: unknown {sorted(unknown)}; known: {', '.join(kinds)}")
+    kinds = {k: v for k, v in kinds.items() if not args.heads or k in args.heads}
+    train, val, memory, k = stream_features(run, manifests, p.cache, args.folds, p.seed)
+    res = evaluate_heads(kinds, train, val, memory, k)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "head_kinds.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (out / "head_kinds.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
