@@ -22,8 +22,6 @@ neighbours, distance-weighted); all on standardised features.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines.cli.settings import add_settings_arguments, parse_overrides
+from pipelines.cli.settings import parse_overrides
 
 Fit = Callable[[np.ndarray, np.ndarray, int], Callable[[np.ndarray], np.ndarray]]
 
@@ -148,25 +146,17 @@ def markdown(res: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_settings_arguments(ap, default="params.realworld.yaml")
-    ap.add_argument("--run", required=True, help="a finished stream's run folder (holding state/ and memory/)")
-    ap.add_argument("--manifests", required=True, help="the stream's manifests")
-    ap.add_argument("--data", help="dataset root the manifests' rows live under (default: data.root)")
+    from benchmarks.head_memory import finished_stream, report, stream_parser
+
+    ap = stream_parser(__doc__)
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--heads", nargs="+", help="head kinds (default: all)")
     ap.add_argument("--out", default="outputs/head_kinds")
     args = ap.parse_args(argv)
     from lorax.config import load_params
-    from lorax.continual.state import read_info
-    from lorax.data.manifest import load_stream_manifests
 
-    run = Path(args.run)
     p = load_params(args.params, parse_overrides(args.set))
-    last = max((d for d in (run / "state").iterdir() if (d / "state.json").is_file()),
-               key=lambda d: len(read_info(d)["tasks"]))
-    tasks = read_info(last)["tasks"]
-    manifests = load_stream_manifests(args.manifests, tasks, args.data or p.data.root)
+    run, manifests = finished_stream(Path(args.run), args.manifests, args.data or p.data.root)
     kinds = head_kinds(p.continual.head_c, p.continual.head_max_iter, p.seed)
     unknown = set(args.heads or []) - set(kinds)
     if unknown:
@@ -174,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {k: v for k, v in kinds.items() if not args.heads or k in args.heads}
     train, val, memory, k = stream_features(run, manifests, p.cache, args.folds, p.seed)
     res = evaluate_heads(kinds, train, val, memory, k)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "head_kinds.json").write_text(json.dumps(res, indent=2))
-    md = markdown(res)
-    (out / "head_kinds.md").write_text(md)
-    print(md)
+    report(Path(args.out), "head_kinds", res, markdown(res))
     return 0
 
 

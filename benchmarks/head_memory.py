@@ -92,33 +92,45 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_settings_arguments(ap, default="params.realworld.yaml")
-    ap.add_argument("--run", required=True, help="a finished stream's run folder (holding state/ and memory/)")
-    ap.add_argument("--manifests", required=True, help="the stream's manifests")
-    ap.add_argument("--data", help="dataset root the manifests' rows live under (default: data.root)")
+    ap = stream_parser(__doc__)
     ap.add_argument("--per-class", nargs="*", type=int, default=[20, 41, 80, 140, 200])
     ap.add_argument("--out", default="outputs/head_memory")
     args = ap.parse_args(argv)
     from lorax.config import load_params
+
+    p = load_params(args.params, parse_overrides(args.set))
+    run, manifests = finished_stream(Path(args.run), args.manifests, args.data or p.data.root)
+    res = head_memory(run, manifests, p.cache, args.per_class, seed=p.seed)
+    report(Path(args.out), "head_memory", res, markdown(res))
+    return 0
+
+
+def stream_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark on a finished stream: settings, ``--run``, ``--manifests``, ``--data``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_arguments(ap, default="params.realworld.yaml")
+    ap.add_argument("--run", required=True, help="a finished stream's run folder (holding state/ and memory/)")
+    ap.add_argument("--manifests", required=True, help="the stream's manifests")
+    ap.add_argument("--data", help="dataset root the manifests' rows live under (default: data.root)")
+    return ap
+
+
+def finished_stream(run: Path, manifests: str | Path, data_root: str) -> tuple[Path, dict]:
+    """``run`` and the manifests of its last state's tasks (the state that holds the most), in stream order."""
     from lorax.continual.state import read_info
     from lorax.data.manifest import load_stream_manifests
 
-    run = Path(args.run)
-    states = run / "state"
-    p = load_params(args.params, parse_overrides(args.set))
-    last = max((d for d in states.iterdir() if (d / "state.json").is_file()),
+    last = max((d for d in (run / "state").iterdir() if (d / "state.json").is_file()),
                key=lambda d: len(read_info(d)["tasks"]))
-    tasks = read_info(last)["tasks"]
-    manifests = load_stream_manifests(args.manifests, tasks, args.data or p.data.root)
-    res = head_memory(run, manifests, p.cache, args.per_class, seed=p.seed)
-    out = Path(args.out)
+    return run, load_stream_manifests(manifests, read_info(last)["tasks"], data_root)
+
+
+def report(out: Path, name: str, res: dict[str, Any], md: str) -> None:
+    """``out/<name>.json`` and ``.md``; the table printed."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "head_memory.json").write_text(json.dumps(res, indent=2))
-    md = markdown(res)
-    (out / "head_memory.md").write_text(md)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{name}.md").write_text(md)
     print(md)
-    return 0
 
 
 if __name__ == "__main__":
