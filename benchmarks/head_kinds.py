@@ -8,6 +8,9 @@ through the stream's feature store: nothing is trained but the heads):
 * ``cv``: grouped ``--folds``-fold cross-validation over every task's train rows (the dataset's groups, e.g. one t2i
   prompt, never straddle a fold), pooled multi-real accuracy on the held-out folds: the figure to choose by (val is
   not read for it);
+* ``cv_memory``: the same folds, each head fitted only on the rows the stream's last head was fitted on (the last
+  task's train rows + the memory) outside the fold, scored on the whole held-out fold: the stream's own fit, chosen
+  without val;
 * ``joint``: fitted on every train row, scored on val: the ceiling of each head with no memory limit (a diagnosis);
 * ``memory``: fitted on what the last head was fitted on (the last task's train rows + the memory before it),
   scored on val: what the stream itself would get from that head.
@@ -85,21 +88,27 @@ def pooled(scores: np.ndarray, target: np.ndarray) -> float:
     return round(float(100 * multi_real_correct(scores.argmax(1), target).mean()), 2)
 
 
-def evaluate_heads(kinds: dict[str, Fit], train: tuple[np.ndarray, np.ndarray, np.ndarray],
+def evaluate_heads(kinds: dict[str, Fit], train: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                    val: tuple[np.ndarray, np.ndarray], memory: tuple[np.ndarray, np.ndarray], k: int
                    ) -> dict[str, dict[str, Any]]:
-    """Per head kind: ``cv`` (mean and per fold over ``train``'s fold ids), ``joint`` and ``memory`` (on ``val``)
-    and seconds. ``train`` = (features, class ids, fold ids), ``val``/``memory`` = (features, class ids)."""
-    x, y, folds = train
+    """Per head kind: ``cv`` (mean and per fold over ``train``'s fold ids), ``cv_memory`` (the same folds, each
+    fitted only on the rows of ``train``'s head mask outside the fold: the stream's fit, cross-validated),
+    ``joint`` and ``memory`` (on ``val``) and seconds. ``train`` = (features, class ids, fold ids, head mask),
+    ``val``/``memory`` = (features, class ids)."""
+    x, y, folds, head_rows = train
     out: dict[str, dict[str, Any]] = {}
     for name, fit in kinds.items():
         t0 = time.perf_counter()
-        per_fold = []
+        per_fold, per_fold_memory = [], []
         for f in sorted(set(folds.tolist())):
             held = folds == f
             per_fold.append(pooled(fit(x[~held], y[~held], k)(x[held]), y[held]))
+            use = head_rows & ~held
+            per_fold_memory.append(pooled(fit(x[use], y[use], k)(x[held]), y[held]))
         out[name] = {"cv": round(float(np.mean(per_fold)), 2), "cv_std": round(float(np.std(per_fold)), 2),
-                     "cv_folds": per_fold, "joint": pooled(fit(x, y, k)(val[0]), val[1]),
+                     "cv_folds": per_fold, "cv_memory": round(float(np.mean(per_fold_memory)), 2),
+                     "cv_memory_std": round(float(np.std(per_fold_memory)), 2),
+                     "cv_memory_folds": per_fold_memory, "joint": pooled(fit(x, y, k)(val[0]), val[1]),
                      "memory": pooled(fit(*memory, k)(val[0]), val[1]),
                      "seconds": round(time.perf_counter() - t0, 1)}
     return out
@@ -107,8 +116,9 @@ def evaluate_heads(kinds: dict[str, Fit], train: tuple[np.ndarray, np.ndarray, n
 
 def stream_features(run: Path, manifests: dict[str, pd.DataFrame], cache: Any, folds: int, seed: int
                     ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], tuple[np.ndarray, ...], int]:
-    """The last state's super-features of every train row (with grouped fold ids), of every val row, and of the
-    rows its head was fitted on (last task's train rows + the memory before it), through the stream's store."""
+    """The last state's super-features of every train row (with grouped fold ids and the mask of the rows its head
+    was fitted on), of every val row, and of the rows its head was fitted on (last task's train rows + the memory
+    before it, in the stream's order), through the stream's store."""
     from lorax.continual.evaluation import predict_logits, val_rows
     from lorax.continual.memory import ExemplarMemory
     from lorax.continual.state import load_state
@@ -132,16 +142,19 @@ def stream_features(run: Path, manifests: dict[str, pd.DataFrame], cache: Any, f
     memory = ExemplarMemory.load(run / "memory" / f"{tasks[-2]}.parquet", root).manifest() if len(tasks) > 1 \
         else new.iloc[:0]
     x, y = feats(train, "train")
-    return ((x, y, assign_folds(train, folds, seed)), feats(val_rows([manifests[t] for t in tasks]), "val"),
-            feats(pd.concat([new, memory], ignore_index=True), "memory"), 2 * len(tasks))
+    key = train["task"].astype(str) + "/" + train["path"].astype(str)
+    fitted = pd.concat([new, memory], ignore_index=True)
+    head_rows = key.isin(set(fitted["task"].astype(str) + "/" + fitted["path"].astype(str))).to_numpy()
+    return ((x, y, assign_folds(train, folds, seed), head_rows), feats(val_rows([manifests[t] for t in tasks]), "val"),
+            feats(fitted, "memory"), 2 * len(tasks))
 
 
 def markdown(res: dict[str, dict[str, Any]]) -> str:
-    lines = ["| head | train CV pooled (mean +- std) | val, fitted on every train row | val, fitted on task + memory "
-             "| s |", "|---|---|---|---|---|"]
+    lines = ["| head | train CV, every train row (mean +- std) | train CV, task + memory rows | val, fitted on every "
+             "train row | val, fitted on task + memory | s |", "|---|---|---|---|---|---|"]
     for name, r in res.items():
-        lines.append(f"| {name} | {r['cv']:.1f} +- {r['cv_std']:.1f} | {r['joint']:.1f} | {r['memory']:.1f} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(f"| {name} | {r['cv']:.1f} +- {r['cv_std']:.1f} | {r['cv_memory']:.1f} +- "
+                     f"{r['cv_memory_std']:.1f} | {r['joint']:.1f} | {r['memory']:.1f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -168,10 +168,11 @@ class ContinualConfig(Section):
         "prediction sets are calibrated on these rows alone, which are exchangeable with its test images "
         "(lorax/continual/memory.py; 0: every slot selected, sets calibrated on all memory rows as before)")
     diversity_weight: float = Field(0.1, ge=0.0, description="w in loss = CE(head) + w * CE(diversity head)")
-    head: Literal["linear", "refit", "ncm"] = Field(
+    head: Literal["linear", "refit", "lda", "ncm"] = Field(
         "linear", description="the class head after each task: linear (the AdamW-trained head as is) | refit (refit "
         "as a logistic regression on the standardised super-features of the task's train rows + memory; "
-        "lorax/continual/head.py) | ncm (nearest class mean)")
+        "lorax/continual/head.py) | lda (refit as shrinkage LDA: one covariance pooled over the classes) | ncm "
+        "(nearest class mean)")
     head_c: float = Field(1.0, gt=0, description="refit: inverse L2 strength C (C * sum CE + |W|^2 / 2, "
                           "scikit-learn's C)")
     head_max_iter: int = Field(300, ge=1, description="refit: L-BFGS iterations")
@@ -190,7 +191,7 @@ class ContinualConfig(Section):
         "each on k - 1 grouped folds (lorax.data.groups.row_groups) of the task's train rows + memory, and the head "
         "refit, the verdict and the prediction sets are fitted on the super-features whose newest slice comes from "
         "the copy that never saw the row (out of fold); the saved model is the full-data one. Needs continual.head "
-        "refit | ncm and a method whose tasks train a producer (lorax, lorax+trace, trace); lorax/continual/"
+        "refit | lda | ncm and a method whose tasks train a producer (lorax, lorax+trace, trace); lorax/continual/"
         "cross_fit.py (0: off)")
 
     @field_validator("cross_fit")
@@ -381,7 +382,7 @@ class Params(Section):
                              "random init; use >= 1, or continual.head refit (the head fitted in closed form)")
         if self.continual.cross_fit:
             if self.continual.head == "linear":
-                raise ValueError(f"continual.cross_fit: {self.continual.cross_fit} needs continual.head: refit or ncm "
+                raise ValueError(f"continual.cross_fit: {self.continual.cross_fit} needs continual.head: refit, lda or ncm "
                                  "(a trained linear head has nothing to refit on the out-of-fold features)")
             if self.continual.method not in CROSS_FIT_METHODS:
                 raise ValueError(f"continual.cross_fit: method {self.continual.method!r} trains no per-task producer "

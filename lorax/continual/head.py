@@ -1,4 +1,4 @@
-"""A convex head refit on stored features (``continual.head``: ``refit`` | ``ncm``; ``linear`` = off).
+"""A convex head refit on stored features (``continual.head``: ``refit`` | ``lda`` | ``ncm``; ``linear`` = off).
 
 After a task's adapter (and the AdamW head) are trained, the class head can be refit in closed form / by convex
 optimisation on the super-features of the rows it was trained on (this task's train rows + the exemplar memory),
@@ -6,6 +6,10 @@ standardised with those rows' mean and std:
 
 * ``refit``: multinomial logistic regression, L2 penalty ``0.5 * |W|^2`` against ``C * sum(cross-entropy)``
   (scikit-learn's objective; the bias is not penalised), solved by L-BFGS in float64.
+* ``lda``: linear discriminant analysis with one shared, Ledoit-Wolf-shrunk covariance (scikit-learn's
+  ``LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")``, priors = the rows' class shares): each class's
+  border is set by its mean against a covariance pooled over every class, so an old class with a few exemplars
+  borrows the shape of the others instead of being fitted from its own rows.
 * ``ncm``: nearest class mean in the standardised space (logits ``z . m_c - |m_c|^2 / 2``).
 
 The standardisation is folded into the returned weights, ``W' = W / std``, ``b' = b - W' . mean``, so the result is
@@ -38,7 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEADS = ("linear", "refit", "ncm")
+HEADS = ("linear", "refit", "lda", "ncm")
+REFIT_HEADS = ("refit", "lda", "ncm")  # fitted in closed form / convexly on stored features after each task
 
 
 def standardizer(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +97,32 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.
     return w.detach(), b.detach()
 
 
+def fit_lda(z: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrinkage LDA on ``z`` (module docstring) as ``(W (K, D), b (K))`` in float64; classes without rows are never
+    chosen. Deterministic (closed form)."""
+    import warnings
+
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x, labels = z.double().cpu().numpy(), torch.as_tensor(y).cpu().numpy()
+    w = torch.zeros(n_classes, x.shape[1], dtype=torch.float64)
+    b = torch.full((n_classes,), -1e9, dtype=torch.float64)
+    present = np.unique(labels)
+    if len(present) == 1:  # one class: it is the answer
+        b[int(present[0])] = 0.0
+        return w, b
+    with warnings.catch_warnings():  # a class with one row: its own covariance is zero, the pooled one is not
+        warnings.filterwarnings("ignore", message="Only one sample available")
+        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, labels)
+    coef, icpt = torch.from_numpy(lda.coef_), torch.from_numpy(lda.intercept_)
+    if len(present) == 2:  # scikit-learn keeps one margin for two classes: logits (0, margin)
+        b[int(present[0])] = 0.0
+        w[int(present[1])], b[int(present[1])] = coef[0], icpt[0]
+    else:
+        w[torch.from_numpy(present)], b[torch.from_numpy(present)] = coef, icpt
+    return w, b
+
+
 def fit_ncm(z: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest class mean on ``z``: ``W = means``, ``b = -|means|^2 / 2`` (classes without rows: never chosen)."""
     z = z.double()
@@ -108,9 +139,12 @@ def fit_ncm(z: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Ten
 def refit_head(features: torch.Tensor, y: torch.Tensor, n_classes: int, kind: str = "refit", C: float = 1.0,
                max_iter: int = 300, balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight (K, D), bias (K))`` in float32 of a linear head on the RAW ``features`` (N, D): fitted on the
-    standardised features, the standardisation folded in (``balanced``: :func:`fit_logistic`'s class weights)."""
-    if kind not in ("refit", "ncm"):
-        raise ValueError(f"continual.head: {kind!r} is not a refit head (refit | ncm)")
+    standardised features, the standardisation folded in (``balanced``: :func:`fit_logistic`'s class weights;
+    refit only)."""
+    if balanced and kind != "refit":
+        raise ValueError(f"refit_head: balanced class weights are a logistic refit's; not {kind!r}")
+    if kind not in REFIT_HEADS:
+        raise ValueError(f"continual.head: {kind!r} is not a refit head ({' | '.join(REFIT_HEADS)})")
     x = features.double().cpu()
     y = torch.as_tensor(y, dtype=torch.long).cpu()
     missing = sorted(set(range(n_classes)) - set(y.unique().tolist()))
@@ -118,7 +152,12 @@ def refit_head(features: torch.Tensor, y: torch.Tensor, n_classes: int, kind: st
         log.warning("head refit: classes %s have no rows (no exemplar memory?): they are never predicted", missing)
     mean, std = standardizer(x)
     z = (x - mean) / std
-    w, b = fit_ncm(z, y, n_classes) if kind == "ncm" else fit_logistic(z, y, n_classes, C, max_iter, balanced)
+    if kind == "ncm":
+        w, b = fit_ncm(z, y, n_classes)
+    elif kind == "lda":
+        w, b = fit_lda(z, y, n_classes)
+    else:
+        w, b = fit_logistic(z, y, n_classes, C, max_iter, balanced)
     w_raw = w / std
     b_raw = b - w_raw @ mean
     return w_raw.float(), b_raw.float()
@@ -133,7 +172,7 @@ def _class_head(method: Method) -> torch.nn.Linear:
 
 def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.device,
               store: FeatureStore | None = None, newest: np.ndarray | None = None) -> dict[str, Any]:
-    """After a task's training: refit the class head (``continual.head`` refit | ncm) and fit the real/fake verdict
+    """After a task's training: refit the class head (``continual.head`` refit | lda | ncm) and fit the real/fake verdict
     (``continual.verdict: binary``; :mod:`lorax.continual.verdict`) on the eval-view super-features of ``rows``
     (this task's train rows + the replayed exemplars), and calibrates the prediction sets (``continual.set_coverage``;
     :mod:`lorax.continual.conformal`), the features computed once for all. ``newest``: the out-of-fold newest-task
@@ -172,7 +211,7 @@ def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.
 
 
 def refit_class_head(method: Method, rows: pd.DataFrame, params: Params, feats: np.ndarray) -> dict[str, Any]:
-    """Replace the class head by one refit (``continual.head``: refit | ncm; :mod:`lorax.continual.head`) on
+    """Replace the class head by one refit (``continual.head``: refit | lda | ncm; :mod:`lorax.continual.head`) on
     ``feats``, the eval-view features (``eval.crops`` averaged) of ``rows`` (this task's train rows + the replayed
     exemplars). Returns the state info's ``head`` entry."""
     c = params.continual
@@ -198,7 +237,8 @@ def _softmax_np(z: np.ndarray) -> np.ndarray:
 
 def oof_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, kind: str, C: float, max_iter: int,
                       fold: np.ndarray, k: int) -> np.ndarray:
-    """(N, n_classes) probabilities of every row from a head (``kind``: refit | ncm) fitted on the other folds."""
+    """(N, n_classes) probabilities of every row from a head (``kind``: refit | lda | ncm) fitted on the other
+    folds."""
     out = np.full((len(y), n_classes), 1.0 / n_classes)
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
     for f in range(k):
@@ -226,7 +266,7 @@ def fit_sets(features: np.ndarray, rows: pd.DataFrame, n_classes: int, params: P
              groups: np.ndarray | None = None) -> PredictionSets:
     """Calibrate the prediction sets (:mod:`lorax.continual.conformal`) on ``rows`` (the head's rows: train split +
     memory; a val row raises) and their eval-view super-features ``features``: Mondrian split-conformal on the
-    out-of-fold probabilities of a ``FOLDS``-fold grouped cross-fit of the head (``continual.head`` refit | ncm;
+    out-of-fold probabilities of a ``FOLDS``-fold grouped cross-fit of the head (``continual.head`` refit | lda | ncm;
     a trained ``linear`` head: a logistic refit, kept with the sets as their score model)."""
     c = params.continual
     coverage = float(c.set_coverage)
@@ -237,7 +277,7 @@ def fit_sets(features: np.ndarray, rows: pd.DataFrame, n_classes: int, params: P
     x = np.asarray(features, dtype=np.float64)
     y = np.array(rows["class_id"], dtype=np.int64)  # a writable copy (torch takes it as is)
     n_tasks = n_classes // 2
-    kind = c.head if c.head in ("refit", "ncm") else "refit"
+    kind = c.head if c.head in REFIT_HEADS else "refit"
     from lorax.continual.conformal import (FOLDS, PredictionSets, label_scores, members, mondrian_thresholds,
                                            true_labels)
     from lorax.continual.verdict import _folds
@@ -251,7 +291,7 @@ def fit_sets(features: np.ndarray, rows: pd.DataFrame, n_classes: int, params: P
                                            conservative=not use.all())
     info["calibration"] = how
     weight = bias = None
-    if c.head not in ("refit", "ncm"):  # a trained head: the sets keep their own (refit) score model
+    if c.head not in REFIT_HEADS:  # a trained head: the sets keep their own (refit) score model
         w, b = refit_head(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y), n_classes, "refit", c.head_c,
                           c.head_max_iter)
         weight, bias = w.numpy(), b.numpy()

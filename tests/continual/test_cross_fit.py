@@ -179,7 +179,7 @@ def test_trace_methods_cross_fit_their_experts(crossfit, method, monkeypatch):
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"continual.cross_fit": 1}, "continual.cross_fit"),
     ({"continual.cross_fit": -2}, "continual.cross_fit"),
-    ({"continual.cross_fit": 3}, "needs continual.head: refit or ncm"),
+    ({"continual.cross_fit": 3}, "needs continual.head: refit, lda or ncm"),
     ({"continual.cross_fit": 3, "continual.head": "refit", "continual.method": "probe"}, "trains no per-task"),
 ])
 def test_bad_cross_fit_settings_are_rejected(overrides, message):

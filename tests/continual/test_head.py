@@ -1,4 +1,5 @@
-"""The refit class head (``continual.head``: refit | ncm): the solver, and train_task saving it in the state."""
+"""The refit class head (``continual.head``: refit | lda | ncm): the solvers, and train_task saving it in the
+state."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ def _toy(seed: int = 0, n: int = 60, d: int = 40, k: int = 4):
     return x, y
 
 
-@pytest.mark.parametrize("kind", ["refit", "ncm"])
+@pytest.mark.parametrize("kind", ["refit", "lda", "ncm"])
 def test_refit_head_separates_what_an_untrained_head_does_not(kind):
     x, y = _toy()
     w, b = refit_head(x, y, 4, kind, C=10.0)
-    if kind == "refit":
+    if kind in ("refit", "lda"):
         assert ((x @ w.T + b).argmax(1) == y).float().mean() == 1.0
     else:  # nearest class mean in the standardised space: the 39 noise columns blur it, it still beats chance well
         assert ((x @ w.T + b).argmax(1) == y).float().mean() > 0.5
@@ -49,10 +50,34 @@ def test_folded_standardisation_is_the_standardised_fit():
                                rtol=1e-4, atol=1e-3)
 
 
-def test_refit_head_classes_without_rows_are_never_predicted():
+@pytest.mark.parametrize("kind", ["lda", "ncm"])
+@pytest.mark.parametrize("present", [2, 3])
+def test_refit_head_classes_without_rows_are_never_predicted(kind, present):
     x, y = _toy(2)
-    w, b = refit_head(x[y < 2], y[y < 2], 4, "ncm")
-    assert set((x @ w.T + b).argmax(1).tolist()) <= {0, 1}
+    w, b = refit_head(x[y < present], y[y < present], 4, kind)
+    assert set((x @ w.T + b).argmax(1).tolist()) <= set(range(present))
+
+
+def test_lda_head_is_scikit_learns_shrinkage_lda_on_the_standardised_features():
+    """The folded head gives scikit-learn's decision function (two classes: its one margin as logits (0, m))."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x, y = _toy(3)
+    for k in (2, 4):
+        xk, yk = x[y < k], y[y < k]
+        w, b = refit_head(xk, yk, 4, "lda")
+        ours = (xk.double() @ w.double().T + b.double())[:, :k]
+        ref = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(_std(xk), yk.numpy())
+        theirs = ref.decision_function(_std(xk))
+        np.testing.assert_allclose((ours[:, 1] - ours[:, 0] if k == 2 else ours).numpy(), theirs, rtol=1e-3,
+                                   atol=1e-3)
+    with pytest.raises(ValueError, match="balanced class weights are a logistic refit's"):
+        refit_head(x, y, 4, "lda", balanced=True)
+
+
+def _std(x: torch.Tensor) -> np.ndarray:
+    mean, std = standardizer(x.double())
+    return ((x.double() - mean) / std).numpy()
 
 
 @pytest.fixture(scope="module")
