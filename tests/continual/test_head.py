@@ -174,3 +174,19 @@ def test_balanced_refit_weights_the_rare_class_up():
     rare_plain = ((probe @ plain[0].T + plain[1]).argmax(1) == 1).float().mean()
     rare_bal = ((probe @ w.T + b).argmax(1) == 1).float().mean()
     assert rare_bal > rare_plain + 0.1
+
+
+def test_train_task_with_the_lda_head_saves_and_serves_it(first_task):
+    """`continual.head: lda` through train_task: the state's head is the LDA of the task's rows' features, the loaded
+    state answers with it, and the prediction sets are calibrated on its probabilities."""
+    root, base, manifests = first_task
+    task_df = manifests[base.tasks[0]]
+    params = tiny_params(root, continual__head="lda")
+    state = train_task(None, task_df, None, params, root / "lda")
+    assert read_info(state)["head"]["kind"] == "lda"
+    method, _ = load_state(state, params=params)
+    rows = training_rows(method, task_df, None)
+    logits, feats = predict_logits(method, rows, params, torch.device("cpu"), features=True)
+    w, b = refit_head(torch.tensor(feats), torch.tensor(rows["class_id"].to_numpy()), 2, "lda")
+    torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(feats) @ w.T + b, rtol=1e-3, atol=1e-3)
+    assert method.sets is not None and method.sets.thresholds.shape == (2,)
