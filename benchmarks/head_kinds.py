@@ -119,34 +119,28 @@ def stream_features(run: Path, manifests: dict[str, pd.DataFrame], cache: Any, f
     """The last state's super-features of every train row (with grouped fold ids and the mask of the rows its head
     was fitted on), of every val row, and of the rows its head was fitted on (last task's train rows + the memory
     before it, in the stream's order), through the stream's store."""
+    from benchmarks.head_memory import last_state
     from lorax.continual.evaluation import predict_logits, val_rows
-    from lorax.continual.memory import ExemplarMemory
-    from lorax.continual.state import load_state
     from lorax.data.folds import assign_folds
-    from lorax.features import open_store
 
     tasks = list(manifests)
-    method, _ = load_state(run / "state" / tasks[-1])
-    p = method.params.model_copy(deep=True)
-    p.cache = cache
-    store = open_store(cache)
+    method, p, store, new, memory = last_state(run, manifests, cache)
 
     def feats(rows: pd.DataFrame, what: str) -> tuple[np.ndarray, np.ndarray]:
         _, f = predict_logits(method, rows, p, features=True, desc=f"head_kinds {what}", store=store)
         return np.asarray(f, np.float64), rows["class_id"].to_numpy(np.int64)
 
+    def key(rows: pd.DataFrame) -> pd.Series:
+        return rows["task"].astype(str) + "/" + rows["path"].astype(str)
+
     train = pd.concat([m[m["split"] == "train"] for m in manifests.values()], ignore_index=True)
-    last = manifests[tasks[-1]]
-    new = last[last["split"] == "train"]
-    root = new["root"].iloc[0] if "root" in new.columns and len(new) else None
-    memory = ExemplarMemory.load(run / "memory" / f"{tasks[-2]}.parquet", root).manifest() if len(tasks) > 1 \
-        else new.iloc[:0]
     x, y = feats(train, "train")
-    key = train["task"].astype(str) + "/" + train["path"].astype(str)
-    fitted = pd.concat([new, memory], ignore_index=True)
-    head_rows = key.isin(set(fitted["task"].astype(str) + "/" + fitted["path"].astype(str))).to_numpy()
+    # the head's rows, in the order the trainer fitted them: every one is a train row, so no second pass
+    fitted = pd.Series(np.arange(len(train)), index=key(train)).loc[key(pd.concat([new, memory]))].to_numpy()
+    head_rows = np.zeros(len(train), dtype=bool)
+    head_rows[fitted] = True
     return ((x, y, assign_folds(train, folds, seed), head_rows), feats(val_rows([manifests[t] for t in tasks]), "val"),
-            feats(fitted, "memory"), 2 * len(tasks))
+            (x[fitted], y[fitted]), 2 * len(tasks))
 
 
 def markdown(res: dict[str, dict[str, Any]]) -> str:
@@ -169,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     from lorax.config import load_params
 
     p = load_params(args.params, parse_overrides(args.set))
-    run, manifests = finished_stream(Path(args.run), args.manifests, args.data or p.data.root)
+    run = Path(args.run)
+    manifests = finished_stream(run, args.manifests, args.data or p.data.root)
     kinds = head_kinds(p.continual.head_c, p.continual.head_max_iter, p.seed)
     unknown = set(args.heads or []) - set(kinds)
     if unknown:

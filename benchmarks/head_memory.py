@@ -41,21 +41,10 @@ def head_memory(run: Path, manifests: dict, cache: Any, per_class: list[int], se
     from lorax.continual import metrics as M
     from lorax.continual.evaluation import predict_logits, val_rows
     from lorax.continual.head import refit_head
-    from lorax.continual.memory import ExemplarMemory
-    from lorax.continual.state import load_state
-    from lorax.features import open_store
 
     tasks = list(manifests)
-    method, _ = load_state(run / "state" / tasks[-1])
-    p = method.params.model_copy(deep=True)
-    p.cache = cache
+    method, p, store, new, memory = last_state(run, manifests, cache)
     c = p.continual
-    store = open_store(cache)
-    last = manifests[tasks[-1]]
-    new = last[last["split"] == "train"]
-    root = new["root"].iloc[0] if "root" in new.columns and len(new) else None
-    memory = ExemplarMemory.load(run / "memory" / f"{tasks[-2]}.parquet", root).manifest() if len(tasks) > 1 \
-        else new.iloc[:0]
     val = val_rows([manifests[t] for t in tasks])
     state_logits, fv = predict_logits(method, val, p, features=True, desc="head_memory val", store=store)
     target, task_ids, k = val["class_id"].to_numpy(), val["task_index"].to_numpy(), 2 * len(tasks)
@@ -99,10 +88,30 @@ def main(argv: list[str] | None = None) -> int:
     from lorax.config import load_params
 
     p = load_params(args.params, parse_overrides(args.set))
-    run, manifests = finished_stream(Path(args.run), args.manifests, args.data or p.data.root)
+    run = Path(args.run)
+    manifests = finished_stream(run, args.manifests, args.data or p.data.root)
     res = head_memory(run, manifests, p.cache, args.per_class, seed=p.seed)
     report(Path(args.out), "head_memory", res, markdown(res))
     return 0
+
+
+def last_state(run: Path, manifests: dict, cache: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """A finished stream's last state, its params with the stream's ``cache``, that feature store, and the rows its
+    head was fitted on: the last task's train rows and the memory before it (as the trainer read them)."""
+    from lorax.continual.memory import ExemplarMemory
+    from lorax.continual.state import load_state
+    from lorax.features import open_store
+
+    tasks = list(manifests)
+    method, _ = load_state(run / "state" / tasks[-1])
+    p = method.params.model_copy(deep=True)
+    p.cache = cache
+    last = manifests[tasks[-1]]
+    new = last[last["split"] == "train"]
+    root = new["root"].iloc[0] if "root" in new.columns and len(new) else None
+    memory = ExemplarMemory.load(run / "memory" / f"{tasks[-2]}.parquet", root).manifest() if len(tasks) > 1 \
+        else new.iloc[:0]
+    return method, p, open_store(cache), new, memory
 
 
 def stream_parser(doc: str) -> argparse.ArgumentParser:
@@ -115,14 +124,14 @@ def stream_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def finished_stream(run: Path, manifests: str | Path, data_root: str) -> tuple[Path, dict]:
-    """``run`` and the manifests of its last state's tasks (the state that holds the most), in stream order."""
+def finished_stream(run: Path, manifests: str | Path, data_root: str) -> dict:
+    """The manifests of ``run``'s last state's tasks (the state that holds the most), in stream order."""
     from lorax.continual.state import read_info
     from lorax.data.manifest import load_stream_manifests
 
     last = max((d for d in (run / "state").iterdir() if (d / "state.json").is_file()),
                key=lambda d: len(read_info(d)["tasks"]))
-    return run, load_stream_manifests(manifests, read_info(last)["tasks"], data_root)
+    return load_stream_manifests(manifests, read_info(last)["tasks"], data_root)
 
 
 def report(out: Path, name: str, res: dict[str, Any], md: str) -> None:
