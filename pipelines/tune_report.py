@@ -64,16 +64,17 @@ def write_tuned_params(params_file: str | Path, out: str | Path, result: TuneRes
     else changes); it must load (with the ``-S`` overrides that are not grid keys) and hold the chosen values."""
     src, out = Path(params_file), Path(out)
     lines = src.read_text().splitlines(keepends=True)
-    own = params_to_dict(load_params(src))  # a -S override of a grid key moved result.start off the file's value
+    # the file's own values of the grid keys (a -S override of one moved result.start off it), its other -S applied
+    kept = {k: v for k, v in (overrides or {}).items() if k not in result.keys}
+    own = params_to_dict(load_params(src, kept))
     for k, v in result.chosen.items():
         if get_path(own, k) != v:
             set_path(lines, k, v)
     tmp = out.with_name(out.name + ".tmp")
     write_text(tmp, "".join(lines))
     try:
-        loaded = load_params(tmp, {k: v for k, v in (overrides or {}).items() if k not in result.keys})
-        wrong = {k: get_path(params_to_dict(loaded), k) for k in result.keys
-                 if get_path(params_to_dict(loaded), k) != result.chosen[k]}
+        loaded = params_to_dict(load_params(tmp, kept))
+        wrong = {k: get_path(loaded, k) for k in result.keys if get_path(loaded, k) != result.chosen[k]}
         if wrong:
             raise ConfigError(f"{out}: the edited file holds {wrong}, not the chosen {result.chosen}; edit it by hand")
     except ConfigError:
