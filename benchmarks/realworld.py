@@ -3,9 +3,10 @@
 The six-task stream of ``../shared/data/realworld`` (biggan, stylegan2, ldif, glid3, dmin, disco) with
 ``params.realworld.yaml``, through the library (:func:`pipelines.train_stream.run_stream`), for each method
 (``continual.method``: lorax, joint, finetune, probe) and, for LoRAX, each exemplar budget (``--memory``, default the
-settings file's own ``continual.memory_size``; the other methods use the first). Every run is evaluated as is and under the resampling control (``eval.resample_control``,
-Lanczos 256 -> 240 px before cropping; switched on here if the settings file has it off), so a model that learned
-"resampled means real" shows. The val split is scored only: nothing is chosen on it.
+settings file's own ``continual.memory_size``; the other methods use the first). Every run is evaluated as is and
+under the resampling control (``eval.resample_control``, Lanczos 256 -> 240 px before cropping; switched on here if
+the settings file has it off), so a model that learned "resampled means real" shows. The val split is scored only:
+nothing is chosen on it.
 
 Table (``OUT/realworld.md`` and ``OUT/realworld.json``): pooled multi-real accuracy after the last task, AAF, AA,
 BWT (percent), binary accuracy at the threshold cross-fitted on the val images of the seen tasks and binary AP, each

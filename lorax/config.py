@@ -382,8 +382,8 @@ class Params(Section):
                              "random init; use >= 1, or continual.head refit (the head fitted in closed form)")
         if self.continual.cross_fit:
             if self.continual.head == "linear":
-                raise ValueError(f"continual.cross_fit: {self.continual.cross_fit} needs continual.head: refit, lda or ncm "
-                                 "(a trained linear head has nothing to refit on the out-of-fold features)")
+                raise ValueError(f"continual.cross_fit: {self.continual.cross_fit} needs continual.head: refit, lda "
+                                 "or ncm (a trained linear head has nothing to refit on the out-of-fold features)")
             if self.continual.method not in CROSS_FIT_METHODS:
                 raise ValueError(f"continual.cross_fit: method {self.continual.method!r} trains no per-task producer "
                                  f"to cross-fit; allowed: {list(CROSS_FIT_METHODS)}, or 0 (off)")

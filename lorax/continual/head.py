@@ -172,13 +172,14 @@ def _class_head(method: Method) -> torch.nn.Linear:
 
 def fit_heads(method: Method, rows: pd.DataFrame, params: Params, device: torch.device,
               store: FeatureStore | None = None, newest: np.ndarray | None = None) -> dict[str, Any]:
-    """After a task's training: refit the class head (``continual.head`` refit | lda | ncm) and fit the real/fake verdict
-    (``continual.verdict: binary``; :mod:`lorax.continual.verdict`) on the eval-view super-features of ``rows``
-    (this task's train rows + the replayed exemplars), and calibrates the prediction sets (``continual.set_coverage``;
-    :mod:`lorax.continual.conformal`), the features computed once for all. ``newest``: the out-of-fold newest-task
-    slice of every row (``continual.cross_fit``; :mod:`lorax.continual.cross_fit`), which then replaces the in-sample
-    one in all three fits. Sets ``method.verdict`` and ``method.sets``; returns the state info's ``head`` entry (the
-    verdict's and sets' entries are written by :func:`~lorax.continual.state.save_state`)."""
+    """After a task's training: refit the class head (``continual.head`` refit | lda | ncm) and fit the real/fake
+    verdict (``continual.verdict: binary``; :mod:`lorax.continual.verdict`) on the eval-view super-features of
+    ``rows`` (this task's train rows + the replayed exemplars), and calibrates the prediction sets
+    (``continual.set_coverage``; :mod:`lorax.continual.conformal`), the features computed once for all. ``newest``:
+    the out-of-fold newest-task slice of every row (``continual.cross_fit``; :mod:`lorax.continual.cross_fit`), which
+    then replaces the in-sample one in all three fits. Sets ``method.verdict`` and ``method.sets``; returns the state
+    info's ``head`` entry (the verdict's and sets' entries are written by :func:`~lorax.continual.state.save_state`).
+    """
     c = params.continual
     method.verdict = None
     method.sets = None
